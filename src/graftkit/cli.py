@@ -1,0 +1,220 @@
+"""``graft``: the command line. Thin: parse arguments, call the library, print results.
+
+Only the standard library is imported at start-up so that ``graft --help`` is instant;
+torch and transformers load inside the subcommand that needs them. Errors graftkit raises
+on purpose print one line and exit with status 2; ``--debug`` (or ``GRAFT_DEBUG=1``) shows
+the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _print_rows(rows: list[tuple[str, object]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .tensors import Checkpoint, dir_size
+
+    path = Path(args.path)
+    if not path.exists():
+        from .errors import FileFormatError
+
+        raise FileFormatError(f"{path} does not exist")
+    if path.is_dir() and ((path / "adapter.json").exists() or (path / "adapter_config.json").exists()):
+        from .io import adapter_format, read_adapter
+
+        fmt = adapter_format(path)
+        adapter = read_adapter(path, allow_pickle=args.allow_pickle)
+        base = adapter.meta.get("base_model") or {}
+        total = (base.get("fingerprint") or {}).get("num_parameters")
+        trainable = adapter.num_parameters()
+        dtypes = Counter(str(t.dtype).replace("torch.", "") for t in adapter.tensors.values())
+        info = {
+            "kind": "adapter", "format": fmt, "method": adapter.method, "base_model": base.get("name_or_path"),
+            "base_class": base.get("class"), "targets": len(adapter.targets), "train_also": adapter.train_also,
+            "trainable_parameters": trainable, "base_parameters": total,
+            "dtype": dict(dtypes), "size_on_disk": dir_size(path), "config": adapter.meta.get("config"),
+            "target_names": adapter.targets,
+        }
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        share = f" ({100 * trainable / total:.3f}% of {total:,} base parameters)" if total else ""
+        shown = ", ".join(adapter.targets[:4]) + (f", ... ({len(adapter.targets) - 4} more)" if len(adapter.targets) > 4 else "")
+        cfg = {k: v for k, v in (adapter.meta.get("config") or {}).items() if k not in ("targets",) and v not in ([], {}, None)}
+        _print_rows([
+            ("adapter", f"{path} ({fmt})"), ("method", adapter.method), ("base model", f"{base.get('name_or_path')} ({base.get('class')})"),
+            ("targets", f"{len(adapter.targets)}: {shown}"), ("trained whole", ", ".join(adapter.train_also) or "-"),
+            ("trainable", f"{trainable:,}{share}"), ("dtype", ", ".join(f"{d} x{n}" for d, n in dtypes.items())),
+            ("size on disk", _human_bytes(dir_size(path))), ("config", json.dumps(cfg)),
+        ])
+        return 0
+    ckpt = Checkpoint(path, allow_pickle=args.allow_pickle)
+    config = {}
+    if path.is_dir() and (path / "config.json").exists():
+        config = json.loads((path / "config.json").read_text())
+    dtypes = Counter(ckpt.dtype(k) for k in ckpt.keys())
+    # integer tensors (position ids and other buffers) are not parameters
+    n_params = sum(_numel(ckpt.shape(k)) for k in ckpt.keys() if ckpt.dtype(k).upper().startswith(("F", "BF")))
+    info = {
+        "kind": "model", "model_type": config.get("model_type"), "architectures": config.get("architectures"),
+        "tensors": len(ckpt.keys()), "parameters": n_params, "trainable_parameters": n_params,
+        "dtype": dict(dtypes), "files": len(set(ckpt.files.values())), "size_on_disk": ckpt.size_on_disk(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    _print_rows([
+        ("model", str(path)), ("type", f"{config.get('model_type')} {config.get('architectures') or ''}".strip()),
+        ("parameters", f"{info['parameters']:,} in {info['tensors']} tensors (all trainable when fully fine-tuned)"),
+        ("dtype", ", ".join(f"{d} x{n}" for d, n in dtypes.items())),
+        ("files", f"{info['files']} weight file(s), {_human_bytes(info['size_on_disk'])}"),
+    ])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    chosen = [(k, v) for k, v in (("merged", args.merged), ("peft", args.peft), ("native", args.native)) if v]
+    if len(chosen) != 1:
+        raise ConfigError("graft export needs exactly one of --merged OUT, --peft OUT or --native OUT")
+    kind, out = chosen[0]
+    if Path(out).exists() and not args.overwrite:
+        from .errors import FileFormatError
+
+        raise FileFormatError(f"{out} already exists; choose another output folder or pass --overwrite")
+    if kind == "merged":
+        from .io import export_merged
+
+        export_merged(args.adapter, args.base, out, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                      force=args.force, allow_pickle=args.allow_pickle)
+        print(f"merged model written to {out}")
+        return 0
+    from .io import apply_adapter, load_base_for, read_adapter, save_adapter
+
+    adapter = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    model = load_base_for(adapter, args.base, allow_pickle=args.allow_pickle)
+    apply_adapter(model, adapter, force=args.force)
+    save_adapter(model, out, format=kind, overwrite=args.overwrite)
+    print(f"{kind} adapter written to {out}")
+    return 0
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    from .io import adapter_from_model, apply_adapter, load_base_for, read_peft, write_native
+
+    adapter = read_peft(args.peft_dir, allow_pickle=args.allow_pickle)
+    if args.base:  # check it fits, and record the base's fingerprint
+        model = load_base_for(adapter, args.base, allow_pickle=args.allow_pickle)
+        apply_adapter(model, adapter)
+        adapter = adapter_from_model(model)
+    write_native(adapter, args.out, overwrite=args.overwrite)
+    print(f"native adapter written to {args.out} ({adapter.method}, {len(adapter.targets)} targets)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=Path(args.out), train_size=args.train_size, eval_size=args.eval_size, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graft", description="graftkit: tune, merge, localize and evaluate pretrained-model deltas.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"graftkit {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="describe a model folder, adapter folder (native or peft) or safetensors file")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("export", help="fold an adapter into its base (--merged) or convert it (--peft / --native)")
+    s.add_argument("adapter", help="native or peft adapter folder")
+    s.add_argument("--base", required=True, help="base model folder or alias (minilm, smollm2)")
+    s.add_argument("--merged", metavar="OUT", help="write an HF model folder with the adapter folded in")
+    s.add_argument("--peft", metavar="OUT", help="write a peft adapter folder")
+    s.add_argument("--native", metavar="OUT", help="write a graftkit adapter folder")
+    s.add_argument("--max-shard-size", default="2GB", help="shard size of the merged model (default 2GB)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--force", action="store_true", help="load even if the base fingerprint differs")
+    s.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import-peft", help="convert a peft adapter folder to a graftkit adapter folder")
+    s.add_argument("peft_dir")
+    s.add_argument("out")
+    s.add_argument("--base", help="base model to check the adapter against and fingerprint")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--allow-pickle", action="store_true", help="read a pickled adapter_model.bin (weights_only)")
+    s.set_defaults(func=cmd_import_peft)
+
+    s = sub.add_parser("demo", help="LoRA-tune the packaged MiniLM on BBC News topics, then export it")
+    s.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    s.add_argument("--train-size", type=int, default=400)
+    s.add_argument("--eval-size", type=int, default=300)
+    s.add_argument("--epochs", type=int, default=3)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    debug = args.debug or os.environ.get("GRAFT_DEBUG") == "1"
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("graft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from .errors import GraftError
+
+        if debug:
+            raise
+        if isinstance(exc, GraftError):
+            print(f"graft: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        print(f"graft: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

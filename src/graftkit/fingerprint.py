@@ -1,0 +1,68 @@
+"""Base-model fingerprints: catch an adapter loaded onto the wrong base.
+
+A fingerprint records the base's parameter count, a hash of every (name, shape) pair, and a
+few probe values read at fixed positions of some adapted tensors. Names and shapes must
+match exactly; probe values must match to dtype precision (exact within 1e-6 when the
+dtype is the one the adapter was made on, within bf16 rounding otherwise), so the same base
+loaded in another precision still fits while a different pretrained model does not.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+from .targets import iter_params
+
+PROBE_TENSORS = 6
+PROBE_VALUES = 16
+
+
+def _structure(model: nn.Module, skip: set[str]) -> tuple[int, str]:
+    h = hashlib.sha256()
+    total = 0
+    for info in iter_params(model):
+        if info.name in skip:
+            continue
+        total += info.param.numel()
+        h.update(f"{info.name}:{tuple(info.param.shape)}\n".encode())
+    return total, h.hexdigest()[:16]
+
+
+def _probe(param: torch.Tensor) -> list[float]:
+    flat = param.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel())).long().to(flat.device)
+    return [float(v) for v in flat[idx].float().cpu()]
+
+
+def fingerprint(model: nn.Module, targets: list[str], skip: set[str]) -> dict:
+    total, digest = _structure(model, skip)
+    params = {i.name: i.param for i in iter_params(model)}
+    step = max(1, len(targets) // PROBE_TENSORS)
+    probes = {name: _probe(params[name]) for name in targets[::step][:PROBE_TENSORS]}
+    dtype = str(next(iter(params.values())).dtype).replace("torch.", "") if params else "float32"
+    return {"num_parameters": total, "structure": digest, "dtype": dtype, "probe": probes}
+
+
+def check_fingerprint(model: nn.Module, fp: dict | None, skip: set[str], base_name: str | None) -> None:
+    if not fp:
+        return
+    where = f" ({base_name})" if base_name else ""
+    total, digest = _structure(model, skip)
+    if digest != fp["structure"]:
+        raise AdapterError(
+            f"this adapter was made for a different base model{where}: {fp['num_parameters']:,} base parameters "
+            f"with structure {fp['structure']}, this model has {total:,} with structure {digest}; load it onto the base it was trained on"
+        )
+    params = {i.name: i.param for i in iter_params(model)}
+    for name, values in fp.get("probe", {}).items():
+        got = _probe(params[name])
+        same_dtype = str(params[name].dtype).replace("torch.", "") == fp.get("dtype")
+        rtol, atol = (1e-6, 1e-7) if same_dtype else (1e-2, 1e-3)
+        if not torch.allclose(torch.tensor(got), torch.tensor(values), rtol=rtol, atol=atol):
+            raise AdapterError(
+                f"this adapter was made for a different base model{where}: the weights of {name} differ from the ones it was trained on; "
+                "load it onto its own base, or pass force=True (--force) if you really mean to transplant it"
+            )

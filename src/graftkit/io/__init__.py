@@ -1,0 +1,82 @@
+"""Adapter files (native and peft) and HF model folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..adapter import require_state, unload
+from ..errors import FileFormatError
+from .native import META_NAME, AdapterFile, adapter_from_model, apply_adapter, read_native, write_native
+from .peft import CONFIG_NAME, read_peft, write_peft
+
+FORMATS = ("native", "peft")
+
+
+def adapter_format(path: str | Path) -> str:
+    path = Path(path)
+    if (path / META_NAME).exists():
+        return "native"
+    if (path / CONFIG_NAME).exists():
+        return "peft"
+    if not path.exists():
+        raise FileFormatError(f"adapter folder {path} does not exist")
+    raise FileFormatError(f"{path} is neither a graftkit adapter ({META_NAME}) nor a peft adapter ({CONFIG_NAME})")
+
+
+def read_adapter(path: str | Path, allow_pickle: bool = False) -> AdapterFile:
+    """Read a native or peft adapter folder into memory."""
+    return read_native(path) if adapter_format(path) == "native" else read_peft(path, allow_pickle)
+
+
+def save_adapter(model: nn.Module, path: str | Path, format: str = "native", overwrite: bool = False) -> Path:
+    """Save the model's adapter as a native graftkit folder or a peft folder."""
+    require_state(model)
+    if format == "native":
+        return write_native(adapter_from_model(model), path, overwrite)
+    if format == "peft":
+        return write_peft(model, path, overwrite)
+    raise FileFormatError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, force: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """Inject the adapter saved at ``path`` (native or peft) into ``model``."""
+    return apply_adapter(model, read_adapter(path, allow_pickle), force=force)
+
+
+def base_class_and_labels(adapter: AdapterFile) -> tuple[str | None, int | None]:
+    """The model class an adapter was made on, and its label count if it carries a head."""
+    base = adapter.meta.get("base_model") or {}
+    num_labels = base.get("num_labels")
+    if num_labels is None:
+        for name in adapter.train_also:
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in ("classifier", "score", "out_proj"):
+                num_labels = int(adapter.tensors[f"{name}.value"].shape[0])
+    return base.get("class"), num_labels
+
+
+def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow_pickle: bool = False) -> nn.Module:
+    from .hf import load_model
+
+    class_name, num_labels = base_class_and_labels(adapter)
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    return load_model(base, class_name=class_name, dtype=dtype, allow_pickle=allow_pickle, **kwargs)
+
+
+def export_merged(adapter_path: str | Path, base: str | Path, out: str | Path, *, max_shard_size: str | int = "2GB",
+                  overwrite: bool = False, force: bool = False, allow_pickle: bool = False) -> Path:
+    """Fold an adapter into its base and write a normal HF model folder."""
+    from .hf import save_model_folder
+    from .native import versions
+
+    adapter = read_adapter(adapter_path, allow_pickle)
+    model = load_base_for(adapter, base, allow_pickle=allow_pickle)
+    apply_adapter(model, adapter, force=force)
+    unload(model, merge=True)
+    provenance = {"produced_by": "graft export --merged", "adapter": str(adapter_path), "base": str(base),
+                  "method": adapter.method, "adapter_config": adapter.meta.get("config"), "versions": versions()}
+    return save_model_folder(model, out, tokenizer_from=base, provenance=provenance, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+__all__ = ["AdapterFile", "adapter_format", "read_adapter", "save_adapter", "load_adapter", "export_merged", "write_native", "write_peft"]

@@ -1,0 +1,85 @@
+"""Hugging Face model folders: loading a base, exporting an adapted model.
+
+Bases load with ``trust_remote_code=False`` and safetensors only, unless the caller allows
+pickled ``.bin`` weights (transformers then reads them with ``weights_only=True``). An
+exported model is an ordinary HF folder - sharded ``model*.safetensors`` with an index,
+``config.json``, the base's tokenizer - plus ``graft_provenance.json`` saying which adapter
+and base produced it. It is written atomically.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..assets import model_dir
+from ..errors import FileFormatError
+from ..tensors import PICKLE_NAMES, atomic_dir, read_pickle_checkpoint
+
+HEAD_CLASSES = {"causal-lm": "ForCausalLM", "classification": "ForSequenceClassification"}
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def model_class(path: Path, class_name: str | None = None, head: str | None = None):
+    transformers = _quiet_transformers()
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if class_name is None:
+        archs = getattr(config, "architectures", None) or []
+        if head is not None:
+            stem = archs[0] if archs else type(config).__name__.replace("Config", "Model")
+            for suffix in ("Model", "ForCausalLM", "ForSequenceClassification", "LMHeadModel", "ForMaskedLM"):
+                if stem.endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
+            class_name = stem + HEAD_CLASSES[head]
+        elif archs:
+            class_name = archs[0]
+        else:
+            return transformers.AutoModel
+    cls = getattr(transformers, class_name, None)
+    if cls is None:
+        raise FileFormatError(f"transformers has no model class {class_name!r} (needed for {path}); upgrade transformers or pick another class")
+    return cls
+
+
+def load_model(name: str | Path, *, class_name: str | None = None, head: str | None = None,
+               dtype: torch.dtype | str = torch.float32, allow_pickle: bool = False, **kwargs: Any) -> nn.Module:
+    """Load a base model from a folder or packaged alias, never from the network."""
+    path = model_dir(name)
+    if not list(path.glob("*.safetensors")):
+        pickled = [path / n for n in PICKLE_NAMES if (path / n).exists()]
+        if not pickled:
+            raise FileFormatError(f"{path} holds no model weights (*.safetensors)")
+        read_pickle_checkpoint(pickled[0], allow_pickle)  # refuses unless allowed
+    cls = model_class(path, class_name, head)
+    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=not allow_pickle or None, **kwargs)
+    model.config._name_or_path = str(name)
+    return model
+
+
+def load_tokenizer(name: str | Path):
+    transformers = _quiet_transformers()
+    return transformers.AutoTokenizer.from_pretrained(model_dir(name), trust_remote_code=False)
+
+
+def save_model_folder(model: nn.Module, out: str | Path, *, tokenizer_from: str | Path | None, provenance: dict,
+                      max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
+    """Write ``model`` as an HF folder (sharded safetensors + index + config + tokenizer)."""
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        if tokenizer_from is not None:
+            try:
+                load_tokenizer(tokenizer_from).save_pretrained(tmp)
+            except (OSError, ValueError) as exc:
+                provenance = {**provenance, "tokenizer": f"not copied: {exc}"}
+        (tmp / "graft_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return Path(out)

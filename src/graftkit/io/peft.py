@@ -1,0 +1,258 @@
+"""peft adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+graftkit reads and writes peft's LoRA (with rsLoRA and DoRA) and IA3 adapters. Reading
+needs no model: the file's keys name the adapted modules and its shapes carry the ranks, so
+a peft folder converts to graftkit's :class:`~graftkit.io.native.AdapterFile` directly.
+Writing needs the live model, because peft's layout depends on the layer kind (embedding
+factors have their own names, convolution factors are 4-D, IA3 vectors are shaped to
+broadcast).
+
+Key mapping (peft names stripped of the ``base_model.model.`` prefix):
+
+============================  =====================================================
+peft                          graftkit
+============================  =====================================================
+``M.lora_A.weight``           ``M.weight.lora_A``  (conv kernels flattened to (r, in))
+``M.lora_B.weight``           ``M.weight.lora_B``  ((out, r))
+``M.lora_embedding_A`` / B    ``M.weight.lora_A`` / ``lora_B`` (same shapes)
+``M.lora_magnitude_vector``   ``M.weight.lora_magnitude_vector`` (flattened)
+``M.ia3_l``                   ``M.weight.ia3_l`` (flattened; (1, in) means feed-forward)
+``M.P`` (modules_to_save)     ``M.P.value``
+============================  =====================================================
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import require_state, sites
+from ..errors import FileFormatError, UnsupportedError
+from ..methods.lora import pattern_value
+from ..tensors import atomic_dir, read_pickle_checkpoint, read_safetensors
+from .native import FORMAT, FORMAT_VERSION, AdapterFile, versions
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+SUPPORTED = {"LORA": "lora", "IA3": "ia3"}
+# peft LoRA options graftkit cannot honour: (key, value that is harmless)
+UNSUPPORTED_LORA = {
+    "lora_bias": False, "use_qalora": False, "layer_replication": None, "target_parameters": None,
+    "alora_invocation_tokens": None, "trainable_token_indices": None, "use_bdlora": None,
+    "arrow_config": None, "megatron_config": None, "monteclora_config": None,
+}
+LORA_SUFFIXES = {
+    ".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_B",
+    ".lora_magnitude_vector.weight": "lora_magnitude_vector", ".lora_magnitude_vector": "lora_magnitude_vector",
+}
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / CONFIG_NAME).read_text())
+    except FileNotFoundError:
+        raise FileFormatError(f"{path} has no {CONFIG_NAME}; is it a peft adapter folder?") from None
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{path / CONFIG_NAME} is not valid JSON ({exc.msg}); re-save the adapter") from None
+
+
+def read_peft(path: str | Path, allow_pickle: bool = False) -> AdapterFile:
+    """Convert a peft adapter folder to graftkit's in-memory adapter."""
+    path = Path(path)
+    cfg = _read_config(path)
+    peft_type = cfg.get("peft_type")
+    if peft_type not in SUPPORTED:
+        raise UnsupportedError(
+            f"peft adapter type {peft_type!r} is not supported; graftkit reads peft LORA (incl. rsLoRA, DoRA) and IA3 adapters"
+        )
+    if (path / WEIGHTS_NAME).exists():
+        raw = read_safetensors(path / WEIGHTS_NAME)
+    elif (path / PICKLE_NAME).exists():
+        raw = read_pickle_checkpoint(path / PICKLE_NAME, allow_pickle)
+    else:
+        raise FileFormatError(f"{path} has no {WEIGHTS_NAME}")
+    raw = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    if peft_type == "LORA":
+        return _lora_from_peft(cfg, raw, path)
+    return _ia3_from_peft(cfg, raw, path)
+
+
+def _common_config(cfg: dict, heads: list[str]) -> dict:
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [f"re:{targets}"]
+    return {"targets": sorted(targets), "train_also": sorted({h.rsplit(".", 1)[0] for h in heads})}
+
+
+def _heads(raw: dict, known: set[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    tensors = {f"{k}.value": v for k, v in raw.items() if k not in known}
+    return sorted(k[: -len(".value")] for k in tensors), tensors
+
+
+def _meta(method: str, config: dict, targets: list[str], options: dict, heads: list[str], cfg: dict, path: Path) -> dict:
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "method": method, "config": config,
+        "targets": targets, "target_options": options, "train_also": heads,
+        "base_model": {"name_or_path": cfg.get("base_model_name_or_path"), "fingerprint": None,
+                       "class": (cfg.get("auto_mapping") or {}).get("base_model_class")},
+        "versions": versions(), "imported_from": {"peft": str(path), "peft_version": cfg.get("peft_version")},
+    }
+
+
+def _lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
+    for key, harmless in UNSUPPORTED_LORA.items():
+        value = cfg.get(key, harmless)
+        if value not in (harmless, None, False, {}, []):
+            raise UnsupportedError(f"this peft LoRA uses {key}={value!r}, which graftkit does not support; supported: plain LoRA, rsLoRA, DoRA")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    known: set[str] = set()
+    for key, value in raw.items():
+        for suffix, slot in LORA_SUFFIXES.items():
+            if key.endswith(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[slot] = value
+                known.add(key)
+                break
+        else:
+            if key.endswith(".base_layer.weight"):
+                known.add(key)  # a copy of a base embedding (save_embedding_layers): not part of the delta
+    if not modules:
+        raise FileFormatError(f"{path / WEIGHTS_NAME} holds no LoRA tensors")
+    heads, tensors = _heads(raw, known)
+    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    options, targets = {}, []
+    for module, slots in sorted(modules.items()):
+        if "lora_A" not in slots or "lora_B" not in slots:
+            raise FileFormatError(f"{path / WEIGHTS_NAME}: module {module} lacks lora_A or lora_B")
+        a, b = slots["lora_A"], slots["lora_B"]
+        r = a.shape[0]
+        name = f"{module}.weight"
+        targets.append(name)
+        options[name] = {"r": r, "lora_alpha": float(pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0))}
+        tensors[f"{name}.lora_A"] = a.reshape(r, -1).contiguous()
+        tensors[f"{name}.lora_B"] = b.reshape(b.shape[0], r).contiguous()
+        if "lora_magnitude_vector" in slots:
+            tensors[f"{name}.lora_magnitude_vector"] = slots["lora_magnitude_vector"].reshape(-1).contiguous()
+    init = cfg.get("init_lora_weights", True)
+    config = {
+        **_common_config(cfg, heads), "r": r0, "lora_alpha": alpha0, "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
+        "use_rslora": bool(cfg.get("use_rslora", False)), "use_dora": bool(cfg.get("use_dora", False)),
+        "init_lora_weights": init if init in (True, False, "gaussian") else True,
+        "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
+    }
+    return AdapterFile(_meta("lora", config, targets, options, heads, cfg, path), tensors)
+
+
+def _ia3_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
+    vectors = {k[: -len(".ia3_l")]: v for k, v in raw.items() if k.endswith(".ia3_l")}
+    if not vectors:
+        raise FileFormatError(f"{path / WEIGHTS_NAME} holds no IA3 tensors")
+    heads, tensors = _heads(raw, {f"{m}.ia3_l" for m in vectors})
+    targets, options, ff = [], {}, []
+    for module, vec in sorted(vectors.items()):
+        name = f"{module}.weight"
+        # peft shapes the vector (1, in) for feed-forward (input) scaling, (out, 1) otherwise;
+        # convolutions use (1, n, 1, 1) for both, so fall back to the config there.
+        if vec.dim() == 2:
+            is_ff = vec.shape[0] == 1 and vec.shape[1] != 1
+        else:
+            ffm = cfg.get("feedforward_modules") or []
+            is_ff = any(module == f or module.endswith("." + f) for f in ffm) if isinstance(ffm, list) else False
+        targets.append(name)
+        options[name] = {"feedforward": is_ff}
+        if is_ff:
+            ff.append(module)
+        tensors[f"{name}.ia3_l"] = vec.reshape(-1).contiguous()
+    config = {**_common_config(cfg, heads), "feedforward": sorted(ff), "init_ia3_weights": True}
+    return AdapterFile(_meta("ia3", config, targets, options, heads, cfg, path), tensors)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                         ("LMHeadModel", "CAUSAL_LM")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def write_peft(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
+    """Write the model's adapter as a peft folder (LoRA family or IA3)."""
+    from safetensors.torch import save_file
+
+    state = require_state(model)
+    peft_type = {v: k for k, v in SUPPORTED.items()}.get(state.method)
+    if peft_type is None:
+        raise UnsupportedError(f"peft has no format for graftkit's {state.method!r} adapters (only lora and ia3); save it with format='native'")
+    heads = set(state.train_also)
+    tensors: dict[str, torch.Tensor] = {}
+    modules, ff, kinds = [], [], set()
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, site in sites(model).items():
+        if name in heads:
+            tensors[PREFIX + name] = site.slot_tensors()["value"].detach().cpu().contiguous()
+            continue
+        if not name.endswith(".weight") or site.kind == "param":
+            raise UnsupportedError(f"{name}: peft cannot represent an adapter on a bare parameter; save it with format='native'")
+        module = name[: -len(".weight")]
+        modules.append(module)
+        kinds.add(site.kind)
+        key = PREFIX + module
+        if state.method == "lora":
+            a, b = site.lora_A.detach().cpu(), site.lora_B.detach().cpu()
+            ranks[module], alphas[module] = site.r, site.alpha
+            if site.kind == "embedding":
+                tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a, b
+            elif site.kind == "conv2d":
+                w = site.base
+                tensors[f"{key}.lora_A.weight"] = a.reshape(site.r, w.shape[1], *w.shape[2:])
+                tensors[f"{key}.lora_B.weight"] = b.reshape(b.shape[0], site.r, 1, 1)
+            else:
+                tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+            if site.dora:
+                mag = site.lora_magnitude_vector.detach().cpu()
+                tensors[f"{key}.lora_magnitude_vector"] = mag.reshape(1, -1, 1, 1) if site.kind == "conv2d" else mag
+        else:
+            vec = site.ia3_l.detach().cpu()
+            if site.kind == "conv2d":
+                vec = vec.reshape(1, -1, 1, 1)
+            else:
+                vec = vec.reshape(1, -1) if site.feedforward else vec.reshape(-1, 1)
+            tensors[f"{key}.ia3_l"] = vec
+            if site.feedforward:
+                ff.append(module)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    head_modules = sorted({h.rsplit(".", 1)[0] for h in heads}) or None
+    cfg: dict[str, Any] = {
+        "peft_type": peft_type, "task_type": _task_type(model), "target_modules": sorted(modules),
+        "modules_to_save": head_modules, "fan_in_fan_out": "conv1d" in kinds, "inference_mode": True,
+        "base_model_name_or_path": state.base.get("name_or_path"), "revision": None,
+    }
+    if state.method == "lora":
+        r0 = Counter(ranks.values()).most_common(1)[0][0]
+        a0 = Counter(alphas.values()).most_common(1)[0][0]
+        cfg.update({
+            "r": r0, "lora_alpha": a0, "lora_dropout": state.config.lora_dropout, "use_rslora": state.config.use_rslora,
+            "use_dora": state.config.use_dora, "bias": "none", "init_lora_weights": True,
+            "rank_pattern": {_exact(m): r for m, r in ranks.items() if r != r0},
+            "alpha_pattern": {_exact(m): a for m, a in alphas.items() if a != a0},
+        })
+    else:
+        cfg.update({"feedforward_modules": sorted(ff), "init_ia3_weights": True})
+    with atomic_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return Path(path)
+
+
+def _exact(module: str) -> str:
+    # peft matches pattern keys as r"(.*\.)?(key)$"; the full escaped path selects exactly this module
+    return "^" + module.replace(".", r"\.")

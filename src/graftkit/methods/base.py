@@ -1,0 +1,182 @@
+"""The tuning-method protocol.
+
+A method adapts a set of base parameters. For each one it attaches a :class:`Site`: a small
+``nn.Module`` stored under ``<owner>.graft_adapter[<param attr>]`` that holds the method's
+trainable tensors ("slots") and knows how to
+
+* change the owner's forward without touching its parameters (factored forward through
+  forward hooks, or a class-level property for bare parameters),
+* fold itself into the base weight (``merge``) and take itself out again (``unmerge``),
+* be switched off (``disable``) and on,
+* produce the dense delta it represents (``delta``), in the base parameter's own layout.
+
+Base parameters keep their names, so the base part of the state dict is unchanged by
+injection; the adapter's tensors live under ``...graft_adapter...`` and are saved as
+``<base parameter name>.<slot>``.
+
+Weight-space methods with their own slots (LoRA, IA3) are *unmerged* after injection;
+in-place methods (BitFit, full fine-tuning) train the base tensors themselves and keep a
+frozen copy of the starting values, so their delta is ``theta - theta0`` and merging is a
+no-op.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import AliasChoices, Field
+from torch import nn
+
+from ..config import StrictModel
+from ..errors import TargetError
+from ..layers import layer_kind
+from ..targets import ParamInfo, resolve_targets
+
+HOLDER = "graft_adapter"
+
+
+class MethodConfig(StrictModel):
+    """Selection keys shared by every method (see :mod:`graftkit.targets`)."""
+
+    targets: list[str] = Field(default_factory=list, validation_alias=AliasChoices("targets", "target_modules"))
+    exclude: list[str] = Field(default_factory=list, validation_alias=AliasChoices("exclude", "exclude_modules"))
+    module_types: list[str] | None = None
+    layers: list[int] | str | None = Field(default=None, validation_alias=AliasChoices("layers", "layers_to_transform"))
+    # Parameters trained and saved whole (peft's modules_to_save), e.g. a new classifier head.
+    train_also: list[str] = Field(default_factory=list, validation_alias=AliasChoices("train_also", "modules_to_save"))
+
+
+class Site(nn.Module):
+    """One adapted base parameter ``owner.<pname>``."""
+
+    slots: ClassVar[tuple[str, ...]] = ()
+    inplace: ClassVar[bool] = False
+
+    def __init__(self, info: ParamInfo, kind: str):
+        super().__init__()
+        # A plain attribute, not a submodule: the owner must not become its own descendant.
+        object.__setattr__(self, "owner", info.module)
+        self.pname = info.pname
+        self.kind = kind
+        self.merged = False
+        self.enabled = True
+
+    # -- access -------------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Parameter:
+        return self.owner._parameters[self.pname]
+
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        return {s: getattr(self, s) for s in self.slots}
+
+    def slot_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {s: tuple(t.shape) for s, t in self.slot_tensors().items()}
+
+    @torch.no_grad()
+    def load_slots(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value.to(getattr(self, name).dtype))
+
+    # -- the protocol ---------------------------------------------------------------------
+    def attach(self) -> None:
+        """Install forward hooks / properties on the owner."""
+
+    def detach(self) -> None:
+        for hooks in (self.owner._forward_hooks, self.owner._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[key]
+                self.owner._forward_hooks_with_kwargs.pop(key, None)
+                self.owner._forward_pre_hooks_with_kwargs.pop(key, None)
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """Dense delta per owner attribute (usually just ``{pname: ...}``), float32."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        raise NotImplementedError
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def restore_base(self) -> None:
+        """Bring the owner's tensors back to the base values (used by unload without merge)."""
+        if self.merged:
+            self.unmerge()
+
+
+class TuningMethod:
+    """A registered tuning method: a config schema and a way to build sites."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    #: layer kinds (see graftkit.layers) the method can adapt
+    kinds: ClassVar[tuple[str, ...]]
+    #: "weight": has a dense delta and can be merged; "activation": acts through hooks only
+    space: ClassVar[str] = "weight"
+    #: the peft_type string when peft has the same method (for import/export)
+    peft_type: ClassVar[str | None] = None
+
+    @classmethod
+    def eligible(cls, info: ParamInfo) -> bool:
+        return layer_kind(info.module, info.pname) in cls.kinds and info.param.dim() >= 1
+
+    @classmethod
+    def resolve(cls, model: nn.Module, config: MethodConfig, skip=()) -> tuple[list[ParamInfo], dict[str, dict[str, Any]]]:
+        """Parameters to adapt and per-parameter options (saved with the adapter)."""
+        if not config.targets:
+            raise TargetError(f"{cls.name}: no targets given; name parameter or module patterns (e.g. targets=['q_proj', 'v_proj'] or ['all-linear'])")
+        infos = resolve_targets(
+            model, config.targets, exclude=config.exclude, module_types=config.module_types,
+            layers=config.layers, eligible=cls.eligible, what=cls.name, skip=skip,
+        )
+        return infos, {i.name: cls.site_options(config, i) for i in infos}
+
+    @classmethod
+    def site_options(cls, config: MethodConfig, info: ParamInfo) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def make_site(cls, info: ParamInfo, config: MethodConfig, options: dict[str, Any]) -> Site:
+        raise NotImplementedError
+
+
+def matches_any(patterns, name: str, module_name: str) -> bool:
+    from ..targets import pattern_matches
+
+    info = ParamInfo(name, module_name, name.rsplit(".", 1)[-1], None, None)  # type: ignore[arg-type]
+    return any(pattern_matches(p, info) for p in patterns)
+
+
+def install_property(owner: nn.Module, pname: str) -> None:
+    """Parametrization fallback for a bare parameter: make ``owner.<pname>`` read as the
+    adapted value through a per-instance subclass with a property. Unlike
+    ``torch.nn.utils.parametrize`` this keeps the parameter in ``owner._parameters`` under
+    its own name, so state-dict keys do not change."""
+    cls = type(owner)
+    if not getattr(cls, "_graft_swapped", False):
+        cls = type(f"Grafted{cls.__name__}", (cls,), {"_graft_swapped": True, "_graft_base_class": cls})
+        owner.__class__ = cls
+
+    def read(module, _p=pname):
+        param = module._parameters[_p]
+        site = module._modules[HOLDER][_p]
+        return site.effective(param)
+
+    setattr(cls, pname, property(read))
+
+
+def remove_property(owner: nn.Module, pname: str) -> None:
+    cls = type(owner)
+    if getattr(cls, "_graft_swapped", False) and pname in cls.__dict__:
+        delattr(cls, pname)
+        if not any(isinstance(v, property) for k, v in cls.__dict__.items() if not k.startswith("_")):
+            owner.__class__ = cls._graft_base_class
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))

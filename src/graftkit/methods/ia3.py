@@ -1,0 +1,142 @@
+"""IA3: learned rescaling vectors.
+
+IA3 (Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+In-Context Learning") learns one vector per adapted layer and rescales activations
+elementwise. On attention projections it scales the layer's output, ``y = l * (W x + b)``;
+on feed-forward layers (the ``feedforward`` targets) it scales the input,
+``y = W (l * x) + b``. Vectors start at one, so training starts from the base model.
+Folded into the weights: output scaling gives ``W' = diag(l) W`` and ``b' = l * b``; input
+scaling gives ``W' = W diag(l)``. The materialized delta is therefore ``W' - W`` (and
+``b' - b`` for output-scaled layers with a bias).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import AliasChoices, Field
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers import out_axis
+from ..registry import METHODS
+from ..targets import ParamInfo
+from .base import MethodConfig, Site, TuningMethod, first_input, layer_kind, matches_any
+
+
+class IA3Config(MethodConfig):
+    # patterns (a subset of targets) whose *input* is scaled instead of the output (peft's feedforward_modules)
+    feedforward: list[str] = Field(default_factory=list, validation_alias=AliasChoices("feedforward", "feedforward_modules"))
+    init_ia3_weights: bool = True
+
+
+class IA3Site(Site):
+    slots = ("ia3_l",)
+
+    def __init__(self, info: ParamInfo, kind: str, feedforward: bool, init: bool):
+        super().__init__(info, kind)
+        module = info.module
+        self.feedforward = feedforward
+        if kind == "conv2d":
+            size = module.in_channels if feedforward else module.out_channels
+        else:
+            axis = out_axis(kind)
+            size = info.param.shape[1 - axis] if feedforward else info.param.shape[axis]
+        dtype = torch.float32 if info.param.dtype in (torch.float16, torch.bfloat16) else info.param.dtype
+        self.ia3_l = nn.Parameter(torch.ones(size, dtype=dtype, device=info.param.device))
+        if not init:
+            with torch.no_grad():
+                self.ia3_l.normal_(1.0, 0.2)
+
+    def _weight_view(self, vec: torch.Tensor) -> torch.Tensor:
+        """Shape the vector to broadcast against the stored weight along the scaled axis."""
+        if self.kind == "conv2d":
+            return vec.view(1, -1, 1, 1) if self.feedforward else vec.view(-1, 1, 1, 1)
+        axis = out_axis(self.kind)
+        if self.feedforward:
+            axis = 1 - axis
+        return vec.view(-1, 1) if axis == 0 else vec.view(1, -1)
+
+    def _act_view(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec.view(1, -1, 1, 1) if self.kind == "conv2d" else vec
+
+    def attach(self) -> None:
+        if self.feedforward:
+            self.owner.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        else:
+            self.owner.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _pre_hook(self, module, args, kwargs):
+        if not self.enabled or self.merged:
+            return None
+        x = first_input(args, kwargs)
+        scaled = x * self._act_view(self.ia3_l).to(x.dtype)
+        if args:
+            return (scaled, *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: scaled}
+
+    def _hook(self, module, args, kwargs, output):
+        if not self.enabled or self.merged:
+            return None
+        return output * self._act_view(self.ia3_l).to(output.dtype)
+
+    def _bias(self):
+        return None if self.feedforward else getattr(self.owner, "bias", None)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        l = self.ia3_l.float()
+        self.base.mul_(self._weight_view(l).to(self.base.dtype))
+        if self._bias() is not None:
+            self._bias().mul_(l.to(self._bias().dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        l = self.ia3_l.float()
+        self.base.div_(self._weight_view(l).to(self.base.dtype))
+        if self._bias() is not None:
+            self._bias().div_(l.to(self._bias().dtype))
+        self.merged = False
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        l = self.ia3_l.detach().float()
+        w = self.base.detach().float()
+        if self.merged:  # w holds W * l
+            w = w / self._weight_view(l)
+        out = {self.pname: w * (self._weight_view(l) - 1)}
+        bias = self._bias()
+        if bias is not None:
+            b = bias.detach().float()
+            b = b / l if self.merged else b
+            out["bias"] = b * (l - 1)
+        return out
+
+
+@METHODS.register("ia3")
+class IA3(TuningMethod):
+    name = "ia3"
+    config_cls = IA3Config
+    kinds = ("linear", "conv1d", "conv2d")
+    peft_type = "IA3"
+
+    @classmethod
+    def resolve(cls, model, config: IA3Config, skip=()):
+        infos, options = super().resolve(model, config, skip)
+        for pattern in config.feedforward:
+            if not any(matches_any([pattern], i.name, i.module_name) for i in infos):
+                raise ConfigError(f"IA3Config: feedforward pattern {pattern!r} matches none of the targets; feedforward must be a subset of targets")
+        return infos, options
+
+    @classmethod
+    def site_options(cls, config: IA3Config, info: ParamInfo) -> dict[str, Any]:
+        return {"feedforward": matches_any(config.feedforward, info.name, info.module_name)}
+
+    @classmethod
+    def make_site(cls, info: ParamInfo, config: IA3Config, options: dict[str, Any]) -> Site:
+        return IA3Site(info, layer_kind(info.module, info.pname), options["feedforward"], config.init_ia3_weights)

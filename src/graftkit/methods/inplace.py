@@ -1,0 +1,76 @@
+"""Sites for methods that train base tensors in place (BitFit, full fine-tuning, train_also).
+
+The trained tensor *is* the base parameter, so the forward pass costs nothing extra and the
+optimizer updates it directly. A frozen copy of the starting values (``theta0``, not part
+of the state dict) makes the delta ``theta - theta0`` available at any time and lets the
+adapter be disabled or unloaded back to the base.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..targets import ParamInfo
+from .base import Site
+
+
+class DeltaSite(Site):
+    """Saved as ``delta`` (theta - theta0) or, with ``absolute``, as ``value`` (theta itself:
+    for parameters whose starting value is not reproducible, such as a freshly initialised
+    classification head)."""
+
+    inplace = True
+
+    def __init__(self, info: ParamInfo, kind: str, absolute: bool = False):
+        super().__init__(info, kind)
+        self.absolute = absolute
+        self.slots = ("value",) if absolute else ("delta",)
+        self.register_buffer("theta0", info.param.detach().clone(), persistent=False)
+        self.register_buffer("stash", torch.empty(0), persistent=False)
+        self.merged = True  # the delta always lives in the weight
+
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        w = self.base if self.enabled else self.stash
+        if self.absolute:
+            return {"value": w.detach()}
+        return {"delta": (w.detach() - self.theta0)}
+
+    def slot_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {self.slots[0]: tuple(self.theta0.shape)}
+
+    @torch.no_grad()
+    def load_slots(self, tensors: dict[str, torch.Tensor]) -> None:
+        w = self.base
+        if self.absolute:
+            w.copy_(tensors["value"].to(w.dtype))
+        else:
+            w.copy_((self.theta0.float() + tensors["delta"].float()).to(w.dtype))
+        if not self.enabled:  # keep the loaded values for when the adapter is enabled again
+            self.stash = w.detach().clone()
+            w.copy_(self.theta0)
+
+    def merge(self) -> None:  # always merged
+        pass
+
+    def unmerge(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def set_enabled(self, enabled: bool) -> None:
+        if enabled == self.enabled:
+            return
+        w = self.base
+        if not enabled:
+            self.stash = w.detach().clone()
+            w.copy_(self.theta0)
+        else:
+            w.copy_(self.stash)
+            self.stash = torch.empty(0, device=w.device)
+        self.enabled = enabled
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        w = self.base if self.enabled else self.stash
+        return {self.pname: w.detach().float() - self.theta0.float()}
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        self.base.copy_(self.theta0)

@@ -1,0 +1,244 @@
+"""LoRA, rsLoRA and DoRA: low-rank weight updates.
+
+LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes a
+weight ``W`` (out x in) and learns ``delta_W = s * B A`` with ``A`` (r x in), ``B`` (out x r),
+``s = lora_alpha / r``; ``B`` starts at zero so training starts from the base model. The
+forward pass stays factored, ``y = W x + s * B (A (dropout(x)))``, and the dense product is
+formed only to merge or to materialize the delta.
+
+rsLoRA (Kalajdzievski, 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with
+LoRA") uses ``s = lora_alpha / sqrt(r)`` so that the update's scale does not collapse as r
+grows.
+
+DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits the adapted
+weight into magnitude and direction, ``W' = m * (W + s B A) / ||W + s B A||_c``, where the
+norm is taken per output row and ``m`` (one value per output) is trained and initialised to
+that norm. As in the paper (sec. 4.3), the norm is treated as a constant in the backward
+pass. The unmerged forward is ``base(x) + (m/n - 1) * W x_d + (m/n) * s * B A x_d``.
+
+All layer kinds use the canonical (out, in) view of :mod:`graftkit.layers`: ``A`` is stored
+as (r, in) and ``B`` as (out, r) even for Conv1D, Embedding (in = vocabulary) and Conv2d
+(in = in_channels * kh * kw). Adapter tensors are kept in float32 when the base is in half
+precision.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..errors import UnsupportedError
+from ..layers import from_matrix, matrix_shape, to_matrix
+from ..registry import METHODS
+from ..targets import ParamInfo
+from .base import MethodConfig, Site, TuningMethod, first_input, install_property, layer_kind, remove_property
+
+
+class LoRAConfig(MethodConfig):
+    r: int = Field(8, ge=1)
+    lora_alpha: float = Field(8.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    use_rslora: bool = False
+    use_dora: bool = False
+    # peft's meaning: True = A random, B zero (identity at init); "gaussian" = A ~ N(0, 1/r);
+    # False = A and B both random (not an identity; for tests and debugging).
+    init_lora_weights: bool | Literal["gaussian"] = True
+    # Per-module rank / alpha, keyed by a regex matched against the end of the module name (peft).
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default):
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
+            return value
+    return default
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoRASite(Site):
+    slots = ("lora_A", "lora_B")
+
+    def __init__(self, info: ParamInfo, kind: str, r: int, alpha: float, dropout: float,
+                 rslora: bool, dora: bool, init: bool | str):
+        super().__init__(info, kind)
+        weight = info.param
+        if kind == "conv2d" and info.module.groups != 1:
+            raise UnsupportedError(f"{info.name}: LoRA on grouped convolutions (groups={info.module.groups}) is not supported")
+        if kind == "param" and weight.dim() != 2:
+            raise UnsupportedError(f"{info.name}: LoRA on a bare parameter needs a 2-D tensor, this one has shape {tuple(weight.shape)}")
+        out_f, in_f = matrix_shape(kind, weight.shape)
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.r, self.alpha, self.dora = r, alpha, dora
+        self.scaling = lora_scaling(alpha, r, rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=dtype, device=weight.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._init_weights(init)
+        if dora:
+            self.slots = ("lora_A", "lora_B", "lora_magnitude_vector")
+            with torch.no_grad():
+                norm = self._adapted_matrix(weight).norm(dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
+            # the factor m / n in force while merged, to unmerge exactly what merge did
+            self.register_buffer("merge_factor", torch.ones(out_f, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def _init_weights(self, init) -> None:
+        if self.kind == "embedding":
+            # peft's embedding convention: A zero, B normal
+            nn.init.zeros_(self.lora_A) if init is not False else nn.init.normal_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    # -- math -----------------------------------------------------------------------------
+    def lora_matrix(self) -> torch.Tensor:
+        """s * B A in the canonical (out, in) view, float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def _adapted_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return to_matrix(self.kind, weight).float() + self.lora_matrix()
+
+    def _dora_factor(self, weight: torch.Tensor) -> torch.Tensor:
+        # the norm is a constant for the backward pass (DoRA sec. 4.3)
+        norm = self._adapted_matrix(weight.detach()).norm(dim=1).detach()
+        return self.lora_magnitude_vector.float() / norm
+
+    def dense_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """Delta in the stored layout for an *unmerged* base weight."""
+        if not self.dora:
+            return from_matrix(self.kind, self.lora_matrix(), weight.shape)
+        factor = self._dora_factor(weight)[:, None]
+        w = to_matrix(self.kind, weight).float()
+        return from_matrix(self.kind, factor * (w + self.lora_matrix()) - w, weight.shape)
+
+    # -- forward --------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self.kind == "param":
+            install_property(self.owner, self.pname)
+        else:
+            self.owner.register_forward_hook(self._hook, with_kwargs=True)
+
+    def detach(self) -> None:
+        super().detach()
+        if self.kind == "param":
+            remove_property(self.owner, self.pname)
+
+    def effective(self, param: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.merged:
+            return param
+        return param + self.dense_delta(param).to(param.dtype)
+
+    def _factored(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A, self.lora_B
+        if self.kind == "embedding":
+            m = self.owner
+            h = F.embedding(x, a.t(), m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+            return h @ b.t()
+        if self.kind == "conv2d":
+            m = self.owner
+            k = a.view(self.r, m.in_channels, *m.kernel_size)
+            h = F.conv2d(x, k, None, m.stride, m.padding, m.dilation)
+            return F.conv2d(h, b.view(b.shape[0], self.r, 1, 1))
+        return F.linear(F.linear(x, a), b)
+
+    def _base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        m, w = self.owner, self.base
+        if self.kind == "conv2d":
+            return F.conv2d(x, w.to(x.dtype), None, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, to_matrix(self.kind, w).to(x.dtype))
+
+    def _hook(self, module, args, kwargs, output):
+        if not self.enabled or self.merged:
+            return None
+        x = first_input(args, kwargs)
+        if self.kind != "embedding":
+            x = self.dropout(x.to(self.lora_A.dtype))
+        lora = self._factored(x) * self.scaling
+        if not self.dora:
+            return output + lora.to(output.dtype)
+        factor = self._dora_factor(self.base)
+        shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
+        factor = factor.view(shape)
+        bias = getattr(module, "bias", None) if self.kind != "embedding" else None
+        if self.kind == "embedding" or isinstance(self.dropout, nn.Identity) or not self.training:
+            base = output if bias is None else output - bias.view(shape)
+        else:  # the base term must see the same dropped-out input as the LoRA term
+            base = self._base_no_bias(x)
+        extra = (factor - 1) * base + factor * lora
+        return output + extra.to(output.dtype)
+
+    # -- merge ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = self.base
+        if self.dora:
+            self.merge_factor.copy_(self._dora_factor(w))
+        w.add_(self.dense_delta(w).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base
+        if self.dora:
+            merged = to_matrix(self.kind, w).float()
+            orig = merged / self.merge_factor[:, None] - self.lora_matrix()
+            w.copy_(from_matrix(self.kind, orig, w.shape).to(w.dtype))
+        else:
+            w.sub_(self.dense_delta(w).to(w.dtype))
+        self.merged = False
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        w = self.base
+        if self.merged and self.dora:
+            orig = from_matrix(self.kind, to_matrix(self.kind, w).float() / self.merge_factor[:, None] - self.lora_matrix(), w.shape)
+            return {self.pname: w.float() - orig}
+        return {self.pname: self.dense_delta(w).detach()}
+
+
+@METHODS.register("lora")
+class LoRA(TuningMethod):
+    name = "lora"
+    config_cls = LoRAConfig
+    kinds = ("linear", "conv1d", "embedding", "conv2d", "param")
+    peft_type = "LORA"
+
+    @classmethod
+    def eligible(cls, info: ParamInfo) -> bool:
+        kind = layer_kind(info.module, info.pname)
+        if kind == "param":
+            return info.param.dim() == 2 and info.param.is_floating_point()
+        return kind in cls.kinds
+
+    @classmethod
+    def site_options(cls, config: LoRAConfig, info: ParamInfo) -> dict[str, Any]:
+        return {
+            "r": int(pattern_value(config.rank_pattern, info.module_name, config.r)),
+            "lora_alpha": float(pattern_value(config.alpha_pattern, info.module_name, config.lora_alpha)),
+        }
+
+    @classmethod
+    def make_site(cls, info: ParamInfo, config: LoRAConfig, options: dict[str, Any]) -> Site:
+        kind = layer_kind(info.module, info.pname)
+        return LoRASite(info, kind, options["r"], options["lora_alpha"], config.lora_dropout,
+                        config.use_rslora, config.use_dora, config.init_lora_weights)

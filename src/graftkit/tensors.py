@@ -1,0 +1,194 @@
+"""Reading and writing tensor files safely.
+
+* :func:`read_safetensors` loads one file and turns every way a file can be broken
+  (missing, truncated, bad header) into a :class:`FileFormatError` naming the file.
+* :class:`Checkpoint` is a lazy, read-only view of a model folder: one ``*.safetensors``
+  file or a sharded set with its ``*.index.json``. Tensors are read one at a time, so a
+  caller can walk a model far larger than memory.
+* Pickled ``.bin`` checkpoints are refused unless the caller opts in; even then they are
+  read with ``torch.load(weights_only=True)``, which cannot run code.
+* :func:`atomic_dir` writes a folder next to its target and renames it into place, so an
+  interrupted write never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import FileFormatError
+
+SAFE_SUFFIX = ".safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "adapter_model.bin")
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """Validate the header and the file length without reading the data; return the header."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FileFormatError(f"{path} is not a safetensors file (only {size} bytes); re-create or re-download it")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise FileFormatError(f"{path} is truncated or corrupt (header of {n} bytes in a {size}-byte file); re-create or re-download it")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise FileFormatError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FileFormatError(f"{path} is corrupt (its header is not valid JSON); re-create or re-download it") from None
+    end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        end = max(end, meta["data_offsets"][1])
+    if 8 + n + end != size:
+        raise FileFormatError(
+            f"{path} is truncated or corrupt ({size} bytes on disk, the header describes {8 + n + end}); re-create or re-download it"
+        )
+    return header
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as exc:  # safetensors raises its own error type for every bad-file case
+        raise FileFormatError(f"{path} could not be read as safetensors ({exc}); re-create or re-download it") from None
+
+
+def read_pickle_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise FileFormatError(
+            f"{path} is a pickled PyTorch file; graftkit reads safetensors by default. "
+            "Pass allow_pickle=True (--allow-pickle) to read it with torch.load(weights_only=True), or convert it to safetensors"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FileFormatError(f"{path} could not be loaded with weights_only=True ({type(exc).__name__}); it may hold code, not just tensors") from None
+
+
+class Checkpoint:
+    """Lazy access to the tensors of a model folder (or a single safetensors file)."""
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.files: dict[str, Path] = {}  # tensor name -> file
+        self._pickled: dict[str, torch.Tensor] | None = None
+        if self.path.is_file():
+            files = [self.path]
+        elif self.path.is_dir():
+            files = self._folder_files(allow_pickle)
+        else:
+            raise FileFormatError(f"{self.path} does not exist")
+        self.headers: dict[Path, dict] = {}
+        for f in files:
+            if f.suffix == SAFE_SUFFIX:
+                header = check_safetensors_header(f)
+                self.headers[f] = header
+                for key in header:
+                    if key != "__metadata__":
+                        self.files[key] = f
+            else:
+                self._pickled = read_pickle_checkpoint(f, allow_pickle)
+                self.files.update({k: f for k in self._pickled})
+
+    def _folder_files(self, allow_pickle: bool) -> list[Path]:
+        index = sorted(self.path.glob(f"*{SAFE_SUFFIX}.index.json"))
+        if index:
+            try:
+                weight_map = json.loads(index[0].read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise FileFormatError(f"{index[0]} is not a valid index (no weight_map); re-create it") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise FileFormatError(f"{self.path} is missing shard(s) {', '.join(missing)} named in {index[0].name}")
+            return files
+        files = sorted(self.path.glob(f"*{SAFE_SUFFIX}"))
+        if files:
+            return files
+        pickled = [self.path / n for n in PICKLE_NAMES if (self.path / n).exists()]
+        if pickled:
+            read_pickle_checkpoint(pickled[0], allow_pickle)  # raises unless allowed
+            return pickled
+        raise FileFormatError(f"{self.path} holds no *.safetensors weights")
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._pickled is not None and key in self._pickled:
+            return tuple(self._pickled[key].shape)
+        return tuple(self.headers[self.files[key]][key]["shape"])
+
+    def dtype(self, key: str) -> str:
+        if self._pickled is not None and key in self._pickled:
+            return str(self._pickled[key].dtype).replace("torch.", "")
+        return self.headers[self.files[key]][key]["dtype"]
+
+    def numel(self) -> int:
+        total = 0
+        for key in self.files:
+            n = 1
+            for d in self.shape(key):
+                n *= d
+            total += n
+        return total
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._pickled is not None and key in self._pickled:
+            return self._pickled[key]
+        from safetensors import safe_open
+
+        f = self.files[key]
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except Exception as exc:
+            raise FileFormatError(f"{f}: tensor {key} could not be read ({exc})") from None
+
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in set(self.files.values()))
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; on success rename it to ``target``.
+
+    On any exception the temporary folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileFormatError(f"{target} already exists; choose another output folder or remove it (or pass overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
