@@ -50,3 +50,13 @@ def logits(model, ids):
 @pytest.fixture
 def ids():
     return tiny_inputs()
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models: one thread (hand-off between threads costs more than the work, and a busy
+    2-core runner makes it far worse). Tests marked ``real`` use every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1 if request.node.get_closest_marker("real") else 1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from .config import parse_config
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError, ConfigError, TargetError
 from .fingerprint import fingerprint
 from .layers import layer_kind
 from .methods.base import HOLDER, MethodConfig, Site, TuningMethod
 from .methods.inplace import DeltaSite
 from .registry import METHODS
-from .targets import ParamInfo, find_param, resolve_targets
+from .targets import ParamInfo, find_param, resolve_targets, tied_aliases
 
 STATE = "_graft_state"
 
@@ -92,6 +92,22 @@ def _add_site(info: ParamInfo, site: Site) -> None:
         info.param.requires_grad_(True)
 
 
+def _refuse_tied(model: nn.Module, method: str, new_sites: list[tuple[ParamInfo, Site]]) -> None:
+    """A hooked (not in-place) site sees only its owner's forward. On a tensor shared with
+    another module (tied input/output embeddings) the unmerged adapter would change the
+    input embedding alone while merging changes every use: merged != unmerged."""
+    aliases: dict[str, list[str]] = {}
+    for alias, real in tied_aliases(model).items():
+        aliases.setdefault(real, []).append(alias)
+    for info, site in new_sites:
+        if not site.inplace and info.name in aliases:
+            raise TargetError(
+                f"{info.name} is tied to {', '.join(aliases[info.name])} (one shared tensor); a {method} adapter on it "
+                "would act on one of its uses while unmerged and on all of them once merged. Untie the weights first "
+                "(load the model with tie_word_embeddings=False) or leave this parameter out of the targets"
+            )
+
+
 def inject(model: nn.Module, config: MethodConfig | dict, *, resolved: dict[str, Any] | None = None) -> nn.Module:
     """Attach a tuning method to ``model`` in place and freeze everything else.
 
@@ -118,11 +134,14 @@ def inject(model: nn.Module, config: MethodConfig | dict, *, resolved: dict[str,
     head_names = sorted(h.name for h in heads)
     target_names = [i.name for i in infos]
     fp = fingerprint(model, target_names, skip=set(head_names))
+    # build every site before touching the model, so a refused target leaves it as it was
+    new_sites = [(info, method.make_site(info, config, options.get(info.name, {}))) for info in infos]
+    _refuse_tied(model, method.name, new_sites)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for info in infos:
-        _add_site(info, method.make_site(info, config, options.get(info.name, {})))
+    for info, site in new_sites:
+        _add_site(info, site)
     for info in heads:
         _add_site(info, DeltaSite(info, layer_kind(info.module, info.pname), absolute=True))
     model_config = getattr(model, "config", None)

@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("GRAFT_DEBUG") == "1"
+    # transformers' per-tensor "Loading weights" bars would bury the one-line error on stderr;
+    # read before transformers is imported, so a user's own setting still wins
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -212,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, GraftError):
             print(f"graft: error: {exc}", file=sys.stderr)
             return exc.exit_code
+        if isinstance(exc, OSError):  # disk full, permissions: the environment, not a bug to report
+            print(f"graft: error: {exc}; check the path, its permissions and the free disk space", file=sys.stderr)
+            return 1
         print(f"graft: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
 

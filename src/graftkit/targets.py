@@ -88,8 +88,12 @@ def pattern_matches(pattern: str, info: ParamInfo) -> bool:
     return any(fnmatch.fnmatchcase(s, pattern) for n in names if n for s in _suffixes(n))
 
 
+# task heads that peft's all-linear also leaves out (they are new, and trained whole)
+TASK_HEADS = ("classifier", "score", "lm_head")
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
-    heads: set[str] = set()
+    heads: set[str] = {name for name, _ in model.named_children() if name in TASK_HEADS}
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is not None:
@@ -163,7 +167,7 @@ def resolve_targets(
 def _nothing_matched(pattern, what, candidates, infos, aliases) -> str:
     for alias, real in aliases.items():
         if pattern_matches(pattern, ParamInfo(alias, alias.rsplit(".", 1)[0], alias.rsplit(".", 1)[-1], nn.Module(), None)):
-            return f"target {pattern!r} names {alias}, which is tied to {real} (one shared tensor); target {real!r} instead"
+            return f"target {pattern!r} names {alias}, which is tied to {real} (one shared tensor); target {real!r} instead, or untie the weights (tie_word_embeddings=False)"
     pool = sorted({i.name for i in candidates} | {i.module_name for i in candidates})
     close = difflib.get_close_matches(pattern, pool, n=3, cutoff=0.3)
     if not close:

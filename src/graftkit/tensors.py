@@ -177,9 +177,12 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileFormatError(f"{target} already exists; choose another output folder or remove it (or pass overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:  # a file where a folder should be, no permission, read-only disk
+        raise FileFormatError(f"cannot create {target}: {exc.strerror or exc}; choose an output folder you can write to") from None
     try:
         yield tmp
         if target.exists():

@@ -11,6 +11,7 @@ from .native import META_NAME, AdapterFile, adapter_from_model, apply_adapter, r
 from .peft import CONFIG_NAME, read_peft, write_peft
 
 FORMATS = ("native", "peft")
+PEFT_TASK_HEADS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal-lm"}
 
 
 def adapter_format(path: str | Path) -> str:
@@ -61,7 +62,16 @@ def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow
 
     class_name, num_labels = base_class_and_labels(adapter)
     kwargs = {"num_labels": num_labels} if num_labels else {}
-    return load_model(base, class_name=class_name, dtype=dtype, allow_pickle=allow_pickle, **kwargs)
+    # the label names the head was trained with, so that a merged export's config keeps them
+    id2label = (adapter.meta.get("base_model") or {}).get("id2label")
+    if num_labels and isinstance(id2label, dict) and len(id2label) == num_labels:
+        kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+        kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
+    # a peft adapter names no class, only its task: a SEQ_CLS adapter on a bare encoder folder
+    # (architectures ["BertModel"], like MiniLM) needs the classification class to find its head
+    task = (adapter.meta.get("base_model") or {}).get("task_type")
+    head = PEFT_TASK_HEADS.get(task) if class_name is None else None
+    return load_model(base, class_name=class_name, head=head, dtype=dtype, allow_pickle=allow_pickle, **kwargs)
 
 
 def export_merged(adapter_path: str | Path, base: str | Path, out: str | Path, *, max_shard_size: str | int = "2GB",

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from ..assets import model_dir
-from ..errors import FileFormatError
+from ..errors import ConfigError, FileFormatError
 from ..tensors import PICKLE_NAMES, atomic_dir, read_pickle_checkpoint
 
 HEAD_CLASSES = {"causal-lm": "ForCausalLM", "classification": "ForSequenceClassification"}
+HEAD_SUFFIXES = {"causal-lm": ("ForCausalLM", "LMHeadModel"), "classification": ("ForSequenceClassification",)}
 
 
 def _quiet_transformers():
@@ -30,17 +31,23 @@ def _quiet_transformers():
 
 
 def model_class(path: Path, class_name: str | None = None, head: str | None = None):
+    if head is not None and head not in HEAD_CLASSES:
+        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEAD_CLASSES)}")
     transformers = _quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     if class_name is None:
         archs = getattr(config, "architectures", None) or []
         if head is not None:
             stem = archs[0] if archs else type(config).__name__.replace("Config", "Model")
-            for suffix in ("Model", "ForCausalLM", "ForSequenceClassification", "LMHeadModel", "ForMaskedLM"):
-                if stem.endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
-            class_name = stem + HEAD_CLASSES[head]
+            if stem.endswith(HEAD_SUFFIXES[head]):  # already that head (GPT2LMHeadModel has no ...ForCausalLM twin)
+                class_name = stem
+            else:
+                # longest suffixes first: "GPT2LMHeadModel" must lose "LMHeadModel", not just "Model"
+                for suffix in ("ForSequenceClassification", "LMHeadModel", "ForCausalLM", "ForMaskedLM", "Model"):
+                    if stem.endswith(suffix):
+                        stem = stem[: -len(suffix)]
+                        break
+                class_name = stem + HEAD_CLASSES[head]
         elif archs:
             class_name = archs[0]
         else:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..adapter import get_state, inject, require_state, sites, unload
 from ..config import parse_config
-from ..errors import AdapterError, FileFormatError
+from ..errors import AdapterError, ConfigError, FileFormatError
 from ..fingerprint import check_fingerprint
 from ..registry import METHODS
 from ..targets import find_param
@@ -108,7 +108,11 @@ def read_native(path: str | Path) -> AdapterFile:
     for key in ("method", "config", "targets"):
         if key not in meta:
             raise FileFormatError(f"{meta_path} lacks the '{key}' entry; re-save the adapter")
-    METHODS.get(meta["method"])  # unknown method -> clear error
+    method = METHODS.get(meta["method"])  # unknown method -> clear error
+    try:  # a mistyped key is named on read (inspect, export), not only when the adapter is applied
+        parse_config(method.config_cls, meta["config"])
+    except ConfigError as exc:
+        raise ConfigError(f"{meta_path}: {exc}; fix or remove that key") from None
     return AdapterFile(meta, read_safetensors(path / WEIGHTS_NAME))
 
 

@@ -101,7 +101,7 @@ def _meta(method: str, config: dict, targets: list[str], options: dict, heads: l
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": method, "config": config,
         "targets": targets, "target_options": options, "train_also": heads,
         "base_model": {"name_or_path": cfg.get("base_model_name_or_path"), "fingerprint": None,
-                       "class": (cfg.get("auto_mapping") or {}).get("base_model_class")},
+                       "class": (cfg.get("auto_mapping") or {}).get("base_model_class"), "task_type": cfg.get("task_type")},
         "versions": versions(), "imported_from": {"peft": str(path), "peft_version": cfg.get("peft_version")},
     }
 

@@ -154,26 +154,36 @@ def install_property(owner: nn.Module, pname: str) -> None:
     """Parametrization fallback for a bare parameter: make ``owner.<pname>`` read as the
     adapted value through a per-instance subclass with a property. Unlike
     ``torch.nn.utils.parametrize`` this keeps the parameter in ``owner._parameters`` under
-    its own name, so state-dict keys do not change."""
+    its own name, so state-dict keys do not change.
+
+    The subclass can end up shared (``copy.deepcopy`` copies the instance, not its class),
+    so which properties are live is recorded per instance (``_graft_props``) and the class
+    is never edited on removal: an instance goes back to its base class when it has none left.
+    """
     cls = type(owner)
     if not getattr(cls, "_graft_swapped", False):
         cls = type(f"Grafted{cls.__name__}", (cls,), {"_graft_swapped": True, "_graft_base_class": cls})
         owner.__class__ = cls
+    owner.__dict__.setdefault("_graft_props", set()).add(pname)
 
     def read(module, _p=pname):
         param = module._parameters[_p]
-        site = module._modules[HOLDER][_p]
-        return site.effective(param)
+        if _p not in module.__dict__.get("_graft_props", ()):
+            return param
+        return module._modules[HOLDER][_p].effective(param)
 
-    setattr(cls, pname, property(read))
+    if not isinstance(cls.__dict__.get(pname), property):
+        setattr(cls, pname, property(read))
 
 
 def remove_property(owner: nn.Module, pname: str) -> None:
-    cls = type(owner)
-    if getattr(cls, "_graft_swapped", False) and pname in cls.__dict__:
-        delattr(cls, pname)
-        if not any(isinstance(v, property) for k, v in cls.__dict__.items() if not k.startswith("_")):
-            owner.__class__ = cls._graft_base_class
+    live = owner.__dict__.get("_graft_props")
+    if live is None:
+        return
+    live.discard(pname)
+    if not live:
+        del owner.__dict__["_graft_props"]
+        owner.__class__ = type(owner)._graft_base_class
 
 
 def first_input(args: tuple, kwargs: dict) -> torch.Tensor:

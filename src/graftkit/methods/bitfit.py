@@ -7,31 +7,23 @@ change of each trained bias, stored dense.
 """
 from __future__ import annotations
 
-from typing import Any
+from pydantic import AliasChoices, Field
 
-from pydantic import Field
-
-from ..layers import layer_kind
 from ..registry import METHODS
 from ..targets import ParamInfo
-from .base import MethodConfig, Site, TuningMethod
-from .inplace import DeltaSite
+from .base import MethodConfig
+from .inplace import InplaceMethod
 
 
 class BitFitConfig(MethodConfig):
-    targets: list[str] = Field(default_factory=lambda: ["*"])
+    targets: list[str] = Field(default_factory=lambda: ["*"], validation_alias=AliasChoices("targets", "target_modules"))
 
 
 @METHODS.register("bitfit")
-class BitFit(TuningMethod):
+class BitFit(InplaceMethod):
     name = "bitfit"
     config_cls = BitFitConfig
-    kinds = ("any",)
 
     @classmethod
     def eligible(cls, info: ParamInfo) -> bool:
         return info.pname == "bias" or info.pname.endswith("_bias")
-
-    @classmethod
-    def make_site(cls, info: ParamInfo, config: BitFitConfig, options: dict[str, Any]) -> Site:
-        return DeltaSite(info, layer_kind(info.module, info.pname))

@@ -10,31 +10,23 @@ adapter.
 """
 from __future__ import annotations
 
-from typing import Any
+from pydantic import AliasChoices, Field
 
-from pydantic import Field
-
-from ..layers import layer_kind
 from ..registry import METHODS
 from ..targets import ParamInfo
-from .base import MethodConfig, Site, TuningMethod
-from .inplace import DeltaSite
+from .base import MethodConfig
+from .inplace import InplaceMethod
 
 
 class FullConfig(MethodConfig):
-    targets: list[str] = Field(default_factory=lambda: ["*"])
+    targets: list[str] = Field(default_factory=lambda: ["*"], validation_alias=AliasChoices("targets", "target_modules"))
 
 
 @METHODS.register("full")
-class Full(TuningMethod):
+class Full(InplaceMethod):
     name = "full"
     config_cls = FullConfig
-    kinds = ("any",)
 
     @classmethod
     def eligible(cls, info: ParamInfo) -> bool:
         return info.param.is_floating_point()
-
-    @classmethod
-    def make_site(cls, info: ParamInfo, config: FullConfig, options: dict[str, Any]) -> Site:
-        return DeltaSite(info, layer_kind(info.module, info.pname))

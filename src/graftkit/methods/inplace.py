@@ -7,10 +7,13 @@ adapter be disabled or unloaded back to the base.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..layers import layer_kind
 from ..targets import ParamInfo
-from .base import Site
+from .base import MethodConfig, Site, TuningMethod
 
 
 class DeltaSite(Site):
@@ -32,7 +35,9 @@ class DeltaSite(Site):
         w = self.base if self.enabled else self.stash
         if self.absolute:
             return {"value": w.detach()}
-        return {"delta": (w.detach() - self.theta0)}
+        # float32: the difference of two half-precision values is exact there, so theta0 + delta
+        # reproduces theta bit for bit on load
+        return {"delta": w.detach().float() - self.theta0.float()}
 
     def slot_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.slots[0]: tuple(self.theta0.shape)}
@@ -74,3 +79,13 @@ class DeltaSite(Site):
     @torch.no_grad()
     def restore_base(self) -> None:
         self.base.copy_(self.theta0)
+
+
+class InplaceMethod(TuningMethod):
+    """A method whose sites train the selected base tensors directly."""
+
+    kinds = ("any",)
+
+    @classmethod
+    def make_site(cls, info: ParamInfo, config: MethodConfig, options: dict[str, Any]) -> Site:
+        return DeltaSite(info, layer_kind(info.module, info.pname))

@@ -170,6 +170,12 @@ class LoRASite(Site):
         x = first_input(args, kwargs)
         if self.kind != "embedding":
             x = self.dropout(x.to(self.lora_A.dtype))
+        if not self.dora and self.kind in ("linear", "conv1d") and output.dtype == self.lora_B.dtype:
+            # one fused GEMM adds s * (x A^T) B^T to the base output: no separate (tokens x out)
+            # temporaries for the product, the scaling and the sum
+            h = F.linear(x, self.lora_A).reshape(-1, self.r)
+            fused = torch.addmm(output.reshape(-1, output.shape[-1]), h, self.lora_B.t(), alpha=self.scaling)
+            return fused.view(output.shape)
         lora = self._factored(x) * self.scaling
         if not self.dora:
             return output + lora.to(output.dtype)

