@@ -174,6 +174,11 @@ class LoRASite(Site):
             # one fused GEMM adds s * (x A^T) B^T to the base output: no separate (tokens x out)
             # temporaries for the product, the scaling and the sum
             h = F.linear(x, self.lora_A).reshape(-1, self.r)
+            if output.is_contiguous():
+                # in place: the base layer's backward never needs its own output, so autograd
+                # allows it, and it saves a (tokens x out) allocation per adapted layer
+                output.view(-1, output.shape[-1]).addmm_(h, self.lora_B.t(), alpha=self.scaling)
+                return output
             fused = torch.addmm(output.reshape(-1, output.shape[-1]), h, self.lora_B.t(), alpha=self.scaling)
             return fused.view(output.shape)
         lora = self._factored(x) * self.scaling
