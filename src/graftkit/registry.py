@@ -49,3 +49,4 @@ class Registry(Generic[T]):
 
 
 METHODS: Registry = Registry("tuning method")
+MERGES: Registry = Registry("merge method")  # name -> graftkit.merge._common.MergeMethod

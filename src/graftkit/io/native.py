@@ -76,6 +76,9 @@ def adapter_from_model(model: nn.Module) -> AdapterFile:
         "config": state.config.model_dump(mode="json"),
         "targets": state.targets,
         "target_options": state.options,
+        # how each target's LoRA delta maps onto the stored weight (Conv1D and Embedding are
+        # transposed; a square matrix alone cannot tell), for merging without the live model
+        "target_kinds": {name: site.kind for name, site in sites(model).items()},
         "train_also": state.train_also,
         "base_model": {**state.base, "fingerprint": state.fingerprint},
         "versions": versions(),

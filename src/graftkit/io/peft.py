@@ -139,6 +139,17 @@ def _lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
         tensors[f"{name}.lora_B"] = b.reshape(b.shape[0], r).contiguous()
         if "lora_magnitude_vector" in slots:
             tensors[f"{name}.lora_magnitude_vector"] = slots["lora_magnitude_vector"].reshape(-1).contiguous()
+    kinds = {}
+    for module, slots in modules.items():
+        a = slots["lora_A"]
+        if any(k.startswith(f"{module}.lora_embedding_") for k in raw):
+            kinds[f"{module}.weight"] = "embedding"
+        elif a.dim() == 4:
+            kinds[f"{module}.weight"] = "conv2d"
+        elif cfg.get("fan_in_fan_out"):
+            kinds[f"{module}.weight"] = "conv1d"
+        else:
+            kinds[f"{module}.weight"] = "linear"
     init = cfg.get("init_lora_weights", True)
     config = {
         **_common_config(cfg, heads), "r": r0, "lora_alpha": alpha0, "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
@@ -146,7 +157,9 @@ def _lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
         "init_lora_weights": init if init in (True, False, "gaussian") else True,
         "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
     }
-    return AdapterFile(_meta("lora", config, targets, options, heads, cfg, path), tensors)
+    meta = _meta("lora", config, targets, options, heads, cfg, path)
+    meta["target_kinds"] = kinds
+    return AdapterFile(meta, tensors)
 
 
 def _ia3_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
@@ -154,7 +167,7 @@ def _ia3_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
     if not vectors:
         raise FileFormatError(f"{path / WEIGHTS_NAME} holds no IA3 tensors")
     heads, tensors = _heads(raw, {f"{m}.ia3_l" for m in vectors})
-    targets, options, ff = [], {}, []
+    targets, options, ff, kinds = [], {}, [], {}
     for module, vec in sorted(vectors.items()):
         name = f"{module}.weight"
         # peft shapes the vector (1, in) for feed-forward (input) scaling, (out, 1) otherwise;
@@ -169,8 +182,11 @@ def _ia3_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
         if is_ff:
             ff.append(module)
         tensors[f"{name}.ia3_l"] = vec.reshape(-1).contiguous()
+        kinds[name] = "conv2d" if vec.dim() == 4 else "conv1d" if cfg.get("fan_in_fan_out") else "linear"
     config = {**_common_config(cfg, heads), "feedforward": sorted(ff), "init_ia3_weights": True}
-    return AdapterFile(_meta("ia3", config, targets, options, heads, cfg, path), tensors)
+    meta = _meta("ia3", config, targets, options, heads, cfg, path)
+    meta["target_kinds"] = kinds
+    return AdapterFile(meta, tensors)
 
 
 def _task_type(model: nn.Module) -> str | None:

@@ -30,6 +30,24 @@ class IA3Config(MethodConfig):
     init_ia3_weights: bool = True
 
 
+def ia3_view(kind: str, feedforward: bool, vec: torch.Tensor) -> torch.Tensor:
+    """Shape the IA3 vector to broadcast against the stored weight along the scaled axis
+    (outputs, or inputs for feed-forward targets; Conv1D and Embedding store (in, out))."""
+    if kind == "conv2d":
+        return vec.view(1, -1, 1, 1) if feedforward else vec.view(-1, 1, 1, 1)
+    axis = out_axis(kind)
+    if feedforward:
+        axis = 1 - axis
+    return vec.view(-1, 1) if axis == 0 else vec.view(1, -1)
+
+
+def ia3_delta(kind: str, feedforward: bool, weight: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """Dense delta of an IA3 vector on an unmerged weight: ``W * (l - 1)`` along the scaled axis
+    (float32). The bias of an output-scaled layer changes by ``b * (l - 1)``. Shared by the live
+    site and the merge engine."""
+    return weight.float() * (ia3_view(kind, feedforward, vec.float()) - 1)
+
+
 class IA3Site(Site):
     slots = ("ia3_l",)
 
@@ -50,12 +68,7 @@ class IA3Site(Site):
 
     def _weight_view(self, vec: torch.Tensor) -> torch.Tensor:
         """Shape the vector to broadcast against the stored weight along the scaled axis."""
-        if self.kind == "conv2d":
-            return vec.view(1, -1, 1, 1) if self.feedforward else vec.view(-1, 1, 1, 1)
-        axis = out_axis(self.kind)
-        if self.feedforward:
-            axis = 1 - axis
-        return vec.view(-1, 1) if axis == 0 else vec.view(1, -1)
+        return ia3_view(self.kind, self.feedforward, vec)
 
     def _act_view(self, vec: torch.Tensor) -> torch.Tensor:
         return vec.view(1, -1, 1, 1) if self.kind == "conv2d" else vec
@@ -109,7 +122,7 @@ class IA3Site(Site):
         w = self.base.detach().float()
         if self.merged:  # w holds W * l
             w = w / self._weight_view(l)
-        out = {self.pname: w * (self._weight_view(l) - 1)}
+        out = {self.pname: ia3_delta(self.kind, self.feedforward, w, l)}
         bias = self._bias()
         if bias is not None:
             b = bias.detach().float()

@@ -64,6 +64,22 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def lora_delta(kind: str, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+               magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense delta of a LoRA (or DoRA, with ``magnitude``) in the stored layout of ``weight``.
+
+    LoRA: ``s * B A`` in the canonical (out, in) view. DoRA: ``m * (W + s B A) / ||W + s B A||_c - W``
+    (row norms of the canonical view). float32. Shared by the live site and the merge engine.
+    """
+    lora = (lora_B.float() @ lora_A.float()) * scaling
+    if magnitude is None:
+        return from_matrix(kind, lora, weight.shape)
+    w = to_matrix(kind, weight).float()
+    adapted = w + lora
+    factor = magnitude.float() / adapted.detach().norm(dim=1)  # a constant for backward (DoRA sec. 4.3)
+    return from_matrix(kind, factor[:, None] * adapted - w, weight.shape)
+
+
 class LoRASite(Site):
     slots = ("lora_A", "lora_B")
 
@@ -122,11 +138,8 @@ class LoRASite(Site):
 
     def dense_delta(self, weight: torch.Tensor) -> torch.Tensor:
         """Delta in the stored layout for an *unmerged* base weight."""
-        if not self.dora:
-            return from_matrix(self.kind, self.lora_matrix(), weight.shape)
-        factor = self._dora_factor(weight)[:, None]
-        w = to_matrix(self.kind, weight).float()
-        return from_matrix(self.kind, factor * (w + self.lora_matrix()) - w, weight.shape)
+        magnitude = self.lora_magnitude_vector if self.dora else None
+        return lora_delta(self.kind, weight, self.lora_A, self.lora_B, self.scaling, magnitude)
 
     # -- forward --------------------------------------------------------------------------
     def attach(self) -> None:

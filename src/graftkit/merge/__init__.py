@@ -1,0 +1,35 @@
+"""Merging fine-tuned models: per-tensor merge functions (one file per family), the mergekit-YAML
+merge config, and the streaming executor behind ``graft merge`` / :func:`merge`.
+
+Every function ``f(base, deltas, **params) -> tensor`` is registered in
+:data:`graftkit.registry.MERGES`; see each module's docstring for its exact semantics and paper.
+"""
+from __future__ import annotations
+
+from . import breadcrumbs, consensus, dare, linear, magnitude, pcb, slerp, ties  # noqa: F401  (registration)
+from .breadcrumbs import breadcrumbs as breadcrumbs_merge, breadcrumbs_ties  # noqa: F401
+from .consensus import consensus_ta, consensus_ties  # noqa: F401
+from .dare import dare_linear, dare_ties  # noqa: F401
+from .linear import linear as linear_merge, task_arithmetic  # noqa: F401
+from .magnitude import magnitude_prune  # noqa: F401
+from .pcb import pcb as pcb_merge  # noqa: F401
+from .slerp import slerp as slerp_merge  # noqa: F401
+from .ties import ties as ties_merge  # noqa: F401
+
+
+def merge(config, out=None, **kwargs):
+    """Run a merge described by a mergekit-style config (dict, YAML path or MergeConfig); return the output path."""
+    from .executor import run_merge
+
+    return run_merge(config, out, **kwargs)
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """``gk.merge(config, out)`` must work although importing this package makes ``graftkit.merge``
+    the package itself: the package is callable and runs :func:`merge`."""
+
+    def __call__(self, config, out=None, **kwargs):
+        return merge(config, out, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

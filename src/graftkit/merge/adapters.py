@@ -1,0 +1,120 @@
+"""Adapters as merge inputs: a LoRA-family or IA3 adapter folder (native or peft) seen as a model.
+
+An adapter input is read whole (it is small), and each tensor of the model it describes is
+produced on request as ``base[key] + delta(key)``, with the delta computed from the factors by
+:func:`graftkit.methods.lora.lora_delta` / :func:`graftkit.methods.ia3.ia3_delta` (the same
+functions the live sites use), so no
+merged model copy is ever written or held. Targets keep their layer kind in ``adapter.json``
+(``target_kinds``); without it a non-square target is unambiguous and a square one is an error.
+``train_also`` tensors (heads trained whole) replace the base tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UnsupportedError
+from ..tensors import Checkpoint
+
+
+class AdapterSource:
+    """The tensor-reading interface of :class:`~graftkit.tensors.Checkpoint` for ``base + adapter``."""
+
+    _pickled = None
+
+    def __init__(self, path: str | Path, base: Checkpoint):
+        from ..io import read_adapter
+        from ..methods.lora import lora_scaling
+
+        self.path = Path(path)
+        self.base = base
+        self.adapter = read_adapter(path)
+        self.method = self.adapter.method
+        if self.method not in ("lora", "ia3"):
+            raise UnsupportedError(f"{path} is a {self.method} adapter; merge inputs can be LoRA/rsLoRA/DoRA or IA3 adapters "
+                                   "(export others merged first: graft export ADAPTER --base BASE --merged OUT)")
+        meta = self.adapter.meta
+        config = meta.get("config") or {}
+        kinds = meta.get("target_kinds") or {}
+        options = meta.get("target_options") or {}
+        self.targets: dict[str, tuple] = {}
+        self.ia3: dict[str, tuple] = {}  # weight or bias name -> (kind, feedforward, vector, is_bias)
+        for name in self.adapter.targets:
+            if name not in base.files:
+                raise UnsupportedError(f"{path} adapts {name}, which the base model {base.path} does not have; it was made for another model")
+            if self.method == "ia3":
+                vec = self.adapter.tensors[f"{name}.ia3_l"]
+                ff = bool((options.get(name) or {}).get("feedforward", False))
+                shape = tuple(base.shape(name))
+                kind = kinds.get(name) or self._infer_ia3_kind(name, shape, vec.numel(), ff)
+                self.ia3[name] = (kind, ff, vec, False)
+                bias = name[: -len("weight")] + "bias"
+                if not ff and name.endswith(".weight") and bias in base.files:
+                    self.ia3[bias] = (kind, ff, vec, True)
+                continue
+            a = self.adapter.tensors[f"{name}.lora_A"]
+            b = self.adapter.tensors[f"{name}.lora_B"]
+            shape = tuple(base.shape(name))
+            kind = kinds.get(name) or self._infer_kind(name, shape, a, b)
+            opt = options.get(name, {})
+            r = int(opt.get("r", a.shape[0]))
+            scaling = lora_scaling(float(opt.get("lora_alpha", config.get("lora_alpha", r))), r, bool(config.get("use_rslora")))
+            self.targets[name] = (kind, a, b, scaling, self.adapter.tensors.get(f"{name}.lora_magnitude_vector"))
+        self.whole = {name: self.adapter.tensors[f"{name}.value"] for name in self.adapter.train_also
+                      if f"{name}.value" in self.adapter.tensors}
+        self.files = base.files
+        self.headers = base.headers
+
+    def _infer_kind(self, name: str, shape: tuple, a, b) -> str:
+        out_f, in_f = b.shape[0], a.shape[1]
+        if len(shape) == 2 and shape[0] != shape[1]:
+            if shape == (out_f, in_f):
+                return "linear"
+            if shape == (in_f, out_f):
+                return "conv1d"
+        if len(shape) == 4:
+            return "conv2d"
+        raise UnsupportedError(f"{self.path}: cannot tell how the LoRA of {name} {shape} lies on the weight (no target_kinds in its "
+                               "adapter.json); re-save the adapter with this graftkit, or import it from peft again")
+
+    def _infer_ia3_kind(self, name: str, shape: tuple, size: int, ff: bool) -> str:
+        if len(shape) == 4:
+            return "conv2d"
+        if len(shape) == 2 and shape[0] != shape[1]:
+            scaled_axis = 1 if ff else 0  # in the (out, in) layout of a linear layer
+            return "linear" if shape[scaled_axis] == size else "conv1d"
+        raise UnsupportedError(f"{self.path}: cannot tell how the IA3 vector of {name} {shape} lies on the weight (no target_kinds "
+                               "in its adapter.json); re-save the adapter with this graftkit, or import it from peft again")
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def shape(self, key: str):
+        return self.base.shape(key)
+
+    def dtype(self, key: str) -> str:
+        return self.base.dtype(key)
+
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def get(self, key: str):
+        from ..methods.lora import lora_delta
+
+        w = self.base.get(key)
+        if key in self.whole:
+            return self.whole[key].to(w.dtype)
+        if key in self.ia3:
+            from ..methods.ia3 import ia3_delta
+
+            kind, ff, vec, is_bias = self.ia3[key]
+            delta = w.float() * (vec.float() - 1) if is_bias else ia3_delta(kind, ff, w, vec)
+            return (w.float() + delta).to(w.dtype)
+        if key not in self.targets:
+            return w
+        kind, a, b, scaling, mag = self.targets[key]
+        return (w.float() + lora_delta(kind, w, a, b, scaling, mag)).to(w.dtype) if w.dtype.is_floating_point else w
+
+
+def is_adapter(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "adapter.json").exists() or (p / "adapter_config.json").exists())

@@ -1,0 +1,181 @@
+"""The merge config: mergekit's YAML schema for what it covers, strict about everything else.
+
+    merge_method: ties
+    base_model: path/to/base
+    models:
+      - model: path/to/ft1
+        parameters: {weight: 1.0, density: 0.5}
+      - model: path/to/ft2
+        parameters: {weight: 0.5, density: 0.5}
+    parameters: {normalize: true, lambda: 1.0}
+    dtype: bfloat16            # mergekit's load dtype; graftkit always computes in float32
+    out_dtype: bfloat16        # stored dtype (default: dtype, else each input tensor's own)
+    tokenizer_source: base
+
+graftkit extras: ``seed`` (DARE masks), ``max_shard_size``, ``threads``, ``output: adapter`` with
+``rank`` (reserved; not implemented yet), and ``search`` (grid / greedy soup, see
+:mod:`graftkit.merge.search`). A parameter value may be a number or mergekit's filter list
+``[{filter: mlp, value: 0.3}, {value: 0.5}]`` (first entry whose filter is a substring of the
+tensor name wins). Unknown keys - at any level, including parameter names a method does not
+take - are one-line ConfigErrors.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field
+
+from ..config import StrictModel, parse_config
+from ..errors import ConfigError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class FilterValue(StrictModel):
+    filter: Optional[str] = None
+    value: Union[float, list[float]]
+
+
+# a number, a gradient (list of numbers interpolated over the layers), or filter entries
+ParamValue = Union[bool, int, float, str, list[float], list[FilterValue], None]
+
+
+class InputModel(StrictModel):
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class SearchConfig(StrictModel):
+    grid: dict[str, list[float]] = Field(default_factory=dict)
+    command: Optional[str] = None
+
+
+class MergeConfig(StrictModel):
+    merge_method: str
+    base_model: Optional[str] = None
+    models: list[InputModel] = Field(default_factory=list)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
+    out_dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
+    tokenizer_source: Optional[str] = None
+    name: Optional[str] = None
+    # graftkit extras
+    seed: Optional[int] = None
+    max_shard_size: Union[int, str] = "2GB"
+    threads: Optional[int] = Field(None, ge=1)
+    output: Literal["model", "adapter"] = "model"
+    rank: Optional[int] = Field(None, ge=1)
+    search: Optional[SearchConfig] = None
+
+    # -- resolution helpers ---------------------------------------------------------------
+    def method(self):
+        from ..registry import MERGES
+        from . import breadcrumbs  # noqa: F401  (registration)
+
+        return MERGES.get(self.merge_method)
+
+    def input_paths(self) -> list[str]:
+        return [m.model for m in self.models]
+
+
+def _check_value(where: str, name: str, value) -> None:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    values = []
+    for v in (value if isinstance(value, list) else [value]):
+        v = v.value if isinstance(v, FilterValue) else v
+        values.extend(v if isinstance(v, list) else [v])
+    for v in values:
+        if not math.isfinite(float(v)):
+            raise ConfigError(f"{where}: parameter {name!r} is {v}; it must be a finite number")
+        if name in ("density",) and not 0 < float(v) <= 1:
+            raise ConfigError(f"{where}: density {v} is out of range; it must be in (0, 1] (the share of each delta kept)")
+        if name in ("gamma", "t") and not 0 <= float(v) <= 1:
+            raise ConfigError(f"{where}: {name} {v} is out of range; it must be in [0, 1]")
+        if name == "epsilon" and not 0 <= float(v) < 1:
+            raise ConfigError(f"{where}: epsilon {v} is out of range; it must be in [0, 1)")
+
+
+def validate(cfg: MergeConfig) -> MergeConfig:
+    """Check the config against its method: parameter names, ranges, base model, model count."""
+    spec = cfg.method()
+    if spec.needs_base and not cfg.base_model:
+        raise ConfigError(f"merge_method {spec.name} needs a base_model (the task vectors are differences from it); add 'base_model: PATH'")
+    accepted_model = set(spec.model_params)
+    accepted_global = set(spec.global_params) | accepted_model
+    for name, value in cfg.parameters.items():
+        if name not in accepted_global:
+            raise ConfigError(f"parameters: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_global)) or 'none'}")
+        _check_value("parameters", name, value)
+    if cfg.parameters.get("scope", "tensor") not in ("tensor", "global"):
+        raise ConfigError(f"parameters.scope must be 'tensor' (per-tensor trimming, mergekit's) or 'global' (one threshold per model); got {cfg.parameters['scope']!r}")
+    if spec.name == "slerp":
+        others = [m for m in cfg.models if m.model != cfg.base_model]
+        if len(others) != 1:
+            raise ConfigError(f"slerp interpolates the base_model and exactly one other model; got {len(others)} other model(s)")
+        if "t" not in cfg.parameters:
+            raise ConfigError("slerp needs parameters.t (0 = base_model, 1 = the other model)")
+    non_base = [m for m in cfg.models if spec.inputs == "model" or m.model != cfg.base_model]
+    if len(non_base) < spec.min_models:
+        raise ConfigError(f"merge_method {spec.name} needs at least {spec.min_models} model(s) besides the base; got {len(non_base)}")
+    for i, m in enumerate(cfg.models):
+        for name, value in m.parameters.items():
+            if name not in accepted_model:
+                raise ConfigError(f"models[{i}] ({m.model}): unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_model)) or 'none'}")
+            _check_value(f"models[{i}] ({m.model})", name, value)
+    weights = [m.parameters.get("weight", cfg.parameters.get("weight", spec.model_params.get("weight", 1.0))) for m in non_base]
+    normalize = cfg.parameters.get("normalize", spec.global_params.get("normalize", False))
+    if "weight" in spec.model_params and normalize and all(isinstance(w, (int, float)) for w in weights) and abs(sum(weights)) < 1e-8:
+        raise ConfigError(f"the model weights sum to {sum(weights)} and normalize is on, so the merge would divide by zero; change the weights or set normalize: false")
+    if cfg.output == "adapter" and cfg.rank is None:
+        raise ConfigError("output: adapter needs rank: R (the rank of the LoRA to write)")
+    if cfg.search is not None:
+        for name in cfg.search.grid:
+            if name not in accepted_global:
+                raise ConfigError(f"search.grid: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_global))}")
+    return cfg
+
+
+def load_config(config: Any) -> MergeConfig:
+    """A MergeConfig from a MergeConfig, a dict, or a YAML file path."""
+    if isinstance(config, MergeConfig):
+        return validate(config)
+    if isinstance(config, (str, Path)):
+        import yaml
+
+        path = Path(config)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"merge config {path} does not exist") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax") from None
+        config = data
+    return validate(parse_config(MergeConfig, config))
+
+
+def resolve(value, key: str, t: float = 0.0):
+    """A parameter's value for one tensor, as mergekit resolves it: in a filter list the first
+    entry whose filter is a substring of the tensor name wins (``*`` or no filter match all); a
+    gradient ``[v0, ..., vm]`` is interpolated linearly at ``t`` = layer index / (layers - 1)
+    (0 for tensors outside the layers: embeddings, final norm, head)."""
+    if isinstance(value, list):
+        if not value:
+            return None
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            scaled = t * (len(value) - 1)
+            i0 = int(scaled)
+            i1 = min(len(value) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * float(value[i0]) + frac * float(value[i1])
+        for entry in value:
+            if entry.filter is None or entry.filter == "*" or entry.filter in key:
+                return resolve(entry.value, key, t)
+        return None
+    return value

@@ -1,0 +1,150 @@
+"""Choosing merge parameters on validation data: a grid ``search:`` and greedy soups.
+
+The evaluation harness lives elsewhere; here the hook is either a Python callable
+``evaluate(model_dir: Path) -> float`` (higher is better) or a shell command (``search.command``
+in the YAML) whose last line of output is the score, with ``{model}`` replaced by the merged
+folder. Every candidate is a real streaming merge into a temporary folder; only the winner is
+kept, moved into place atomically, with ``search_results.json`` listing every trial.
+
+* :func:`run_search` - the grid: ``search: {grid: {density: [0.3, 0.5], lambda: [0.8, 1.0]}}``
+  tries every combination; a per-model parameter (``density``, ``weight``, ...) is set on every
+  model, a global one in ``parameters``.
+* :func:`greedy_soup` - Wortsman et al., 2022 ("Model soups"): score each candidate alone, sort
+  by score, start from the best, and add each next candidate to the uniform soup only if the
+  soup's score does not drop.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError, GraftError
+from .config import MergeConfig, load_config
+
+Evaluate = Callable[[Path], float]
+
+
+def command_evaluator(command: str) -> Evaluate:
+    def evaluate(model_dir: Path) -> float:
+        cmd = command.replace("{model}", shlex.quote(str(model_dir)))
+        r = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise GraftError(f"evaluation command failed (exit {r.returncode}) on {model_dir}: {r.stderr.strip().splitlines()[-1:] or ''}")
+        try:
+            return float(r.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise GraftError(f"evaluation command printed no score on its last line (got {r.stdout.strip()[-80:]!r})") from None
+
+    return evaluate
+
+
+def _with_params(cfg: MergeConfig, values: dict[str, Any]) -> dict:
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    data.pop("search", None)
+    spec = cfg.method()
+    for name, value in values.items():
+        if name in spec.model_params:
+            for m in data["models"]:
+                if spec.inputs == "model" or m["model"] != data.get("base_model"):
+                    m.setdefault("parameters", {})[name] = value
+        else:
+            data.setdefault("parameters", {})[name] = value
+    return data
+
+
+def _finish(best_dir: Path, out: Path, trials: list, overwrite: bool) -> Path:
+    (best_dir / "search_results.json").write_text(json.dumps(trials, indent=2) + "\n")
+    if out.exists():
+        if not overwrite:
+            raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+        shutil.rmtree(out)
+    os.replace(best_dir, out)
+    return out
+
+
+def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *, overwrite: bool = False,
+               threads: int | None = None) -> Path:
+    """Merge every grid point, score each with ``evaluate`` (or ``search.command``), keep the best."""
+    from .executor import run_merge
+
+    cfg = load_config(config)
+    if cfg.search is None or not cfg.search.grid:
+        raise ConfigError("run_search needs a search: block with a grid, e.g. search: {grid: {density: [0.3, 0.5]}}")
+    if evaluate is None:
+        if not cfg.search.command:
+            raise ConfigError("search: give an evaluation command (search.command, '{model}' = the merged folder) or a Python callable")
+        evaluate = command_evaluator(cfg.search.command)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+    work = out.parent / f".{out.name}.search-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    names = list(cfg.search.grid)
+    trials, best = [], None
+    try:
+        for i, combo in enumerate(itertools.product(*(cfg.search.grid[n] for n in names))):
+            values = dict(zip(names, combo))
+            folder = run_merge(_with_params(cfg, values), work / f"trial{i}", threads=threads, progress=False)
+            score = float(evaluate(folder))
+            trials.append({"parameters": values, "score": score})
+            if best is None or score > best[0]:
+                if best is not None:
+                    shutil.rmtree(best[1], ignore_errors=True)
+                best = (score, folder)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+        for t in trials:
+            t["best"] = t["score"] == best[0]
+        return _finish(best[1], out, trials, overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def greedy_soup(models: list[str | Path], evaluate: Evaluate, out: str | Path, *, overwrite: bool = False,
+                dtype: str | None = None, threads: int | None = None) -> Path:
+    """Greedy soup: add candidates in order of their own score while the uniform soup's score does not drop."""
+    from .executor import run_merge
+
+    if len(models) < 1:
+        raise ConfigError("greedy_soup needs at least one candidate model")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+    models = [str(m) for m in models]
+    scored = sorted(((float(evaluate(Path(m))), m) for m in models), key=lambda t: -t[0])
+    work = out.parent / f".{out.name}.soup-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    trials = [{"model": m, "alone": s} for s, m in scored]
+    try:
+        soup, soup_score, soup_dir = [scored[0][1]], scored[0][0], None
+        for i, (_, m) in enumerate(scored[1:], 1):
+            cfg = {"merge_method": "linear", "models": [{"model": x, "parameters": {"weight": 1.0}} for x in [*soup, m]]}
+            if dtype:
+                cfg["dtype"] = dtype
+            folder = run_merge(cfg, work / f"soup{i}", threads=threads, progress=False)
+            score = float(evaluate(folder))
+            trials[i]["soup_score"] = score
+            trials[i]["added"] = score >= soup_score
+            if score >= soup_score:
+                soup, soup_score = [*soup, m], score
+                if soup_dir is not None:
+                    shutil.rmtree(soup_dir, ignore_errors=True)
+                soup_dir = folder
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+        if soup_dir is None:  # the best single model is the soup: copy it through a one-model linear merge
+            cfg = {"merge_method": "linear", "models": [{"model": soup[0], "parameters": {"weight": 1.0}}]}
+            if dtype:
+                cfg["dtype"] = dtype
+            soup_dir = run_merge(cfg, work / "soup0", threads=threads, progress=False)
+        result = {"soup": soup, "score": soup_score, "trials": trials}
+        return _finish(soup_dir, out, [result], overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,291 @@
+"""Training data: local files read with HF ``datasets``, tokenized, batched.
+
+* classification: ``text_field`` -> ``input_ids``, ``label_field`` -> a class index (the label
+  set comes from the training file, sorted, unless ``data.labels`` lists it);
+* chat SFT (``prompt_field`` + ``response_field``): the tokenizer's chat template renders the
+  user turn (plus an optional system prompt) and the assistant turn; the loss is taken on the
+  assistant tokens only (every other label is -100);
+* plain-text LM (``text_field`` only): documents are tokenized, joined with the EOS token and,
+  with ``packing``, cut into blocks of exactly ``max_length`` tokens.
+
+Sequences longer than ``max_length`` (or than the model's own position limit) are truncated,
+with one warning that says how many were.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError, FileFormatError
+from .recipe import Recipe
+
+IGNORE = -100
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass
+class Prepared:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    labels: list[str] | None = None  # classification
+    tasks: list[str] | None = None  # multi-task
+    max_length: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_rows(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
+    """All rows of a local JSONL / CSV / Parquet file, as dicts (read with ``datasets``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is not a file")
+    if fmt == "auto":
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"cannot tell the format of {path} from its suffix; name it .jsonl, .csv or .parquet or set data.format")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as exc:  # datasets wraps parse errors in several types
+        cause = exc.__cause__ or exc
+        raise FileFormatError(f"could not read {path} as {fmt}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+    return ds.to_list()
+
+
+def _field(rows: list[dict], name: str, path: str, what: str) -> list[Any]:
+    if rows and name not in rows[0] and all(name not in r for r in rows):
+        raise ConfigError(f"{path} has no field {name!r} ({what}); its fields are: {', '.join(sorted(rows[0]))}")
+    values = []
+    for i, r in enumerate(rows):
+        v = r.get(name)
+        if v is None or (isinstance(v, float) and v != v):
+            raise ConfigError(f"{path}: row {i + 1} has no value for field {name!r} ({what}); fix or remove that row")
+        values.append(v)
+    return values
+
+
+def model_position_limit(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+class Truncation:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self.total = 0
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        self.total += 1
+        if len(ids) > self.limit:
+            self.count += 1
+            return ids[: self.limit]
+        return ids
+
+
+def prepare(recipe: Recipe, tokenizer, limit: int | None) -> Prepared:
+    """Read and tokenize the recipe's data; ``limit`` is the model's position limit (if any)."""
+    d = recipe.data
+    warnings: list[str] = []
+    max_length = d.max_length
+    if limit is not None and max_length > limit:
+        warnings.append(f"data.max_length {max_length} exceeds the model's limit of {limit} positions; using {limit}")
+        max_length = limit
+    train_rows = read_rows(d.train, d.format)
+    if not train_rows:
+        raise ConfigError(f"{d.train} holds no rows")
+    if d.limit:
+        train_rows = train_rows[: d.limit]
+    val_rows = read_rows(d.validation, d.format) if d.validation else []
+    if recipe.eval.limit:
+        val_rows = val_rows[: recipe.eval.limit]
+    out = Prepared([], [], max_length=max_length, warnings=warnings)
+
+    tasks = None
+    if d.task_field:
+        names = [str(v) for v in _field(train_rows, d.task_field, d.train, "task")]
+        tasks = sorted(set(names))
+        out.tasks = tasks
+        index = {t: i for i, t in enumerate(tasks)}
+        train_task = [index[t] for t in names]
+        if val_rows:
+            vnames = [str(v) for v in _field(val_rows, d.task_field, d.validation, "task")]
+            unknown = sorted(set(vnames) - set(tasks))
+            if unknown:
+                raise ConfigError(f"{d.validation} has task(s) {', '.join(map(repr, unknown))} that {d.train} lacks")
+            val_task = [index[t] for t in vnames]
+
+    if recipe.task == "classification":
+        trunc = Truncation(max_length)
+        texts = [str(t) for t in _field(train_rows, d.text_field, d.train, "text")]
+        labels = [str(v) for v in _field(train_rows, d.label_field, d.train, "label")]
+        names = list(d.labels) if d.labels else sorted(set(labels))
+        unknown = sorted(set(labels) - set(names))
+        if unknown:
+            raise ConfigError(f"{d.train} has label(s) {', '.join(map(repr, unknown[:5]))} not in data.labels ({', '.join(names)})")
+        if len(names) < 2:
+            raise ConfigError(f"{d.train} has only one label ({names[0]!r}); classification needs at least two")
+        out.labels = names
+        index = {n: i for i, n in enumerate(names)}
+        enc = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+        out.train = [{"input_ids": trunc(ids), "label": index[y]} for ids, y in zip(enc, labels)]
+        if val_rows:
+            vtexts = [str(t) for t in _field(val_rows, d.text_field, d.validation, "text")]
+            vlabels = [str(v) for v in _field(val_rows, d.label_field, d.validation, "label")]
+            unknown = sorted(set(vlabels) - set(names))
+            if unknown:
+                raise ConfigError(f"{d.validation} has label(s) {', '.join(map(repr, unknown[:5]))} that the training labels "
+                                  f"({', '.join(names)}) lack; the model cannot predict them")
+            venc = tokenizer(vtexts, truncation=False, add_special_tokens=True)["input_ids"]
+            out.validation = [{"input_ids": trunc(ids), "label": index[y]} for ids, y in zip(venc, vlabels)]
+        if trunc.count:
+            warnings.append(f"{trunc.count} of {trunc.total} texts are longer than {max_length} tokens and were truncated")
+    elif d.prompt_field:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"the tokenizer of {recipe.tokenizer or recipe.model} has no chat template; "
+                              "chat SFT (data.prompt_field) needs one: give a tokenizer folder with one, or use plain text (data.text_field)")
+        trunc = Truncation(max_length)
+        out.train = [_chat_example(tokenizer, p, r, d.system_prompt, trunc) for p, r in zip(
+            _field(train_rows, d.prompt_field, d.train, "prompt"), _field(train_rows, d.response_field, d.train, "response"))]
+        if val_rows:
+            prompts = _field(val_rows, d.prompt_field, d.validation, "prompt")
+            out.validation = [_chat_example(tokenizer, p, r, d.system_prompt, trunc) for p, r in zip(
+                prompts, _field(val_rows, d.response_field, d.validation, "response"))]
+            if recipe.eval.exact_match:
+                answers = _field(val_rows, d.answer_field, d.validation, "answer")
+                for ex, p, a in zip(out.validation, prompts, answers):
+                    ex["prompt_ids"] = _render(tokenizer, _messages(p, None, d.system_prompt), add_generation_prompt=True)
+                    ex["answer"] = str(a)
+        if trunc.count:
+            warnings.append(f"{trunc.count} of {trunc.total} chat examples are longer than {max_length} tokens and were truncated")
+    else:
+        texts = [str(t) for t in _field(train_rows, d.text_field, d.train, "text")]
+        out.train = _lm_blocks(tokenizer, texts, max_length, d.packing, warnings, train_task if tasks else None)
+        if val_rows:
+            vtexts = [str(t) for t in _field(val_rows, d.text_field, d.validation, "text")]
+            out.validation = _lm_blocks(tokenizer, vtexts, max_length, d.packing, warnings, val_task if tasks else None)
+        if not out.train:
+            raise ConfigError(f"{d.train} gives no full block of {max_length} tokens; lower data.max_length or add text")
+
+    if tasks and not (recipe.task == "causal-lm" and not d.prompt_field):
+        for ex, t in zip(out.train, train_task):
+            ex["task"] = t
+        for ex, t in zip(out.validation, val_task if val_rows else []):
+            ex["task"] = t
+    return out
+
+
+def _messages(prompt: Any, response: Any | None, system: str | None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": str(prompt)})
+    if response is not None:
+        msgs.append({"role": "assistant", "content": str(response)})
+    return msgs
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _chat_example(tokenizer, prompt, response, system, trunc: Truncation) -> dict[str, Any]:
+    """Loss on the assistant turn only: the tokens the full conversation adds to the prompt."""
+    head = _render(tokenizer, _messages(prompt, None, system), add_generation_prompt=True)
+    full = _render(tokenizer, _messages(prompt, response, system), add_generation_prompt=False)
+    if full[: len(head)] != head:  # a template that renders the prompt differently once answered
+        tail = tokenizer(str(response) + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+        full = head + tail
+    ids = trunc(full)
+    labels = [IGNORE] * min(len(head), len(ids)) + ids[len(head):]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _lm_blocks(tokenizer, texts: list[str], max_length: int, packing: bool, warnings: list[str], tasks=None) -> list[dict]:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if not packing:
+        trunc = Truncation(max_length)
+        out = [{"input_ids": trunc(ids + ([eos] if eos is not None else [])), "labels": None} for ids in enc]
+        for ex in out:
+            ex["labels"] = list(ex["input_ids"])
+        if tasks is not None:
+            for ex, t in zip(out, tasks):
+                ex["task"] = t
+        if trunc.count:
+            warnings.append(f"{trunc.count} of {trunc.total} texts are longer than {max_length} tokens and were truncated")
+        return out
+    if tasks is not None:
+        raise ConfigError("multi-task plain-text LM with packing would mix tasks inside a block; set data.packing=false")
+    stream: list[int] = []
+    for ids in enc:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+    n = len(stream) // max_length
+    return [{"input_ids": stream[i * max_length:(i + 1) * max_length], "labels": stream[i * max_length:(i + 1) * max_length]} for i in range(n)]
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples to their longest member."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"], dtype=torch.long)
+        mask[i, : len(e["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    else:
+        labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"], dtype=torch.long)
+        batch["labels"] = labels
+    if "task" in examples[0]:
+        batch["task"] = torch.tensor([e["task"] for e in examples], dtype=torch.long)
+    return batch
+
+
+class Order:
+    """Which examples each process sees at each micro-step: a pure function of (seed, epoch,
+    position), so a resumed run sees exactly what the uninterrupted one would have.
+
+    Each epoch is a seeded permutation cut into global micro-batches of
+    ``batch_size x world`` examples (the last incomplete one is dropped, so every process gets
+    the same number of examples); process ``rank`` takes its slice of each.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int):
+        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ConfigError(f"the training set has {n} examples, fewer than one global batch "
+                              f"(optim.batch_size {batch_size} x {world} process(es)); lower the batch size or add data")
+        self._cache: tuple[int, list[int]] | None = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._cache[1]
+
+    def micro_batch(self, index: int) -> list[int]:
+        """Example indices of global micro-batch ``index`` (counted from the start of training) for this rank."""
+        epoch, pos = divmod(index, self.per_epoch)
+        perm = self.permutation(epoch)
+        start = pos * self.batch_size * self.world + self.rank * self.batch_size
+        return perm[start:start + self.batch_size]
+
+
+Hook = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]

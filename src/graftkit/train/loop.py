@@ -1,0 +1,564 @@
+"""The training loop: a readable recipe on ``accelerate``, not a framework.
+
+One file runs on one CPU, one GPU or several processes (``accelerate launch`` or ``torchrun``:
+DDP, gloo on CPU). Each optimizer step is
+
+    for each of grad_accum micro-batches:           (the processes' slices of one global batch)
+        loss = mean token (or example) loss          (task-balanced with ``multitask``)
+        backward(loss / grad_accum)                  (gradients all-reduced on the last one)
+    [HFT: drop the gradients of this stage's frozen half]
+    clip gradients; AdamW step; schedule step
+
+Which examples a micro-batch holds is a pure function of (seed, epoch, position), and
+checkpoints carry the trained tensors, optimizer, scheduler and every process's RNG state,
+so ``--resume`` continues bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, TrainingError
+from .checkpoint import latest_checkpoint, load_checkpoint, restore, rng_state, save_checkpoint
+from .data import IGNORE, Order, Prepared, collate, prepare
+from .recipe import Recipe
+
+RUN_FILE = "run.json"
+_STEP_SLEEP = float(os.environ.get("GRAFT_TEST_STEP_SLEEP", "0") or 0)
+METRICS = "metrics.jsonl"
+
+
+# -- the model with its loss ---------------------------------------------------------------------
+
+class WithLoss(nn.Module):
+    """Wraps the model so that DDP sees one forward that returns the loss.
+
+    For causal LMs the vocabulary projection is applied only to positions that have a target
+    (the response tokens in chat SFT): the full ``(batch, length, vocab)`` logits tensor is the
+    largest activation of a small LM and most of it would be thrown away.
+    """
+
+    def __init__(self, model: nn.Module, task: str, balanced: bool):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.balanced = balanced
+        cfg = model.config
+        self.sparse_head = (task == "causal-lm" and isinstance(model.get_output_embeddings(), nn.Linear)
+                            and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
+                            and hasattr(model, "base_model") and model.base_model is not model)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, number of targets, number of correct predictions)."""
+        task = batch.get("task")
+        if self.task == "classification":
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            ce = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+            correct = (logits.argmax(-1) == batch["labels"]).sum()
+            if self.balanced and task is not None:
+                from .multitask import balanced_loss
+
+                loss, _ = balanced_loss(ce[:, None], torch.ones_like(ce[:, None]), task)
+            else:
+                loss = ce.mean()
+            return loss, torch.tensor(len(ce), device=ce.device), correct
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
+        if self.sparse_head:
+            hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        else:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep].float()
+        tok = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+        correct = (logits.argmax(-1) == targets[keep]).sum()
+        n = keep.sum()
+        if self.balanced and task is not None:
+            from .multitask import balanced_loss
+
+            full = torch.zeros(keep.shape, dtype=tok.dtype, device=tok.device)
+            full[keep] = tok
+            loss, _ = balanced_loss(full, keep, task)
+        else:
+            loss = tok.sum() / n.clamp(min=1)
+        return loss, n, correct
+
+
+# -- set-up -------------------------------------------------------------------------------------
+
+def _head_names(model: nn.Module) -> list[str]:
+    for name in ("classifier", "score"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return [name]
+    raise ConfigError(f"{type(model).__name__} has no classifier or score head; classification needs a *ForSequenceClassification model")
+
+
+def _schedule(recipe: Recipe, total: int):
+    o = recipe.optim
+    warmup = o.warmup_steps or int(o.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if o.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def param_groups(recipe: Recipe, model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norms (1-D tensors); layer-wise LRs if asked."""
+    o = recipe.optim
+    lrs = {n: o.lr for n, _ in named}
+    if recipe.layerwise and recipe.layerwise.lr_decay is not None:
+        from .layerwise import find_blocks, layer_lrs
+
+        lrs = layer_lrs(named, o.lr, recipe.layerwise.lr_decay, len(find_blocks(model)[1]))
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for n, p in named:
+        wd = 0.0 if p.ndim < 2 else o.weight_decay
+        g = groups.setdefault((lrs[n], wd), {"params": [], "names": [], "lr": lrs[n], "weight_decay": wd})
+        g["params"].append(p)
+        g["names"].append(n)
+    return list(groups.values())
+
+
+class Run:
+    """Everything one training run holds; ``train()`` builds it and calls ``fit()``."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console=None, progress: bool = True):
+        if resume and overwrite:
+            raise ConfigError("pass --resume (continue the run in output.dir) or --overwrite (replace it), not both")
+        self.recipe = recipe
+        self.resume = resume
+        self.overwrite = overwrite
+        self.out = Path(recipe.output.dir)
+        self.progress = progress
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        # accelerate keeps one global state per process; a second run in the same process (a
+        # library user, the tests) may ask for another precision
+        AcceleratorState._reset_state()
+
+        # accelerate sets up multi-process CPU runs (DDP over gloo) only when told it runs on CPU
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        self.acc = Accelerator(mixed_precision="bf16" if recipe.optim.precision == "bf16" else "no", cpu=cpu)
+        self.main = self.acc.is_main_process
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if console is None:
+            from rich.console import Console
+
+            console = Console(highlight=False, soft_wrap=True, stderr=False, quiet=not self.main)
+        self.console = console
+        self.warnings: list[str] = []
+
+    # -- output folder --------------------------------------------------------------------------
+    def check_output(self) -> dict[str, Any] | None:
+        """Refuse an output folder that holds something else; returns the existing run's record."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"output.dir {out} is a file; give a folder")
+        if not out.exists() or not any(out.iterdir()):
+            return None
+        record = None
+        if (out / RUN_FILE).exists():
+            try:
+                record = json.loads((out / RUN_FILE).read_text())
+            except json.JSONDecodeError:
+                record = None
+        if self.overwrite:
+            return None
+        if not self.resume:
+            what = "a training run" if record else "files that are not a graftkit training run"
+            raise TrainingError(f"output folder {out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+                                "or choose another output.dir")
+        if record is None:
+            raise TrainingError(f"cannot resume: {out} holds no {RUN_FILE}, so it is not a graftkit training run; choose another output.dir")
+        if record.get("fingerprint") != self.recipe.fingerprint():
+            diff = _diff(record.get("identity", {}), self.recipe.identity())
+            raise TrainingError(f"cannot resume: the checkpoints in {out} were made by a different recipe ({diff}); "
+                                "use the same recipe, or pass --overwrite to start over")
+        return record
+
+    def write_run(self, status: str, **extra: Any) -> None:
+        if not self.main:
+            return
+        record = {"status": status, "fingerprint": self.recipe.fingerprint(), "processes": self.world,
+                  "identity": self.recipe.identity(), "recipe": self.recipe.resolved(), **extra}
+        tmp = self.out / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.out / RUN_FILE)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- build ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import random
+
+        import numpy as np
+        import transformers
+
+        import graftkit as gk
+
+        from ..assets import model_dir
+
+        r = self.recipe
+        self.existing = self.check_output()
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # per-tensor bars would interleave with ours
+        seed = r.optim.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+        self.tokenizer = gk.load_tokenizer(r.tokenizer or r.model)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        config = transformers.AutoConfig.from_pretrained(model_dir(r.model), trust_remote_code=False)
+        from .data import model_position_limit
+
+        class _C:  # model_position_limit reads model.config
+            pass
+
+        holder = _C()
+        holder.config = config
+        self.data: Prepared = prepare(r, self.tokenizer, model_position_limit(holder))
+        self.warnings.extend(self.data.warnings)
+
+        torch.manual_seed(seed)
+        kwargs: dict[str, Any] = {}
+        if r.task == "classification":
+            labels = self.data.labels
+            kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
+        model = gk.load_model(r.model, head=r.task, **kwargs)
+        if r.task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        method = dict(r.method)
+        if r.task == "classification":
+            heads = _head_names(model)
+            also = list(method.get("train_also", method.get("modules_to_save", [])) or [])
+            method.pop("modules_to_save", None)
+            method["train_also"] = also + [h for h in heads if h not in also]
+        gk.inject(model, method)
+        if r.layerwise and r.layerwise.freeze_bottom:
+            from .layerwise import freeze_bottom
+
+            freeze_bottom(model, r.layerwise.freeze_bottom)
+        if r.layerwise and r.layerwise.reinit_top:
+            from .layerwise import reinit_top
+
+            reinit_top(model, r.layerwise.reinit_top)
+        if r.optim.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.named:
+            raise ConfigError("nothing to train: the method and layerwise options leave no trainable parameter")
+        o = r.optim
+        groups = param_groups(r, model, self.named)
+        try:  # the fused kernel (CPU and CUDA, torch >= 2.4): one pass over each tensor, as the Trainer's default
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
+        self.steps_per_epoch = self.order.per_epoch // o.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"an epoch of {self.order.per_epoch} micro-batches is shorter than optim.grad_accum={o.grad_accum}")
+        self.total = o.max_steps or o.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(r, self.total))
+        self.hft = None
+        if r.hft:
+            from .hft import HalfFineTuning
+
+            self.hft = HalfFineTuning(self.named, r.hft.stage_steps, r.hft.fraction, seed)
+        self.mask_id = None
+        if r.masked_thought:
+            from .masked_thought import mask_token_id
+
+            self.mask_id = mask_token_id(self.tokenizer, r.masked_thought.mask_token)
+        self.module = self.acc.prepare(WithLoss(model, r.task, bool(r.multitask and r.multitask.balance)))
+        # different dropout streams per process (model init above used the same seed everywhere)
+        torch.manual_seed(seed + self.rank)
+
+        # every check passed: now the output folder may change
+        self.start = 0
+        self.acc.wait_for_everyone()
+        if self.main:
+            if self.overwrite and self.out.exists():
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        self.offloaded = _offload_theta0(self.model, self.out / ".theta0" / f"rank{self.rank}")
+        ckpt = latest_checkpoint(self.out) if self.resume else None
+        if ckpt is not None:
+            state = load_checkpoint(ckpt)
+            restore(state, self.named, self.optimizer, self.scheduler, self.rank, self.world)
+            self.start = state["step"]
+            self.console.print(f"resuming from {ckpt} (step {self.start} of {self.total})")
+        elif self.main:
+            for stale in (self.out / METRICS, self.out / "checkpoints"):
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.exists():
+                    stale.unlink()
+        if self.main and (self.out / METRICS).exists():  # drop records logged after the checkpoint
+            lines = [ln for ln in (self.out / METRICS).read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.start]
+            (self.out / METRICS).write_text("".join(ln + "\n" for ln in lines))
+        self.acc.wait_for_everyone()
+        self.write_run("running")
+        if self.main:
+            (self.out / "recipe.yaml").write_text(_yaml(self.recipe.resolved()))
+
+    # -- steps ----------------------------------------------------------------------------------
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        idx = self.order.micro_batch(index)
+        batch = collate([self.data.train[i] for i in idx], self.tokenizer.pad_token_id)
+        if self.mask_id is not None:
+            from .masked_thought import mask_thought
+
+            g = torch.Generator().manual_seed((self.recipe.optim.seed * 1_000_003 + index) * 64 + self.rank)
+            batch = mask_thought(batch, self.recipe.masked_thought.ratio, self.mask_id, g)
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        o = self.recipe.optim
+        self.module.train()
+        loss_sum = torch.zeros((), device=self.acc.device)
+        tokens = 0
+        for k in range(o.grad_accum):
+            batch = self.micro_batch(step * o.grad_accum + k)
+            tokens += int(batch["attention_mask"].sum())
+            sync = contextlib.nullcontext() if k == o.grad_accum - 1 else self.acc.no_sync(self.module)
+            with sync, self.acc.autocast():
+                loss, _, _ = self.module(batch)
+                self.acc.backward(loss / o.grad_accum)
+            loss_sum += loss.detach().float()
+        loss = self.acc.reduce(loss_sum / o.grad_accum, reduction="mean") if self.world > 1 else loss_sum / o.grad_accum
+        value = float(loss)
+        if not math.isfinite(value):
+            last = latest_checkpoint(self.out)
+            self.write_run("failed", error=f"non-finite loss at step {step + 1}")
+            keep = f"the last good checkpoint is {last} (resume with --resume after fixing the cause)" if last else "no checkpoint was written yet"
+            raise TrainingError(f"loss became {value} at step {step + 1}; stopped before updating the weights, {keep}. "
+                                "Lower optim.lr, keep optim.max_grad_norm set, or use precision fp32")
+        if self.hft is not None:
+            self.hft.drop_frozen_grads(step)
+        if o.max_grad_norm is not None:
+            self.acc.clip_grad_norm_([p for _, p in self.named], o.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value, tokens * self.world
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (and accuracy) over this process's share, summed over processes."""
+        data = self.data.validation
+        if not data:
+            return {}
+        self.module.eval()
+        mine = data[self.rank::self.world]
+        bs = self.recipe.eval.batch_size
+        totals = torch.zeros(3, device=self.acc.device, dtype=torch.float64)  # loss x n, n, correct
+        for i in range(0, len(mine), bs):
+            batch = {k: v.to(self.acc.device) for k, v in collate(mine[i:i + bs], self.tokenizer.pad_token_id).items()}
+            with self.acc.autocast():
+                loss, n, correct = self.module(batch)
+            if self.recipe.task == "classification" or not (self.recipe.multitask and self.recipe.multitask.balance):
+                totals += torch.stack([loss.double() * n, n.double(), correct.double()])
+        if self.world > 1:
+            totals = self.acc.reduce(totals, reduction="sum")
+        loss, n, correct = totals.tolist()
+        out = {"val_loss": loss / max(n, 1)}
+        out["val_accuracy" if self.recipe.task == "classification" else "val_token_accuracy"] = correct / max(n, 1)
+        if self.recipe.eval.exact_match:
+            from .rtuning import generate_answers, is_correct
+
+            model = self.acc.unwrap_model(self.module).model
+            model.config.use_cache = True
+            preds = generate_answers(model, self.tokenizer, None, self.recipe.eval.max_new_tokens, bs,
+                                     prompt_ids=[e["prompt_ids"] for e in mine])
+            hits = torch.tensor([sum(is_correct(p, e["answer"]) for p, e in zip(preds, mine)), len(mine)], device=self.acc.device,
+                                dtype=torch.float64)
+            if self.world > 1:
+                hits = self.acc.reduce(hits, reduction="sum")
+            out["val_exact_match"] = float(hits[0] / max(hits[1], 1))
+            if self.main:
+                self.samples = list(zip([e["answer"] for e in mine[:3]], preds[:3]))
+        return out
+
+    def fit(self) -> dict[str, Any]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        r = self.recipe
+        for w in self.warnings:
+            self.console.print(f"[yellow]warning:[/yellow] {w}")
+        trainable = sum(p.numel() for _, p in self.named)
+        total_params = sum(p.numel() for n, p in self.model.named_parameters() if "graft_adapter" not in n)
+        self.console.print(f"graft train: {r.model} ({type(self.model).__name__}), {r.task}, method {r.method.get('method')}: "
+                           f"{trainable:,} trainable of {total_params:,} ({100 * trainable / total_params:.2f}%); "
+                           f"{len(self.data.train)} training examples, {len(self.data.validation)} validation; "
+                           f"{self.total} steps of {r.optim.batch_size * self.world * r.optim.grad_accum} "
+                           f"({self.world} process(es), {self.acc.device})")
+        first_loss = last_loss = None
+        evals: dict[str, float] = {}
+        t0 = time.perf_counter()
+        tokens_run = 0
+        columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                   TextColumn("lr {task.fields[lr]:.2e}"), TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
+        bar = Progress(*columns, console=self.console, disable=not (self.main and self.progress), transient=False)
+        every, ck = r.eval.every, r.output.checkpoint_every
+        if r.eval.at_start and self.start == 0:
+            before = self.evaluate()
+            if before:
+                self.log({"step": 0, **before})
+                self.console.print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+                self.baseline = before
+        with bar:
+            task = bar.add_task("train", total=self.total, completed=self.start, loss=float("nan"), lr=self.scheduler.get_last_lr()[0], tps=0.0)
+            for step in range(self.start, self.total):
+                ts = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                loss, tokens = self.train_step(step)
+                if _STEP_SLEEP:  # lets the kill-and-resume test land its kill mid-run
+                    time.sleep(_STEP_SLEEP)
+                dt = time.perf_counter() - ts
+                tokens_run += tokens
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                done = step + 1
+                record = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "loss": loss, "lr": lr,
+                          "tokens": tokens, "tokens_per_s": round(tokens / dt, 1)}
+                if done % r.output.log_every == 0 or done == self.total:
+                    self.log(record)
+                if (every and done % every == 0) or done == self.total:
+                    evals = self.evaluate()
+                    if evals:
+                        self.log({"step": done, **evals})
+                        bar.console.print(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+                if ck and done % ck == 0 and done < self.total:
+                    self.checkpoint(done, record)
+                bar.update(task, advance=1, loss=loss, lr=lr, tps=tokens_run / (time.perf_counter() - t0))
+        elapsed = time.perf_counter() - t0
+        summary = {"steps": self.total, "resumed_from": self.start or None, "first_loss": first_loss, "final_loss": last_loss,
+                   **{f"start_{k}": v for k, v in getattr(self, "baseline", {}).items()}, **evals, "tokens_per_s": round(tokens_run / elapsed) if elapsed > 0 else None, "seconds": round(elapsed, 2),
+                   "trainable_parameters": trainable}
+        self.finish(summary)
+        return summary
+
+    def checkpoint(self, step: int, record: dict[str, Any]) -> None:
+        states = [rng_state()]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            states = gather_object(states)
+        if self.main:
+            info = {"fingerprint": self.recipe.fingerprint(), "micro_batch": step * self.recipe.optim.grad_accum,
+                    "processes": self.world, "last": record}
+            save_checkpoint(self.out, step, self.named, self.optimizer, self.scheduler, states, info, self.recipe.output.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        import graftkit as gk
+
+        self.acc.wait_for_everyone()
+        if self.main:
+            model = self.acc.unwrap_model(self.module).model
+            if self.recipe.optim.gradient_checkpointing:
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            adapter = self.out / "adapter"
+            gk.save_adapter(model, adapter, overwrite=True)
+            outputs = {"adapter": str(adapter)}
+            if "peft" in self.recipe.output.export:
+                gk.save_adapter(model, self.out / "adapter-peft", format="peft", overwrite=True)
+                outputs["peft"] = str(self.out / "adapter-peft")
+            if "merged" in self.recipe.output.export:
+                gk.export_merged(adapter, self.recipe.model, self.out / "merged", overwrite=True)
+                outputs["merged"] = str(self.out / "merged")
+            summary["outputs"] = outputs
+            shutil.rmtree(self.out / ".theta0", ignore_errors=True)
+            self.write_run("done", summary=summary)
+            self.print_summary(summary)
+        self.acc.wait_for_everyone()
+
+    def print_summary(self, s: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        t = Table(title="graft train: summary", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        for k, v in s.items():
+            if k == "outputs":
+                for name, path in v.items():
+                    t.add_row(name, path)
+            elif v is not None:
+                t.add_row(k.replace("_", " "), f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+        t.add_row("metrics", str(self.out / METRICS))
+        self.console.print(t)
+
+
+def _offload_theta0(model: nn.Module, folder: Path) -> int:
+    """Move the frozen starting values of in-place sites (full fine-tuning keeps ``theta0`` to
+    compute ``delta = theta - theta0``) to memory-mapped files: training never reads them, so
+    they cost no memory until the adapter is saved. Returns the bytes moved out of memory."""
+    from ..adapter import sites
+    from ..methods.inplace import DeltaSite
+
+    moved = 0
+    for i, site in enumerate(sites(model).values()):
+        t = getattr(site, "theta0", None)
+        if not isinstance(site, DeltaSite) or site.absolute or t is None or t.device.type != "cpu" or t.numel() < 4096:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i}.bin"
+        t = t.contiguous()
+        t.view(-1).view(torch.uint8).numpy().tofile(path)
+        site.theta0 = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        moved += t.numel() * t.element_size()
+    return moved
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _diff(a, b, f"{prefix}{key}.")
+            if sub != "no visible difference":
+                changes.append(sub)
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(changes[:3]) if changes else "no visible difference"
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console=None, progress: bool = True) -> dict[str, Any]:
+    """Run a recipe; returns the summary (also in ``<output>/run.json``)."""
+    run = Run(recipe, resume=resume, overwrite=overwrite, console=console, progress=progress)
+    run.setup()
+    return run.fit()

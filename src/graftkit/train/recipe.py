@@ -1,0 +1,261 @@
+"""The training recipe: one YAML file (or dict) that says what to train, on what, and how.
+
+Every section is a :class:`~graftkit.config.StrictModel`, so an unknown or mistyped key is
+an error that names the key and the keys that section accepts. ``key=value`` overrides from
+the command line use dotted paths (``optim.lr=3e-4``) and are checked the same way.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from ..config import StrictModel, describe_validation_error
+from ..errors import ConfigError, FileFormatError
+
+
+class DataConfig(StrictModel):
+    """Local files (JSONL, CSV or Parquet, by suffix or ``format``) and the fields to read."""
+
+    train: str
+    validation: str | None = None
+    format: Literal["auto", "json", "csv", "parquet"] = "auto"
+    text_field: str = "text"  # classification input; plain-text LM input
+    label_field: str = "label"  # classification
+    labels: list[str] | None = None  # classification label order (default: sorted train labels)
+    prompt_field: str | None = None  # chat SFT: user turn ...
+    response_field: str | None = None  # ... and the assistant turn the loss is taken on
+    system_prompt: str | None = None
+    task_field: str | None = None  # multi-task data (see multitask.balance)
+    answer_field: str | None = None  # exact-match eval target (causal-lm, validation)
+    max_length: int = Field(256, ge=8)
+    packing: bool = True  # plain-text LM: concatenate documents into max_length blocks
+    limit: int | None = Field(None, ge=1)  # use only the first N training rows
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)  # per process; global batch = batch_size x processes x grad_accum
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+
+
+class EvalConfig(StrictModel):
+    every: int | None = Field(None, ge=1)  # optimizer steps; the final step is always evaluated
+    at_start: bool = False  # also evaluate the untrained model (logged as step 0): the baseline
+    batch_size: int = Field(32, ge=1)
+    exact_match: bool = False  # causal-lm: greedy-generate answers for the validation prompts
+    max_new_tokens: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1)  # evaluate on the first N validation rows
+
+
+class OutputConfig(StrictModel):
+    dir: str
+    export: list[Literal["peft", "merged"]] = Field(default_factory=list)
+    checkpoint_every: int | None = Field(None, ge=1)  # optimizer steps
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
+class LayerwiseConfig(StrictModel):
+    """Stabilizers for fine-tuning BERT-style encoders (see :mod:`graftkit.train.layerwise`)."""
+
+    lr_decay: float | None = Field(None, gt=0, le=1)
+    freeze_bottom: int = Field(0, ge=0)
+    reinit_top: int = Field(0, ge=0)
+
+
+class HFTConfig(StrictModel):
+    """Half Fine-Tuning (see :mod:`graftkit.train.hft`)."""
+
+    stage_steps: int = Field(..., ge=1)
+    fraction: float = Field(0.5, gt=0, lt=1)
+
+
+class MaskedThoughtConfig(StrictModel):
+    """Masked Thought (see :mod:`graftkit.train.masked_thought`)."""
+
+    ratio: float = Field(..., ge=0, lt=1)
+    mask_token: str | None = None  # default: the tokenizer's mask, unk or pad token
+
+
+class MultitaskConfig(StrictModel):
+    """Task-balanced loss as in MFTCoder (see :mod:`graftkit.train.multitask`)."""
+
+    balance: bool = True
+
+
+class Recipe(StrictModel):
+    model: str
+    tokenizer: str | None = None
+    task: Literal["causal-lm", "classification"]
+    data: DataConfig
+    method: dict[str, Any] = Field(default_factory=lambda: {"method": "full"})
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig
+    layerwise: LayerwiseConfig | None = None
+    hft: HFTConfig | None = None
+    masked_thought: MaskedThoughtConfig | None = None
+    multitask: MultitaskConfig | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from .. import methods  # noqa: F401  (registration)
+        from ..adapter import method_for
+
+        try:
+            method_for(value)
+        except ConfigError as exc:
+            raise ConfigError(f"method: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_task(self) -> "Recipe":
+        d = self.data
+        if (d.prompt_field is None) != (d.response_field is None):
+            raise ConfigError("data.prompt_field and data.response_field go together (chat SFT); set both or neither")
+        if self.task == "classification" and (d.prompt_field or self.masked_thought):
+            raise ConfigError("data.prompt_field/response_field and masked_thought are for task causal-lm, not classification")
+        if self.masked_thought and not d.prompt_field:
+            raise ConfigError("masked_thought masks response (chain-of-thought) tokens: it needs chat SFT data (data.prompt_field and data.response_field)")
+        if self.multitask and not d.task_field:
+            raise ConfigError("multitask needs data.task_field naming the field that holds each row's task")
+        if "peft" in self.output.export and self.method.get("method") not in ("lora", "ia3"):
+            raise ConfigError(f"output.export peft: peft has no format for {self.method.get('method')!r} adapters (only lora and ia3); "
+                              "export merged instead, or drop peft")
+        if self.eval.exact_match and (self.task != "causal-lm" or not d.prompt_field or not d.answer_field):
+            raise ConfigError("eval.exact_match needs task causal-lm with chat data (data.prompt_field/response_field) and data.answer_field")
+        return self
+
+    # -- identity of a run -------------------------------------------------------------------
+
+    def resolved(self) -> dict[str, Any]:
+        from ..adapter import method_for
+
+        data = self.model_dump(mode="json")
+        method, config = method_for(self.method)
+        data["method"] = {"method": method.name, **config.model_dump(mode="json")}
+        return data
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a checkpoint to resume this run (output and eval settings may differ)."""
+        data = self.resolved()
+        for key in ("output", "eval"):
+            data.pop(key)
+        return data
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "output": OutputConfig,
+    "layerwise": LayerwiseConfig, "hft": HFTConfig, "masked_thought": MaskedThoughtConfig, "multitask": MultitaskConfig,
+}
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line naming the key (with its section) and the keys that section accepts."""
+    loc = [str(p) for p in exc.errors()[0]["loc"]]
+    if loc and loc[0] in SECTIONS and len(loc) >= 2:
+        return describe_validation_error(SECTIONS[loc[0]], exc).replace(f"{SECTIONS[loc[0]].__name__}: ", f"recipe section '{loc[0]}': ", 1)
+    return describe_validation_error(Recipe, exc).replace("Recipe: ", "", 1)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    except ConfigError as exc:  # raised by a section's own (strict) constructor
+        msg = str(exc)
+        if msg.startswith("Recipe: "):
+            msg = msg[len("Recipe: "):]
+        for name, cls in SECTIONS.items():
+            if msg.startswith(f"{cls.__name__}: "):
+                msg = f"recipe section '{name}': " + msg[len(cls.__name__) + 2:]
+        raise ConfigError(f"{source}: {msg}") from None
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileFormatError(f"recipe file {path} does not exist") from None
+    except IsADirectoryError:
+        raise FileFormatError(f"{path} is a folder; give the recipe's YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys (model, task, data, method, optim, eval, output)")
+    return data
+
+
+def _fields_of(cls: type[BaseModel] | None) -> list[str] | None:
+    return sorted(cls.model_fields) if cls is not None else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=3e-4", "method.r=16"]`` applied to a recipe dict (values parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        cls: type[BaseModel] | None = Recipe
+        node = data
+        for depth, part in enumerate(parts):
+            if cls is not None and part not in cls.model_fields:
+                close = difflib.get_close_matches(part, cls.model_fields, n=1)
+                hint = f" (did you mean {'.'.join(parts[:depth] + [close[0]])!r}?)" if close else ""
+                where = "recipe" if depth == 0 else f"recipe section '{'.'.join(parts[:depth])}'"
+                raise ConfigError(f"override {key!r}: unknown key {part!r}{hint}; accepted keys of the {where}: {', '.join(_fields_of(cls))}")
+            if depth == len(parts) - 1:
+                node[part] = value
+                break
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+            cls = SECTIONS.get(part) if depth == 0 else None  # method.* keys are checked by the method's config
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(read_recipe_file(path), overrides or [])
+    return parse_recipe(data, source=str(path))
