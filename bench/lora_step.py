@@ -20,26 +20,9 @@ import subprocess
 import sys
 import time
 
+from _measure import peak_rss_mb, reset_peak_rss
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def reset_peak_rss() -> None:
-    """Start a new high-water mark (Linux): the peak then covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(framework: str, steps: int, batch: int, seq: int, infer_reps: int) -> dict:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _measure import peak_rss_mb, reset_peak_rss
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {
     "a": {"model": "smollm2", "task": "causal-lm", "seq": 256, "batch": 4, "lr": 1e-4,
@@ -38,22 +40,7 @@ CASES = {
 }
 
 
-def reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
-
-def peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_data(case: str, folder: Path, n: int) -> Path:

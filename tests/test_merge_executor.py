@@ -51,7 +51,8 @@ def test_merge_writes_a_loadable_hf_folder_with_provenance(models, tmp_path, ids
     assert torch.isfinite(logits).all()
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["merge_method"] == "ties"
     # equals the per-tensor function applied by hand
-    import graftkit.merge as M
+    import importlib
+    M = importlib.import_module("graftkit.merge")  # gk.merge is the merge() function, not the package
 
     base, fts = load_folder(models["base"]), [load_folder(models[f"ft{i}"]) for i in range(3)]
     merged = load_folder(out)
@@ -313,7 +314,8 @@ def test_dare_chunked_is_seeded_and_keeps_its_share(models, tmp_path, monkeypatc
 def test_global_scope_ties_equals_ties_on_the_flattened_model(models, tmp_path):
     cfg = recipe(models, parameters={"scope": "global"})
     merged = load_folder(gk.merge(cfg, tmp_path / "g"))
-    import graftkit.merge as M
+    import importlib
+    M = importlib.import_module("graftkit.merge")  # gk.merge is the merge() function, not the package
 
     base = load_folder(models["base"])
     fts = [load_folder(models[f"ft{i}"]) for i in range(3)]

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-import graftkit.merge as M
+import importlib
+M = importlib.import_module("graftkit.merge")  # gk.merge is the merge() function, not the package
 from graftkit.registry import MERGES
 
 B = torch.tensor([1.0, 2.0, 3.0, 4.0])

@@ -55,3 +55,24 @@ def parse_config(cls: type[C], data: Any) -> C:
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a mapping of keys to values, got {type(data).__name__}")
     return cls(**data)
+
+
+def read_yaml(path, what: str) -> Any:
+    """Load a YAML file; a missing file, a folder or bad syntax is one ConfigError line."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give the {what}'s YAML file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}; fix the syntax") from None

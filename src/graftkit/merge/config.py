@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field
 
-from ..config import StrictModel, parse_config
+from ..config import StrictModel, parse_config, read_yaml
 from ..errors import ConfigError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -143,20 +143,7 @@ def load_config(config: Any) -> MergeConfig:
     if isinstance(config, MergeConfig):
         return validate(config)
     if isinstance(config, (str, Path)):
-        import yaml
-
-        path = Path(config)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"merge config {path} does not exist") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax") from None
-        config = data
+        config = read_yaml(config, "merge config")
     return validate(parse_config(MergeConfig, config))
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ..config import StrictModel, describe_validation_error
-from ..errors import ConfigError, FileFormatError
+from ..config import StrictModel, describe_validation_error, read_yaml
+from ..errors import ConfigError
 
 
 class DataConfig(StrictModel):
@@ -200,18 +200,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileFormatError(f"recipe file {path} does not exist") from None
-    except IsADirectoryError:
-        raise FileFormatError(f"{path} is a folder; give the recipe's YAML file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(path, "recipe file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys (model, task, data, method, optim, eval, output)")
     return data

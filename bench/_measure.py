@@ -1,0 +1,21 @@
+"""Measurement helpers shared by the benchmark scripts (peak memory of this process)."""
+from __future__ import annotations
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark (Linux): the peak then covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
