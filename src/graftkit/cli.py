@@ -22,13 +22,6 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _print_rows(rows: list[tuple[str, object]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -79,8 +72,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if path.is_dir() and (path / "config.json").exists():
         config = json.loads((path / "config.json").read_text())
     dtypes = Counter(ckpt.dtype(k) for k in ckpt.keys())
-    # integer tensors (position ids and other buffers) are not parameters
-    n_params = sum(_numel(ckpt.shape(k)) for k in ckpt.keys() if ckpt.dtype(k).upper().startswith(("F", "BF")))
+    n_params = ckpt.num_parameters()
     info = {
         "kind": "model", "model_type": config.get("model_type"), "architectures": config.get("architectures"),
         "tensors": len(ckpt.keys()), "parameters": n_params, "trainable_parameters": n_params,

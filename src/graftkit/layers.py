@@ -21,9 +21,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KINDS = ("linear", "conv1d", "embedding", "conv2d", "param")
-
-
 def is_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D without importing transformers
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")

@@ -142,13 +142,15 @@ class Checkpoint:
             return str(self._pickled[key].dtype).replace("torch.", "")
         return self.headers[self.files[key]][key]["dtype"]
 
-    def numel(self) -> int:
+    def num_parameters(self) -> int:
+        """Elements of the floating-point tensors (integer buffers such as position ids are not parameters)."""
         total = 0
         for key in self.files:
-            n = 1
-            for d in self.shape(key):
-                n *= d
-            total += n
+            if self.dtype(key).upper().startswith(("F", "BF")):
+                n = 1
+                for d in self.shape(key):
+                    n *= d
+                total += n
         return total
 
     def get(self, key: str) -> torch.Tensor:
