@@ -136,3 +136,17 @@ def test_ia3_inputs_equal_their_materialized_models(tmp_path, model_fn, targets,
     assert any(not torch.equal(a[k], load_folder(tmp_path / "base")[k]) for k in a)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_linear_merge_of_adapters_is_a_loadable_model_folder(tmp_path):
+    """linear needs no base for its arithmetic, but adapters enter on it: config.json and the
+    tokenizer come from the adapters' base, so the output loads like any HF folder."""
+    import transformers
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    inputs = [str(make_adapter(tmp_path / "base", tmp_path / f"a{i}", seed=i)) for i in range(2)]
+    out = gk.merge({"merge_method": "linear", "base_model": str(tmp_path / "base"), "dtype": "float32",
+                    "models": [{"model": m, "parameters": {"weight": 0.5}} for m in inputs]}, tmp_path / "linear")
+    assert (out / "config.json").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -30,3 +30,7 @@ class UnsupportedError(GraftError):
 
 class TrainingError(GraftError):
     """A training run cannot go on (non-finite loss, output folder holding another run, bad resume)."""
+
+
+class EvalError(GraftError):
+    """An evaluation cannot run as asked (no head for a task, a label the head does not know, bad task data)."""

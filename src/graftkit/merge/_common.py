@@ -8,8 +8,9 @@ Conventions used by every method in this package:
   global ones are scalars.
 * Trimming is **per tensor** (as mergekit does): "keep the top ``density`` share" means the
   ``k = max(1, int(density * numel))`` largest magnitudes of that model's delta for this tensor.
-  The threshold is found with ``torch.kthvalue`` (linear-time selection), not a full sort;
-  entries that tie the threshold exactly are all kept.
+  The threshold is the exact k-th largest magnitude, found by a radix select on the float bits
+  (linear counting passes, see :func:`kth_largest`), not a sort; entries that tie the threshold
+  exactly are all kept.
 """
 from __future__ import annotations
 
@@ -49,40 +50,102 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, k, dim=1, keepdim=True).values
 
 
-SAMPLE = 1 << 16
-EXACT_BELOW = 1 << 20
+EXACT_BELOW = 1 << 16
+_TOP_BINS = 1 << 15  # the top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
+
+
+def _first_at_least(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """Scanning ``counts`` from its last bin down: the bin where the running total reaches ``k``
+    and the total of the bins above it."""
+    above = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(above, torch.tensor([k], dtype=above.dtype)))
+    return counts.numel() - 1 - j, int(above[j - 1]) if j > 0 else 0
+
+
+RADIX_SLICE = 1 << 22  # elements per counting step: the int32 temporaries stay at 16 MB
+_GUESS_SAMPLE = 1 << 16
+_MAX_WINDOW_BINS = 16
+
+
+def _rank_bins(top: torch.Tensor, ranks: list[int]) -> list[int]:
+    """For each rank r (1 = largest), the top-16-bit bin that holds the r-th largest entry."""
+    above = top.flip(0).cumsum(0)
+    js = torch.searchsorted(above, torch.tensor(ranks, dtype=above.dtype))
+    return [top.numel() - 1 - min(int(j), top.numel() - 1) for j in js]
+
+
+def _select_in_window(slices, k: int, b_lo: int, b_hi: int) -> float | None:
+    """One counting pass over every value whose top 16 bits lie in ``[b_lo, b_hi]``, counting what
+    lies below and above that window; the exact k-th largest if it lies inside, else ``None``."""
+    nb = b_hi - b_lo + 1
+    width = nb << 16
+    counts = None
+    for part in slices:  # 0: below the window, 1..width: its values, width + 1: above it
+        c = torch.bincount(torch.sub(part, (b_lo << 16) - 1).clamp_(0, width + 1), minlength=width + 2)
+        counts = c if counts is None else counts.add_(c)
+    above = int(counts[-1])
+    inside = counts[1:-1].view(nb, 1 << 16)
+    if not above < k <= above + int(inside.sum()):
+        return None
+    b, higher = _first_at_least(inside.sum(dim=1), k - above)  # the bin, then the value inside it
+    lo16, _ = _first_at_least(inside[b], k - above - higher)
+    value = torch.tensor([((b_lo + b) << 16) | lo16], dtype=torch.int32).view(torch.float32)
+    return float(value)
+
+
+def _radix_kth_largest(mag: torch.Tensor, k: int) -> float | None:
+    """Exact k-th largest of a non-negative float32 tensor by a radix select on its bit patterns
+    (for non-negative floats the int32 bit pattern orders like the value).
+
+    The top 16 bits (sign, exponent, 7 mantissa bits) split the values into 32768 ordered bins.
+    A strided sample of 65536 entries guesses the few bins around the k-th value (its rank +-4
+    sigma); one counting pass over the whole tensor then counts everything below and above those
+    bins and histograms the exact values inside them, which gives the answer if it lies inside
+    (it nearly always does). Otherwise two full passes: a histogram of the top 16 bits finds the
+    bin, a histogram of the values inside it the value. Linear counting passes in slices (small
+    temporaries whatever the tensor's size), no sort, no copy of the data. The callers pass
+    magnitudes (``abs()``); ``None`` when the sample or the full histogram meets a negative
+    value (the caller falls back to ``torch.kthvalue``)."""
+    bits = mag.reshape(-1).view(torch.int32)
+    n = bits.numel()
+    slices = [bits[s:s + RADIX_SLICE] for s in range(0, n, RADIX_SLICE)]
+    step = max(1, n // _GUESS_SAMPLE)
+    sample = bits[::step] >> 16
+    m = sample.numel()
+    try:
+        top = torch.bincount(sample, minlength=_TOP_BINS)
+    except RuntimeError:  # negative values: bincount takes non-negative keys only
+        return None
+    q = k / n
+    spread = 4 * (m * q * (1 - q)) ** 0.5 + 2
+    b_hi, b_lo = _rank_bins(top, [max(1, int(q * m - spread)), min(m, int(q * m + spread) + 1)])
+    if b_hi - b_lo + 1 <= _MAX_WINDOW_BINS:
+        found = _select_in_window(slices, k, b_lo, b_hi)
+        if found is not None:
+            return found
+    top = torch.zeros(_TOP_BINS, dtype=torch.int64)
+    try:
+        for part in slices:
+            top += torch.bincount(part >> 16, minlength=_TOP_BINS)
+    except RuntimeError:  # negative values: bincount takes non-negative keys only
+        return None
+    b = _rank_bins(top, [k])[0]
+    return _select_in_window(slices, k, b, b)
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> float:
-    """The exact k-th largest value of a 1-D tensor, in a few linear passes.
+    """The exact k-th largest value (1-based) of a 1-D tensor of magnitudes.
 
-    Small tensors use ``torch.kthvalue``. Large ones first bracket the answer with the order
-    statistics of a fixed-seed random sample (+-6 sigma), count what lies above the bracket, and
-    select inside the (small) bracket; if the bracket misses - very unlikely - they fall back to
-    ``torch.kthvalue`` on everything. The result is exact either way.
+    Small tensors use ``torch.kthvalue``; large non-negative float32 ones a two-level radix
+    select on the bit patterns (two linear counting passes; see :func:`_radix_kth_largest`).
+    Both give the same value.
     """
     n = mag.numel()
-    if n <= EXACT_BELOW:
-        return float(torch.kthvalue(mag, n - k + 1).values)
-    g = torch.Generator().manual_seed(n)
-    sample = mag[torch.randint(0, n, (SAMPLE,), generator=g)].sort().values
-    q = 1.0 - k / n
-    sigma = (q * (1 - q) / SAMPLE) ** 0.5
-    lo_i = max(0, int((q - 6 * sigma - 2 / SAMPLE) * SAMPLE))
-    hi_i = min(SAMPLE - 1, int((q + 6 * sigma + 2 / SAMPLE) * SAMPLE) + 1)
-    lo, hi = sample[lo_i], sample[hi_i]
-    # in slices, so the boolean temporaries stay small whatever the tensor's size
-    above, parts = 0, []
-    for s in range(0, n, EXACT_BELOW * 2):
-        part = mag[s:s + EXACT_BELOW * 2]
-        above += int((part > hi).sum())
-        parts.append(part[(part >= lo) & (part <= hi)])
-    if above < k:
-        band = torch.cat(parts)
-        need = k - above  # the need-th largest inside the band
-        if 0 < need <= band.numel():
-            return float(torch.kthvalue(band, band.numel() - need + 1).values)
-    return float(torch.kthvalue(mag, n - k + 1).values)
+    if n > EXACT_BELOW and mag.dtype == torch.float32:
+        found = _radix_kth_largest(mag, k)
+        if found is not None:
+            return found
+    return float(torch.kthvalue(mag.reshape(-1), n - k + 1).values)
 
 
 def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -97,6 +160,22 @@ def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return mag >= kth_largest(mag.reshape(-1), k)
 
 
+def keep_at_least_(row: torch.Tensor, threshold: float, mag: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: zero the entries of ``row`` with ``|row| < threshold`` (ties kept).
+
+    Bit for bit ``row.mul_(row.abs() >= threshold)`` (a zero keeps the entry's sign, and a NaN
+    stays NaN, so the executor still finds a broken input in the output), but the comparison
+    writes a float 0/1 mask straight into ``mag`` and the multiply is float x float: a third of
+    the cost of a boolean mask. ``mag`` (``row.abs()``, float32, same shape) may be passed in; it
+    is overwritten.
+    """
+    if mag is None:
+        mag = row.abs()
+    if row.dtype != torch.float32 or mag.dtype != torch.float32:
+        return row.mul_(mag >= threshold)
+    return row.mul_(torch.ge(mag, threshold, out=mag))
+
+
 def trim_(row: torch.Tensor, density: float) -> torch.Tensor:
     """In place: zero all but the top ``density`` share of ``|row|`` (see :func:`topk_mask`)."""
     numel = row.numel()
@@ -104,9 +183,7 @@ def trim_(row: torch.Tensor, density: float) -> torch.Tensor:
         return row
     k = max(1, int(density * numel))
     mag = row.abs()
-    thr = kth_largest(mag.reshape(-1), k)
-    row.mul_(mag >= thr)
-    return row
+    return keep_at_least_(row, kth_largest(mag.reshape(-1), k), mag)
 
 
 def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -132,11 +209,43 @@ def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
     return keep
 
 
+def _draws(numel: int, density: float, generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    """``numel`` uniform integers and the bound below which an entry is kept with probability
+    ``density``: raw 64-bit words from the generator read as ``b``-bit integers, ``b`` the smallest
+    of 8, 16 and 32 for which ``density * 2**b`` is a whole number (else 32), so the keep
+    probability is ``density`` exactly (to 2**-33 otherwise), and 8-bit draws cost a quarter of
+    ``torch.rand``'s."""
+    for bits in (8, 16, 32):
+        if float(density * 2**bits).is_integer():
+            break
+    per_word = 64 // bits
+    words = torch.empty((numel + per_word - 1) // per_word, dtype=torch.int64)
+    words.random_(-2**63, None, generator=generator)  # the full 64-bit range: every bit random
+    signed = {8: torch.int8, 16: torch.int16, 32: torch.int32}[bits]
+    return words.view(signed)[:numel], round(density * 2**bits) - 2 ** (bits - 1)  # draws uniform on [-2**(b-1), 2**(b-1))
+
+
 def random_mask(shape, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Bernoulli(density) keep-mask (DARE)."""
+    """Bernoulli(density) keep-mask (DARE); see :func:`_draws` for the random bits."""
     if density >= 1:
         return torch.ones(shape, dtype=torch.bool)
-    return torch.rand(shape, generator=generator) < density
+    numel = 1
+    for d in shape:
+        numel *= d
+    draws, bound = _draws(numel, density, generator)
+    return (draws < bound).view(shape)
+
+
+def random_keep_(row: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """In place: ``row.mul_(random_mask(row.shape, density, generator))`` - the same mask, the same
+    result (NaN stays NaN) - with the comparison written as a float 0/1 mask and a float multiply."""
+    if density >= 1:
+        return row
+    draws, bound = _draws(row.numel(), density, generator)
+    if row.dtype != torch.float32 or not row.is_contiguous():
+        return row.mul_((draws < bound).view(row.shape))
+    keep = torch.lt(draws, bound, out=torch.empty(row.shape, dtype=torch.float32).view(-1))
+    return row.mul_(keep.view(row.shape))
 
 
 def elect_sign_mask(weighted: torch.Tensor) -> torch.Tensor:
@@ -213,14 +322,20 @@ def register(name: str, *, needs_base: bool = True, inputs: str = "delta", model
 
 
 def finish(base: torch.Tensor | None, deltas: torch.Tensor, weight, consensus: bool, normalize: bool,
-           lam: float, inplace: bool = False) -> torch.Tensor:
+           lam: float, inplace: bool = False, scale=None) -> torch.Tensor:
     """Weight the (already sparsified) deltas, optionally elect signs (TIES), sum and scale.
 
     ``inplace``: ``deltas`` may be overwritten (the executor's own buffer); same result.
+    ``scale``: per-model factors applied to the deltas with the weights (DARE's ``1/density``
+    rescale folded into the weighted sum instead of a pass of its own); the ``normalize``
+    divisor still sums the plain weights.
     """
     n = deltas.shape[0]
     ws = as_list(weight, n, "weight")
+    scales = as_list(scale if scale is not None else 1.0, n, "scale")
     if not inplace:
+        if scale is not None:
+            deltas = deltas * column(scales, deltas)
         w = column(ws, deltas)
         weighted = deltas * w
         mask = elect_sign_mask(weighted) if consensus else None
@@ -228,10 +343,10 @@ def finish(base: torch.Tensor | None, deltas: torch.Tensor, weight, consensus: b
     # Same arithmetic with few full-size passes and no (n, ...) temporaries: in sign-normalised
     # space (multiply by the elected sign s) an entry agrees with the vote iff it is > 0, so the
     # disjoint sum is s * sum_i relu(s * w_i tau_i).
-    total = torch.zeros_like(deltas[0])
+    total = torch.zeros_like(deltas[0])  # from +0: the sum is never -0, so copysign elects + for 0
     for i, w in enumerate(ws):
         if w != 0:
-            total.add_(deltas[i], alpha=w)
+            total.add_(deltas[i], alpha=w * scales[i])
     if not consensus:
         mixed = total
         if normalize:
@@ -239,7 +354,7 @@ def finish(base: torch.Tensor | None, deltas: torch.Tensor, weight, consensus: b
             if abs(d) >= 1e-8:
                 mixed.div_(d)
     else:
-        sign = torch.where(total >= 0, 1.0, -1.0)
+        sign = torch.ones_like(total).copysign_(total)  # = where(total >= 0, 1, -1), in one cheap pass
         mixed = total.zero_()
         divisor = torch.zeros_like(mixed) if normalize else None
         for i, w in enumerate(ws):
@@ -248,12 +363,17 @@ def finish(base: torch.Tensor | None, deltas: torch.Tensor, weight, consensus: b
             # x = s * tau_i; w x > 0 iff (w > 0 and x > 0) or (w < 0 and x < 0); relu(w x) = w * clamp(x)
             row = deltas[i].mul_(sign)
             row.clamp_(min=0) if w > 0 else row.clamp_(max=0)
-            mixed.add_(row, alpha=w)
-            if normalize:
-                divisor.add_(row != 0, alpha=w)
+            mixed.add_(row, alpha=w * scales[i])
+            if normalize:  # + w where the entry agrees: sign(row) is +1 (w > 0) or -1 (w < 0) there, else 0
+                divisor.add_(row.sign_(), alpha=abs(w))
         mixed.mul_(sign)
+        del sign
         if normalize:
-            divisor.masked_fill_(divisor == 0, 1.0)
+            positive = [w for w in ws if w > 0]
+            if positive and all(w >= 0 for w in ws):  # a non-zero divisor is >= the smallest weight: clamp is exact
+                divisor.clamp_(min=min(positive))
+            else:
+                divisor.masked_fill_(divisor == 0, 1.0)
             mixed.div_(divisor)
     if lam != 1:
         mixed.mul_(lam)

@@ -21,7 +21,7 @@ class AdapterSource:
 
     _pickled = None
 
-    def __init__(self, path: str | Path, base: Checkpoint):
+    def __init__(self, path: str | Path, base: Checkpoint, exclude=None):
         from ..io import read_adapter
         from ..methods.lora import lora_scaling
 
@@ -38,7 +38,10 @@ class AdapterSource:
         options = meta.get("target_options") or {}
         self.targets: dict[str, tuple] = {}
         self.ia3: dict[str, tuple] = {}  # weight or bias name -> (kind, feedforward, vector, is_bias)
+        skip = exclude or (lambda name: False)  # ``exclude``: left out of the merge, never read or checked
         for name in self.adapter.targets:
+            if skip(name):
+                continue
             if name not in base.files:
                 raise UnsupportedError(f"{path} adapts {name}, which the base model {base.path} does not have; it was made for another model")
             if self.method == "ia3":
@@ -60,7 +63,7 @@ class AdapterSource:
             scaling = lora_scaling(float(opt.get("lora_alpha", config.get("lora_alpha", r))), r, bool(config.get("use_rslora")))
             self.targets[name] = (kind, a, b, scaling, self.adapter.tensors.get(f"{name}.lora_magnitude_vector"))
         self.whole = {name: self.adapter.tensors[f"{name}.value"] for name in self.adapter.train_also
-                      if f"{name}.value" in self.adapter.tensors}
+                      if f"{name}.value" in self.adapter.tensors and not skip(name)}
         self.files = base.files
         self.headers = base.headers
 
@@ -86,12 +89,22 @@ class AdapterSource:
                                "in its adapter.json); re-save the adapter with this graftkit, or import it from peft again")
 
     def keys(self) -> list[str]:
-        return self.base.keys()
+        # a head trained whole that the base lacks is still a tensor of this model: the plan's
+        # key check then names it (and suggests ``exclude``) instead of dropping it silently
+        return [*self.base.keys(), *(k for k in self.whole if k not in self.base.files)]
+
+    def adapter_keys(self) -> list[str]:
+        """The tensor names the adapter itself touches (targets and heads trained whole)."""
+        return [*self.adapter.targets, *self.adapter.train_also]
 
     def shape(self, key: str):
+        if key in self.whole:  # a head trained whole may have its own shape (another label count)
+            return tuple(self.whole[key].shape)
         return self.base.shape(key)
 
     def dtype(self, key: str) -> str:
+        if key not in self.base.files and key in self.whole:
+            return str(self.whole[key].dtype).replace("torch.", "")
         return self.base.dtype(key)
 
     def size_on_disk(self) -> int:
@@ -100,9 +113,15 @@ class AdapterSource:
     def get(self, key: str):
         from ..methods.lora import lora_delta
 
-        w = self.base.get(key)
         if key in self.whole:
-            return self.whole[key].to(w.dtype)
+            if key not in self.base.files:
+                return self.whole[key]
+            import torch
+
+            from .writer import ST_TO_TORCH, st_dtype
+
+            return self.whole[key].to(getattr(torch, ST_TO_TORCH[st_dtype(self.base.dtype(key))]))
+        w = self.base.get(key)
         if key in self.ia3:
             from ..methods.ia3 import ia3_delta
 

@@ -13,15 +13,17 @@
     tokenizer_source: base
 
 graftkit extras: ``seed`` (DARE masks), ``max_shard_size``, ``threads``, ``output: adapter`` with
-``rank`` (reserved; not implemented yet), and ``search`` (grid / greedy soup, see
-:mod:`graftkit.merge.search`). A parameter value may be a number or mergekit's filter list
+``rank``, ``exclude`` (tensors left out of the merge, see :func:`exclude_matcher`), and ``search``
+(grid / greedy soup, see :mod:`graftkit.merge.search`). A parameter value may be a number or mergekit's filter list
 ``[{filter: mlp, value: 0.3}, {value: 0.5}]`` (first entry whose filter is a substring of the
 tensor name wins). Unknown keys - at any level, including parameter names a method does not
 take - are one-line ConfigErrors.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -68,6 +70,7 @@ class MergeConfig(StrictModel):
     output: Literal["model", "adapter"] = "model"
     rank: Optional[int] = Field(None, ge=1)
     search: Optional[SearchConfig] = None
+    exclude: list[str] = Field(default_factory=list)
 
     # -- resolution helpers ---------------------------------------------------------------
     def method(self):
@@ -96,6 +99,52 @@ def _check_value(where: str, name: str, value) -> None:
             raise ConfigError(f"{where}: {name} {v} is out of range; it must be in [0, 1]")
         if name == "epsilon" and not 0 <= float(v) < 1:
             raise ConfigError(f"{where}: epsilon {v} is out of range; it must be in [0, 1)")
+
+
+def _suffixes(name: str):
+    parts = name.split(".")
+    for i in range(len(parts)):
+        yield ".".join(parts[i:])
+
+
+def exclude_matcher(patterns: list[str]):
+    """``exclude`` patterns as a predicate on tensor names, matched as :mod:`graftkit.targets` does
+    (without importing torch): ``re:<regex>`` must match the whole tensor name or its owner's
+    name (the name minus its last part); anything else is a case-sensitive glob that may match
+    the whole name, the owner's name, or any dotted suffix of either (``classifier.*`` and
+    ``classifier`` both select ``classifier.weight`` and ``classifier.bias``). ``None`` when
+    there are no patterns."""
+    if not patterns:
+        return None
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"exclude: {pattern!r} is not a pattern; give glob patterns or 're:REGEX' strings")
+        if pattern.startswith("re:"):
+            try:
+                compiled.append((pattern, re.compile(pattern[3:])))
+            except re.error as exc:
+                raise ConfigError(f"exclude: {pattern!r} is not a valid regular expression ({exc})") from None
+        else:
+            compiled.append((pattern, None))
+
+    def hits(pattern_rx, name: str) -> bool:
+        pattern, rx = pattern_rx
+        names = (name, name.rsplit(".", 1)[0]) if "." in name else (name,)
+        if rx is not None:
+            return any(rx.fullmatch(n) for n in names)
+        return any(fnmatch.fnmatchcase(s, pattern) for n in names for s in _suffixes(n))
+
+    def excluded(name: str) -> bool:
+        return any(hits(c, name) for c in compiled)
+
+    def unmatched(names) -> list[str]:
+        """The patterns that select none of ``names``."""
+        names = list(names)
+        return [c[0] for c in compiled if not any(hits(c, n) for n in names)]
+
+    excluded.unmatched = unmatched
+    return excluded
 
 
 def validate(cfg: MergeConfig) -> MergeConfig:
@@ -129,6 +178,7 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     normalize = cfg.parameters.get("normalize", spec.global_params.get("normalize", False))
     if "weight" in spec.model_params and normalize and all(isinstance(w, (int, float)) for w in weights) and abs(sum(weights)) < 1e-8:
         raise ConfigError(f"the model weights sum to {sum(weights)} and normalize is on, so the merge would divide by zero; change the weights or set normalize: false")
+    exclude_matcher(cfg.exclude)  # bad regexes fail here, before any file is opened
     if cfg.output == "adapter" and cfg.rank is None:
         raise ConfigError("output: adapter needs rank: R (the rank of the LoRA to write)")
     if cfg.search is not None:

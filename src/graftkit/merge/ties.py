@@ -16,7 +16,7 @@ task arithmetic with ``normalize: true``.
 """
 from __future__ import annotations
 
-from ._common import torch, as_list, finish, register, trim_
+from ._common import torch, as_list, finish, keep_at_least_, register, trim_
 
 
 def trim(deltas: torch.Tensor, density, threshold=None, inplace: bool = False) -> torch.Tensor:
@@ -25,7 +25,7 @@ def trim(deltas: torch.Tensor, density, threshold=None, inplace: bool = False) -
     out = deltas if inplace else deltas.clone()
     for i in range(n):
         if threshold is not None and threshold[i] is not None:
-            out[i].mul_(out[i].abs() >= threshold[i])
+            keep_at_least_(out[i], threshold[i])
         elif dens[i] < 1:
             trim_(out[i], dens[i])
     return out
