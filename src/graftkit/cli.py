@@ -132,9 +132,23 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import demo_recipe, run_demo
 
-    return run_demo(out=Path(args.out), train_size=args.train_size, eval_size=args.eval_size, epochs=args.epochs)
+    if args.recipe:
+        print(demo_recipe(), end="")
+        return 0
+    return run_demo(Path(args.out) if args.out else None)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .eval.study import run_study
+
+    result = run_study(args.study, args.out, progress=not args.no_progress)
+    report = result.get("report", {})
+    print(f"study written to {Path(report.get('html', args.out or '.')).parent}; report: {report.get('html', '(not written)')}")
+    for f in result.get("failures", []):
+        print(f"graft: failed: {f['stage']} {f['model']}: {f['error']}", file=sys.stderr)
+    return 1 if result.get("failures") else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -163,6 +177,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     train(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.config import load_eval_config
+    from .eval.runner import evaluate, summary_table
+
+    cfg = load_eval_config(args.config)
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    out = Path(args.out or cfg.output)
+    summary = evaluate(cfg, out, overwrite=args.overwrite, models=split(args.models), tasks=split(args.tasks),
+                       progress=not args.no_progress, raise_errors=args.debug or os.environ.get("GRAFT_DEBUG") == "1")
+    if summary["models"] or summary["failures"]:
+        from rich.console import Console
+
+        Console(highlight=False).print(summary_table(summary, title=f"graft eval: main metric per task ({out})"))
+    print(f"results written to {out} (summary.json, <model>/results.json, <model>/predictions/)")
+    for f in summary["failures"]:
+        print(f"graft: error: model {f['model']!r} failed: {f['error']}", file=sys.stderr)
+    return 2 if summary["failures"] else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .eval.compare import compare_runs, format_comparison, parse_experts
+
+    report = compare_runs(args.a, args.b, base=args.base, experts=parse_experts(args.expert), confidence=args.confidence,
+                          resamples=args.resamples, seed=args.seed)
+    print(json.dumps(report, indent=2) if args.json else format_comparison(report))
     return 0
 
 
@@ -215,12 +257,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("demo", help="LoRA-tune the packaged MiniLM on BBC News topics, then export it")
-    s.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    s.add_argument("--train-size", type=int, default=400)
-    s.add_argument("--eval-size", type=int, default=300)
-    s.add_argument("--epochs", type=int, default=3)
+    s = sub.add_parser("demo", help="the end-to-end study on packaged data: tune MiniLM on 4 tasks, merge 7 ways, evaluate, report")
+    s.add_argument("--out", default=None, help="output folder (default out/demo)")
+    s.add_argument("--recipe", action="store_true", help="print the demo's study recipe (YAML) and exit")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("study", help="train an expert per task, merge them with every method, evaluate all, write a report")
+    s.add_argument("study", help="study recipe (YAML); see graft demo --recipe")
+    s.add_argument("--out", default=None, help="output folder (default: the recipe's output)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser("eval", help="evaluate models (folders, adapters, merges) on tasks from an EVAL.yaml; docs/eval.md")
+    s.add_argument("config", help="eval config (YAML): models, tasks, output")
+    s.add_argument("--out", default=None, help="output folder (default: the config's output)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing OUT/<model> folders")
+    s.add_argument("--models", default=None, metavar="A,B", help="evaluate only these models (comma-separated names)")
+    s.add_argument("--tasks", default=None, metavar="X,Y", help="run only these tasks (comma-separated names)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", help="compare two graft eval model folders: per-task scores, bootstrap CI, verdict, flips")
+    s.add_argument("a", metavar="A", help="reference model folder written by graft eval (OUT/<model>)")
+    s.add_argument("b", metavar="B", help="model folder compared against A (diff = B - A)")
+    s.add_argument("--base", metavar="BASE", help="base model's eval folder: add each model's score minus the base's")
+    s.add_argument("--expert", action="append", default=[], metavar="TASK=DIR",
+                   help="TASK's expert eval folder: add score / expert score (repeat per task)")
+    s.add_argument("--confidence", type=float, default=0.95, help="confidence of the bootstrap interval (default 0.95)")
+    s.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_compare)
     return p
 
 

@@ -12,7 +12,9 @@ Add a corpus as one more function here (and a name in ``CORPORA``).
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Hashable, Sequence, TypeVar
@@ -79,7 +81,48 @@ def rotten_tomatoes() -> list[Example]:
     return [(str(t).strip(), str(c)) for t, c in zip(frame["text"], frame["category"]) if c in ("fresh", "rotten") and str(t).strip()]
 
 
-CORPORA: dict[str, Callable[[], list[Example]]] = {"bbc_news": bbc_news, "rotten_tomatoes": rotten_tomatoes}
+VADER_MIN_ABS = 0.5  # ratings closer to neutral than this are dropped (ASSETS.md's binarization)
+
+
+def vader_dir() -> Path:
+    """Where ``make install`` unpacks VADER's ground-truth files: ``<venv>/share/graftkit/vader``,
+    or ``$GRAFTKIT_VADER_DIR``. They ship only inside vaderSentiment's source archive."""
+    override = os.environ.get("GRAFTKIT_VADER_DIR")
+    return Path(override) if override else Path(sys.prefix) / "share" / "graftkit" / "vader"
+
+
+def _vader(file_name: str) -> list[Example]:
+    path = vader_dir() / file_name
+    if not path.exists():
+        raise FileFormatError(f"{path} is missing; VADER's rated texts come from its source archive: run `make install` "
+                              "(or unpack vaderSentiment-3.3.2's additional_resources/hutto_ICWSM_2014.tar.gz there, "
+                              "or point GRAFTKIT_VADER_DIR at the unpacked folder)")
+    examples: list[Example] = []
+    for line in read_text(path).splitlines():
+        parts = line.rstrip("\r").split("\t", 2)
+        if len(parts) != 3:
+            continue
+        score, text = float(parts[1]), parts[2].strip()
+        if abs(score) >= VADER_MIN_ABS and text:
+            examples.append((text, "positive" if score > 0 else "negative"))
+    return examples
+
+
+def vader_tweets() -> list[Example]:
+    """Tweets rated for sentiment by 20 people each (Hutto & Gilbert, 2014, VADER): 4,200 texts,
+    mean rating in [-4, 4]. Labels ``positive`` / ``negative`` by sign; ratings with
+    ``abs < 0.5`` (near neutral) are dropped."""
+    return _vader("tweets_GroundTruth.txt")
+
+
+def vader_amazon() -> list[Example]:
+    """Amazon product-review snippets from the same VADER study: 3,708 rated texts, labelled as
+    :func:`vader_tweets`."""
+    return _vader("amazonReviewSnippets_GroundTruth.txt")
+
+
+CORPORA: dict[str, Callable[[], list[Example]]] = {"bbc_news": bbc_news, "rotten_tomatoes": rotten_tomatoes,
+                                                   "vader_tweets": vader_tweets, "vader_amazon": vader_amazon}
 
 
 def labels_of(examples: Sequence[tuple]) -> list:

@@ -1,0 +1,197 @@
+"""How alike the task vectors of several fine-tunes of one base model are.
+
+A fine-tune is ``theta_i = theta_0 + tau_i``; its task vector ``tau_i`` is the whole-model
+delta (Ilharco et al. 2023, "Editing Models with Task Arithmetic"). For T experts this module
+streams the checkpoints one tensor name at a time and accumulates, over every floating-point
+tensor that is not excluded,
+
+* the Gram matrix ``G_ij = <tau_i, tau_j>``; cosine similarity ``G_ij / sqrt(G_ii G_jj)``
+  (0 when either norm is 0), task-vector norms ``sqrt(G_ii)``;
+* sign conflicts: among the entries where ``tau_i`` and ``tau_j`` are both nonzero, the share
+  whose signs are opposite. TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging
+  Models") shows that such opposite-sign entries cancel each other in a plain sum and motivates
+  electing one sign per parameter; a high share predicts interference in a merge.
+
+Inputs are opened exactly as the merge executor opens them (:func:`graftkit.merge.executor._open`):
+an HF model folder (sharded safetensors + index) or a LoRA/IA3 adapter folder (native or peft),
+which becomes ``base + materialized delta`` one tensor at a time. Memory stays
+O(experts x largest tensor) in float32; the Gram and count matrices are accumulated in float64
+over row chunks small enough that float32 sign products stay exact integers.
+
+Non-floating-point tensors (integer buffers such as ``position_ids``) carry no task vector and
+are skipped; tensors matching an ``exclude`` glob (task heads of different shapes, e.g.
+``classifier.*``) are skipped on purpose. Anything else that does not line up is an error.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from ..errors import ConfigError, FileFormatError, GraftError
+
+if TYPE_CHECKING:
+    import torch
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# float32 sums of +-1/0 products are exact integers below 2**24; stay well under it
+CHUNK = 1 << 22
+
+
+class SimilarityError(GraftError):
+    """The experts of a task-vector comparison do not line up with their base (keys, shapes, values)."""
+
+
+# -- pure math (tensors in, tensors out; no I/O) -----------------------------------------------
+def _chunks(deltas: "torch.Tensor", chunk: int) -> Iterable["torch.Tensor"]:
+    flat = deltas.reshape(deltas.shape[0], -1)
+    for s in range(0, flat.shape[1], chunk):
+        yield flat[:, s:s + chunk]
+
+
+def gram_update(gram: "torch.Tensor", deltas: "torch.Tensor", chunk: int = CHUNK) -> "torch.Tensor":
+    """Add ``D D^T`` to ``gram`` (T x T, float64) in place, for stacked deltas ``D`` of shape (T, ...).
+
+    Each chunk is multiplied in float64 so a long tensor does not lose the small cross terms.
+    """
+    for part in _chunks(deltas, chunk):
+        p = part.double()
+        gram.add_(p @ p.T)
+    return gram
+
+
+def sign_conflict_counts(deltas: "torch.Tensor", chunk: int = CHUNK) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """For stacked deltas (T, ...): ``(both, opposite)``, T x T float64 counts of the entries where
+    ``tau_i`` and ``tau_j`` are both nonzero, and of those where their signs are opposite.
+
+    With ``s = sign(D)``: ``|s| |s|^T`` counts both-nonzero entries and ``s s^T`` is
+    agreements minus disagreements among them, so ``opposite = (both - s s^T) / 2``.
+    """
+    import torch
+
+    t = deltas.shape[0]
+    both = torch.zeros((t, t), dtype=torch.float64)
+    opposite = torch.zeros((t, t), dtype=torch.float64)
+    for part in _chunks(deltas, min(chunk, CHUNK)):
+        s = part.float().sign()
+        nz = s.abs()
+        b = (nz @ nz.T).double()
+        both.add_(b)
+        opposite.add_((b - (s @ s.T).double()) / 2)
+    return both, opposite
+
+
+def cosine_from_gram(gram: "torch.Tensor") -> list[list[float]]:
+    """``G_ij / sqrt(G_ii G_jj)``, 0 where either norm is 0 (a task vector that is all zeros)."""
+    g = gram.tolist()
+    n = len(g)
+    out = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            d = math.sqrt(max(g[i][i], 0.0) * max(g[j][j], 0.0))
+            out[i][j] = 0.0 if d == 0 else max(-1.0, min(1.0, g[i][j] / d))
+    return out
+
+
+def conflict_share(both: "torch.Tensor", opposite: "torch.Tensor") -> list[list[float]]:
+    """``opposite / both`` per pair; 0 where the two deltas share no nonzero entry."""
+    b, o = both.tolist(), opposite.tolist()
+    return [[(o[i][j] / b[i][j]) if b[i][j] > 0 else 0.0 for j in range(len(b))] for i in range(len(b))]
+
+
+# -- streaming over checkpoints ------------------------------------------------------------------
+def _excluded(key: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _st(name: str) -> str:
+    from ..merge.writer import st_dtype
+
+    return st_dtype(name)
+
+
+def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], *, exclude: Iterable[str] = (),
+                           progress: bool = False) -> dict:
+    """Cosine similarity and sign-conflict shares of the experts' task vectors against ``base``.
+
+    Returns ``{"tasks": [names], "cosine": T x T, "sign_conflict": T x T, "norms": [T], "keys": n}``
+    where ``keys`` is the number of tensors that entered the comparison.
+    """
+    import torch
+
+    from ..merge.adapters import is_adapter
+    from ..merge.executor import _open
+
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    patterns = list(exclude)
+    names = list(experts)
+    if not names:
+        raise ConfigError("task_vector_similarity needs at least one expert; pass {name: model or adapter folder}")
+    base_path = str(base)
+    for label, p in [("base", base_path), *((f"expert {n}", str(experts[n])) for n in names)]:
+        if not Path(p).exists():
+            raise FileFormatError(f"{label} {p} does not exist; pass an HF model folder, a safetensors file or an adapter folder")
+    if is_adapter(base_path):
+        raise ConfigError(f"the base {base_path} is an adapter folder; pass the model it was trained on as base and the adapters as experts")
+    base_ckpt = _open(base_path)
+    # an adapter must not even check what is excluded (a head trained whole for another label count)
+    skip = {"exclude": lambda key: _excluded(key, patterns)} if patterns else {}
+    ckpts = {name: _open(str(experts[name]), base_ckpt, **skip) for name in names}
+
+    keys = [k for k in base_ckpt.keys() if not _excluded(k, patterns)]
+    keys = [k for k in keys if _st(base_ckpt.dtype(k)) in FLOAT_DTYPES]
+    key_set = set(base_ckpt.keys())
+    hint = "exclude it (e.g. exclude=['classifier.*']) if it is a task head, else compare experts of one base model"
+    for name in names:
+        c = ckpts[name]
+        for k in keys:
+            if k not in c.files:
+                raise SimilarityError(f"expert {name} ({experts[name]}) has no tensor {k}, which the base {base_path} has; {hint}")
+            if tuple(c.shape(k)) != tuple(base_ckpt.shape(k)):
+                raise SimilarityError(f"shape mismatch at {k}: {tuple(base_ckpt.shape(k))} in the base vs {tuple(c.shape(k))} "
+                                      f"in expert {name}; {hint}")
+        extra = [k for k in c.keys() if k not in key_set and not _excluded(k, patterns)]
+        if extra:
+            raise SimilarityError(f"expert {name} ({experts[name]}) has a tensor {extra[0]} that the base {base_path} lacks; {hint}")
+    if not keys:
+        raise ConfigError(f"no tensors left to compare: exclude={patterns} removes every floating-point tensor of {base_path}")
+
+    t = len(names)
+    gram = torch.zeros((t, t), dtype=torch.float64)
+    both = torch.zeros((t, t), dtype=torch.float64)
+    opposite = torch.zeros((t, t), dtype=torch.float64)
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("task vectors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+        task = bar.add_task("similarity", total=len(keys))
+        bar.start()
+    try:
+        for k in keys:
+            w0 = base_ckpt.get(k).float()  # subtract in float32 whatever the stored dtype
+            stack = torch.empty((t, *w0.shape), dtype=torch.float32)
+            for i, name in enumerate(names):
+                w = ckpts[name].get(k)
+                if tuple(w.shape) != tuple(w0.shape):  # an adapter's whole-trained head can differ from its header
+                    raise SimilarityError(f"shape mismatch at {k}: {tuple(w0.shape)} in the base vs {tuple(w.shape)} "
+                                          f"in expert {name}; {hint}")
+                torch.sub(w, w0, out=stack[i])
+            if not bool(torch.isfinite(stack).all()):
+                bad = next(names[i] for i in range(t) if not bool(torch.isfinite(stack[i]).all()))
+                raise SimilarityError(f"tensor {k} of expert {bad} (or of the base) holds NaN or Inf; "
+                                      "the checkpoint is broken, re-train or re-export it")
+            gram_update(gram, stack)
+            b, o = sign_conflict_counts(stack)
+            both += b
+            opposite += o
+            del stack
+            if bar is not None:
+                bar.update(task, advance=1)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return {"tasks": names, "cosine": cosine_from_gram(gram), "sign_conflict": conflict_share(both, opposite),
+            "norms": [math.sqrt(max(v, 0.0)) for v in gram.diagonal().tolist()], "keys": len(keys)}

@@ -1,0 +1,130 @@
+"""Sandbox: real subprocesses; each program is tiny, timeouts are 1 s, so the file runs in seconds."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from graftkit.errors import EvalError
+from graftkit.eval.sandbox import SandboxResult, run_many, run_program
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox uses POSIX rlimits and process groups")
+
+
+def refused(res: SandboxResult) -> bool:
+    return res.status == "failed" and "graft sandbox" in res.stderr and "refused" in res.stderr
+
+
+def test_passing_program_passes_and_its_folder_is_deleted():
+    res = run_program("import os\nprint('hello', os.getcwd())\n", timeout=5)
+    assert res.status == "passed" and res.passed and res.returncode == 0
+    word, folder = res.stdout.split()
+    assert word == "hello" and "graft-sandbox-" in folder
+    assert not os.path.exists(folder)
+    assert res.seconds > 0 and res.to_dict()["status"] == "passed"
+
+
+def test_infinite_loop_is_killed_at_the_timeout():
+    t = time.perf_counter()
+    res = run_program("while True:\n    pass\n", timeout=1)
+    elapsed = time.perf_counter() - t
+    assert res.status == "timeout" and res.returncode is None
+    assert "killed after 1 s" in res.stderr
+    assert 1.0 <= elapsed < 3.0
+
+
+def test_sleeping_program_is_killed_on_wall_clock_time():
+    res = run_program("import time\ntime.sleep(30)\n", timeout=1)
+    assert res.status == "timeout" and res.seconds < 3.0
+
+
+def test_writes_outside_the_folder_are_refused_inside_allowed(tmp_path):
+    target = tmp_path / "evil.txt"
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    res = run_program(f"open({str(target)!r}, 'w').write('x')\n")
+    assert refused(res) and "PermissionError" in res.stderr
+    assert not target.exists()
+    for src in (f"import os\nos.remove({str(keep)!r})\n", f"import os\nos.replace({str(keep)!r}, 'stolen.txt')\n",
+                f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n", f"import os\nos.chmod({str(keep)!r}, 0o777)\n",
+                f"import os\nos.mkdir({str(tmp_path / 'd')!r})\n",
+                f"import os\nfd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n",
+                f"import os\nos.symlink({str(keep)!r}, 'link')\nopen('link', 'a').write('x')\n",
+                f"from pathlib import Path\nPath({str(keep)!r}).write_text('x')\n"):
+        assert refused(run_program(src)), src
+    assert keep.read_text() == "mine" and not target.exists() and not (tmp_path / "d").exists()
+    inside = run_program("import os\nos.mkdir('d')\nopen('d/f.txt', 'w').write('ok')\nos.rename('d/f.txt', 'g.txt')\n"
+                         "import tempfile\ntempfile.NamedTemporaryFile().write(b'x')\nprint(open('g.txt').read())\n")
+    assert inside.status == "passed" and inside.stdout.strip() == "ok"
+
+
+def test_network_is_refused():
+    res = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n")
+    assert refused(res)
+    res = run_program("import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)\n")
+    assert res.status == "failed" and "graft sandbox" in res.stderr and "no network access" in res.stderr
+    assert refused(run_program("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"))
+
+
+def test_processes_and_native_code_are_refused():
+    for src in ("import os\nos.system('true')\n", "import os\nos.fork()\n", "import os\nos.execv('/bin/true', ['true'])\n",
+                "import os\nos.kill(1, 0)\n"):
+        assert refused(run_program(src)), src
+    for src in ("import subprocess\nsubprocess.run(['true'])\n", "import ctypes\n"):
+        res = run_program(src)
+        assert res.status == "failed" and "ImportError: graft sandbox" in res.stderr, src
+
+
+def test_crashes_fail_and_run_many_goes_on():
+    sources = ["import sys\nsys.exit(3)\n", "import os\nos.abort()\n", "x = bytearray(2 * 1024 ** 3)\n",
+               "raise ValueError('boom')\n", "print('fine')\n"]
+    seen = []
+    results = run_many(sources, workers=2, timeout=5, memory_mb=256, callback=lambda i, r: seen.append(i))
+    assert [r.status for r in results] == ["failed", "failed", "failed", "failed", "passed"]
+    assert results[0].returncode == 3
+    assert results[1].returncode < 0 and "SIGABRT" in results[1].stderr
+    assert "MemoryError" in results[2].stderr
+    assert "ValueError: boom" in results[3].stderr
+    assert results[4].stdout == "fine\n"
+    assert sorted(seen) == list(range(5))
+    assert run_many([]) == []
+
+
+def test_environment_is_minimal(monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:1")
+    monkeypatch.setenv("GRAFT_SECRET", "s3cret")
+    res = run_program("import os\nprint(sorted(os.environ))\nprint(os.environ['HOME'] == os.getcwd())\n")
+    assert res.status == "passed"
+    assert "HTTP_PROXY" not in res.stdout and "GRAFT_SECRET" not in res.stdout
+    assert res.stdout.splitlines()[-1] == "True"
+
+
+def test_output_is_truncated():
+    res = run_program("print('x' * 100000)\nimport sys\nprint('end', file=sys.stderr)\n", max_output=1000)
+    assert res.status == "passed" and len(res.stdout) < 1100 and "bytes cut" in res.stdout
+    assert res.stderr.strip() == "end"
+
+
+def test_a_program_that_is_not_python_fails():
+    res = run_program("def broken(:\n")
+    assert res.status == "failed" and "SyntaxError" in res.stderr
+
+
+@pytest.mark.parametrize("kw,msg", [({"timeout": 0}, "timeout"), ({"memory_mb": 10}, "memory_mb"),
+                                    ({"timeout": "1"}, "timeout")])
+def test_bad_arguments(kw, msg):
+    with pytest.raises(EvalError, match=msg):
+        run_program("pass", **kw)
+    with pytest.raises(EvalError, match="workers"):
+        run_many(["pass"], workers=0)
+
+
+def test_cwd_holds_the_program_folder_and_a_missing_one_is_an_error(tmp_path):
+    res = run_program("import os\nprint(os.getcwd())\nopen('inside.txt', 'w').write('x')\nopen('../outside.txt', 'w')\n",
+                      cwd=tmp_path)
+    assert refused(res) and os.path.dirname(res.stdout.strip()) == str(tmp_path.resolve())
+    assert list(tmp_path.iterdir()) == []  # the program's folder is gone, nothing leaked next to it
+    res = run_program("print(1)", cwd=tmp_path / "missing")
+    assert res.status == "error" and "cannot make a temporary folder" in res.stderr
