@@ -79,10 +79,10 @@ def test_load_problems_formats_and_errors(tmp_path):
         load_problems(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ADD) + "\n{not json\n")
-    with pytest.raises(FileFormatError, match=r"bad.jsonl:2 is not valid JSON"):
+    with pytest.raises(FileFormatError, match=r"bad.jsonl: line 2 is not valid JSON"):
         load_problems(bad)
     no_entry = {k: v for k, v in NEG.items() if k != "entry_point"}
-    with pytest.raises(EvalError, match=r":2: problem has no \(string\) entry_point"):
+    with pytest.raises(EvalError, match=r"problem 2: no \(string\) entry_point"):
         load_problems(write_jsonl(tmp_path / "m.jsonl", [ADD, no_entry]))
     with pytest.raises(EvalError, match="appears twice"):
         load_problems(write_jsonl(tmp_path / "d.jsonl", [ADD, ADD]))

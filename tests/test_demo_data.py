@@ -72,6 +72,27 @@ def test_stratified_split_never_puts_a_repeated_example_on_both_sides():
         stratified_split(examples, [11, 10])
 
 
+def test_stratified_split_with_a_key_keeps_variants_of_a_text_together():
+    from graftkit.data import text_key
+
+    examples = [("Damn! we lost power.", "neg"), ("DAMN!! We lost power!!", "neg"), ("so happy", "pos"), ("sad", "neg"),
+                ("great", "pos"), ("Great!", "pos")]
+    parts = stratified_split(examples, [2, 2], seed=0, key=lambda e: text_key(e[0]))
+    keys = [{text_key(t) for t, _ in p} for p in parts]
+    assert not keys[0] & keys[1] and all(len(k) == 2 for k in keys)
+    with pytest.raises(ConfigError, match="only 4"):  # 6 texts, 4 distinct ones
+        stratified_split(examples, [3, 2], key=lambda e: text_key(e[0]))
+
+
+@needs_corpus
+def test_vader_tweets_splits_of_the_demo_hold_no_variant_on_two_sides():
+    from graftkit.data import text_key, vader_tweets
+    from graftkit.eval.study import check_disjoint
+
+    parts = stratified_split(vader_tweets(), [600, 150, 300], seed=2, key=lambda e: text_key(e[0]))
+    check_disjoint("tweets", {s: [t for t, _ in p] for s, p in zip(("train", "validation", "test"), parts)})
+
+
 def test_stratified_split_rejects_impossible_sizes():
     examples = synthetic({"a": 3, "b": 3})
     with pytest.raises(ConfigError, match="only 6"):

@@ -146,6 +146,8 @@ def test_split_discipline_refuses_overlapping_test_and_tuning_examples(tmp_path,
     check_disjoint("t", {"train": ["a b"], "validation": ["c d"], "test": ["e f"]})
     with pytest.raises(GraftError, match="test example also appears in validation"):
         check_disjoint("t", {"train": ["a b"], "validation": ["c d"], "test": ["C  d"]})
+    with pytest.raises(GraftError, match="test example also appears in train"):  # VADER-style variants
+        check_disjoint("t", {"train": ["Damn! we lost power."], "validation": [], "test": ["DAMN!! We lost power!!"]})
     recipe = study_recipe(tmp_path, tiny_base)
     files = recipe["tasks"][0]["files"]
     leaked = Path(files["validation"]).read_text().splitlines()[0]

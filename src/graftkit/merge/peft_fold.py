@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import UnsupportedError
 from ..tensors import Checkpoint
+from .adapters import OnBase
 
 PEFT_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
@@ -55,11 +56,8 @@ def _import_peft():
     return peft
 
 
-class PeftFoldSource:
-    """The tensor-reading interface of :class:`~graftkit.tensors.Checkpoint` for ``base`` with a peft
-    adapter folded in by peft, module by module."""
-
-    _pickled = None
+class PeftFoldSource(OnBase):
+    """``base`` with a peft adapter folded in by peft, module by module, read as a Checkpoint."""
 
     def __init__(self, path: str | Path, base: Checkpoint, exclude=None):
         peft = _import_peft()
@@ -107,40 +105,15 @@ class PeftFoldSource:
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
 
-    # -- the Checkpoint interface -------------------------------------------------------------
-    def keys(self) -> list[str]:
-        return [*self.base.keys(), *(k for k in self.whole if k not in self.base.files)]
-
+    # -- the Checkpoint interface (the rest is OnBase's) ----------------------------------------
     def adapter_keys(self) -> list[str]:
         return [*(f"{m}.weight" for m in self.modules), *self.whole]
 
-    def shape(self, key: str):
-        if key in self.whole:
-            return tuple(self.whole[key].shape)
-        return self.base.shape(key)
-
-    def dtype(self, key: str) -> str:
-        if key not in self.base.files and key in self.whole:
-            return str(self.whole[key].dtype).replace("torch.", "")
-        return self.base.dtype(key)
-
-    def size_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-
-    def get(self, key: str):
-        import torch
-
-        from .writer import ST_TO_TORCH, st_dtype
-
-        if key in self.whole:
-            if key not in self.base.files:
-                return self.whole[key]
-            return self.whole[key].to(getattr(torch, ST_TO_TORCH[st_dtype(self.base.dtype(key))]))
+    def adapted(self, key: str):
         module = self.targets.get(key)
         if module is None:
             return self.base.get(key)
-        folded = self._fold(module)[key]
-        return folded.to(getattr(torch, ST_TO_TORCH[st_dtype(self.base.dtype(key))]))
+        return self._fold(module)[key].to(self.base_dtype(key))
 
     # -- folding ----------------------------------------------------------------------------
     def _skeleton(self):
