@@ -74,7 +74,7 @@ class Plan:
         largest = max((nbytes("F32", s) for s in self.shapes.values()), default=0)
         n = len(self.inputs)
         if self.spec.name in CHUNKABLE:
-            chunk = min(largest, 4 * chunk_elements())
+            chunk = min(largest, 4 * chunk_elements(self.spec.name))
             # per worker: n float32 deltas + base + ~3 temporaries per chunk; the threshold pass
             # of a large tensor holds one model's float32 delta, its magnitudes and the base
             per_worker = max(chunk * (n + 5), 3 * largest if self.spec.name in THRESHOLDED else 0)
@@ -299,8 +299,14 @@ CHUNKABLE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "m
 THRESHOLDED = ("ties", "magnitude_prune")
 
 
-def chunk_elements() -> int:
-    return int(os.environ.get("GRAFT_MERGE_CHUNK", 1 << 22))
+def chunk_elements(method: str = "") -> int:
+    """Elements per row chunk of a large tensor (``GRAFT_MERGE_CHUNK`` overrides). Methods that
+    trim by magnitude need an extra read of every model to find a chunked tensor's thresholds, so
+    they chunk only above 4M elements (the MLP matrices of a 0.5B model stay whole); the others
+    gain from small chunks that stay in cache (measured on the merge benchmark: linear 2.1 s and
+    413 MB at 1M vs 2.4 s and 739 MB at 4M; ties 7.2 s at 4M vs 7.8 s at 1M)."""
+    default = 1 << 22 if method in THRESHOLDED else 1 << 20
+    return int(os.environ.get("GRAFT_MERGE_CHUNK", default))
 
 
 _DATA_STARTS: dict[Path, int] = {}
@@ -397,7 +403,7 @@ def _thresholds(plan: Plan, key: str, torch, density: list) -> list:
     numel = 1
     for d in shape:
         numel *= d
-    step = max(1, chunk_elements() // max(1, numel // shape[0]))
+    step = max(1, chunk_elements(plan.spec.name) // max(1, numel // shape[0]))
     mag = torch.empty(shape, dtype=torch.float32)  # the only full-size buffer, reused per model
     out = []
     for p, d in zip(plan.inputs, density):
@@ -474,7 +480,7 @@ def _merge_key(plan: Plan, key: str, torch) -> Any:
     numel = 1
     for d in shape:
         numel *= d
-    limit = chunk_elements()
+    limit = chunk_elements(spec.name)
     if numel <= limit or spec.name not in CHUNKABLE or len(shape) < 1 or shape[0] < 2:
         return _merge_rows(plan, key, torch, params, None).to(out_dtype)
     if spec.name in THRESHOLDED and "threshold" not in params:
