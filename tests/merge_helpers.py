@@ -1,4 +1,5 @@
-"""Tiny Llama model folders for the merge tests: a base and fine-tunes (base + small noise)."""
+"""Model folders for the merge tests: a tiny Llama base and fine-tunes (base + small noise), and
+LoRA adapters of a tiny BERT with a classification head trained whole."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_llama
+import graftkit as gk
+from conftest import tiny_bert, tiny_llama
 
 
 def make_models(root: Path, n: int = 3, dtype=torch.float32, scale: float = 0.02, seed: int = 0) -> dict[str, Path]:
@@ -30,3 +32,18 @@ def load_folder(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def lora_with_head(out: Path, num_labels: int, seed: int, fmt: str, head_shift: float = 0.0):
+    """A LoRA adapter (query, value) of ``tiny_bert(0)`` with its ``num_labels`` head trained whole
+    (``train_also``), saved as ``fmt``; returns the folder and the LoRA deltas without the head."""
+    model = tiny_bert(0, num_labels=num_labels)
+    torch.manual_seed(seed)
+    gk.inject(model, gk.LoRAConfig(r=2, lora_alpha=4, init_lora_weights=False, targets=["query", "value"], train_also=["classifier"]))
+    with torch.no_grad():
+        for site in gk.sites(model).values():
+            if hasattr(site, "lora_B"):
+                site.lora_B.mul_(0.05)
+        model.classifier.weight.add_(head_shift)  # a trained head, different from the base's
+    gk.save_adapter(model, out, format=fmt)
+    return out, gk.materialize_delta(model, include_heads=False)

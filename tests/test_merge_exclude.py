@@ -12,7 +12,7 @@ import graftkit as gk
 from conftest import tiny_bert
 from graftkit.cli import main
 from graftkit.errors import ConfigError, GraftError
-from merge_helpers import load_folder
+from merge_helpers import load_folder, lora_with_head
 
 M = importlib.import_module("graftkit.merge")  # gk.merge is the merge() function, not the package
 
@@ -96,23 +96,10 @@ def test_dry_run_lists_the_excluded_tensors(cls_models, tmp_path, capsys):
     assert "excluded      2 tensor(s)" in text and "classifier.bias" in text and "classifier.weight" in text
 
 
-def _lora_with_head(out, num_labels: int, seed: int, fmt: str):
-    model = tiny_bert(0, num_labels=num_labels)
-    torch.manual_seed(seed)
-    gk.inject(model, gk.LoRAConfig(r=2, lora_alpha=4, init_lora_weights=False, targets=["query", "value"], train_also=["classifier"]))
-    with torch.no_grad():
-        for site in gk.sites(model).values():
-            if hasattr(site, "lora_B"):
-                site.lora_B.mul_(0.05)
-        model.classifier.weight.add_(1.0)  # a trained head, different from the base's
-    gk.save_adapter(model, out, format=fmt)
-    return out, gk.materialize_delta(model, include_heads=False)
-
-
 @pytest.fixture(scope="module")
 def head_adapters(cls_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
-    made = [_lora_with_head(root / "a5", 5, 1, "native"), _lora_with_head(root / "a2", 2, 2, "peft")]
+    made = [lora_with_head(root / "a5", 5, 1, "native", 1.0), lora_with_head(root / "a2", 2, 2, "peft", 1.0)]
     head_adapters.deltas = [d for _, d in made]
     return [str(a) for a, _ in made]
 

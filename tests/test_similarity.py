@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import graftkit as gk
 from conftest import tiny_bert, tiny_llama
 from graftkit.analysis import SimilarityError, task_vector_similarity
+from merge_helpers import lora_with_head
 from graftkit.analysis.similarity import conflict_share, cosine_from_gram, gram_update, sign_conflict_counts
 from graftkit.errors import ConfigError, FileFormatError
 
@@ -224,16 +225,7 @@ def test_lora_with_a_head_trained_whole_needs_exclude(tmp_path):
     tiny_bert(0, num_labels=3).save_pretrained(tmp_path / "base")
     adapters, deltas = {}, {}
     for name, labels, seed in [("five", 5, 1), ("two", 2, 2)]:
-        model = tiny_bert(0, num_labels=labels)
-        torch.manual_seed(seed)
-        gk.inject(model, gk.LoRAConfig(r=2, lora_alpha=4, init_lora_weights=False, targets=["query", "value"], train_also=["classifier"]))
-        with torch.no_grad():
-            for site in gk.sites(model).values():
-                if hasattr(site, "lora_B"):
-                    site.lora_B.mul_(0.05)
-        gk.save_adapter(model, tmp_path / name, format="native" if labels == 5 else "peft")
-        adapters[name] = tmp_path / name
-        deltas[name] = gk.materialize_delta(model, include_heads=False)
+        adapters[name], deltas[name] = lora_with_head(tmp_path / name, labels, seed, "native" if labels == 5 else "peft")
     with pytest.raises(SimilarityError, match=r"classifier\.(weight|bias).*exclude"):
         task_vector_similarity(tmp_path / "base", adapters)
     out = task_vector_similarity(tmp_path / "base", adapters, exclude=["classifier.*"])
