@@ -65,10 +65,11 @@ def make_data(case: str, folder: Path, n: int) -> Path:
     return path
 
 
-def recipe_for(case: str, data: Path, out: Path, steps: int) -> dict:
+def recipe_for(case: str, data: Path, out: Path, steps: int, precision: str = "fp32") -> dict:
     c = CASES[case]
     r = {"model": c["model"], "task": c["task"], "data": {"train": str(data), "max_length": c["seq"]},
-         "optim": {"lr": c["lr"], "batch_size": c["batch"], "max_steps": steps, "max_grad_norm": 1.0, "schedule": "constant", "seed": 0},
+         "optim": {"lr": c["lr"], "batch_size": c["batch"], "max_steps": steps, "max_grad_norm": 1.0, "schedule": "constant", "seed": 0,
+                   "precision": precision},
          "output": {"dir": str(out)}}
     if case == "a":
         r["data"].update(prompt_field="prompt", response_field="response")
@@ -90,7 +91,7 @@ def examples(case: str, data: Path, steps: int):
     return prepare(r, gk.load_tokenizer(c["model"]), c["seq"])
 
 
-def worker(framework: str, case: str, data: str, steps: int, warmup: int) -> dict:
+def worker(framework: str, case: str, data: str, steps: int, warmup: int, precision: str = "fp32") -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -105,7 +106,7 @@ def worker(framework: str, case: str, data: str, steps: int, warmup: int) -> dic
         from graftkit.train.loop import Run
 
         out = Path(tempfile.mkdtemp()) / "run"
-        run = Run(parse_recipe(recipe_for(case, Path(data), out, total)), console=Console(quiet=True), progress=False)
+        run = Run(parse_recipe(recipe_for(case, Path(data), out, total, precision)), console=Console(quiet=True), progress=False)
         run.setup()
         n_params = matmul_params(run.model)
         reset_peak_rss()
@@ -155,7 +156,7 @@ def worker(framework: str, case: str, data: str, steps: int, warmup: int) -> dic
         args = transformers.TrainingArguments(
             output_dir=tempfile.mkdtemp(), per_device_train_batch_size=c["batch"], max_steps=total, learning_rate=c["lr"],
             lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=10_000, save_strategy="no",
-            report_to=[], dataloader_num_workers=0, seed=0, use_cpu=True, disable_tqdm=True)
+            report_to=[], dataloader_num_workers=0, seed=0, use_cpu=True, disable_tqdm=True, bf16=precision == "bf16")
 
         class InOrder(transformers.Trainer):  # graftkit's order is seeded too; the order does not change the cost
             def _get_train_sampler(self, *a, **k):
@@ -203,10 +204,12 @@ def main() -> None:
     p.add_argument("--case", choices=["a", "b", "both"], default="both")
     p.add_argument("--steps", type=int, default=8, help="timed steps per framework")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="both sides: fp32, or bf16 autocast (graftkit optim.precision bf16, Trainer bf16=True)")
     p.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "CASE", "DATA"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.worker[2], a.steps, a.warmup)))
+        print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.worker[2], a.steps, a.warmup, a.precision)))
         return
     import torch
 
@@ -219,7 +222,8 @@ def main() -> None:
         data = make_data(case, folder, CASES[case]["batch"] * (a.steps + a.warmup))
         res = {}
         for fw in ("graftkit", "trainer"):
-            proc = subprocess.run([sys.executable, __file__, "--worker", fw, case, str(data), "--steps", str(a.steps), "--warmup", str(a.warmup)],
+            proc = subprocess.run([sys.executable, __file__, "--worker", fw, case, str(data), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                                   "--precision", a.precision],
                                   capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -229,7 +233,7 @@ def main() -> None:
         for fw in res:
             res[fw]["flops_fraction"] = k * res[fw]["n_params"] * res[fw]["tokens_per_s"] / peak
         g, t = res["graftkit"], res["trainer"]
-        print(f"\n({case}) {CASES[case]['title']}")
+        print(f"\n({case}) {CASES[case]['title']}, {a.precision}")
         print(f"  {'':10} {'tokens/s':>10} {'s/step':>8} {'peak RSS MB':>12} {'FLOP/s / peak':>14}")
         for fw, r in res.items():
             print(f"  {fw:10} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:8.2f} {r['peak_rss_mb']:12.0f} {r['flops_fraction']:14.3f}")

@@ -412,3 +412,39 @@ def test_peft_export_of_full_refused_up_front(assets, tmp_path, capsys):
     code, _, err = run_cli(capsys, f)
     assert_one_line_error(code, err, "peft has no format for 'full'")
     assert not (tmp_path / "out").exists()
+
+
+def test_frozen_head_chunked_loss_trains_like_the_full_logits(assets, tmp_path, monkeypatch):
+    """With the LM head frozen, training takes the chunked cross-entropy (graftkit.train.linear_ce);
+    the loss curve equals a run through F.cross_entropy of the full logits (float32)."""
+    from graftkit.train import linear_ce
+
+    method = {"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    fast = chat_recipe(assets, tmp_path / "fast", method=method, optim={"max_steps": 6}, eval={"every": None})
+    train(parse_recipe(fast), progress=False)
+    calls = []
+
+    def plain(hidden, linear, targets, chunk=linear_ce.CHUNK_ROWS):
+        calls.append(len(targets))
+        return torch.nn.functional.cross_entropy(linear(hidden).float(), targets, reduction="none")
+
+    monkeypatch.setattr(linear_ce, "frozen_linear_cross_entropy", plain)
+    slow = chat_recipe(assets, tmp_path / "slow", method=method, optim={"max_steps": 6}, eval={"every": None})
+    train(parse_recipe(slow), progress=False)
+    assert len(calls) == 6  # the training steps went through the patched function
+    a, b = losses(tmp_path / "fast"), losses(tmp_path / "slow")
+    assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_bf16_lora_with_frozen_head_and_exact_match_eval(assets, tmp_path):
+    """bf16: frozen Linear weights held in bf16, chunked loss, and greedy generation for the
+    exact-match eval (under autocast) all run; the saved adapter loads on a float32 base."""
+    r = chat_recipe(assets, tmp_path / "run", method={"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["q_proj", "v_proj"]},
+                    data={"answer_field": "answer"}, optim={"max_steps": 4, "precision": "bf16"},
+                    eval={"every": 4, "exact_match": True, "max_new_tokens": 4, "limit": 4})
+    train(parse_recipe(r), progress=False)
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_exact_match" in x]
+    assert evals and 0.0 <= evals[-1]["val_exact_match"] <= 1.0
+    model = transformers.AutoModelForCausalLM.from_pretrained(assets / "llama")
+    gk.load_adapter(model, tmp_path / "run" / "adapter")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
