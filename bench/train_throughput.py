@@ -14,7 +14,11 @@ Achieved FLOP/s uses the same model-FLOP count for both (``k * N * tokens``: N =
 weights of the Linear layers (matmuls per token; embedding lookups excluded), k = 6 for full fine-tuning, 4 for LoRA where frozen weights
 need no weight gradient) divided by this machine's measured float32 matmul peak.
 
-    python bench/train_throughput.py                    # both cases (~10 minutes on 2 cores)
+With ``--precision bf16`` both sides train under bf16 autocast (graftkit ``optim.precision:
+bf16``, the Trainer ``bf16=True``); the default is fp32.
+
+    python bench/train_throughput.py                    # both cases, fp32 (~2-10 minutes on 2 cores)
+    python bench/train_throughput.py --precision bf16   # both cases, bf16 autocast on both sides
     python bench/train_throughput.py --case a --steps 3 # quick
 """
 from __future__ import annotations

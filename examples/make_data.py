@@ -27,9 +27,10 @@ def write(path: Path, rows: list[dict]) -> None:
 
 
 def classification(out: Path, name: str, loader, sizes: tuple[int, int]) -> None:
-    from graftkit.data import stratified_split
+    from graftkit.data import stratified_split, text_key
 
-    train, val = stratified_split(loader(), sizes, seed=0)
+    # case/punctuation variants of one text count as one example, so none lands on both sides
+    train, val = stratified_split(loader(), sizes, seed=0, key=lambda e: text_key(e[0]))
     write(out / name / "train.jsonl", [{"text": t, "label": y} for t, y, *_ in train])
     write(out / name / "validation.jsonl", [{"text": t, "label": y} for t, y, *_ in val])
 
