@@ -52,6 +52,8 @@ test-fast: install
 bench: install
 	$(PY) bench/lora_step.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/train_throughput.py --precision bf16
+	$(PY) bench/eval_throughput.py
 
 bench-merge: install
 	$(PY) bench/merge_vs_mergekit.py
