@@ -46,6 +46,28 @@ def best(fn, repeats: int):
     return min(times), out
 
 
+def race(plain, spec: dict, task: dict, repeats: int):
+    """Time the plain loop, graftkit with a fresh EvalCache (cold) and graftkit with a cache from
+    an earlier call (warm), alternating so that machine load hits every side alike; after one
+    untimed call of each for first-call costs. Returns the best seconds per side, the plain
+    loop's output, graftkit's result for the task and the warm cache."""
+    from graftkit.eval import EvalCache, evaluate_model
+
+    warm_cache = EvalCache()
+    sides = {"plain": plain,
+             "cold": lambda: evaluate_model(spec, [task], cache=EvalCache())[task["name"]],
+             "warm": lambda: evaluate_model(spec, [task], cache=warm_cache)[task["name"]]}
+    for fn in sides.values():
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in sides}
+    outs: dict = {}
+    for _ in range(repeats):
+        for key, fn in sides.items():
+            t, outs[key] = best(fn, 1)
+            times[key].append(t)
+    return {key: min(v) for key, v in times.items()}, outs["plain"], outs["warm"], warm_cache
+
+
 # -- (a) classification ---------------------------------------------------------------------------
 
 def case_a(tmp: Path, n_texts: int, repeats: int) -> dict:
@@ -54,7 +76,6 @@ def case_a(tmp: Path, n_texts: int, repeats: int) -> dict:
 
     import graftkit as gk
     from graftkit.data import bbc_news
-    from graftkit.eval import EvalCache, evaluate_model
 
     data = bbc_news()
     step = max(1, len(data) // n_texts)
@@ -85,29 +106,10 @@ def case_a(tmp: Path, n_texts: int, repeats: int) -> dict:
                 preds += [m.config.id2label[int(x)] for x in m(**batch).logits.argmax(-1)]
         return preds, tokens
 
-    def graft_cold():
-        return evaluate_model(spec, [task], cache=EvalCache())["bbc"]
-
-    warm_cache = EvalCache()
-    evaluate_model(spec, [task], cache=warm_cache)
-
-    def graft_warm():
-        return evaluate_model(spec, [task], cache=warm_cache)["bbc"]
-
-    for fn in (plain, graft_cold):  # untimed: first-call costs (imports, kernel set-up) of the process
-        fn()
-    times = {"plain": [], "cold": [], "warm": []}
-    for _ in range(repeats):  # alternate, so that machine load hits every side alike
-        for key, fn in (("plain", plain), ("cold", graft_cold), ("warm", graft_warm)):
-            t, out = best(fn, 1)
-            times[key].append(t)
-            if key == "plain":
-                preds, tokens = out
-            else:
-                res = out
+    seconds, (preds, tokens), res, warm_cache = race(plain, spec, task, repeats)
     g_tokens = sum(min(len(ids), 128) for ids in warm_cache._encoded[next(iter(warm_cache._encoded))])
     agree = sum(r["prediction"] == p for r, p in zip(res["rows"], preds)) / len(preds)
-    return {"n": len(rows), "plain_s": min(times["plain"]), "cold_s": min(times["cold"]), "warm_s": min(times["warm"]),
+    return {"n": len(rows), "plain_s": seconds["plain"], "cold_s": seconds["cold"], "warm_s": seconds["warm"],
             "plain_tokens": tokens, "graft_tokens": g_tokens, "agreement": agree}
 
 
@@ -119,7 +121,6 @@ def case_b(tmp: Path, n_prompts: int, new_tokens: int, repeats: int) -> dict:
     import transformers
 
     from graftkit.assets import model_dir
-    from graftkit.eval import EvalCache, evaluate_model
 
     folder = model_dir("smollm2")
     questions = [x["question"] for x in reasoning_gym.create_dataset("gsm_symbolic", size=n_prompts, seed=5)]
@@ -149,30 +150,11 @@ def case_b(tmp: Path, n_prompts: int, new_tokens: int, repeats: int) -> dict:
                 texts += tok.batch_decode(gen, skip_special_tokens=True)
         return texts, tokens
 
-    def graft_cold():
-        return evaluate_model(spec, [task], cache=EvalCache())["gsm"]
-
-    warm_cache = EvalCache()
-    evaluate_model(spec, [task], cache=warm_cache)
-
-    def graft_warm():
-        return evaluate_model(spec, [task], cache=warm_cache)["gsm"]
-
-    for fn in (plain, graft_cold):  # untimed: first-call costs (imports, kernel set-up) of the process
-        fn()
-    times = {"plain": [], "cold": [], "warm": []}
-    for _ in range(repeats):
-        for key, fn in (("plain", plain), ("cold", graft_cold), ("warm", graft_warm)):
-            t, out = best(fn, 1)
-            times[key].append(t)
-            if key == "plain":
-                texts, tokens = out
-            else:
-                res = out
+    seconds, (texts, tokens), res, _ = race(plain, spec, task, repeats)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     g_tokens = sum(min(new_tokens, len(tok(r["output"], add_special_tokens=False)["input_ids"]) + 1) for r in res["rows"])
     same = sum(r["output"] == t for r, t in zip(res["rows"], texts)) / len(texts)
-    return {"n": len(questions), "plain_s": min(times["plain"]), "cold_s": min(times["cold"]), "warm_s": min(times["warm"]),
+    return {"n": len(questions), "plain_s": seconds["plain"], "cold_s": seconds["cold"], "warm_s": seconds["warm"],
             "plain_tokens": tokens, "graft_tokens": g_tokens, "agreement": same}
 
 

@@ -65,10 +65,6 @@ def predict_probs(model: nn.Module, encoded: list[list[int]], *, pad: int, batch
     return np.stack(probs)  # type: ignore[arg-type]
 
 
-def num_batches(n: int, batch_size: int) -> int:
-    return (n + batch_size - 1) // batch_size
-
-
 def score(probs: np.ndarray, gold: list[int], head: Head, references: list[str]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     from .metrics import accuracy, expected_calibration_error, macro_f1
 

@@ -555,9 +555,13 @@ def _similarity(st: _Study, sec: Section, figs: list) -> None:
         sec.blocks.append(fig)
 
 
+def _model_task_entries(table: dict) -> list[tuple[str, str, dict]]:
+    """``(model, task, record)`` for every well-formed record of a ``{model: {task: {...}}}`` table."""
+    return [(m, t, r) for m, per in table.items() if isinstance(per, dict) for t, r in per.items() if isinstance(r, dict)]
+
+
 def _flips(st: _Study, sec: Section, figs: list) -> None:
-    flips = st.get("flips")
-    entries = [(m, t, f) for m, per in flips.items() if isinstance(per, dict) for t, f in per.items() if isinstance(f, dict)]
+    entries = _model_task_entries(st.get("flips"))
     if not entries:
         sec.blocks.append(Para(_because(st, ("merge", "eval"), "No prediction flips were recorded"), "missing"))
         return
@@ -607,8 +611,7 @@ def _verdict_bg(verdict: str) -> str | None:
 
 
 def _significance(st: _Study, sec: Section) -> None:
-    sig = st.get("significance")
-    entries = [(m, t, s) for m, per in sig.items() if isinstance(per, dict) for t, s in per.items() if isinstance(s, dict)]
+    entries = _model_task_entries(st.get("significance"))
     if not entries:
         sec.blocks.append(Para(_because(st, ("merge", "eval"), "No significance tests were recorded"), "missing"))
         return

@@ -45,11 +45,6 @@ def column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (1-based) of each row of a 2-D tensor, shape (rows, 1)."""
-    return torch.kthvalue(flat, k, dim=1, keepdim=True).values
-
-
 EXACT_BELOW = 1 << 16
 _TOP_BINS = 1 << 15  # the top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
 

@@ -79,9 +79,6 @@ class MergeConfig(StrictModel):
 
         return MERGES.get(self.merge_method)
 
-    def input_paths(self) -> list[str]:
-        return [m.model for m in self.models]
-
 
 def _check_value(where: str, name: str, value) -> None:
     if isinstance(value, bool) or value is None or isinstance(value, str):
