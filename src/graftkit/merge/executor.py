@@ -303,8 +303,8 @@ def chunk_elements(method: str = "") -> int:
     """Elements per row chunk of a large tensor (``GRAFT_MERGE_CHUNK`` overrides). Methods that
     trim by magnitude need an extra read of every model to find a chunked tensor's thresholds, so
     they chunk only above 4M elements (the MLP matrices of a 0.5B model stay whole); the others
-    gain from small chunks that stay in cache (measured on the merge benchmark: linear 2.1 s and
-    413 MB at 1M vs 2.4 s and 739 MB at 4M; ties 7.2 s at 4M vs 7.8 s at 1M)."""
+    gain from small chunks that stay in cache (the benchmark's recipes, warm cache: linear 2.1 s and
+    413 MB at 1M vs 2.4 s and 739 MB at 4M; ties 7.2 s at 4M vs 7.8 s at 1M; bench/RESULTS.md)."""
     default = 1 << 22 if method in THRESHOLDED else 1 << 20
     return int(os.environ.get("GRAFT_MERGE_CHUNK", default))
 
