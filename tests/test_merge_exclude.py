@@ -46,9 +46,9 @@ def test_heads_of_different_label_counts_merge_with_exclude(cls_models, tmp_path
     from graftkit.merge import executor
     from graftkit.tensors import Checkpoint
 
-    read, get, read_rows = [], Checkpoint.get, executor._read
+    read, get, map_bytes = [], Checkpoint.get, executor.map_bytes
     monkeypatch.setattr(Checkpoint, "get", lambda self, key: read.append(key) or get(self, key))
-    monkeypatch.setattr(executor, "_read", lambda plan, path, key, rows: read.append(key) or read_rows(plan, path, key, rows))
+    monkeypatch.setattr(executor, "map_bytes", lambda ckpt, key, lo, hi: read.append(key) or map_bytes(ckpt, key, lo, hi))
     out = gk.merge(_cfg(cls_models, exclude=["classifier.*"]), tmp_path / "m")
     monkeypatch.undo()
     assert read and not any(k.startswith("classifier.") for k in read)  # excluded tensors are never read

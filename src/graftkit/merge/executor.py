@@ -209,6 +209,11 @@ def describe(plan: Plan, threads: int | None = None, max_keys: int = 12) -> str:
         params = next((m.parameters for m in cfg.models if m.model == p), {})
         lines.append(f"input         {p}  {plan.ckpts[p].size_on_disk() / gb:.3f} GB  {json.dumps(params, default=str)}")
     lines.append(f"parameters    {json.dumps(cfg.parameters, default=str)}")
+    from .fused import unsupported
+
+    slow_reason = unsupported(plan)
+    lines.append("compute       " + ("fused kernels (numba), float32" if slow_reason is None
+                                     else f"torch reference functions, float32 ({slow_reason})"))
     n_merge = sum(plan.merged(k) for k in plan.keys)
     lines.append(f"tensors       {len(plan.keys)} ({n_merge} merged with {spec.name}, {len(plan.keys) - n_merge} non-float copied from {plan.reference})")
     if plan.excluded:
@@ -320,19 +325,34 @@ def _data_start(f: Path, header: dict, fd: int) -> int:
     return start
 
 
+def map_bytes(ckpt: Checkpoint, key: str, lo: int, hi: int):
+    """Memory-map bytes ``[lo, hi)`` of one tensor's data in its safetensors file (read-only use):
+    ``(mapping, offset of byte lo inside it)``. Only that range is mapped; it is unmapped when the
+    mapping (and every array viewing it) is dropped."""
+    import mmap
+
+    f = ckpt.files[key]
+    try:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            offset = _data_start(f, ckpt.headers[f], fd) + lo
+            aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+            return mmap.mmap(fd, hi - lo + offset - aligned, offset=aligned, access=mmap.ACCESS_COPY), offset - aligned
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(f"{f}: tensor {key} could not be read ({exc})") from None
+
+
 def _read(plan: Plan, path: str, key: str, rows: tuple[int, int] | None):
-    """One tensor (or rows of it) of one input, memory-mapped: only that tensor's byte range of
-    the file is mapped (private, read-only use) and unmapped when the tensor is dropped."""
+    """One tensor (or rows of it) of one input as a torch tensor over a memory map of just its bytes."""
     ckpt = plan.ckpts[path]
     if ckpt._pickled is not None or not isinstance(ckpt, Checkpoint):
         t = ckpt.get(key)
         return t if rows is None else t[rows[0]:rows[1]]
-    import mmap
-
     import torch
 
-    f = ckpt.files[key]
-    meta = ckpt.headers[f][key]
+    meta = ckpt.headers[ckpt.files[key]][key]
     dtype = getattr(torch, ST_TO_TORCH.get(meta["dtype"], ""), None)
     shape = list(meta["shape"])
     lo, hi = meta["data_offsets"]
@@ -343,18 +363,9 @@ def _read(plan: Plan, path: str, key: str, rows: tuple[int, int] | None):
     if dtype is None or hi <= lo:
         t = ckpt.get(key)
         return t if rows is None else t[rows[0]:rows[1]]
-    try:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            offset = _data_start(f, ckpt.headers[f], fd) + lo
-            aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-            mapped = mmap.mmap(fd, hi - lo + offset - aligned, offset=aligned, access=mmap.ACCESS_COPY)
-        finally:
-            os.close(fd)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return torch.frombuffer(mapped, dtype=dtype, count=(hi - lo) // itemsize, offset=offset - aligned).view(shape)
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(f"{f}: tensor {key} could not be read ({exc})") from None
+    mapped, start = map_bytes(ckpt, key, lo, hi)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mapped, dtype=dtype, count=(hi - lo) // itemsize, offset=start).view(shape)
 
 
 def _merge_rows(plan: Plan, key: str, torch, params: dict, rows: tuple[int, int] | None):
@@ -467,9 +478,6 @@ def global_thresholds(plan: Plan, torch) -> list:
 
 def _merge_key(plan: Plan, key: str, torch) -> Any:
     spec = plan.spec
-    delay = float(os.environ.get("_GRAFT_MERGE_DELAY", "0") or 0)  # test hook: make a merge slow enough to kill
-    if delay:
-        time.sleep(delay)
     if not plan.merged(key):
         return plan.ckpts[plan.reference].get(key)
     out_dtype = getattr(torch, ST_TO_TORCH[plan.out_dtypes[key]])
@@ -591,10 +599,30 @@ class _Prefetcher:
         self.fds = {}
 
 
-def execute(plan: Plan, folder: Path, threads: int | None = None, progress: bool | None = None) -> dict:
-    """Merge every tensor of ``plan`` into shards under ``folder``; return timing statistics."""
-    import torch
+def _merge_key_fused(plan: Plan, key: str, writer: ShardWriter) -> None:
+    from . import fused
 
+    if not plan.merged(key):
+        fused.copy_key(plan, key, writer)
+        return
+    if fused.merge_key(plan, key, key_params(plan, key), writer):
+        import torch  # a NaN/Inf: the reference path names the input that brought it, and raises
+
+        writer.write(key, _merge_key(plan, key, torch))
+    writer.finish(key)
+
+
+def execute(plan: Plan, folder: Path, threads: int | None = None, progress: bool | None = None) -> dict:
+    """Merge every tensor of ``plan`` into shards under ``folder``; return timing statistics.
+
+    The fused kernels (:mod:`.fused`) do the tensors when the method and inputs allow it; then
+    torch is never imported. Otherwise the torch reference functions do them."""
+    from . import fused
+
+    slow_reason = fused.unsupported(plan)
+    torch = None
+    if slow_reason is not None:
+        import torch
     threads = threads or plan.config.threads or default_threads()
     _keep_freed_memory()
     entries = [(k, plan.out_dtypes[k], plan.shapes[k]) for k in plan.keys]
@@ -605,16 +633,21 @@ def execute(plan: Plan, folder: Path, threads: int | None = None, progress: bool
     used = [p for p in dict.fromkeys([plan.base, *plan.inputs]) if p]
     per_key_bytes = {k: sum(nbytes(st_dtype(plan.ckpts[p].dtype(k)), plan.shapes[k]) for p in used) for k in plan.keys}
     start = time.perf_counter()
-    intra = max(1, (os.cpu_count() or 1) // threads)
-    torch_threads = torch.get_num_threads()
+    torch_threads = torch.get_num_threads() if torch is not None else 0
+    delay = float(os.environ.get("_GRAFT_MERGE_DELAY", "0") or 0)  # test hook: make a merge slow enough to kill
 
     prefetch = _Prefetcher(plan, used)
 
     def work(key: str) -> None:
         prefetch.begin()
-        out = _merge_key(plan, key, torch)
-        writer.write(key, out)
-        del out
+        if delay:
+            time.sleep(delay)
+        if torch is None:
+            _merge_key_fused(plan, key, writer)
+        else:
+            out = _merge_key(plan, key, torch)
+            writer.write(key, out)
+            del out
         bar.advance(per_key_bytes[key])
 
     if plan.spec.name == "ties" and plan.config.parameters.get("scope", "tensor") == "global":
@@ -627,7 +660,8 @@ def execute(plan: Plan, folder: Path, threads: int | None = None, progress: bool
         else:
             from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-            torch.set_num_threads(intra)
+            if torch is not None:
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
             pool = ThreadPoolExecutor(threads, thread_name_prefix="graft-merge")
             try:
                 futures = [pool.submit(work, k) for k in plan.keys]
@@ -642,12 +676,14 @@ def execute(plan: Plan, folder: Path, threads: int | None = None, progress: bool
         raise
     finally:
         prefetch.close()
-        torch.set_num_threads(torch_threads)
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
         bar.stop()
     writer.close()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "input_bytes": plan.input_bytes, "gb_per_s": plan.input_bytes / 1e9 / max(seconds, 1e-9),
-            "tensors": len(plan.keys), "threads": threads}
+            "tensors": len(plan.keys), "threads": threads,
+            "kernels": "fused" if torch is None else f"torch reference ({slow_reason})"}
 
 
 def _model_dir(plan: Plan, path: str) -> Path:

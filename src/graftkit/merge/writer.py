@@ -7,6 +7,7 @@ Nothing buffers the output model, whatever order the tensors finish in.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -49,6 +50,18 @@ def nbytes(dtype: str, shape) -> int:
     return n
 
 
+def _reserve(fd: int, size: int) -> None:
+    """Give the shard its full size up front. Allocated blocks (``posix_fallocate``), not a sparse
+    file: writing into a hole costs ext4 about 5x more (1 GB of pwrite: 1.8 s into an ftruncate-d
+    file, 0.36 s with fallocate), and a disk too small fails here, before any work."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)  # a file system without fallocate
+
+
 class ShardWriter:
     """Write ``entries`` = [(key, safetensors dtype, shape)] into ``folder`` as HF shards."""
 
@@ -83,7 +96,7 @@ class ShardWriter:
             self.fds.append(fd)
             self._pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
             start = 8 + len(raw)
-            os.ftruncate(fd, start + offset)
+            _reserve(fd, start + offset)
             for key, dtype, shape in shard:
                 lo, hi = header[key]["data_offsets"]
                 self.where[key] = (fd, start + lo, hi - lo)
@@ -99,12 +112,24 @@ class ShardWriter:
             view, offset = view[n:], offset + n
 
     def write(self, key: str, tensor) -> None:
-        fd, offset, size = self.where[key]
+        """Write a whole tensor (torch) to its place and mark it done."""
+        size = self.where[key][2]
         flat = tensor.contiguous().reshape(-1)
         data = flat.view(__import__("torch").uint8).numpy() if flat.numel() else b""
         if len(data) != size:
             raise RuntimeError(f"{key}: {len(data)} bytes to write, the header says {size}")
-        self._pwrite(fd, data, offset)
+        self.write_part(key, data, 0)
+        self.finish(key)
+
+    def write_part(self, key: str, data, at: int) -> None:
+        """Write raw bytes (any buffer: a numpy array, bytes) at byte ``at`` of ``key``'s data."""
+        fd, offset, size = self.where[key]
+        view = memoryview(data).cast("B")
+        if at + len(view) > size:
+            raise RuntimeError(f"{key}: writing bytes {at}..{at + len(view)} past its {size} bytes")
+        self._pwrite(fd, view, offset + at)
+
+    def finish(self, key: str) -> None:
         self.pending.discard(key)
 
     def close(self) -> None:
