@@ -73,7 +73,15 @@ class Plan:
         """Rough upper bound of the working memory (beyond the interpreter and torch)."""
         largest = max((nbytes("F32", s) for s in self.shapes.values()), default=0)
         n = len(self.inputs)
-        if self.spec.name in CHUNKABLE:
+        from .fused import CHUNK, unsupported
+
+        if unsupported(self) is None:
+            # fused kernels: a chunk of each mapped input and of the output; TIES' thresholds map
+            # the base and one model whole
+            per_worker = 4 * CHUNK * (n + 2)
+            if self.spec.name == "ties":
+                per_worker = max(per_worker, 2 * max(nbytes(self.in_dtypes[k], s) for k, s in self.shapes.items()))
+        elif self.spec.name in CHUNKABLE:
             chunk = min(largest, 4 * chunk_elements(self.spec.name))
             # per worker: n float32 deltas + base + ~3 temporaries per chunk; the threshold pass
             # of a large tensor holds one model's float32 delta, its magnitudes and the base
