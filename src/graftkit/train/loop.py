@@ -302,6 +302,10 @@ class Run:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if r.optim.fast_dropout and self.acc.device.type == "cpu":
+            from .dropout import use_fast_dropout
+
+            use_fast_dropout(model)
         self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
