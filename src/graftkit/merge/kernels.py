@@ -99,6 +99,20 @@ def _splitmix64(z):
     return np.uint64(z ^ (z >> np.uint64(31)))
 
 
+@nb.njit(inline="always")
+def random_draws(buffer, seed, position, count):
+    """Uniform 32-bit draws for elements ``position .. position + count - 1`` (``position`` even)
+    of the stream ``seed``: element e gets one half of the SplitMix64 output for counter
+    ``seed + (e // 2) * golden``, so any chunk of a tensor draws what the whole tensor would.
+    Written into ``buffer`` (uint64, at least ``count + 1`` long); returns its first ``count``."""
+    first = np.uint64(position // 2)
+    for p in range((count + 1) // 2):  # one 64-bit word gives the draws of two entries
+        word = _splitmix64(seed + (first + np.uint64(p)) * _GOLDEN)
+        buffer[2 * p] = word >> np.uint64(32)
+        buffer[2 * p + 1] = word & np.uint64(0xFFFFFFFF)
+    return buffer[:count]
+
+
 # Every loop below runs over block slices indexed from 0: indexing a whole array at
 # ``start + j`` keeps LLVM from vectorizing the loop (about 10x slower).
 @nb.njit(nogil=True, cache=True)
@@ -212,13 +226,7 @@ def merge_deltas(base, models, weights, coefs, mode, thresholds, bounds, seeds, 
                 for j in range(c):
                     tau[j] = tau[j] * (one if abs(tau[j]) >= t else zero)
             elif mode == KEEP_RANDOM and bounds[i] < np.uint64(1 << 32):
-                seed = np.uint64(seeds[i])
-                first = np.uint64((offset + start) // 2)
-                draws = draw_block[:c + 1]
-                for p in range((c + 1) // 2):  # one 64-bit word gives the draws of two entries
-                    word = _splitmix64(seed + (first + np.uint64(p)) * _GOLDEN)
-                    draws[2 * p] = word >> np.uint64(32)
-                    draws[2 * p + 1] = word & np.uint64(0xFFFFFFFF)
+                draws = random_draws(draw_block, np.uint64(seeds[i]), offset + start, c)
                 bound = bounds[i]
                 for j in range(c):
                     tau[j] = tau[j] * (one if draws[j] < bound else zero)

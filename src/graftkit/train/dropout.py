@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..merge.kernels import _GOLDEN, _splitmix64
+from ..merge.kernels import _f32, _store, random_draws
 
 _BLOCK = 1 << 14
 ATTENTION = "graft_sdpa"
@@ -31,43 +31,21 @@ ATTENTION = "graft_sdpa"
 
 
 @nb.njit(nogil=True, cache=True)
-def _dropout_f32(x, out, seed, bound, scale):
+def _dropout(x, out, seed, bound, scale):
+    """``out = x * keep / (1 - p)`` over raw bits (uint32: float32, uint16: bf16 - widened, multiplied
+    in float32 and rounded to nearest even, as torch's bf16 multiply); keep where draw >= bound."""
     n = x.size
-    for blk in range((n + _BLOCK - 1) // _BLOCK):
-        start = blk * _BLOCK
+    draw_block = np.empty(_BLOCK + 1, dtype=np.uint64)
+    value_block = np.empty(_BLOCK, dtype=np.float32)
+    zero = np.float32(0.0)
+    for start in range(0, n, _BLOCK):
         xs = x[start:start + _BLOCK]
-        os_ = out[start:start + _BLOCK]
         c = xs.size
-        draws = np.empty(_BLOCK + 1, dtype=np.uint64)
-        first = np.uint64(start // 2)
-        for p in range((c + 1) // 2):
-            word = _splitmix64(seed + (first + np.uint64(p)) * _GOLDEN)
-            draws[2 * p] = word >> np.uint64(32)
-            draws[2 * p + 1] = word & np.uint64(0xFFFFFFFF)
+        draws = random_draws(draw_block, seed, start, c)
+        values = value_block[:c]
         for j in range(c):
-            os_[j] = xs[j] * (scale if draws[j] >= bound else np.float32(0.0))
-
-
-@nb.njit(nogil=True, cache=True)
-def _dropout_bf16(x, out, seed, bound, scale):
-    """bf16 as uint16 bits: widen, multiply in float32, round to nearest even (torch's bf16 mul)."""
-    n = x.size
-    for blk in range((n + _BLOCK - 1) // _BLOCK):
-        start = blk * _BLOCK
-        xs = x[start:start + _BLOCK]
-        os_ = out[start:start + _BLOCK]
-        c = xs.size
-        draws = np.empty(_BLOCK + 1, dtype=np.uint64)
-        first = np.uint64(start // 2)
-        for p in range((c + 1) // 2):
-            word = _splitmix64(seed + (first + np.uint64(p)) * _GOLDEN)
-            draws[2 * p] = word >> np.uint64(32)
-            draws[2 * p + 1] = word & np.uint64(0xFFFFFFFF)
-        for j in range(c):
-            v = np.uint32(np.uint32(xs[j]) << np.uint32(16)).view(np.float32)
-            v = v * (scale if draws[j] >= bound else np.float32(0.0))
-            bits = np.float32(v).view(np.uint32)
-            os_[j] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            values[j] = _f32(xs[j]) * (scale if draws[j] >= bound else zero)
+        _store(values, out[start:start + _BLOCK])
 
 
 def apply_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -78,11 +56,9 @@ def apply_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         return out
     bound = np.uint64(min(round(p * 2**32), 2**32))
     scale = np.float32(1.0 / (1.0 - p))
-    if x.dtype == torch.float32:
-        _dropout_f32(x.view(-1).numpy(), out.view(-1).numpy(), np.uint64(seed), bound, scale)
-    else:  # bfloat16 (checked by the caller)
-        _dropout_bf16(x.view(-1).view(torch.int16).numpy().view(np.uint16), out.view(-1).view(torch.int16).numpy().view(np.uint16),
-                      np.uint64(seed), bound, scale)
+    bits = (torch.int32, np.uint32) if x.dtype == torch.float32 else (torch.int16, np.uint16)  # else bf16 (the caller checks)
+    _dropout(x.view(-1).view(bits[0]).numpy().view(bits[1]), out.view(-1).view(bits[0]).numpy().view(bits[1]),
+             np.uint64(seed), bound, scale)
     return out
 
 
