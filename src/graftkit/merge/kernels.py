@@ -37,10 +37,14 @@ def _f32(x):
     """The float32 value of one raw element: bf16 (uint16 bits) or float32 (uint32 bits)."""
 
 
+def _bits(value, out):
+    """A float32 ``value`` as a raw element of ``out``'s dtype (uint16: bf16, rounded to nearest
+    even as torch's ``.to(torch.bfloat16)``; uint32: float32 bits). NaN is not canonicalized."""
+
+
 def _store(values, out):
-    """Write a block of float32 ``values`` into ``out`` (uint16: bf16, rounded to nearest even as
-    torch's ``.to(torch.bfloat16)``; uint32: float32 bits); return how many are not finite. A
-    non-finite value is not canonicalized: the executor redoes such a tensor on the reference path."""
+    """Write a block of float32 ``values`` into ``out`` (see :func:`_bits`); return how many are not
+    finite (the executor redoes such a tensor on the reference path)."""
 
 
 # The raw element type is known when a kernel is compiled: each helper picks its bf16 or float32
@@ -52,28 +56,26 @@ def _f32_typed(x):
     return lambda x: np.uint32(x).view(np.float32)
 
 
+@overload(_bits, inline="always")
+def _bits_typed(value, out):
+    if out.dtype.bitwidth == 16:
+        def bf16_bits(value, out):
+            v = np.float32(value).view(np.uint32)
+            return np.uint16((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return bf16_bits
+    return lambda value, out: np.float32(value).view(np.uint32)
+
+
 @overload(_store, inline="always")
 def _store_typed(values, out):
-    if out.dtype.bitwidth == 16:
-        def store_bf16(values, out):
-            bits = values.view(np.uint32)
-            bad = 0
-            for j in range(out.size):
-                v = bits[j]
-                bad += 1 if (v & np.uint32(0x7F800000)) == np.uint32(0x7F800000) else 0
-                out[j] = np.uint16((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-            return bad
-        return store_bf16
-
-    def store_f32(values, out):
+    def store(values, out):
         bits = values.view(np.uint32)
         bad = 0
         for j in range(out.size):
-            v = bits[j]
-            bad += 1 if (v & np.uint32(0x7F800000)) == np.uint32(0x7F800000) else 0
-            out[j] = v
+            bad += 1 if (bits[j] & np.uint32(0x7F800000)) == np.uint32(0x7F800000) else 0
+            out[j] = _bits(values[j], out)
         return bad
-    return store_f32
+    return store
 
 
 @intrinsic

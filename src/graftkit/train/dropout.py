@@ -21,31 +21,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..merge.kernels import _f32, _store, random_draws
+from ..merge.kernels import _bits, _f32, random_draws
 
 _BLOCK = 1 << 14
 ATTENTION = "graft_sdpa"
-# The kernels are single-threaded on purpose: with numba's parallel (OpenMP) runtime loaded next
-# to torch's, the same training step gave slightly different activations in a 2-thread process
-# than in a 1-thread one, which broke bit-exact resume across processes (tests/test_train.py).
+# The kernel is single-threaded on purpose. With numba's parallel (OpenMP) runtime loaded next to
+# torch's, the same training step gave slightly different activations in a 2-thread process than
+# in a 1-thread one, which broke bit-exact resume across processes (tests/test_train.py); split
+# over Python threads instead it was slower (torch's OpenMP workers still spin on the cores).
 
 
 @nb.njit(nogil=True, cache=True)
-def _dropout(x, out, seed, bound, scale):
+def _dropout(x, out, seed, bound, scale, offset):
     """``out = x * keep / (1 - p)`` over raw bits (uint32: float32, uint16: bf16 - widened, multiplied
-    in float32 and rounded to nearest even, as torch's bf16 multiply); keep where draw >= bound."""
+    in float32 and rounded to nearest even, as torch's bf16 multiply); keep where draw >= bound.
+    ``offset`` (even): the position of ``x[0]`` in the whole tensor, whose draws it takes."""
     n = x.size
     draw_block = np.empty(_BLOCK + 1, dtype=np.uint64)
-    value_block = np.empty(_BLOCK, dtype=np.float32)
     zero = np.float32(0.0)
     for start in range(0, n, _BLOCK):
         xs = x[start:start + _BLOCK]
+        os_ = out[start:start + _BLOCK]
         c = xs.size
-        draws = random_draws(draw_block, seed, start, c)
-        values = value_block[:c]
+        draws = random_draws(draw_block, seed, offset + start, c)
         for j in range(c):
-            values[j] = _f32(xs[j]) * (scale if draws[j] >= bound else zero)
-        _store(values, out[start:start + _BLOCK])
+            os_[j] = _bits(_f32(xs[j]) * (scale if draws[j] >= bound else zero), os_)
 
 
 def apply_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def apply_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     scale = np.float32(1.0 / (1.0 - p))
     bits = (torch.int32, np.uint32) if x.dtype == torch.float32 else (torch.int16, np.uint16)  # else bf16 (the caller checks)
     _dropout(x.view(-1).view(bits[0]).numpy().view(bits[1]), out.view(-1).view(bits[0]).numpy().view(bits[1]),
-             np.uint64(seed), bound, scale)
+             np.uint64(seed), bound, scale, 0)
     return out
 
 
