@@ -115,6 +115,15 @@ def random_draws(buffer, seed, position, count):
     return buffer[:count]
 
 
+@nb.njit(inline="always")
+def _divisor(weights, normalize):
+    """Whether to divide by the weights' sum (``normalize`` and not ~0, as mergekit), and the sum."""
+    total = 0.0
+    for i in range(weights.size):
+        total += weights[i]
+    return normalize and abs(total) >= 1e-8, np.float32(total)
+
+
 # Every loop below runs over block slices indexed from 0: indexing a whole array at
 # ``start + j`` keeps LLVM from vectorizing the loop (about 10x slower).
 @nb.njit(nogil=True, cache=True)
@@ -197,11 +206,7 @@ def merge_deltas(base, models, weights, coefs, mode, thresholds, bounds, seeds, 
     over the block that the compiler vectorizes."""
     n = base.size
     m = len(models)
-    total_w = 0.0
-    for i in range(m):
-        total_w += weights[i]
-    divide_all = normalize and abs(total_w) >= 1e-8
-    total_w32 = np.float32(total_w)
+    divide_all, total_w32 = _divisor(weights, normalize)
     lam32 = np.float32(lam)
     zero, one = np.float32(0.0), np.float32(1.0)
     b_block = np.empty(BLOCK, dtype=np.float32)
@@ -285,11 +290,7 @@ def weighted_average(models, weights, normalize, out):
     outputs (a NaN/Inf input always makes one)."""
     n = out.size
     m = len(models)
-    total_w = 0.0
-    for i in range(m):
-        total_w += weights[i]
-    divide = normalize and abs(total_w) >= 1e-8
-    total_w32 = np.float32(total_w)
+    divide, total_w32 = _divisor(weights, normalize)
     acc_block = np.empty(BLOCK, dtype=np.float32)
     bad = 0
     for start in range(0, n, BLOCK):
