@@ -347,11 +347,14 @@ class Study:
                 name = f"{family.family}/{task.name}"
                 raw = self.recipe_for(family, task)
                 folder = Path(raw["output"]["dir"])
-                key = hashlib.sha256((json.dumps(raw, sort_keys=True) + _hash_files([self.data[task.name]["paths"]["train"]])).encode()).hexdigest()
                 entry = {"name": name, "kind": "expert", "family": family.family, "task": task.name}
                 t0 = time.perf_counter()
                 try:
                     recipe = parse_recipe(raw, source=f"study expert {name}")
+                    # the resolved recipe, defaults included: a changed default (say optim.fast_dropout)
+                    # retrains instead of reusing an expert trained another way
+                    key = hashlib.sha256((json.dumps(recipe.resolved(), sort_keys=True, default=str)
+                                          + _hash_files([self.data[task.name]["paths"]["train"]])).encode()).hexdigest()
                     key_file = folder / "study_key.txt"
                     done = (folder / "adapter").exists() and key_file.exists() and key_file.read_text().strip() == key
                     if done:
