@@ -18,7 +18,6 @@ import secrets
 import numpy as np
 
 from ..tensors import Checkpoint
-from .writer import nbytes
 
 FUSED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 RAW = {"BF16": np.uint16, "F32": np.uint32}  # the kernels read and write raw bits
@@ -49,6 +48,7 @@ def unsupported(plan) -> str | None:
 
 
 def _splitmix64(z: int) -> int:
+    """SplitMix64's next output from state ``z`` (in Python: this runs once per model, per tensor)."""
     z = (z + 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -115,24 +115,30 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
     numel = 1
     for d in plan.shapes[key]:
         numel *= d
-    out_raw = RAW[plan.out_dtypes[key]]
-    out = np.empty(min(numel, CHUNK), dtype=out_raw)
-    out_size = nbytes(plan.out_dtypes[key], (1,))
+    out = np.empty(min(numel, CHUNK), dtype=RAW[plan.out_dtypes[key]])
     models = [_Mapped(plan.ckpts[p], key) for p in plan.inputs]
     base = _Mapped(plan.ckpts[plan.base], key) if spec.name != "linear" else None
+    mapped = [*([base] if base else []), *models]
+
+    def chunked(kernel) -> int:
+        """``kernel(lo, hi, out_part)`` over the tensor chunk by chunk; each output chunk goes
+        to the shard, each input chunk's pages are released."""
+        bad = 0
+        for lo in range(0, numel, CHUNK):
+            hi = min(numel, lo + CHUNK)
+            part = out[:hi - lo]
+            bad += kernel(lo, hi, part)
+            writer.write_part(key, part, lo * out.itemsize)
+            for m in mapped:
+                m.release(lo, hi)
+        return bad
+
     try:
         weights = np.asarray(params["weight"], dtype=np.float64)
-        bad = 0
         if spec.name == "linear":
-            for lo in range(0, numel, CHUNK):
-                hi = min(numel, lo + CHUNK)
-                part = out[:hi - lo]
-                bad += kernels.weighted_average(tuple(m.array[lo:hi] for m in models), weights,
-                                                  bool(params["normalize"]), part)
-                writer.write_part(key, part, lo * out_size)
-                for m in models:
-                    m.release(lo, hi)
-            return bad
+            normalize = bool(params["normalize"])
+            return chunked(lambda lo, hi, part: kernels.weighted_average(tuple(m.array[lo:hi] for m in models), weights,
+                                                                         normalize, part))
         n = len(models)
         density = [float(d) for d in params.get("density", [1.0] * n)]
         thresholds = np.full(n, np.nan, dtype=np.float32)
@@ -159,16 +165,10 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
                     if params.get("rescale", True):
                         coefs[i] = weights[i] / d
         consensus = spec.name in ("ties", "dare_ties")
-        for lo in range(0, numel, CHUNK):
-            hi = min(numel, lo + CHUNK)
-            part = out[:hi - lo]
-            bad += kernels.merge_deltas(base.array[lo:hi], tuple(m.array[lo:hi] for m in models), weights, coefs, mode,
-                                          thresholds, bounds, seeds, lo, consensus, bool(params.get("normalize", False)),
-                                          float(params.get("lambda", 1.0)), part)
-            writer.write_part(key, part, lo * out_size)
-            for m in (base, *models):
-                m.release(lo, hi)
-        return bad
+        normalize, lam = bool(params.get("normalize", False)), float(params.get("lambda", 1.0))
+        return chunked(lambda lo, hi, part: kernels.merge_deltas(
+            base.array[lo:hi], tuple(m.array[lo:hi] for m in models), weights, coefs, mode, thresholds, bounds, seeds, lo,
+            consensus, normalize, lam, part))
     finally:
-        for m in (*models, *([base] if base else [])):
+        for m in mapped:
             m.close()
