@@ -56,6 +56,7 @@ bench: install
 	$(PY) bench/eval_throughput.py
 
 bench-merge: install
+	$(PY) bench/merge_kernels.py
 	$(PY) bench/merge_vs_mergekit.py
 
 # data files of the graft train examples (examples/data/, from the packaged corpora)
