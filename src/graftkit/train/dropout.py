@@ -32,10 +32,9 @@ ATTENTION = "graft_sdpa"
 
 
 @nb.njit(nogil=True, cache=True)
-def _dropout(x, out, seed, bound, scale, offset):
+def _dropout(x, out, seed, bound, scale):
     """``out = x * keep / (1 - p)`` over raw bits (uint32: float32, uint16: bf16 - widened, multiplied
-    in float32 and rounded to nearest even, as torch's bf16 multiply); keep where draw >= bound.
-    ``offset`` (even): the position of ``x[0]`` in the whole tensor, whose draws it takes."""
+    in float32 and rounded to nearest even, as torch's bf16 multiply); keep where draw >= bound."""
     n = x.size
     draw_block = np.empty(_BLOCK + 1, dtype=np.uint64)
     zero = np.float32(0.0)
@@ -43,7 +42,7 @@ def _dropout(x, out, seed, bound, scale, offset):
         xs = x[start:start + _BLOCK]
         os_ = out[start:start + _BLOCK]
         c = xs.size
-        draws = random_draws(draw_block, seed, offset + start, c)
+        draws = random_draws(draw_block, seed, start, c)
         for j in range(c):
             os_[j] = _bits(_f32(xs[j]) * (scale if draws[j] >= bound else zero), os_)
 
@@ -58,7 +57,7 @@ def apply_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     scale = np.float32(1.0 / (1.0 - p))
     bits = (torch.int32, np.uint32) if x.dtype == torch.float32 else (torch.int16, np.uint16)  # else bf16 (the caller checks)
     _dropout(x.view(-1).view(bits[0]).numpy().view(bits[1]), out.view(-1).view(bits[0]).numpy().view(bits[1]),
-             np.uint64(seed), bound, scale, 0)
+             np.uint64(seed), bound, scale)
     return out
 
 
