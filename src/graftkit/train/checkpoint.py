@@ -25,6 +25,7 @@ import torch
 
 from ..errors import FileFormatError
 from ..tensors import atomic_dir, read_safetensors
+from .fsdp import shard_like
 
 STATE = "state.json"
 PREFIX = "step-"
@@ -64,17 +65,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def _split_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def snapshot(named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Whole copies of the trained tensors and the optimizer state, as a checkpoint stores them.
+
+    FSDP shards are gathered, so every process of a sharded run must call this, in step."""
+    from .fsdp import whole
+
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
         for key, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous().clone()
+                tensors[f"{idx}.{key}"] = whole(value.detach()).cpu().contiguous().clone()
             else:
                 plain.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
+    return {"trainable": {n: whole(p.detach()).cpu().contiguous().clone() for n, p in named_params},
+            "optimizer_tensors": tensors, "optimizer": {"param_groups": sd["param_groups"], "plain": plain}}
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -93,19 +100,18 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(output: str | Path, step: int, named_params: list[tuple[str, torch.nn.Parameter]],
-                    optimizer: torch.optim.Optimizer, scheduler, rng_states: list[dict[str, Any]], info: dict[str, Any],
-                    keep: int) -> Path:
+def save_checkpoint(output: str | Path, step: int, snap: dict[str, Any], scheduler, rng_states: list[dict[str, Any]],
+                    info: dict[str, Any], keep: int) -> Path:
+    """Write ``snapshot(...)``, the scheduler and every process's RNG state as checkpoint ``step``."""
     from safetensors.torch import save_file
 
     target = checkpoint_root(output) / f"{PREFIX}{step:06d}"
-    opt_tensors, opt_meta = _split_optimizer(optimizer)
     with atomic_dir(target, overwrite=True) as tmp:
-        save_file({n: p.detach().cpu().contiguous().clone() for n, p in named_params}, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(snap["trainable"], str(tmp / "trainable.safetensors"))
+        save_file(snap["optimizer_tensors"], str(tmp / "optimizer.safetensors"))
         save_file({f"rank{r}": s["torch"] for r, s in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
         state = {
-            **info, "step": step, "optimizer": opt_meta,
+            **info, "step": step, "optimizer": snap["optimizer"],
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
             "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in rng_states],
         }
@@ -138,8 +144,15 @@ def restore(state: dict[str, Any], named_params: list[tuple[str, torch.nn.Parame
         for name, p in params.items():
             if tuple(saved[name].shape) != tuple(p.shape):
                 raise FileFormatError(f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this run's is {tuple(p.shape)}")
-            p.copy_(saved[name].to(p.dtype))
-    optimizer.load_state_dict(_join_optimizer(state["optimizer_tensors"], state["optimizer"]))
+            p.copy_(shard_like(saved[name].to(p.dtype), p))
+    opt_state = _join_optimizer(state["optimizer_tensors"], state["optimizer"])
+    # a sharded run's moments are shards of the parameter's shape: cut the whole ones the same way
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, st in opt_state["state"].items():
+        for key, t in st.items():
+            if idx < len(flat) and torch.is_tensor(t) and tuple(t.shape) == tuple(flat[idx].shape) and t.ndim:
+                st[key] = shard_like(t, flat[idx])
+    optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     if len(state["rng"]) != world:
         raise FileFormatError(f"the checkpoint was written by {len(state['rng'])} process(es), this run has {world}; "

@@ -1,7 +1,7 @@
 """The training loop: a readable recipe on ``accelerate``, not a framework.
 
 One file runs on one CPU, one GPU or several processes (``accelerate launch`` or ``torchrun``:
-DDP, gloo on CPU). Each optimizer step is
+DDP, gloo on CPU; FSDP2 from accelerate's config, see :mod:`.fsdp`). Each optimizer step is
 
     for each of grad_accum micro-batches:           (the processes' slices of one global batch)
         loss = mean token (or example) loss          (task-balanced with ``multitask``)
@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
-from .checkpoint import latest_checkpoint, load_checkpoint, restore, rng_state, save_checkpoint
+from . import fsdp
+from .checkpoint import latest_checkpoint, load_checkpoint, restore, rng_state, save_checkpoint, snapshot
 from .data import IGNORE, Order, Prepared, collate, prepare
 from .recipe import Recipe
 
@@ -40,7 +41,7 @@ METRICS = "metrics.jsonl"
 # -- the model with its loss ---------------------------------------------------------------------
 
 class WithLoss(nn.Module):
-    """Wraps the model so that DDP sees one forward that returns the loss.
+    """Wraps the model so that DDP and FSDP see one forward that returns the loss.
 
     For causal LMs the vocabulary projection is applied only to positions that have a target
     (the response tokens in chat SFT): the full ``(batch, length, vocab)`` logits tensor is the
@@ -56,6 +57,17 @@ class WithLoss(nn.Module):
         self.sparse_head = (task == "causal-lm" and isinstance(model.get_output_embeddings(), nn.Linear)
                             and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
                             and hasattr(model, "base_model") and model.base_model is not model)
+
+    # what accelerate's FSDP2 reads to find the blocks and the embeddings to shard
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.model, "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, number of targets, number of correct predictions - ``None`` in training mode)."""
@@ -126,6 +138,13 @@ def hold_frozen_linears_in_bf16(model: nn.Module) -> int:
     return count
 
 
+def _adamw(groups: list[dict[str, Any]], o) -> torch.optim.Optimizer:
+    try:  # the fused kernel (CPU and CUDA, torch >= 2.4; FSDP shards too): one pass over each tensor, as the Trainer's default
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
 def _head_names(model: nn.Module) -> list[str]:
     for name in ("classifier", "score"):
         if isinstance(getattr(model, name, None), nn.Module):
@@ -186,10 +205,12 @@ class Run:
         AcceleratorState._reset_state()
 
         # accelerate sets up multi-process CPU runs (DDP over gloo) only when told it runs on CPU
+        fsdp.check_config()
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         self.acc = Accelerator(mixed_precision="bf16" if recipe.optim.precision == "bf16" else "no", cpu=cpu)
         self.main = self.acc.is_main_process
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.fsdp = fsdp.requested(self.acc)  # None, or who shards the model: "accelerate" or "cpu" (graftkit)
         if console is None:
             from rich.console import Console
 
@@ -310,14 +331,23 @@ class Run:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ConfigError("nothing to train: the method and layerwise options leave no trainable parameter")
-        if r.optim.precision == "bf16" and method.get("method") == "lora" and not method.get("use_dora"):
+        # FSDP2 needs one dtype per shard group, so the frozen weights stay float32 there
+        if r.optim.precision == "bf16" and method.get("method") == "lora" and not method.get("use_dora") and not self.fsdp:
             self.frozen_in_bf16 = hold_frozen_linears_in_bf16(model)
         o = r.optim
-        groups = param_groups(r, model, self.named)
-        try:  # the fused kernel (CPU and CUDA, torch >= 2.4): one pass over each tensor, as the Trainer's default
-            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=True)
-        except (RuntimeError, ValueError, TypeError):
-            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance))
+        if self.fsdp == "cpu":  # shard first: the optimizer must hold the shards
+            fsdp.sync_from_rank0(model)
+            module = fsdp.shard(module, model, self.acc.device)
+            self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = _adamw(param_groups(r, model, self.named), o)
+        if self.fsdp == "accelerate":  # accelerate's FSDP2 shards the model and swaps the optimizer's tensors
+            self.module, self.optimizer = self.acc.prepare(module, self.optimizer)
+            self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        elif self.fsdp == "cpu":
+            self.module = module
+        else:
+            self.module = self.acc.prepare(module)
         self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
         self.steps_per_epoch = self.order.per_epoch // o.grad_accum
         if self.steps_per_epoch == 0:
@@ -334,7 +364,6 @@ class Run:
             from .masked_thought import mask_token_id
 
             self.mask_id = mask_token_id(self.tokenizer, r.masked_thought.mask_token)
-        self.module = self.acc.prepare(WithLoss(model, r.task, bool(r.multitask and r.multitask.balance)))
         # different dropout streams per process (model init above used the same seed everywhere)
         torch.manual_seed(seed + self.rank)
 
@@ -386,7 +415,10 @@ class Run:
         for k in range(o.grad_accum):
             batch = self.micro_batch(step * o.grad_accum + k)
             tokens += int(batch["attention_mask"].sum())
-            sync = contextlib.nullcontext() if k == o.grad_accum - 1 else self.acc.no_sync(self.module)
+            if k == o.grad_accum - 1:
+                sync = contextlib.nullcontext()
+            else:
+                sync = fsdp.no_sync(self.module) if self.fsdp == "cpu" else self.acc.no_sync(self.module)
             with sync, self.acc.autocast():
                 loss, _, _ = self.module(batch)
                 self.acc.backward(loss / o.grad_accum)
@@ -434,8 +466,10 @@ class Run:
 
             model = self.acc.unwrap_model(self.module).model
             model.config.use_cache = True
-            with self.acc.autocast():  # in bf16 runs the frozen weights are bf16 (hold_frozen_linears_in_bf16)
-                    preds = generate_answers(model, self.tokenizer, None, self.recipe.eval.max_new_tokens, bs,
+            # generate() runs the inner model, outside the sharded root's forward: gather every unit first
+            # (in bf16 runs the frozen weights are bf16, see hold_frozen_linears_in_bf16)
+            with self.whole_model(), self.acc.autocast():
+                preds = generate_answers(model, self.tokenizer, None, self.recipe.eval.max_new_tokens, bs,
                                          prompt_ids=[e["prompt_ids"] for e in mine])
             hits = torch.tensor([sum(is_correct(p, e["answer"]) for p, e in zip(preds, mine)), len(mine)], device=self.acc.device,
                                 dtype=torch.float64)
@@ -458,7 +492,7 @@ class Run:
                            f"{trainable:,} trainable of {total_params:,} ({100 * trainable / total_params:.2f}%); "
                            f"{len(self.data.train)} training examples, {len(self.data.validation)} validation; "
                            f"{self.total} steps of {r.optim.batch_size * self.world * r.optim.grad_accum} "
-                           f"({self.world} process(es), {self.acc.device})")
+                           f"({self.world} process(es){', FSDP2 sharded' if self.fsdp else ''}, {self.acc.device})")
         first_loss = last_loss = None
         evals: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -511,34 +545,44 @@ class Run:
             from accelerate.utils import gather_object
 
             states = gather_object(states)
+        snap = snapshot(self.named, self.optimizer) if self.main or self.fsdp else None  # sharded: all gather
         if self.main:
             info = {"fingerprint": self.recipe.fingerprint(), "micro_batch": step * self.recipe.optim.grad_accum,
                     "processes": self.world, "last": record}
-            save_checkpoint(self.out, step, self.named, self.optimizer, self.scheduler, states, info, self.recipe.output.keep_checkpoints)
+            save_checkpoint(self.out, step, snap, self.scheduler, states, info, self.recipe.output.keep_checkpoints)
         self.acc.wait_for_everyone()
+
+    def whole_model(self) -> contextlib.AbstractContextManager:
+        """Inside, a sharded model holds whole parameters (a collective: every process enters)."""
+        return fsdp.unsharded(self.module) if self.fsdp else contextlib.nullcontext()
 
     def finish(self, summary: dict[str, Any]) -> None:
         import graftkit as gk
 
         self.acc.wait_for_everyone()
-        if self.main:
-            model = self.acc.unwrap_model(self.module).model
-            if self.recipe.optim.gradient_checkpointing:
-                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-            adapter = self.out / "adapter"
-            gk.save_adapter(model, adapter, overwrite=True)
-            outputs = {"adapter": str(adapter)}
-            if "peft" in self.recipe.output.export:
-                gk.save_adapter(model, self.out / "adapter-peft", format="peft", overwrite=True)
-                outputs["peft"] = str(self.out / "adapter-peft")
-            if "merged" in self.recipe.output.export:
-                gk.export_merged(adapter, self.recipe.model, self.out / "merged", overwrite=True)
-                outputs["merged"] = str(self.out / "merged")
-            summary["outputs"] = outputs
-            shutil.rmtree(self.out / ".theta0", ignore_errors=True)
-            self.write_run("done", summary=summary)
-            self.print_summary(summary)
+        with self.whole_model():
+            if self.main:
+                self.save_outputs(gk, summary)
         self.acc.wait_for_everyone()
+
+    def save_outputs(self, gk, summary: dict[str, Any]) -> None:
+        """The adapter (and the exports asked for), then the run record and the summary table."""
+        model = self.acc.unwrap_model(self.module).model
+        if self.recipe.optim.gradient_checkpointing:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        adapter = self.out / "adapter"
+        gk.save_adapter(model, adapter, overwrite=True)
+        outputs = {"adapter": str(adapter)}
+        if "peft" in self.recipe.output.export:
+            gk.save_adapter(model, self.out / "adapter-peft", format="peft", overwrite=True)
+            outputs["peft"] = str(self.out / "adapter-peft")
+        if "merged" in self.recipe.output.export:
+            gk.export_merged(adapter, self.recipe.model, self.out / "merged", overwrite=True)
+            outputs["merged"] = str(self.out / "merged")
+        summary["outputs"] = outputs
+        shutil.rmtree(self.out / ".theta0", ignore_errors=True)
+        self.write_run("done", summary=summary)
+        self.print_summary(summary)
 
     def print_summary(self, s: dict[str, Any]) -> None:
         from rich.table import Table
