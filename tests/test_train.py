@@ -294,14 +294,15 @@ def test_fsdp_two_processes_match_one(assets, tmp_path):
 
 
 def test_fsdp_kill_and_resume_is_bitwise_identical(assets, tmp_path):
-    """FSDP2 over 2 processes, LoRA with the chunked frozen-head loss and the exact-match eval (which
-    generates with the units gathered): kill every process after the second checkpoint, resume,
+    """FSDP2 over 2 processes, LoRA with the chunked frozen-head loss and the exact-match eval (run
+    with the units gathered, on uneven shares): kill every process after the second checkpoint, resume,
     and the adapter and metrics equal an uninterrupted sharded run's bit for bit."""
     import psutil
 
     base = chat_recipe(assets, tmp_path / "x", method={"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
                        data={"answer_field": "answer"}, optim={"epochs": 4, "batch_size": 4, "grad_accum": 2, "weight_decay": 0.01},
-                       eval={"every": 3, "exact_match": True, "max_new_tokens": 3, "limit": 8}, output={"checkpoint_every": 2})
+                       # 5 validation rows at batch 2: the processes' eval shares differ (2 batches vs 1)
+                       eval={"every": 3, "exact_match": True, "max_new_tokens": 3, "limit": 5, "batch_size": 2}, output={"checkpoint_every": 2})
     full = _recipe_file(tmp_path / "full.yaml", {**base, "output": {**base["output"], "dir": str(tmp_path / "full")}})
     killed = _recipe_file(tmp_path / "killed.yaml", {**base, "output": {**base["output"], "dir": str(tmp_path / "killed")}})
     res = subprocess.run(accelerate_fsdp(full), env=ENV, capture_output=True, text=True, timeout=300)

@@ -127,17 +127,25 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def unsharded(module: nn.Module) -> Iterator[None]:
-    """Every FSDP unit in ``module`` gathered (plain full parameters) inside the block."""
+    """Every FSDP unit in ``module`` gathered (plain full parameters) inside the block.
+
+    Forward passes inside run no collective: each unit stays gathered after its forward, so
+    the processes may run different numbers of them (an eval split unevenly, generation that
+    stops at different lengths) without waiting on each other."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    # each unit's own setting (accelerate keeps its embedding/head unit gathered, for one)
+    after = [all(g._reshard_after_forward for g in unit._get_fsdp_state()._fsdp_param_groups) for unit in units]
     for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
         yield
     finally:
-        for unit in units:
+        for unit, flag in zip(units, after):
             unit.reshard()
+            unit.set_reshard_after_forward(flag, recurse=False)
 
 
 @contextlib.contextmanager

@@ -449,6 +449,10 @@ class Run:
         self.module.eval()
         mine = data[self.rank::self.world]
         bs = self.recipe.eval.batch_size
+        with self.whole_model():  # sharded: the processes' shares may differ in length (see fsdp.unsharded)
+            return self.evaluate_share(mine, bs)
+
+    def evaluate_share(self, mine: list[dict[str, Any]], bs: int) -> dict[str, float]:
         totals = torch.zeros(3, device=self.acc.device, dtype=torch.float64)  # loss x n, n, correct
         for i in range(0, len(mine), bs):
             batch = {k: v.to(self.acc.device) for k, v in collate(mine[i:i + bs], self.tokenizer.pad_token_id).items()}
@@ -466,9 +470,7 @@ class Run:
 
             model = self.acc.unwrap_model(self.module).model
             model.config.use_cache = True
-            # generate() runs the inner model, outside the sharded root's forward: gather every unit first
-            # (in bf16 runs the frozen weights are bf16, see hold_frozen_linears_in_bf16)
-            with self.whole_model(), self.acc.autocast():
+            with self.acc.autocast():  # in bf16 runs the frozen weights are bf16 (hold_frozen_linears_in_bf16)
                 preds = generate_answers(model, self.tokenizer, None, self.recipe.eval.max_new_tokens, bs,
                                          prompt_ids=[e["prompt_ids"] for e in mine])
             hits = torch.tensor([sum(is_correct(p, e["answer"]) for p, e in zip(preds, mine)), len(mine)], device=self.acc.device,

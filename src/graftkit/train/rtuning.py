@@ -88,8 +88,10 @@ def generate_answers(model, tokenizer, questions: list[str] | None, max_new_toke
         for j, p in enumerate(chunk):
             ids[j, n - len(p):] = torch.tensor(p)
             mask[j, n - len(p):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        # synced_gpus off: a sharded training run calls this with every unit gathered, and its
+        # processes may hold different numbers of prompts (transformers would pair their steps up)
+        gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=False)
         out.extend(tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True))
     model.train(was_training)
     return out
