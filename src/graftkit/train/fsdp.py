@@ -10,11 +10,13 @@ A run is sharded when accelerate's config asks for FSDP (``accelerate launch --u
   same way: one FSDP unit per transformer block, then the root.
 
 Either way the parameters become ``DTensor`` shards, and the rest of the loop meets them in
-three places, all handled here: checkpoints gather whole tensors (so a checkpoint is the same
-file whatever the sharding) and scatter them back on resume; saving the adapter and the
-exact-match generation run with every unit unsharded. FSDP version 1 is refused: it
-flattens parameters, which the adapter sites (hooks that look their base weight up by name)
-do not survive.
+two places, both handled here: checkpoints gather whole tensors (so a checkpoint is the same
+file whatever the sharding) and cut them again on resume; evaluation (loss and greedy
+generation) and saving the adapter run with every unit gathered. FSDP version 1 is refused:
+it flattens parameters, which the adapter sites (hooks that look their base weight up by
+name) do not survive. Of accelerate's FSDP options the CPU path reads the version and
+``reshard_after_forward``; activation checkpointing is the recipe's
+``optim.gradient_checkpointing``.
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def block_classes(model: nn.Module) -> set[type]:
 def sync_from_rank0(model: nn.Module) -> None:
     """Give every process process 0's parameters and buffers (accelerate's ``sync_module_states``).
 
-    With accelerate's ``cpu_ram_efficient_loading`` transformers loads the weights on process 0
-    only and leaves the others' on the meta device (all of a new head's, for one); those get
+    With accelerate's ``cpu_ram_efficient_loading`` transformers initialises weights on process 0
+    only and leaves some of the others' on the meta device (a new head's, for one); those get
     memory here, then everything is broadcast, so the shards cut next agree whatever each
     process loaded or initialised."""
     import torch.distributed as dist
