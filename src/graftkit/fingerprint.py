@@ -33,7 +33,9 @@ def _structure(model: nn.Module, skip: set[str]) -> tuple[int, str]:
 
 def _probe(param: torch.Tensor) -> list[float]:
     flat = param.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel())).long().to(flat.device)
+    # float32 positions, as adapters already saved recorded them; past 2**24 elements the last
+    # one can round up to numel, one past the end, hence the clamp
+    idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel())).long().clamp_(max=flat.numel() - 1).to(flat.device)
     return [float(v) for v in flat[idx].float().cpu()]
 
 
