@@ -10,8 +10,12 @@ batch 1 per process, AdamW, fp32), a few steps, the same recipe both ways:
 Every process of a DDP run holds the whole model, its gradients and both AdamW moments
 (4 x 4 bytes per parameter, plus DDP's gradient buckets); under FSDP2 each holds half of
 each. The launcher's worker processes are sampled every 50 ms (psutil) for their resident
-memory; the table gives the largest single process and the largest sum over the two. The
-loss curves of the two runs are printed too: they should agree (same global batches).
+memory, split at the moment the run prints its start line: set-up (loading, adapter
+injection, sharding) and training. The table gives the largest single process and the
+largest sum over the two for each. Both runs load the whole model in every process before
+anything is sharded, and freed memory is not always handed back to the OS, so set-up peaks
+are alike and the training peaks carry some of set-up's. The loss curves are printed too:
+they should agree (same global batches).
 
     python bench/fsdp_memory.py [--steps 4]
 """
@@ -24,6 +28,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,21 +56,27 @@ def run(kind: str, recipe: Path, port: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(launch(kind, recipe, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     launcher = psutil.Process(proc.pid)
-    peak_one = peak_sum = 0
+    peak = {"setup": [0, 0], "training": [0, 0]}  # largest process, both processes
     while proc.poll() is None:
         try:
             rss = [p.memory_info().rss for p in launcher.children(recursive=True) if "graftkit.cli" in " ".join(p.cmdline())]
         except psutil.Error:
             rss = []
+        # the run prints its "graft train: ..." line when set-up (load, inject, shard) is done
+        phase = peak["training" if any(ln.startswith("graft train:") for ln in lines) else "setup"]
         if rss:
-            peak_one, peak_sum = max(peak_one, max(rss)), max(peak_sum, sum(rss))
+            phase[0], phase[1] = max(phase[0], max(rss)), max(phase[1], sum(rss))
         time.sleep(0.05)
-    out = proc.stdout.read()
+    reader.join()
+    out = "".join(lines)
     if proc.returncode != 0:
         sys.exit(f"{kind} run failed:\n{out[-3000:]}")
-    return {"peak_process_mb": peak_one / 2**20, "peak_total_mb": peak_sum / 2**20, "seconds": time.perf_counter() - t0,
-            "sharded": "FSDP2 sharded" in out}
+    return {"setup_mb": [v / 2**20 for v in peak["setup"]], "training_mb": [v / 2**20 for v in peak["training"]],
+            "seconds": time.perf_counter() - t0, "sharded": "FSDP2 sharded" in out}
 
 
 def main() -> None:
@@ -88,13 +99,14 @@ def main() -> None:
                                    if '"loss"' in x]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {__import__('torch').__version__}, "
           f"accelerate {__import__('accelerate').__version__}")
-    print("| run | sharded | peak RSS, largest process (MB) | peak RSS, both processes (MB) | wall s | losses |")
+    print("| run | sharded | set-up peak RSS, largest process / both (MB) | training peak RSS, largest process / both (MB) | wall s | losses |")
     print("|---|---|---|---|---|---|")
     for kind, r in results.items():
-        print(f"| {kind} | {r['sharded']} | {r['peak_process_mb']:.0f} | {r['peak_total_mb']:.0f} | {r['seconds']:.1f} | {r['losses']} |")
+        (s1, s2), (t1, t2) = r["setup_mb"], r["training_mb"]
+        print(f"| {kind} | {r['sharded']} | {s1:.0f} / {s2:.0f} | {t1:.0f} / {t2:.0f} | {r['seconds']:.1f} | {r['losses']} |")
     d, f = results["DDP"], results["FSDP2"]
-    print(f"FSDP2 / DDP peak per process: {f['peak_process_mb'] / d['peak_process_mb']:.2f}; "
-          f"both processes: {f['peak_total_mb'] / d['peak_total_mb']:.2f}; "
+    print(f"FSDP2 / DDP training peak, largest process: {f['training_mb'][0] / d['training_mb'][0]:.2f}; "
+          f"both: {f['training_mb'][1] / d['training_mb'][1]:.2f}; "
           f"max loss difference {max(abs(a - b) for a, b in zip(d['losses'], f['losses'])):.2e}")
 
 

