@@ -219,15 +219,20 @@ def test_kill_and_resume_is_bitwise_identical(assets, tmp_path):
     res = subprocess.run([*GRAFT, "train", str(f), "--resume", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stdout
-    a = read_safetensors(tmp_path / "full" / "adapter" / "adapter.safetensors")
-    b = read_safetensors(tmp_path / "killed" / "adapter" / "adapter.safetensors")
+    assert_same_run(tmp_path / "full", tmp_path / "killed")
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> list[dict]:
+    """The two runs saved bitwise-equal adapters and logged the same metrics (timings aside)."""
+    a = read_safetensors(a_dir / "adapter" / "adapter.safetensors")
+    b = read_safetensors(b_dir / "adapter" / "adapter.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ma = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    mb = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda m: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in m]  # noqa: E731
-    assert strip(ma) == strip(mb)
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in path.read_text().splitlines()]  # noqa: E731
+    ma, mb = strip(a_dir / "metrics.jsonl"), strip(b_dir / "metrics.jsonl")
+    assert ma == mb
+    return ma
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path):
@@ -255,8 +260,13 @@ def test_two_processes_match_one(assets, tmp_path):
                           "-m", "graftkit.cli", "train", str(f), "--no-progress"], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 process(es)" in res.stdout
-    train(parse_recipe(r1), progress=False)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert_one_process_matches(r1, tmp_path / "one", tmp_path / "two")
+
+
+def assert_one_process_matches(recipe: dict, one_dir: Path, two_dir: Path) -> None:
+    """Run ``recipe`` in this process and compare its 12 losses with the 2-process run's."""
+    train(parse_recipe(recipe), progress=False)
+    one, two = losses(one_dir), losses(two_dir)
     assert len(one) == len(two) == 12
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
     assert one[-1] < one[0]
@@ -281,10 +291,7 @@ def test_fsdp_two_processes_match_one(assets, tmp_path):
     res = subprocess.run(accelerate_fsdp(_recipe_file(tmp_path / "two.yaml", r2)), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 process(es), FSDP2 sharded" in res.stdout
-    train(parse_recipe(r1), progress=False)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 12
-    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
+    assert_one_process_matches(r1, tmp_path / "one", tmp_path / "two")
     a = read_safetensors(tmp_path / "one" / "adapter" / "adapter.safetensors")
     b = read_safetensors(tmp_path / "two" / "adapter" / "adapter.safetensors")
     assert a.keys() == b.keys() and len(a) > 30
@@ -324,14 +331,8 @@ def test_fsdp_kill_and_resume_is_bitwise_identical(assets, tmp_path):
     res = subprocess.run(accelerate_fsdp(killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming from" in res.stdout
-    a = read_safetensors(tmp_path / "full" / "adapter" / "adapter.safetensors")
-    b = read_safetensors(tmp_path / "killed" / "adapter" / "adapter.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in path.read_text().splitlines()]  # noqa: E731
-    ma, mb = strip(tmp_path / "full" / "metrics.jsonl"), strip(tmp_path / "killed" / "metrics.jsonl")
-    assert ma == mb and any("val_exact_match" in m for m in ma)
+    metrics = assert_same_run(tmp_path / "full", tmp_path / "killed")
+    assert any("val_exact_match" in m for m in metrics)
 
 
 def test_fsdp_version_1_is_refused(assets, tmp_path):
