@@ -50,6 +50,24 @@ def test_under_bf16_autocast_with_a_bf16_head():
     assert torch.allclose(g_got, g_want, rtol=0.02, atol=2e-3)  # bf16 matmuls on both sides
 
 
+def test_float32_head_under_bf16_autocast_is_cast_once_and_recast_after_a_change():
+    """A float32 frozen head under autocast: the same loss as autocast's own path, the bf16 copy
+    reused across calls, and made again once the weight changes in place."""
+    from graftkit.train.linear_ce import frozen_cast
+
+    head, hidden, targets, _ = _case(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+        got = frozen_linear_cross_entropy(hidden, head, targets, chunk=8)
+        first = frozen_cast(head.weight, torch.bfloat16)
+        assert frozen_cast(head.weight, torch.bfloat16) is first
+        with torch.no_grad():
+            head.weight.mul_(2)
+        again = frozen_cast(head.weight, torch.bfloat16)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert again is not first and torch.equal(again, head.weight.detach().to(torch.bfloat16))
+
+
 def test_a_trained_head_is_refused():
     head, hidden, targets, _ = _case(False)
     head.weight.requires_grad_(True)
