@@ -28,42 +28,16 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
+from ..rawbits import as_f32, random_draws, to_raw
+
 BLOCK = 4096
 KEEP_ALL, KEEP_ABOVE, KEEP_RANDOM = 0, 1, 2
 _SAMPLE = 1 << 15
 
 
-def _f32(x):
-    """The float32 value of one raw element: bf16 (uint16 bits) or float32 (uint32 bits)."""
-
-
-def _bits(value, out):
-    """A float32 ``value`` as a raw element of ``out``'s dtype (uint16: bf16, rounded to nearest
-    even as torch's ``.to(torch.bfloat16)``; uint32: float32 bits). NaN is not canonicalized."""
-
-
 def _store(values, out):
-    """Write a block of float32 ``values`` into ``out`` (see :func:`_bits`); return how many are not
+    """Write a block of float32 ``values`` into ``out`` (see :func:`to_raw`); return how many are not
     finite (the executor redoes such a tensor on the reference path)."""
-
-
-# The raw element type is known when a kernel is compiled: each helper picks its bf16 or float32
-# body then, so the kernels carry no per-element dtype branch.
-@overload(_f32, inline="always")
-def _f32_typed(x):
-    if x.bitwidth == 16:
-        return lambda x: np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
-    return lambda x: np.uint32(x).view(np.float32)
-
-
-@overload(_bits, inline="always")
-def _bits_typed(value, out):
-    if out.dtype.bitwidth == 16:
-        def bf16_bits(value, out):
-            v = np.float32(value).view(np.uint32)
-            return np.uint16((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        return bf16_bits
-    return lambda value, out: np.float32(value).view(np.uint32)
 
 
 @overload(_store, inline="always")
@@ -73,7 +47,7 @@ def _store_typed(values, out):
         bad = 0
         for j in range(out.size):
             bad += 1 if (bits[j] & np.uint32(0x7F800000)) == np.uint32(0x7F800000) else 0
-            out[j] = _bits(values[j], out)
+            out[j] = to_raw(values[j], out)
         return bad
     return store
 
@@ -88,31 +62,6 @@ def _fma(typingctx, a, b, c):
         return builder.fma(*args)
 
     return sig, codegen
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-@nb.njit(inline="always")
-def _splitmix64(z):
-    """Output of SplitMix64 for the counter value ``z`` (the generator's state before mixing)."""
-    z = np.uint64((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9))
-    z = np.uint64((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB))
-    return np.uint64(z ^ (z >> np.uint64(31)))
-
-
-@nb.njit(inline="always")
-def random_draws(buffer, seed, position, count):
-    """Uniform 32-bit draws for elements ``position .. position + count - 1`` (``position`` even)
-    of the stream ``seed``: element e gets one half of the SplitMix64 output for counter
-    ``seed + (e // 2) * golden``, so any chunk of a tensor draws what the whole tensor would.
-    Written into ``buffer`` (uint64, at least ``count + 1`` long); returns its first ``count``."""
-    first = np.uint64(position // 2)
-    for p in range((count + 1) // 2):  # one 64-bit word gives the draws of two entries
-        word = _splitmix64(seed + (first + np.uint64(p)) * _GOLDEN)
-        buffer[2 * p] = word >> np.uint64(32)
-        buffer[2 * p + 1] = word & np.uint64(0xFFFFFFFF)
-    return buffer[:count]
 
 
 @nb.njit(inline="always")
@@ -145,7 +94,7 @@ def kth_largest_deltas(base, models, ks):
             step = n // _SAMPLE
             sample = np.empty(_SAMPLE, dtype=np.float32)
             for t in range(_SAMPLE):
-                sample[t] = abs(_f32(src[t * step]) - _f32(base[t * step]))
+                sample[t] = abs(as_f32(src[t * step]) - as_f32(base[t * step]))
             # the k-th largest of n sits near ascending rank (1 - k/n) * size of the sample; the
             # bracket is that rank +- 4 standard deviations (binomial)
             q = 1.0 - k / n
@@ -163,7 +112,7 @@ def kth_largest_deltas(base, models, ks):
                 mag = mag_block[:bs.size]
                 block_above = 0
                 for j in range(bs.size):
-                    v = abs(_f32(ms[j]) - _f32(bs[j]))
+                    v = abs(as_f32(ms[j]) - as_f32(bs[j]))
                     mag[j] = v
                     block_above += 1 if v > upper else 0
                 above += block_above
@@ -179,7 +128,7 @@ def kth_largest_deltas(base, models, ks):
         if not found:  # small tensor, or the bracket missed (NaN inputs, odd distributions)
             mags = np.empty(n, dtype=np.float32)
             for j in range(n):
-                mags[j] = abs(_f32(src[j]) - _f32(base[j]))
+                mags[j] = abs(as_f32(src[j]) - as_f32(base[j]))
             out[i] = np.partition(mags, n - k)[n - k]
     return out
 
@@ -221,13 +170,13 @@ def merge_deltas(base, models, weights, coefs, mode, thresholds, bounds, seeds, 
         c = bs.size
         b, total, sign, divisor = b_block[:c], sum_block[:c], sign_block[:c], div_block[:c]
         for j in range(c):
-            b[j] = _f32(bs[j])
+            b[j] = as_f32(bs[j])
             total[j] = zero
         for i in range(m):
             ms = models[i][start:start + BLOCK]
             tau = tau_block[i, :c]
             for j in range(c):
-                tau[j] = _f32(ms[j]) - b[j]
+                tau[j] = as_f32(ms[j]) - b[j]
             if mode == KEEP_ABOVE and not np.isnan(thresholds[i]):
                 t = thresholds[i]
                 for j in range(c):
@@ -302,7 +251,7 @@ def weighted_average(models, weights, normalize, out):
             ms = models[i][start:start + BLOCK]
             w = np.float32(weights[i])
             for j in range(c):
-                acc[j] = _fma(w, _f32(ms[j]), acc[j])
+                acc[j] = _fma(w, as_f32(ms[j]), acc[j])
         if divide:
             for j in range(c):
                 acc[j] = acc[j] / total_w32

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..merge.kernels import _bits, _f32, random_draws
+from ..rawbits import as_f32, random_draws, to_raw
 
 _BLOCK = 1 << 14
 ATTENTION = "graft_sdpa"
@@ -44,7 +44,7 @@ def _dropout(x, out, seed, bound, scale):
         c = xs.size
         draws = random_draws(draw_block, seed, start, c)
         for j in range(c):
-            os_[j] = _bits(_f32(xs[j]) * (scale if draws[j] >= bound else zero), os_)
+            os_[j] = to_raw(as_f32(xs[j]) * (scale if draws[j] >= bound else zero), os_)
 
 
 def apply_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
