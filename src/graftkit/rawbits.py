@@ -43,11 +43,11 @@ def _bits_typed(value, out):
     return lambda value, out: np.float32(value).view(np.uint32)
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @nb.njit(inline="always")
-def _splitmix64(z):
+def splitmix64(z):
     """Output of SplitMix64 for the counter value ``z`` (the generator's state before mixing)."""
     z = np.uint64((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9))
     z = np.uint64((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB))
@@ -62,7 +62,7 @@ def random_draws(buffer, seed, position, count):
     Written into ``buffer`` (uint64, at least ``count + 1`` long); returns its first ``count``."""
     first = np.uint64(position // 2)
     for p in range((count + 1) // 2):  # one 64-bit word gives the draws of two entries
-        word = _splitmix64(seed + (first + np.uint64(p)) * _GOLDEN)
+        word = splitmix64(seed + (first + np.uint64(p)) * GOLDEN)
         buffer[2 * p] = word >> np.uint64(32)
         buffer[2 * p + 1] = word & np.uint64(0xFFFFFFFF)
     return buffer[:count]

@@ -47,12 +47,18 @@ def unsupported(plan) -> str | None:
     return None
 
 
-def _splitmix64(z: int) -> int:
-    """SplitMix64's next output from state ``z`` (in Python: this runs once per model, per tensor)."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+def _stream_seed(seed: int, model: int) -> np.uint64:
+    """The DARE mask stream of ``model`` for a merge ``seed``: one SplitMix64 step from the pair."""
+    from ..rawbits import GOLDEN, splitmix64
+
+    return splitmix64(np.uint64((seed * 1_000_003 + model + int(GOLDEN)) & _MASK64))
+
+
+def _unmap(mapping: mmap.mmap) -> None:
+    try:
+        mapping.close()
+    except BufferError:  # an array still views it (an exception's traceback): unmapped when that goes
+        pass
 
 
 class _Mapped:
@@ -81,10 +87,7 @@ class _Mapped:
 
     def close(self) -> None:
         del self.array
-        try:
-            self.map.close()
-        except BufferError:  # an array still views it (an exception's traceback): unmapped when that goes
-            pass
+        _unmap(self.map)
 
 
 def copy_key(plan, key: str, writer) -> None:
@@ -98,10 +101,7 @@ def copy_key(plan, key: str, writer) -> None:
         try:
             writer.write_part(key, memoryview(mapped)[start:start + hi - lo], 0)
         finally:
-            try:
-                mapped.close()
-            except BufferError:
-                pass
+            _unmap(mapped)
     writer.finish(key)
 
 
@@ -159,7 +159,7 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
             seed = params.get("seed")
             seed = secrets.randbits(62) if seed is None else int(seed)
             for i, d in enumerate(density):
-                seeds[i] = _splitmix64(seed * 1_000_003 + i)
+                seeds[i] = _stream_seed(seed, i)
                 if d < 1:
                     bounds[i] = round(d * 2**32)
                     if params.get("rescale", True):
