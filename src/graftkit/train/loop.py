@@ -342,12 +342,11 @@ class Run:
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = _adamw(param_groups(r, model, self.named), o)
         if self.fsdp == "accelerate":  # accelerate's FSDP2 shards the model and swaps the optimizer's tensors
-            self.module, self.optimizer = self.acc.prepare(module, self.optimizer)
+            module, self.optimizer = self.acc.prepare(module, self.optimizer)
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        elif self.fsdp == "cpu":
-            self.module = module
-        else:
-            self.module = self.acc.prepare(module)
+        elif self.fsdp is None:
+            module = self.acc.prepare(module)
+        self.module = module
         self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
         self.steps_per_epoch = self.order.per_epoch // o.grad_accum
         if self.steps_per_epoch == 0:
