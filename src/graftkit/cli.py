@@ -208,11 +208,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in the same one line as every other error.
+
+    argparse prints the usage block and then ``prog: error: ...``; a script that reads the
+    first stderr line (or a user scanning a log) then sees ``usage:`` instead of the problem.
+    Here it is ``graft: error: <message> (see graft <cmd> --help)``, exit status 2.
+    """
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        # self.prog is "graft" or "graft <cmd>" (subparsers inherit the class through parser_class)
+        message = " ".join(str(message).split())
+        self.exit(2, f"graft: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="graft", description="graftkit: tune, merge, localize and evaluate pretrained-model deltas.")
+    p = _Parser(prog="graft", description="graftkit: tune, merge, localize and evaluate pretrained-model deltas.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"graftkit {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p.set_defaults(_subparsers=sub.choices)
 
     s = sub.add_parser("inspect", help="describe a model folder, adapter folder (native or peft) or safetensors file")
     s.add_argument("path")
@@ -297,9 +312,20 @@ def _version() -> str:
     return __version__
 
 
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    import difflib
+
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(extra[0].split("=", 1)[0], flags, n=1) if extra[0].startswith("-") else []
+    hint = f"; did you mean {close[0]}?" if close else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # what parse_args does, but named against the subcommand whose --help lists the flags
+        _unrecognized(args._subparsers.get(getattr(args, "command", None)) or parser, extra)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
