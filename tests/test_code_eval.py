@@ -86,9 +86,12 @@ def test_load_problems_formats_and_errors(tmp_path):
         load_problems(write_jsonl(tmp_path / "m.jsonl", [ADD, no_entry]))
     with pytest.raises(EvalError, match="appears twice"):
         load_problems(write_jsonl(tmp_path / "d.jsonl", [ADD, ADD]))
-    with pytest.raises(EvalError, match="holds no code problems"):
+    with pytest.raises(FileFormatError, match=r"e\.jsonl is empty"):
         load_problems(write_jsonl(tmp_path / "e.jsonl", []))
-    with pytest.raises(FileFormatError, match="UTF-8 JSONL"):
+    with pytest.raises(EvalError, match="holds no code problems"):
+        (tmp_path / "blank.jsonl").write_text("\n\n")
+        load_problems(tmp_path / "blank.jsonl")
+    with pytest.raises(FileFormatError, match="not a valid gzip file"):
         (tmp_path / "x.jsonl.gz").write_bytes(b"not gzip")
         load_problems(tmp_path / "x.jsonl.gz")
 

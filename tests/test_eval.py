@@ -124,7 +124,7 @@ def test_missing_field_names_row_and_file(tmp_path, tok):
     rows = [{"text": t, "label": g} for t, g in zip(TEXTS, GOLD)]
     del rows[2]["label"]
     f = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(EvalError, match=r"bad\.jsonl: row 3 has no value for field 'label'"):
+    with pytest.raises(EvalError, match=r"bad\.jsonl: line 3 has no value for field 'label'"):
         evaluate_model({"name": "m", "path": "unused"}, [task(f)])
     f2 = write_jsonl(tmp_path / "nofield.jsonl", [{"body": "x", "label": "a"}])
     with pytest.raises(EvalError, match=r"has no field 'text' .*its fields are: body, label"):

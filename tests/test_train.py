@@ -430,7 +430,7 @@ def test_label_absent_from_some_rows(assets, tmp_path, capsys):
     del rows[7]["label"]
     r = cls_recipe(assets, tmp_path / "out", data={"train": str(write_jsonl(tmp_path / "t.jsonl", rows))})
     code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", r))
-    assert_one_line_error(code, err, "row 8", "'label'")
+    assert_one_line_error(code, err, "line 8", "'label'")
 
 
 def test_validation_label_train_lacks(assets, tmp_path, capsys):

@@ -58,21 +58,8 @@ def parse_config(cls: type[C], data: Any) -> C:
 
 
 def read_yaml(path, what: str) -> Any:
-    """Load a YAML file; a missing file, a folder or bad syntax is one ConfigError line."""
-    from pathlib import Path
+    """Load a recipe's YAML file (train, merge, eval, study); every bad file is one ConfigError line
+    (see :func:`graftkit.files.read_yaml`: missing, a folder or FIFO, empty, not UTF-8, bad syntax)."""
+    from .files import read_yaml as read
 
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder; give the {what}'s YAML file") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}; fix the syntax") from None
+    return read(path, what, ConfigError)

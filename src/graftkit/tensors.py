@@ -70,6 +70,11 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
 
 
 def read_pickle_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from .files import not_weights_message, weights_kind
+
+    # by the magic bytes, not the name: random bytes or a text file must not be called a pickle
+    if weights_kind(path) not in ("torch-zip", "pickle"):
+        raise FileFormatError(not_weights_message(path))
     if not allow_pickle:
         raise FileFormatError(
             f"{path} is a pickled PyTorch file; graftkit reads safetensors by default. "
@@ -90,15 +95,20 @@ class Checkpoint:
         self.path = Path(path)
         self.files: dict[str, Path] = {}  # tensor name -> file
         self._pickled: dict[str, torch.Tensor] | None = None
-        if self.path.is_file():
+        from .files import path_kind, weights_kind
+
+        kind = path_kind(self.path)
+        if kind == "a file":
             files = [self.path]
-        elif self.path.is_dir():
+        elif kind == "a folder":
             files = self._folder_files(allow_pickle)
-        else:
+        elif kind is None:
             raise FileFormatError(f"{self.path} does not exist")
+        else:
+            raise FileFormatError(f"{self.path} is {kind}; give a model folder or a .safetensors file")
         self.headers: dict[Path, dict] = {}
         for f in files:
-            if f.suffix == SAFE_SUFFIX:
+            if f.suffix == SAFE_SUFFIX or (f == self.path and weights_kind(f) == "safetensors"):
                 header = check_safetensors_header(f)
                 self.headers[f] = header
                 for key in header:

@@ -1,19 +1,19 @@
 """Task data: rows read from JSONL / CSV / Parquet, checked, and the fields each kind needs.
 
-JSONL is parsed directly (no ``datasets`` import: the study evaluates in-process and reading
-a test file should cost milliseconds); CSV and Parquet go through
-:func:`graftkit.train.data.read_rows`, so a file is typed the same way for training and
-evaluation. ``limit`` keeps the first N rows. A missing field in any row is one error naming
-the field, the row (1-based, counting data rows) and the file; an empty file is an error.
+Files are read by :mod:`graftkit.files` (the reader training uses too, so a file is typed the
+same way for training and evaluation). ``limit`` keeps the first N rows. A missing field in any
+row is one error naming the field, the file and where the row is (the 1-based line of a JSONL
+file, the row of a CSV / Parquet one); an empty file, and labels written both as numbers and as
+strings, are errors.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EvalError, FileFormatError
+from ..errors import EvalError
+from ..files import check_label_types, read_jsonl, read_rows, where  # noqa: F401  (read_jsonl: code.py, compare.py)
 from .config import AnyTask, ClassificationTask, CodeTask, GenerationTask, PerplexityTask
 
 
@@ -32,42 +32,10 @@ class TaskData:
         return len(self.problems) if self.task.kind == "code" else len(self.rows)
 
 
-def read_jsonl(path: Path, what: str = "an object with fields") -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file (gzipped when the name ends in ``.gz``), blank lines
-    skipped; a line that is not a JSON object is one error naming the line and ``what`` it
-    should be."""
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FileFormatError(f"{path}: line {lineno} is not valid JSON ({exc.msg}); each line must be {what}") from None
-            if not isinstance(row, dict):
-                raise FileFormatError(f"{path}: line {lineno} is a JSON {type(row).__name__}, not {what}")
-            rows.append(row)
-    return rows
-
-
 def read_task_rows(file: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    path = Path(file)
-    if not path.exists():
-        raise FileFormatError(f"task file {path} does not exist")
-    if not path.is_file():
-        raise FileFormatError(f"task file {path} is not a file")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows = read_jsonl(path)
-    else:
-        from ..train.data import read_rows
-
-        rows = read_rows(path)
+    rows = read_rows(file, name="task file", allow_empty=True)
     if not rows:
-        raise EvalError(f"task file {path} holds no rows; give a file with at least one example")
+        raise EvalError(f"task file {file} holds no rows; give a file with at least one example")
     return rows[:limit] if limit else rows
 
 
@@ -80,7 +48,7 @@ def column(rows: list[dict[str, Any]], name: str, path: str | Path, what: str) -
             if i == 0 and all(name not in r for r in rows):
                 raise EvalError(f"{path} has no field {name!r} ({what}); its fields are: {', '.join(sorted(map(str, row)))}; "
                                 f"set the task's field name")
-            raise EvalError(f"{path}: row {i + 1} has no value for field {name!r} ({what}); fix or remove that row")
+            raise EvalError(f"{path}: {where(rows, i)} has no value for field {name!r} ({what}); fix or remove that row")
         values.append(v)
     return values
 
@@ -99,7 +67,9 @@ def load_task(task: AnyTask) -> TaskData:
     data = TaskData(task, rows)
     if isinstance(task, ClassificationTask):
         data.texts = [str(v) for v in column(rows, task.text_field, task.file, "text_field")]
-        data.references = [label_text(v) for v in column(rows, task.label_field, task.file, "label_field")]
+        labels = column(rows, task.label_field, task.file, "label_field")
+        check_label_types(rows, task.label_field, task.file, EvalError)
+        data.references = [label_text(v) for v in labels]
     elif isinstance(task, GenerationTask):
         data.texts = [str(v) for v in column(rows, task.prompt_field, task.file, "prompt_field")]
         data.references = [str(v) for v in column(rows, task.reference_field, task.file, "reference_field")]

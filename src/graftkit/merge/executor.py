@@ -738,15 +738,12 @@ def _write_metadata(plan: Plan, folder: Path, raw_config: Any) -> None:
 def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = False, threads: int | None = None,
               progress: bool | None = None, evaluate=None, allow_pickle: bool = False) -> Path:
     """Plan, check and run a merge; write the output folder atomically; return its path."""
+    cfg = load_config(config)  # a bad file is reported here, so the read below cannot fail
     raw = config
     if isinstance(config, (str, Path)):
-        import yaml
+        from ..files import read_yaml
 
-        try:
-            raw = yaml.safe_load(Path(config).read_text())
-        except (OSError, yaml.YAMLError):
-            raw = None  # load_config reports it properly
-    cfg = load_config(config)
+        raw = read_yaml(config, "merge config")
     if cfg.search is not None:
         from .search import run_search
 

@@ -1,4 +1,4 @@
-"""Training data: local files read with HF ``datasets``, tokenized, batched.
+"""Training data: local files read by :mod:`graftkit.files`, tokenized, batched.
 
 * classification: ``text_field`` -> ``input_ids``, ``label_field`` -> a class index (the label
   set comes from the training file, sorted, unless ``data.labels`` lists it);
@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError, FileFormatError
+from .. import files
+from ..errors import ConfigError
 from .recipe import Recipe
 
 IGNORE = -100
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
 @dataclass
@@ -38,25 +38,8 @@ class Prepared:
 
 
 def read_rows(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
-    """All rows of a local JSONL / CSV / Parquet file, as dicts (read with ``datasets``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"data file {path} does not exist" if not path.exists() else f"data file {path} is not a file")
-    if fmt == "auto":
-        fmt = FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise ConfigError(f"cannot tell the format of {path} from its suffix; name it .jsonl, .csv or .parquet or set data.format")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as exc:  # datasets wraps parse errors in several types
-        cause = exc.__cause__ or exc
-        raise FileFormatError(f"could not read {path} as {fmt}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
-    return ds.to_list()
+    """All rows of a local JSONL / JSON / CSV / Parquet file, as dicts (see :mod:`graftkit.files`)."""
+    return files.read_rows(path, fmt, name="data file", hint=" or set data.format")
 
 
 def _field(rows: list[dict], name: str, path: str, what: str) -> list[Any]:
@@ -66,7 +49,7 @@ def _field(rows: list[dict], name: str, path: str, what: str) -> list[Any]:
     for i, r in enumerate(rows):
         v = r.get(name)
         if v is None or (isinstance(v, float) and v != v):
-            raise ConfigError(f"{path}: row {i + 1} has no value for field {name!r} ({what}); fix or remove that row")
+            raise ConfigError(f"{path}: {files.where(rows, i)} has no value for field {name!r} ({what}); fix or remove that row")
         values.append(v)
     return values
 
@@ -130,6 +113,7 @@ def prepare(recipe: Recipe, tokenizer, limit: int | None) -> Prepared:
         trunc = Truncation(max_length)
         texts = [str(t) for t in _field(train_rows, d.text_field, d.train, "text")]
         labels = [str(v) for v in _field(train_rows, d.label_field, d.train, "label")]
+        files.check_label_types(train_rows, d.label_field, d.train)
         names = list(d.labels) if d.labels else sorted(set(labels))
         unknown = sorted(set(labels) - set(names))
         if unknown:
@@ -143,6 +127,7 @@ def prepare(recipe: Recipe, tokenizer, limit: int | None) -> Prepared:
         if val_rows:
             vtexts = [str(t) for t in _field(val_rows, d.text_field, d.validation, "text")]
             vlabels = [str(v) for v in _field(val_rows, d.label_field, d.validation, "label")]
+            files.check_label_types(val_rows, d.label_field, d.validation)
             unknown = sorted(set(vlabels) - set(names))
             if unknown:
                 raise ConfigError(f"{d.validation} has label(s) {', '.join(map(repr, unknown[:5]))} that the training labels "
