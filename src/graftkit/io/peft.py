@@ -23,6 +23,7 @@ peft                          graftkit
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,17 @@ def _ia3_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
         if vec.dim() == 2:
             is_ff = vec.shape[0] == 1 and vec.shape[1] != 1
         else:
+            # peft's own rule (IA3Model._check_target_module_feedforward): a string is a regex
+            # matched in full, a list entry a plain suffix (no dot boundary)
             ffm = cfg.get("feedforward_modules") or []
-            is_ff = any(module == f or module.endswith("." + f) for f in ffm) if isinstance(ffm, list) else False
+            if isinstance(ffm, str):
+                try:
+                    is_ff = re.fullmatch(ffm, module) is not None
+                except re.error as exc:
+                    raise FileFormatError(f"{path / CONFIG_NAME}: feedforward_modules {ffm!r} is not a valid regular expression "
+                                          f"({exc}); fix the file") from None
+            else:
+                is_ff = any(isinstance(f, str) and module.endswith(f) for f in ffm)
         targets.append(name)
         options[name] = {"feedforward": is_ff}
         if is_ff:
