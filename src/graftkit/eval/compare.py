@@ -11,6 +11,9 @@
 - Flips (regressions a model introduces although its accuracy may rise; Yan et al., 2021,
   "Positive-Congruent Training"): ``negative`` = reference right and new wrong,
   ``positive`` = the reverse, on binary per-example scores.
+- Exact one-sided binomial test (:func:`binomial_tail`): whether ``k`` right of ``n`` is more
+  than a fixed rate such as the majority-class share; the study uses it to flag experts that
+  never learned their task.
 - Forgetting: a model's score on tasks it was not tuned on minus the base model's.
 - Normalized score (as in the TIES / task-arithmetic merging papers): the merged model's score
   on a task divided by that task's expert's score.
@@ -98,6 +101,30 @@ def paired_bootstrap(a: Any, b: Any, *, resamples: int = 10000, confidence: floa
     p_value = float((1 + np.sum(np.abs(means - diff) >= abs(diff) - tol)) / (1 + resamples))
     verdict = "win" if low > 0 else "loss" if high < 0 else "tie"
     return {"diff": diff, "low": low, "high": high, "p_value": min(p_value, 1.0), "verdict": verdict}
+
+
+def binomial_tail(successes: int, n: int, rate: float) -> float:
+    """``P(X >= successes)`` for ``X ~ Binomial(n, rate)``, exactly (log-space sum of the terms).
+
+    The one-sided p-value of "a model with ``successes`` of ``n`` examples right is more accurate
+    than ``rate``" (e.g. the majority-class share): how often a predictor that is right with
+    probability ``rate`` on each example would do at least as well.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise EvalError(f"binomial_tail needs a positive number of examples, got n={n!r}")
+    if isinstance(successes, bool) or not isinstance(successes, (int, np.integer)) or not 0 <= successes <= n:
+        raise EvalError(f"binomial_tail needs 0 <= successes <= n ({n}), got {successes!r}")
+    if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise EvalError(f"binomial_tail needs a rate between 0 and 1, got {rate!r}")
+    if successes == 0 or rate == 1:
+        return 1.0
+    if rate == 0:
+        return 0.0
+    lp, lq = math.log(rate), math.log1p(-rate)
+    top_n = math.lgamma(n + 1)
+    logs = [top_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq for i in range(int(successes), n + 1)]
+    peak = max(logs)
+    return min(1.0, math.exp(peak) * math.fsum(math.exp(v - peak) for v in logs))
 
 
 def forgetting(before: Mapping[str, float], after: Mapping[str, float], tuned_on: Iterable[str] = ()) -> dict[str, float]:

@@ -8,8 +8,11 @@
 * ``OUT/report.md`` with its plots as PNG files in ``OUT/report_files/``.
 
 Sections, always in this order and always present (a section without data says why):
-summary, the task x model score table, normalized scores (merge score / the task's expert
-score, as in Yadav et al. 2023 and Ilharco et al. 2023), task-vector cosine similarity and sign
+summary, the task x model score table, expert checks (is each expert significantly above the
+majority class and the base on its own task; a flagged one is also named in a warning at the
+top), normalized scores (merge score / the task's expert score, as in Yadav et al. 2023 and
+Ilharco et al. 2023; "n/m", not meaningful, against a flagged expert, and left out of the
+best-merge choice), task-vector cosine similarity and sign
 conflicts (TIES' motivation, Yadav et al. 2023), prediction flips against the reference expert
 (negative: the reference was right, the merge is wrong; Yan et al. 2021 "positive-congruent
 training" call these negative flips), significance verdicts (paired bootstrap intervals),
@@ -37,6 +40,7 @@ from typing import Any
 SECTIONS = (
     ("summary", "Summary"),
     ("scores", "Scores"),
+    ("experts", "Expert checks"),
     ("normalized", "Normalized scores"),
     ("similarity", "Task-vector similarity"),
     ("flips", "Prediction flips"),
@@ -211,6 +215,38 @@ class _Study:
                 self.models.append({"name": name, "kind": "base" if name == "base" else "other"})
         self.model = {m["name"]: m for m in self.models}
         self.failures = [f for f in (s.get("failures") or []) if isinstance(f, dict)]
+        checks = s.get("expert_checks")
+        self.checks = {str(k): v for k, v in checks.items() if isinstance(v, dict)} if isinstance(checks, dict) else {}
+        self.flagged = [c for c in self.checks.values() if c.get("flagged")]
+        unmeant = s.get("normalized_not_meaningful")
+        self.unmeant = {m: v for m, v in unmeant.items() if isinstance(v, dict)} if isinstance(unmeant, dict) else {}
+
+    def not_meaningful(self, merge: str, task: str) -> bool:
+        """Is merge's normalized score on ``task`` against an expert that failed its checks?"""
+        if task in self.unmeant.get(merge, {}):
+            return True
+        family = (self.model.get(merge) or {}).get("family")
+        return bool(family) and bool((self.checks.get(f"{family}/{task}") or {}).get("flagged"))
+
+    def meaningful_norm(self, merge: str) -> dict:
+        """merge's normalized scores without the not-meaningful ones."""
+        per = self.get("normalized").get(merge)
+        return {t: v for t, v in per.items() if not self.not_meaningful(merge, t)} if isinstance(per, dict) else {}
+
+    def unmeant_tasks(self, merge: str) -> list[str]:
+        per = self.get("normalized").get(merge)
+        listed = [t for t in per if self.not_meaningful(merge, t)] if isinstance(per, dict) else []
+        return list(dict.fromkeys(listed + list(self.unmeant.get(merge, {}))))
+
+    def warnings(self) -> list[str]:
+        """One line per flagged expert: its failed checks, each naming the expert, its score, the
+        majority or base score and the p-value or interval."""
+        out = []
+        for c in self.flagged:
+            reasons = [str(r) for r in c.get("reasons") or [] if r]
+            out.append("; ".join(reasons) or f"{c.get('expert', 'an expert')} is not significantly above the majority "
+                                                f"class or the base on {c.get('task', 'its task')}")
+        return out
 
     def of_kind(self, kind: str) -> list[dict]:
         return [m for m in self.models if m.get("kind") == kind]
@@ -275,7 +311,8 @@ def _png(fig) -> bytes:
 
 
 def _normalized_chart(st: _Study, family: str, merges: list[dict], norm: dict) -> bytes:
-    tasks = [t for t in st.task_names if any(_num((norm.get(m["name"]) or {}).get(t)) is not None for m in merges)]
+    tasks = [t for t in st.task_names if any(_num((norm.get(m["name"]) or {}).get(t)) is not None
+                                             or t in st.unmeant_tasks(m["name"]) for m in merges)]
     with _rc():
         n_g, n_t = len(merges), max(1, len(tasks))
         width = 0.8 / n_t
@@ -288,12 +325,15 @@ def _normalized_chart(st: _Study, family: str, merges: list[dict], norm: dict) -
                 v = _num((norm.get(m["name"]) or {}).get(task))
                 x = i + (j - (n_t - 1) / 2) * width
                 if v is None:
-                    ax.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="#666666")
+                    ax.text(x, 0.02, "n/m" if task in st.unmeant_tasks(m["name"]) else "n/a", rotation=90, ha="center",
+                            va="bottom", fontsize=7, color="#666666")
                     continue
                 xs.append(x)
                 ys.append(v)
                 top = max(top, v)
             label = task + (" (lower is better)" if _lower_is_better(st.task[task]) else "")
+            if not ys:  # every merge n/m or n/a on it: no bar to explain
+                label += " (n/m)" if any(task in st.unmeant_tasks(m["name"]) for m in merges) else " (n/a)"
             bars = ax.bar(xs, ys, width * 0.92, label=label, color=PALETTE[j % len(PALETTE)],
                           hatch="//" if j >= len(PALETTE) else None, edgecolor="white", linewidth=0.5)
             if n_g * n_t <= 40:
@@ -398,7 +438,6 @@ def _flips_chart(family: str, rows: list[tuple[str, int, int, int]]) -> bytes:
 # -- sections ------------------------------------------------------------------------------------
 def _summary(st: _Study, sec: Section) -> None:
     experts, merges = st.of_kind("expert"), st.of_kind("merge")
-    norm = st.get("normalized")
     higher = st.higher_tasks()
     parts = [f"Study {st.name}: {len(st.task_names)} task(s) ({', '.join(st.task_names) or 'none'}), "
              f"{len(experts)} expert(s) and {len(merges)} merge(s)"]
@@ -408,13 +447,17 @@ def _summary(st: _Study, sec: Section) -> None:
     parts[-1] += "."
     best = []
     for fam in fams:
-        scored = [(m, _mean([(norm.get(m["name"]) or {}).get(t) for t in higher])) for m in st.in_family("merge", fam)]
+        # normalized scores against a flagged expert are not meaningful: they never pick the best merge
+        scored = [(m, _mean([st.meaningful_norm(m["name"]).get(t) for t in higher])) for m in st.in_family("merge", fam)]
         scored = [(m, v) for m, v in scored if v is not None]
+        left_out = sorted({t for m in st.in_family("merge", fam) for t in st.unmeant_tasks(m["name"])},
+                          key=lambda t: st.task_names.index(t) if t in st.task_names else len(st.task_names))
+        without = f", without {', '.join(left_out)} (n/m)" if left_out else ""
         if scored:
             m, v = max(scored, key=lambda x: x[1])
-            best.append(f"{fam}: {m['name']} ({v:.3f})")
+            best.append(f"{fam}: {m['name']} ({v:.3f}{without})")
         else:
-            best.append(f"{fam}: no normalized scores")
+            best.append(f"{fam}: no meaningful normalized scores" if left_out else f"{fam}: no normalized scores")
     if best:
         parts.append("Best merge per family by mean normalized score (1.0 = the experts' level): " + "; ".join(best) + ".")
     elif not merges:
@@ -430,6 +473,9 @@ def _summary(st: _Study, sec: Section) -> None:
     if st.failures:
         parts.append(f"{len(st.failures)} step(s) FAILED; see Failures.")
     sec.blocks.append(Para(" ".join(parts)))
+    for line in st.warnings():
+        sec.blocks.append(Para(f"Warning: {line}; normalized scores against it are not meaningful (n/m) and are left out "
+                               "of the best-merge choice.", "alert"))
 
 
 def _scores(st: _Study, sec: Section) -> None:
@@ -512,13 +558,75 @@ def _scores(st: _Study, sec: Section) -> None:
     sec.blocks.append(Table(header, rows, " ".join(notes), html_note, md_note))
 
 
+def _lr_cell(m: dict) -> Cell:
+    lr = m.get("lr")
+    trials = [t for t in m.get("search") or [] if isinstance(t, dict)]
+    tried = [(t.get("params") or {}).get("lr") for t in trials]
+    sub = ("chosen on validation from " + ", ".join(_pval(v) for v in tried)) if trials else ""
+    return Cell(_pval(lr) if lr is not None else DASH, num=True, sub=sub)
+
+
+def _expert_checks(st: _Study, sec: Section) -> None:
+    experts = [m for m in st.of_kind("expert")]
+    names = list(dict.fromkeys([m["name"] for m in experts] + list(st.checks)))
+    if not st.checks:
+        if any(m.get("lr") is not None for m in experts):
+            sec.blocks.append(Table([Cell("expert"), Cell("learning rate", num=True)],
+                                    [[Cell(m["name"]), _lr_cell(m)] for m in experts]))
+        sec.blocks.append(Para(_because(st, ("train", "eval", "compare"), "No expert checks were recorded (they need each "
+                                         "expert's test predictions and its task's majority class)"), "missing"))
+        return
+    level = next((_num(c.get("level")) for c in st.checks.values() if _num(c.get("level")) is not None), None)
+    conf = next((_num((c.get("base") or {}).get("confidence")) for c in st.checks.values()
+                 if _num((c.get("base") or {}).get("confidence")) is not None), None)
+    sec.blocks.append(Para(
+        "An expert that did not learn its own task makes every normalized score against it meaningless (a merge matching a "
+        "majority-class expert scores 1.0). Each expert is tested on its own task's test split, one-sided at level "
+        f"{_pval(level) if level is not None else '(1 - confidence) / 2'}: against the majority class by an exact binomial "
+        "test of its correct count (p = P(Binomial(n, majority share) >= correct)), and against the base model (with this "
+        "family's heads) by the paired bootstrap" + (f" ({100 * conf:g}% interval of expert minus base wholly above 0)" if conf else "")
+        + ". A flagged expert's normalized scores are shown as n/m and left out of the best-merge choice."))
+    header = [Cell("expert"), Cell("task"), Cell("learning rate", num=True), Cell("accuracy", num=True),
+              Cell("majority class", num=True), Cell("binomial p", num=True), Cell("base", num=True),
+              Cell("expert − base", num=True), Cell("interval", num=True), Cell("check")]
+    rows = []
+    for name in names:
+        m = st.model.get(name) or {"name": name}
+        c = st.checks.get(name) or {}
+        maj, base = c.get("majority") or {}, c.get("base") or {}
+        lo, hi = _num(base.get("low")), _num(base.get("high"))
+        flagged = bool(c.get("flagged"))
+        bad = _mix(NEGATIVE, 0.35)
+        status = "not checked" if not c else ("FLAGGED: " + " and ".join(
+            w for w, ok in (("not above the majority class", maj.get("above")), ("not above the base", base.get("above") if base else True))
+            if ok is False) if flagged else "ok")
+        rows.append([Cell(name), Cell(str(c.get("task") or m.get("task") or DASH)), _lr_cell(m),
+                     Cell(_fmt(c.get("score")), num=True),
+                     Cell(_fmt(maj.get("score")), num=True),
+                     Cell(_pvalue(maj.get("p_value")), num=True, bg=bad if maj.get("above") is False else None),
+                     Cell(_fmt(base.get("score")), num=True),
+                     Cell(_signed(base.get("diff")), num=True),
+                     Cell(f"[{_signed(lo)}, {_signed(hi)}]" if lo is not None and hi is not None else DASH, num=True,
+                          bg=bad if base.get("above") is False else None),
+                     Cell(status, bold=flagged, bg=bad if flagged else None, cls="" if c else "muted")])
+    sec.blocks.append(Table(header, rows, "Learning rate: the one the expert was trained with; a searched one was chosen on the "
+                            "validation split."))
+
+
+def _pvalue(v: Any) -> str:
+    f = _num(v)
+    if f is None:
+        return DASH
+    return f"{f:.3f}" if f >= 0.001 else f"{f:.1e}"
+
+
 def _normalized(st: _Study, sec: Section, figs: list) -> None:
     norm = st.get("normalized")
     merges = st.of_kind("merge")
     if not merges:
         sec.blocks.append(Para(_because(st, ("merge",), "No merges succeeded, so there is nothing to normalize"), "missing"))
         return
-    if not any(norm.get(m["name"]) for m in merges):
+    if not any(norm.get(m["name"]) or st.unmeant_tasks(m["name"]) for m in merges):
         sec.blocks.append(Para(_because(st, ("train", "eval"), "No normalized scores were recorded (they need each task's "
                                         "expert score)"), "missing"))
         return
@@ -526,14 +634,45 @@ def _normalized(st: _Study, sec: Section, figs: list) -> None:
                            "merge kept all of the expert's skill (Ilharco et al. 2023; Yadav et al. 2023 report the same ratio)."
                            + (" For a lower-is-better task a value above 1.0 is worse." if len(st.higher_tasks()) < len(st.task_names) else "")))
     for fam in st.families("merge"):
-        ms = [m for m in st.in_family("merge", fam) if norm.get(m["name"])]
+        ms = [m for m in st.in_family("merge", fam) if norm.get(m["name"]) or st.unmeant_tasks(m["name"])]
         if not ms:
             sec.blocks.append(Para(f"{fam}: no normalized scores.", "missing"))
             continue
-        fig = Figure(f"normalized_{_slug(fam)}", _normalized_chart(st, fam, ms, norm),
+        shown = {m["name"]: st.meaningful_norm(m["name"]) for m in ms}
+        fig = Figure(f"normalized_{_slug(fam)}", _normalized_chart(st, fam, ms, shown),
                      f"Normalized score per task for the {fam} merges")
         figs.append(fig)
         sec.blocks.append(fig)
+        sec.blocks.append(_normalized_table(st, ms, shown))
+
+
+def _normalized_table(st: _Study, merges: list[dict], shown: dict) -> Table:
+    tasks = [t for t in st.task_names if any(t in shown[m["name"]] or t in st.unmeant_tasks(m["name"]) for m in merges)]
+    higher = [t for t in st.higher_tasks() if t in tasks]
+    header = [Cell("merge")] + [Cell(t + (" ↓" if _lower_is_better(st.task[t]) else ""), num=True) for t in tasks]
+    header.append(Cell("mean", num=True, sub="↑ tasks" if len(higher) < len(tasks) else ""))
+    rows, unmeant, experts = [], False, []
+    for m in merges:
+        per, row = shown[m["name"]], [Cell(m["name"], sub=_params(m.get("params")))]
+        for t in tasks:
+            if t in st.unmeant_tasks(m["name"]):
+                unmeant = True
+                expert = (st.unmeant.get(m["name"], {}).get(t) or {}).get("expert") or f"{m.get('family')}/{t}"
+                experts.append(expert)
+                row.append(Cell("n/m †", num=True, cls="muted", title=f"not meaningful: {expert} failed its checks"))
+            else:
+                row.append(Cell(_fmt(per.get(t)), num=True))
+        mean = _mean([per.get(t) for t in higher])
+        partial = mean is not None and any(t in st.unmeant_tasks(m["name"]) for t in higher)
+        row.append(Cell(_fmt(mean) + ("*" if partial else ""), num=True))
+        rows.append(row)
+    note = ""
+    if unmeant:
+        who = ", ".join(dict.fromkeys(experts))
+        note = (f"† n/m: not meaningful - the task's expert ({who}) is not significantly above the majority class or the base "
+                "on its own task (see Expert checks), so a ratio to its score says nothing about kept skill. "
+                "* mean without the n/m tasks; the best-merge choice in the summary uses these means.")
+    return Table(header, rows, note)
 
 
 def _similarity(st: _Study, sec: Section, figs: list) -> None:
@@ -616,7 +755,7 @@ def _significance(st: _Study, sec: Section) -> None:
         sec.blocks.append(Para(_because(st, ("merge", "eval"), "No significance tests were recorded"), "missing"))
         return
     header = [Cell("merge"), Cell("task"), Cell("against"), Cell("difference", num=True), Cell("interval", num=True),
-              Cell("confidence", num=True), Cell("verdict")]
+              Cell("confidence", num=True), Cell("p", num=True), Cell("verdict")]
     rows = []
     for m, t, s in entries:
         conf = _num(s.get("confidence"))
@@ -625,9 +764,11 @@ def _significance(st: _Study, sec: Section) -> None:
         rows.append([Cell(m), Cell(t), Cell(str(s.get("against") or DASH)), Cell(_signed(s.get("diff")), num=True),
                      Cell(f"[{_signed(lo)}, {_signed(hi)}]" if lo is not None and hi is not None else DASH, num=True),
                      Cell(f"{100 * conf:.0f}%" if conf is not None else DASH, num=True),
+                     Cell(_pvalue(s.get("p_value")), num=True),
                      Cell(verdict, bg=_verdict_bg(verdict), bold=verdict.lower() not in ("tie", DASH))])
     sec.blocks.append(Para("Difference in the main metric (merge minus the model it is compared against) with its paired "
-                           "bootstrap confidence interval; an interval that contains 0 is a tie."))
+                           "bootstrap confidence interval and two-sided p-value: win when the whole interval is above 0 (the "
+                           "merge is better), loss when it is below, tie when it contains 0."))
     sec.blocks.append(Table(header, rows))
 
 
@@ -663,14 +804,21 @@ def _forgetting(st: _Study, sec: Section) -> None:
 
 
 def _search(st: _Study, sec: Section) -> None:
+    experts = [m for m in st.of_kind("expert") if m.get("search")]
     merges = [m for m in st.of_kind("merge") if m.get("search")]
-    if not merges:
+    if not merges and not experts:
         why = "No merge ran a hyper-parameter search" if st.of_kind("merge") else "No merges succeeded"
         sec.blocks.append(Para(_because(st, ("merge", "search"), why), "missing"))
         return
-    sec.blocks.append(Para("Each merge's hyper-parameters were chosen on the validation split; the test scores above use the "
-                           "chosen setting (★)."))
-    for m in merges:
+    if experts:
+        sec.blocks.append(Para("Each searched expert was trained once per learning rate and the one most accurate on its task's "
+                               "validation split kept (★); the expert checks and all test scores use it."))
+    if merges:
+        sec.blocks.append(Para("Each merge's hyper-parameters were chosen on the validation split; the test scores above use "
+                               "the chosen setting (★)."))
+    elif st.of_kind("merge"):
+        sec.blocks.append(Para("No merge ran a hyper-parameter search.", "missing"))
+    for m in experts + merges:
         trials = [t for t in m["search"] if isinstance(t, dict)]
         keys = list(dict.fromkeys(k for t in trials for k in (t.get("params") or {})))
         chosen_params = m.get("params")
@@ -745,6 +893,7 @@ def build_sections(study: dict) -> tuple[list[Section], list[Figure]]:
     figs: list[Figure] = []
     _summary(st, secs["summary"])
     _scores(st, secs["scores"])
+    _expert_checks(st, secs["experts"])
     _normalized(st, secs["normalized"], figs)
     _similarity(st, secs["similarity"], figs)
     _flips(st, secs["flips"], figs)
@@ -839,6 +988,11 @@ def render_html(sections: list[Section], study: dict) -> str:
         banner = (f'<p class="alert banner">{len(st.failures)} step(s) of this study failed: '
                   f'{_e(", ".join(sorted({str(f.get("stage")) for f in st.failures})))}. '
                   f'<a href="#failures">See Failures</a>.</p>')
+    if st.flagged:
+        names = ", ".join(str(c.get("expert") or "?") for c in st.flagged)
+        banner += (f'<p class="alert banner">{len(st.flagged)} expert(s) did not learn their own task: {_e(names)}; '
+                   'normalized scores against them are not meaningful (n/m). '
+                   '<a href="#experts">See Expert checks</a>.</p>')
     body = "".join(f'<section id="{s.key}"><h2>{_e(s.title)}</h2>' + "".join(_html_block(b) for b in s.blocks) + "</section>"
                    for s in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -901,6 +1055,10 @@ def render_markdown(sections: list[Section], study: dict, files: str = "report_f
     if st.failures:
         out += [f"> **{len(st.failures)} step(s) of this study failed** "
                 f"({', '.join(sorted({str(f.get('stage')) for f in st.failures}))}); see [Failures](#failures).", ""]
+    if st.flagged:
+        out += [f"> **{len(st.flagged)} expert(s) did not learn their own task: "
+                f"{', '.join(str(c.get('expert') or '?') for c in st.flagged)}**; normalized scores against them are not "
+                "meaningful (n/m); see [Expert checks](#expert-checks).", ""]
     for s in sections:
         out += [f"## {s.title}", ""]
         for b in s.blocks:

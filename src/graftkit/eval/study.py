@@ -10,7 +10,8 @@ TALL masks), on the user's own base model and tasks:
 2. **experts** - one fine-tuned model per (expert family, task), trained with
    :mod:`graftkit.train` recipes. An expert whose recipe and data are unchanged is reused from
    the study folder (``study_key.txt`` holds their hash). A failed expert is recorded and the
-   study goes on without it.
+   study goes on without it. A family's ``search: {lr: [...]}`` trains one expert per learning
+   rate and keeps the one most accurate on the task's validation split.
 3. **merges** - per family, every listed merge method over that family's experts, streamed by
    :mod:`graftkit.merge`. Classification heads are task-specific (one label set per task), so
    they are excluded from merging; every model of a family is evaluated on task *t* with the
@@ -18,9 +19,12 @@ TALL masks), on the user's own base model and tasks:
    the merged model over the tasks; the best point is kept.
 4. **evaluation** - the base, every expert and every merge on every task's test split, with
    :func:`graftkit.eval.evaluate_model`; per-example predictions are kept.
-5. **comparisons** - normalized accuracy (merge / the task's own expert), flips against the
-   task's expert, paired-bootstrap significance against a reference merge, forgetting of each
-   expert on the tasks it was not tuned on, and task-vector cosine / sign-conflict matrices.
+5. **comparisons** - expert checks (is each expert significantly above the majority class and
+   the base on its own task? :func:`check_expert`), normalized accuracy (merge / the task's own
+   expert; against a flagged expert it is recorded as not meaningful and left out of every
+   "best merge" choice), flips against the task's expert, paired-bootstrap significance against
+   a reference merge, forgetting of each expert on the tasks it was not tuned on, and
+   task-vector cosine / sign-conflict matrices.
 6. **report** - ``report.html`` + ``report.md`` (:mod:`graftkit.eval.report`).
 
 ``study.json`` is rewritten after each stage, so nothing computed is lost when a later stage
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -66,11 +71,14 @@ class StudyTask(StrictModel):
 
 
 class ExpertFamily(StrictModel):
-    """How the experts of one family are tuned: a ``graft train`` method and optimizer section."""
+    """How the experts of one family are tuned: a ``graft train`` method and optimizer section;
+    ``search: {lr: [...]}`` trains one expert per learning rate and keeps, per task, the one
+    with the best validation accuracy (ties: the first listed)."""
 
     family: str
     method: dict[str, Any] = Field(default_factory=lambda: {"method": "full"})
     optim: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, list[float]] = Field(default_factory=dict)
 
 
 class MergeRun(StrictModel):
@@ -132,6 +140,8 @@ def validate_study(cfg: StudyConfig) -> StudyConfig:
             raise ConfigError(f"study task {t.name!r}: unknown corpus {t.corpus!r}; packaged corpora: {', '.join(sorted(CORPORA))}")
         if t.files is not None and sorted(t.files) != sorted(SPLITS):
             raise ConfigError(f"study task {t.name!r}: files needs exactly train, validation and test; got {', '.join(sorted(t.files)) or 'none'}")
+    for e in cfg.experts:
+        _check_expert_search(e)
     if cfg.merges and len(cfg.tasks) < 2:
         raise ConfigError("study: merging needs at least two tasks (one expert each); add a task or remove merges")
     placeholders = [{"model": f"expert{i}"} for i in range(len(cfg.tasks))]
@@ -141,6 +151,26 @@ def validate_study(cfg: StudyConfig) -> StudyConfig:
         except GraftError as exc:
             raise ConfigError(f"study merge {m.label!r}: {exc}") from None
     return cfg
+
+
+def _check_expert_search(e: ExpertFamily) -> None:
+    if not e.search:
+        return
+    where = f"study expert family {e.family!r}: search"
+    other = sorted(set(e.search) - {"lr"})
+    if other:
+        raise ConfigError(f"{where} supports lr only (e.g. search: {{lr: [1.0e-4, 3.0e-4]}}), got {other[0]!r}")
+    lrs = e.search["lr"]
+    if not lrs:
+        raise ConfigError(f"{where}.lr is empty; list the learning rates to try, e.g. [1.0e-4, 3.0e-4]")
+    bad = [v for v in lrs if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ConfigError(f"{where}.lr value {bad[0]!r} is not a positive learning rate; use values like 1.0e-4")
+    dup = _duplicates(lrs)
+    if dup:
+        raise ConfigError(f"{where}.lr value {dup[0]:g} appears twice; list each learning rate once")
+    if "lr" in e.optim:
+        raise ConfigError(f"{where}.lr and optim.lr are both given; the search chooses the learning rate - remove optim.lr")
 
 
 def load_study(config: Any) -> StudyConfig:
@@ -216,6 +246,164 @@ def check_disjoint(task: str, splits: dict[str, list[str]]) -> None:
             seen.setdefault(key, split)
 
 
+# -- comparisons -------------------------------------------------------------------------------
+
+def check_expert(name: str, task: str, correct: Any, majority: float, base: Any = None, *, base_name: str = "the base",
+                 confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Did expert ``name`` learn its own ``task``? Two one-sided tests at level ``(1 - confidence) / 2``:
+
+    * above the majority class: exact binomial test of its ``k`` right of ``n`` (``correct``, the
+      0/1 per-example scores) against the majority-class share ``majority`` of the same test
+      split, ``p = P(Binomial(n, majority) >= k)``;
+    * above the base (``base``: the base model's per-example scores on the same examples, with
+      this family's heads): the paired bootstrap of :func:`graftkit.eval.compare.paired_bootstrap`;
+      above means its ``confidence`` interval of expert minus base lies wholly above 0.
+
+    Returns ``{"expert", "task", "score", "n", "level", "majority": {...}, "base": {...} | None,
+    "flagged", "reasons"}``; a flagged expert's reasons are one line each, naming the expert, its
+    score, the majority or base score and the p-value or interval. Normalized scores against a
+    flagged expert do not measure retained skill (dividing by a majority-class score rewards a
+    merge for matching a model that learned nothing).
+    """
+    import numpy as np
+
+    from ..errors import EvalError
+    from .compare import binomial_tail, paired_bootstrap
+
+    x = np.asarray(correct, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0 or not np.isin(x, (0.0, 1.0)).all():
+        raise EvalError(f"checking expert {name}: its per-example scores on {task!r} must be a non-empty list of 0/1 (accuracy)")
+    n, k = len(x), int(x.sum())
+    score, level = k / n, (1.0 - confidence) / 2
+    p_major = binomial_tail(k, n, float(majority))
+    check: dict[str, Any] = {
+        "expert": name, "task": task, "score": score, "n": n, "level": level,
+        "majority": {"score": float(majority), "test": "one-sided exact binomial", "p_value": p_major, "above": p_major < level},
+        "base": None, "flagged": False, "reasons": []}
+    if not check["majority"]["above"]:
+        check["reasons"].append(f"{name} is not significantly above the majority class on {task}: accuracy {score:.3f} vs "
+                                f"majority class {float(majority):.3f} (n = {n}; one-sided exact binomial p = {p_major:.3g}, "
+                                f"needs < {level:.3g})")
+    if base is not None:
+        b = paired_bootstrap(x, base, resamples=resamples, confidence=confidence, seed=seed)
+        base_score = float(np.mean(np.asarray(base, dtype=np.float64)))
+        check["base"] = {"name": base_name, "score": base_score, "test": "paired bootstrap", "confidence": confidence,
+                         **b, "above": b["low"] > 0}
+        if not check["base"]["above"]:
+            check["reasons"].append(f"{name} is not significantly above {base_name} on {task}: accuracy {score:.3f} vs "
+                                    f"{base_score:.3f} (difference {b['diff']:+.3f}, {100 * confidence:g}% paired bootstrap "
+                                    f"interval [{b['low']:+.3f}, {b['high']:+.3f}], p = {b['p_value']:.3g})")
+    check["flagged"] = bool(check["reasons"])
+    return check
+
+
+def compare_study(result: dict[str, Any], eval_dir: str | Path, experts: dict[str, list[str]], merges: dict[str, list[str]],
+                  evaluation: EvaluationSettings, *, seed: int = 0, fail=None) -> None:
+    """The study's comparisons, from ``result["scores"]``, ``result["tasks"]`` and the per-example
+    predictions of the ``graft eval`` model folders ``eval_dir/FAMILY/MODEL`` (read and matched by
+    example id and reference with :mod:`graftkit.eval.compare`). Fills ``forgetting``,
+    ``expert_checks`` (:func:`check_expert` per expert), ``normalized`` (merge / the task's expert,
+    only where that expert passed its checks), ``normalized_not_meaningful`` (the others, with the
+    reason), ``flips`` (against the task's expert) and ``significance`` (paired bootstrap against
+    ``evaluation.against``, itself against ``linear``). ``experts`` and ``merges`` map a family to its
+    expert tasks and merge labels. A pair of folders that cannot be compared is passed to
+    ``fail(stage, model, exc)`` (raised without it) and left out.
+    """
+    from .compare import aligned_scores, flips, load_run, normalized_score, paired_bootstrap
+
+    scores, ev = result.get("scores") or {}, evaluation
+    tasks = {t["name"]: t for t in result.get("tasks") or []}
+    for key in ("forgetting", "expert_checks", "normalized", "normalized_not_meaningful", "flips", "significance"):
+        result[key] = {}
+    runs: dict[str, Any] = {}
+
+    def run(name: str):
+        if name not in runs:
+            folder = Path(eval_dir) / name
+            runs[name] = load_run(folder) if (folder / "results.json").is_file() else None
+        return runs[name]
+
+    def paired(name: str, other: str, task: str):
+        """Per-example scores of ``name`` and ``other`` on ``task``, aligned by example id; None if missing."""
+        a, b = run(name), run(other)
+        if a is None or b is None or task not in a.tasks or task not in b.tasks:
+            return None
+        try:
+            return aligned_scores(task, [a, b])
+        except GraftError as exc:
+            if fail is None:
+                raise
+            fail("compare", f"{name} vs {other} on {task}", exc)
+            return None
+
+    for family, ts in experts.items():
+        base_name = f"{family}/base"
+        base = scores.get(base_name, {})
+        for t in ts:
+            name = f"{family}/{t}"
+            own = scores.get(name)
+            if not own:
+                continue
+            # forgetting: an expert on the tasks it was not tuned on, minus the base
+            result["forgetting"][name] = {s: own[s] - base[s] for s in own if s != t and s in base}
+            majority = (tasks.get(t) or {}).get("majority")
+            if t not in own or majority is None:
+                continue
+            pair = paired(name, base_name, t)
+            if pair is not None:
+                correct, base_scores = pair
+            else:  # no per-example file: the binomial test needs only the count right
+                n = int((tasks.get(t) or {}).get("n_test") or 0)
+                if n < 1:
+                    continue
+                k = int(round(own[t] * n))
+                correct, base_scores = [1.0] * k + [0.0] * (n - k), None
+            try:
+                result["expert_checks"][name] = check_expert(name, t, correct, majority, base_scores, base_name=base_name,
+                                                             confidence=ev.confidence, resamples=ev.resamples, seed=seed)
+            except GraftError as exc:
+                if fail is None:
+                    raise
+                fail("compare", name, exc)
+    checks = result["expert_checks"]
+    for family, labels in merges.items():
+        for label in labels:
+            name = f"{family}/{label}"
+            if name not in scores:
+                continue
+            norm, unmeant, flip, sig = {}, {}, {}, {}
+            against = ev.against if label != ev.against else "linear"
+            ref_name = f"{family}/{against}"
+            for t, s in scores[name].items():
+                expert_name = f"{family}/{t}"
+                expert = scores.get(expert_name, {}).get(t)
+                if expert:
+                    check = checks.get(expert_name) or {}
+                    if check.get("flagged"):
+                        unmeant[t] = {"value": normalized_score(s, expert), "expert": expert_name,
+                                      "reason": "; ".join(check["reasons"])}
+                    else:
+                        norm[t] = normalized_score(s, expert)
+                pair = paired(expert_name, name, t)
+                if pair is not None:
+                    flip[t] = {"reference": expert_name, **flips(*pair)}
+                pair = paired(name, ref_name, t) if ref_name in scores else None
+                if pair is not None:
+                    b = paired_bootstrap(*pair, resamples=ev.resamples, confidence=ev.confidence, seed=seed)
+                    sig[t] = {"against": ref_name, "confidence": ev.confidence, **b}
+            result["normalized"][name] = norm
+            if unmeant:
+                result["normalized_not_meaningful"][name] = unmeant
+            result["flips"][name] = flip
+            if sig:
+                result["significance"][name] = sig
+
+
+def flagged_experts(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The expert checks of ``result`` that failed (see :func:`check_expert`)."""
+    return [c for c in (result.get("expert_checks") or {}).values() if isinstance(c, dict) and c.get("flagged")]
+
+
 # -- the pipeline -------------------------------------------------------------------------------
 
 class Study:
@@ -232,7 +420,7 @@ class Study:
         self.cache = None
         self.result: dict[str, Any] = {
             "name": cfg.name, "recipe": cfg.model_dump(mode="json"), "tasks": [], "models": [], "scores": {},
-            "normalized": {}, "flips": {}, "significance": {}, "forgetting": {}, "similarity": {}, "failures": [],
+            "expert_checks": {}, "normalized": {}, "normalized_not_meaningful": {}, "flips": {}, "significance": {}, "forgetting": {}, "similarity": {}, "failures": [],
             "timings": {}, "environment": _environment(),
         }
 
@@ -265,6 +453,7 @@ class Study:
         from collections import Counter
 
         from ..data import CORPORA, stratified_split, text_key
+        from ..files import check_label_types
         from ..train.data import read_rows
 
         for i, t in enumerate(self.cfg.tasks):
@@ -277,6 +466,7 @@ class Study:
                 rows = {}
                 for s in SPLITS:
                     raw = read_rows(t.files[s])
+                    check_label_types(raw, t.label_field, t.files[s])
                     for j, r in enumerate(raw):
                         for f in (t.text_field, t.label_field):
                             if r.get(f) in (None, ""):
@@ -326,56 +516,113 @@ class Study:
                 return [f"{head}.*"]
         raise GraftError(f"{self.cfg.base} loaded for classification has no classifier or score head; the study needs a *ForSequenceClassification model")
 
-    def recipe_for(self, family: ExpertFamily, task: StudyTask) -> dict[str, Any]:
+    def recipe_for(self, family: ExpertFamily, task: StudyTask, lr: float | None = None) -> dict[str, Any]:
+        """The ``graft train`` recipe of one expert; with ``lr`` (a search candidate) that learning
+        rate, trained into its own folder ``experts/FAMILY/TASK/lr-LR``."""
         d = self.data[task.name]
         optim = {"seed": self.cfg.seed, **family.optim}
+        folder = self.out / "experts" / family.family / task.name
+        if lr is not None:
+            optim["lr"] = lr
+            folder = folder / f"lr-{lr:g}"
         export = ["merged"] if family.method.get("method", "full") not in ("lora", "ia3") else []
         return {"model": self.cfg.base, "task": "classification",
                 "data": {"train": str(d["paths"]["train"]), "labels": d["labels"], "max_length": task.max_length},
                 "method": dict(family.method), "optim": optim,
-                "output": {"dir": str(self.out / "experts" / family.family / task.name), "export": export}}
+                "output": {"dir": str(folder), "export": export}}
 
-    def train_experts(self) -> None:
+    def expert_model(self, folder: Path) -> tuple[Path, dict[str, str]]:
+        """``(merge input and head, eval model spec)`` of a trained expert folder: a fully tuned
+        expert is used as its exported HF folder; an adapter expert as the adapter (the merge
+        engine materializes its deltas key by key) on the base."""
+        merged, adapter = folder / "merged", folder / "adapter"
+        if merged.exists():
+            return merged, {"path": str(merged)}
+        return adapter, {"path": self.cfg.base, "adapter": str(adapter)}
+
+    def train_one(self, family: ExpertFamily, task: StudyTask, lr: float | None, label: str) -> tuple[Path, dict[str, Any]]:
+        """Train (or reuse, when its recipe and data are unchanged) one expert; returns its folder
+        and what to record (``cached`` or ``final_loss``, and the learning rate it used)."""
         from ..train import parse_recipe
         from ..train.loop import train
 
+        raw = self.recipe_for(family, task, lr)
+        folder = Path(raw["output"]["dir"])
+        recipe = parse_recipe(raw, source=f"study expert {label}")
+        info: dict[str, Any] = {"lr": recipe.optim.lr}
+        # the resolved recipe, defaults included: a changed default (say optim.fast_dropout)
+        # retrains instead of reusing an expert trained another way
+        key = hashlib.sha256((json.dumps(recipe.resolved(), sort_keys=True, default=str)
+                              + _hash_files([self.data[task.name]["paths"]["train"]])).encode()).hexdigest()
+        key_file = folder / "study_key.txt"
+        if (folder / "adapter").exists() and key_file.exists() and key_file.read_text().strip() == key:
+            self.console.print(f"  {label}: unchanged recipe and data, reusing {folder}")
+            info["cached"] = True
+        else:
+            self.console.print(f"  {label}: training ({family.method.get('method', 'full')})")
+            summary = train(recipe, overwrite=True, console=self.console, progress=self.progress)
+            key_file.write_text(key + "\n")
+            info["final_loss"] = summary.get("final_loss")
+        return folder, info
+
+    def expert_validation(self, task: str, folder: Path, label: str) -> float:
+        """One expert's accuracy on its own task's validation split (with its own head)."""
+        from .config import ModelSpec, TaskSpec
+        from .runner import evaluate_model
+
+        source, model = self.expert_model(folder)
+        d = self.data[task]
+        spec = TaskSpec(name=task, kind="classification", file=str(d["paths"]["validation"]), text_field="text",
+                        label_field="label", max_length=d["max_length"], batch_size=self.cfg.evaluation.batch_size,
+                        head=str(source))
+        results = evaluate_model(ModelSpec(name=label.replace("/", "-").replace(" ", "_"), **model), [spec], cache=self.cache)
+        return float(results[task]["metrics"]["accuracy"])
+
+    def train_experts(self) -> None:
         for family in self.cfg.experts:
             self.experts[family.family] = {}
             self.result["models"].append({"name": f"{family.family}/base", "kind": "base", "family": family.family,
                                           "base": self.cfg.base, "heads": f"the {family.family} experts' heads"})
+            lrs: list[float | None] = list(family.search.get("lr") or [None])
             for task in self.cfg.tasks:
                 name = f"{family.family}/{task.name}"
-                raw = self.recipe_for(family, task)
-                folder = Path(raw["output"]["dir"])
-                entry = {"name": name, "kind": "expert", "family": family.family, "task": task.name}
+                entry: dict[str, Any] = {"name": name, "kind": "expert", "family": family.family, "task": task.name}
                 t0 = time.perf_counter()
-                try:
-                    recipe = parse_recipe(raw, source=f"study expert {name}")
-                    # the resolved recipe, defaults included: a changed default (say optim.fast_dropout)
-                    # retrains instead of reusing an expert trained another way
-                    key = hashlib.sha256((json.dumps(recipe.resolved(), sort_keys=True, default=str)
-                                          + _hash_files([self.data[task.name]["paths"]["train"]])).encode()).hexdigest()
-                    key_file = folder / "study_key.txt"
-                    done = (folder / "adapter").exists() and key_file.exists() and key_file.read_text().strip() == key
-                    if done:
-                        self.console.print(f"  {name}: unchanged recipe and data, reusing {folder}")
-                        entry["cached"] = True
-                    else:
-                        self.console.print(f"  {name}: training ({family.method.get('method', 'full')})")
-                        summary = train(recipe, overwrite=True, console=self.console, progress=self.progress)
-                        key_file.write_text(key + "\n")
-                        entry["final_loss"] = summary.get("final_loss")
-                except Exception as exc:  # one expert failing must not end the study
-                    self.fail("train", name, exc)
+                trained = []
+                for lr in lrs:
+                    label = name if lr is None else f"{name} lr={lr:g}"
+                    try:
+                        trained.append((lr, label, *self.train_one(family, task, lr, label)))
+                    except Exception as exc:  # one expert (or one candidate) failing must not end the study
+                        self.fail("train", label, exc)
+                if not trained:
                     continue
+                if lrs != [None]:  # the learning rate is a hyper-parameter: chosen on validation, never on test
+                    trials, scored = [], []
+                    for lr, label, folder, info in trained:
+                        try:
+                            acc = self.expert_validation(task.name, folder, label)
+                        except Exception as exc:
+                            self.fail("validate", label, exc)
+                            trials.append({"params": {"lr": lr}, "validation": None, "chosen": False, "failed": "validate"})
+                            continue
+                        trials.append({"params": {"lr": lr}, "validation": acc, "chosen": False})
+                        scored.append((acc, -len(scored), len(trials) - 1, folder, info))
+                    trials += [{"params": {"lr": lr}, "validation": None, "chosen": False, "failed": "train"}
+                               for lr in lrs if lr not in {t[0] for t in trained}]
+                    if not scored:
+                        continue
+                    acc, _, i, folder, info = max(scored, key=lambda x: x[:2])  # ties: the first listed
+                    trials[i]["chosen"] = True
+                    entry["search"] = sorted(trials, key=lambda t: lrs.index(t["params"]["lr"]))
+                    self.console.print(f"  {name}: lr {info['lr']:g} chosen on validation (accuracy {acc:.3f}; tried "
+                                       + ", ".join(f"{t['params']['lr']:g}" for t in entry["search"]) + ")")
+                else:
+                    _, _, folder, info = trained[0]
+                entry.update(info)
                 entry["seconds"] = round(time.perf_counter() - t0, 1)
-                # a fully tuned expert is used as its exported HF folder; an adapter expert as the
-                # adapter (the merge engine materializes its deltas key by key) on the base
-                merged, adapter = folder / "merged", folder / "adapter"
-                source = merged if merged.exists() else adapter
-                self.experts[family.family][task.name] = {
-                    "input": source, "head": source,
-                    "model": {"path": str(merged)} if merged.exists() else {"path": self.cfg.base, "adapter": str(adapter)}}
+                source, model = self.expert_model(folder)
+                self.experts[family.family][task.name] = {"input": source, "head": source, "model": model, "dir": folder}
                 self.result["models"].append(entry)
                 self.save()
 
@@ -477,46 +724,9 @@ class Study:
                 self.save()
 
     # 5. comparisons
-    def per_example(self, name: str, task: str) -> list[float] | None:
-        path = self.out / "eval" / name
-        files = list(path.rglob(f"predictions/{task}.jsonl"))
-        if not files:
-            return None
-        return [float(json.loads(line)["score"]) for line in files[0].read_text().splitlines() if line.strip()]
-
     def compare(self) -> None:
-        from .compare import flips, paired_bootstrap
-
-        scores, ev = self.result["scores"], self.cfg.evaluation
-        for family, experts in self.experts.items():
-            base = scores.get(f"{family}/base", {})
-            for t in experts:  # forgetting: an expert on the tasks it was not tuned on, minus the base
-                own = scores.get(f"{family}/{t}")
-                if own:
-                    self.result["forgetting"][f"{family}/{t}"] = {s: own[s] - base[s] for s in own if s != t and s in base}
-            for label in self.merged.get(family, {}):
-                name = f"{family}/{label}"
-                if name not in scores:
-                    continue
-                norm, flip, sig = {}, {}, {}
-                against = ev.against if label != ev.against else "linear"
-                ref_name = f"{family}/{against}"
-                for t, s in scores[name].items():
-                    expert = scores.get(f"{family}/{t}", {}).get(t)
-                    if expert:
-                        norm[t] = s / expert
-                    new = self.per_example(name, t)
-                    old = self.per_example(f"{family}/{t}", t)
-                    if new is not None and old is not None and len(new) == len(old):
-                        flip[t] = {"reference": f"{family}/{t}", **flips(old, new)}
-                    ref = self.per_example(ref_name, t) if ref_name in scores else None
-                    if new is not None and ref is not None and len(new) == len(ref):
-                        b = paired_bootstrap(new, ref, resamples=ev.resamples, confidence=ev.confidence, seed=self.cfg.seed)
-                        sig[t] = {"against": ref_name, "confidence": ev.confidence, **b}
-                self.result["normalized"][name] = norm
-                self.result["flips"][name] = flip
-                if sig:
-                    self.result["significance"][name] = sig
+        compare_study(self.result, self.out / "eval", {f: list(e) for f, e in self.experts.items()},
+                      {f: list(m) for f, m in self.merged.items()}, self.cfg.evaluation, seed=self.cfg.seed, fail=self.fail)
 
     def report(self) -> tuple[Path, Path]:
         from .report import write_report
@@ -538,10 +748,18 @@ class Study:
             vals = [row.get(t) for t in tasks]
             got = [v for v in vals if v is not None]
             norm = self.result["normalized"].get(name, {})
+            left_out = "*" if self.result["normalized_not_meaningful"].get(name) else ""
             table.add_row(name, *[f"{v:.3f}" if v is not None else "-" for v in vals],
                           f"{sum(got) / len(got):.3f}" if got else "-",
-                          f"{sum(norm.values()) / len(norm):.3f}" if norm else "")
+                          f"{sum(norm.values()) / len(norm):.3f}{left_out}" if norm else ("n/m" if left_out else ""))
         self.console.print(table)
+        flagged = flagged_experts(self.result)
+        for check in flagged:
+            for reason in check["reasons"]:
+                self.console.print(f"[bold red]warning:[/bold red] {reason}")
+        if flagged:
+            self.console.print("  normalized scores against these experts are not meaningful: left out of norm. mean (*) "
+                               "and of the best-merge choice, shown as n/m in the report")
 
 
 def _environment() -> dict[str, Any]:
