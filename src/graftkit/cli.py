@@ -188,7 +188,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     out = Path(args.out or cfg.output)
     summary = evaluate(cfg, out, overwrite=args.overwrite, models=split(args.models), tasks=split(args.tasks),
-                       progress=not args.no_progress, raise_errors=args.debug or os.environ.get("GRAFT_DEBUG") == "1")
+                       progress=not args.no_progress, raise_errors=args.debug or os.environ.get("GRAFT_DEBUG") == "1",
+                       unsafe_no_isolation=args.unsafe_no_isolation)
     if summary["models"] or summary["failures"]:
         from rich.console import Console
 
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", default=None, metavar="A,B", help="evaluate only these models (comma-separated names)")
     s.add_argument("--tasks", default=None, metavar="X,Y", help="run only these tasks (comma-separated names)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--unsafe-no-isolation", action="store_true",
+                   help="run code tasks even without bubblewrap, with in-process checks only (unsafe for untrusted models)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compare", help="compare two graft eval model folders: per-task scores, bootstrap CI, verdict, flips")

@@ -3,9 +3,10 @@
 A problem is ``{task_id, prompt, test, entry_point}`` (Chen et al., 2021, "Evaluating Large
 Language Models Trained on Code"). A completion is judged by running
 ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"`` in the sandbox
-(:mod:`graftkit.eval.sandbox`): it passes when the program exits with status 0 and reaches
-the end (a sentinel printed after ``check`` guards against a completion that calls
-``sys.exit(0)`` before the tests run). From ``n`` samples per problem of which ``c`` pass,
+(:mod:`graftkit.eval.sandbox`): it passes when the program exits with status 0 and ran to
+its end, which the sandbox's bootstrap confirms with a per-run nonce the program never sees in
+a file, argv or the environment (a completion that calls ``sys.exit(0)`` or ``os._exit(0)``
+before the tests, or prints a marker, does not pass). From ``n`` samples per problem of which ``c`` pass,
 pass@k is the unbiased estimator ``1 - C(n-c, k)/C(n, k)`` (:func:`~graftkit.eval.metrics.pass_at_k`),
 averaged over problems.
 
@@ -15,7 +16,6 @@ what we run).
 """
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -71,12 +71,11 @@ def load_problems(source: str | Path = HUMAN_EVAL) -> list[dict[str, Any]]:
     return problems
 
 
-def build_program(problem: Mapping[str, Any], completion: str, sentinel: str = "") -> str:
-    """The program run for one sample: prompt + completion + test + ``check(entry_point)``."""
-    program = problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
-    if sentinel:
-        program += f"print({sentinel!r})\n"
-    return program
+def build_program(problem: Mapping[str, Any], completion: str) -> str:
+    """The program run for one sample: prompt + completion + test + ``check(entry_point)``.
+
+    It holds nothing secret: whether it ran to its end is reported by the sandbox."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
 
 
 def _ks(k: int | Sequence[int]) -> list[int]:
@@ -105,7 +104,7 @@ def _run_with_progress(programs: list[str], *, progress: bool, **kw: Any) -> lis
 
 def score_code_problems(problems: Sequence[Mapping[str, Any]], completions: Mapping[str, Sequence[str]], *,
                         k: int | Sequence[int] = (1,), timeout: float = 10.0, memory_mb: int = 1024, workers: int = 2,
-                        progress: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                        progress: bool = True, unsafe_no_isolation: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Run every completion against its problem's tests; return ``(metrics, rows)``.
 
     ``completions`` maps each problem's ``task_id`` to its samples (the same ``n`` need not
@@ -114,6 +113,8 @@ def score_code_problems(problems: Sequence[Mapping[str, Any]], completions: Mapp
     ``id`` (position), ``task_id``, ``passed`` (one bool per sample), ``status`` (each
     sample's sandbox status), ``n``, ``correct`` and ``score`` (pass@k for the first k).
     A sample that fails, crashes or times out counts as not passing; the run goes on.
+    Without OS isolation this is an :class:`EvalError` before anything runs, unless
+    ``unsafe_no_isolation`` (see :mod:`graftkit.eval.sandbox`).
     """
     ks = _ks(k)
     if not problems:
@@ -124,7 +125,6 @@ def score_code_problems(problems: Sequence[Mapping[str, Any]], completions: Mapp
         raise EvalError(f"completions for {len(unknown)} task id(s) not among the problems (first: {unknown[0]!r}); "
                         f"score them with the problem file they were generated from")
     jobs: list[tuple[int, str]] = []  # (problem index, program)
-    sentinel = f"graft-code-done-{secrets.token_hex(8)}"
     for i, p in enumerate(problems):
         samples = completions.get(p["task_id"])
         if not samples:
@@ -134,17 +134,16 @@ def score_code_problems(problems: Sequence[Mapping[str, Any]], completions: Mapp
         if max(ks) > len(samples):
             raise EvalError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem but {p['task_id']!r} has "
                             f"{len(samples)}; sample more (num_samples) or lower k")
-        jobs.extend((i, build_program(p, str(c), sentinel)) for c in samples)
+        jobs.extend((i, build_program(p, str(c))) for c in samples)
 
     results = _run_with_progress([prog for _, prog in jobs], progress=progress, workers=workers, timeout=timeout,
-                                 memory_mb=memory_mb)
+                                 memory_mb=memory_mb, unsafe_no_isolation=unsafe_no_isolation)
 
     rows: list[dict[str, Any]] = [{"id": i, "task_id": p["task_id"], "passed": [], "status": []}
                                   for i, p in enumerate(problems)]
     for (i, _), res in zip(jobs, results):
-        ok = res.status == "passed" and sentinel in res.stdout
-        rows[i]["passed"].append(ok)
-        rows[i]["status"].append(res.status if ok or res.status != "passed" else "failed")
+        rows[i]["passed"].append(res.status == "passed")
+        rows[i]["status"].append(res.status)
     per_k: dict[int, list[float]] = {kk: [] for kk in ks}
     for row in rows:
         n, c = len(row["passed"]), sum(row["passed"])

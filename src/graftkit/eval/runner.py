@@ -28,6 +28,7 @@ from typing import Any, Callable
 from ..errors import EvalError, GraftError
 from .config import (AnyTask, ClassificationTask, CodeTask, EvalConfig, GenerationTask, ModelSpec, PerplexityTask,
                      load_eval_config, parse_model, parse_task)
+from .sandbox import allow_unsafe, require_isolation
 from .tasks import TaskData, load_task
 
 SUMMARY = "summary.json"
@@ -268,10 +269,15 @@ def _free() -> None:
 
 def evaluate_model(model_spec: ModelSpec | dict, tasks: list[AnyTask | dict], out_dir: str | Path | None = None,
                    cache: EvalCache | None = None, *, overwrite: bool = False, progress: bool | Bar = False,
-                   device: str | None = None) -> dict[str, dict[str, Any]]:
-    """Evaluate one model on ``tasks``; returns ``{task: result}`` and writes ``out_dir`` when given."""
+                   device: str | None = None, unsafe_no_isolation: bool = False) -> dict[str, dict[str, Any]]:
+    """Evaluate one model on ``tasks``; returns ``{task: result}`` and writes ``out_dir`` when given.
+
+    Code tasks need OS isolation (:mod:`graftkit.eval.sandbox`); without it they are refused
+    unless ``unsafe_no_isolation``."""
     spec = model_spec if isinstance(model_spec, ModelSpec) else parse_model(model_spec)
     tasks = [parse_task(t) for t in tasks]
+    if any(t.kind == "code" for t in tasks):
+        require_isolation(unsafe_no_isolation)
     names = [t.name for t in tasks]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -284,7 +290,7 @@ def evaluate_model(model_spec: ModelSpec | dict, tasks: list[AnyTask | dict], ou
     bar = progress if isinstance(progress, Bar) else Bar(bool(progress))
     results: dict[str, dict[str, Any]] = {}
     load_seconds: dict[str, float] = {}
-    with bar:
+    with bar, allow_unsafe(unsafe_no_isolation):
         need = [t for t in tasks if t.needs_model]
         tok_key, tok = cache.tokenizer(_tokenizer_folder(spec)) if need else (None, None)
         for t in tasks:
@@ -408,8 +414,11 @@ def _merge_summary(out: Path, new: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
              models: list[str] | None = None, tasks: list[str] | None = None, progress: bool = False,
-             raise_errors: bool = False, cache: EvalCache | None = None, device: str | None = None, console=None) -> dict[str, Any]:
+             raise_errors: bool = False, cache: EvalCache | None = None, device: str | None = None, console=None,
+             unsafe_no_isolation: bool = False) -> dict[str, Any]:
     """Run an EVAL.yaml (path, dict or :class:`EvalConfig`); returns the summary (and writes ``out`` when given).
+
+    Code tasks without OS isolation are refused (:class:`EvalError`) unless ``unsafe_no_isolation``.
 
     ``models`` / ``tasks`` select by name. A model that fails is recorded in ``summary["failures"]``
     (``raise_errors`` re-raises errors that are not graftkit's, for debugging).
@@ -417,6 +426,8 @@ def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = No
     cfg = load_eval_config(config)
     chosen_models: list[ModelSpec] = _select(cfg.models, models, "model")
     chosen_tasks: list[AnyTask] = _select(cfg.tasks, tasks, "task")
+    if any(t.kind == "code" for t in chosen_tasks):  # before any model loads: one clear line, not a failure per model
+        require_isolation(unsafe_no_isolation)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         if out_path.exists() and not out_path.is_dir():
@@ -437,7 +448,7 @@ def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = No
         for m in chosen_models:
             try:
                 res = evaluate_model(m, chosen_tasks, out_path / m.name if out_path else None, cache, overwrite=overwrite,
-                                     progress=bar, device=device)
+                                     progress=bar, device=device, unsafe_no_isolation=unsafe_no_isolation)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:

