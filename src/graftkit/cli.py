@@ -327,6 +327,10 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "train" and not any(x.startswith("-") for x in extra):
+        # argparse fills the KEY=VALUE list only before the first flag; `train r.yaml --resume a=1` means the same
+        args.overrides = [*args.overrides, *extra]
+        extra = []
     if extra:  # what parse_args does, but named against the subcommand whose --help lists the flags
         _unrecognized(args._subparsers.get(getattr(args, "command", None)) or parser, extra)
     if not getattr(args, "command", None):
