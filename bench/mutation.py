@@ -126,8 +126,8 @@ MUTANTS = [
            "    k = max(1, int((1 - density) * numel))\n    mag = row.abs()\n    return keep_at_least_", (MF, "-k", "ties")),
     Mutant("keep-at-least-strict", "merge/_common.py", "return row.mul_(torch.ge(mag, threshold, out=mag))",
            "return row.mul_(torch.gt(mag, threshold, out=mag))", (MK, "-k", "ties_matches")),
-    Mutant("breadcrumbs-keeps-outliers", "merge/_common.py", "n_bot = max(0, numel - target - n_top)",
-           "n_bot = max(0, numel - target)", (MF, "-k", "breadcrumbs")),
+    Mutant("breadcrumbs-keeps-outliers", "merge/_common.py", "    n_bot = max(0, numel - target - n_top)\n",
+           "    n_bot = max(0, numel - target)\n", (MF, "-k", "breadcrumbs")),
     # -- methods ----------------------------------------------------------------------------------
     Mutant("rslora-scaling-plain", "methods/lora.py", "return alpha / math.sqrt(r) if rslora else alpha / r",
            "return alpha / r", (PP, "-k", "rslora")),
@@ -143,7 +143,16 @@ MUTANTS = [
     # -- io ---------------------------------------------------------------------------------------
     Mutant("peft-ia3-export-shape-swapped", "io/peft.py", "vec = vec.reshape(1, -1) if site.feedforward else vec.reshape(-1, 1)",
            "vec = vec.reshape(-1, 1) if site.feedforward else vec.reshape(1, -1)", (PP, "-k", "ia3")),
+    Mutant("peft-read-rslora-ignored", "io/peft.py", '"use_rslora": bool(cfg.get("use_rslora", False))', '"use_rslora": False',
+           (PP, "-k", "rslora and loads_into")),
+    Mutant("peft-read-fan-in-fan-out-ignored", "io/peft.py", 'elif cfg.get("fan_in_fan_out"):', "elif False:",
+           (PP, "-k", "gpt2-lora and loads_into")),
+    Mutant("peft-export-fan-in-fan-out-off", "io/peft.py", '"fan_in_fan_out": "conv1d" in kinds', '"fan_in_fan_out": False',
+           (PP, "-k", "gpt2-lora and peft_export")),
     # -- train ------------------------------------------------------------------------------------
+    Mutant("warmup-off-by-one", "train/loop.py", "return (step + 1) / warmup", "return step / warmup", (TG, "-k", "schedule")),
+    Mutant("order-ranks-overlap", "train/data.py", "start = pos * self.batch_size * self.world + self.rank * self.batch_size",
+           "start = pos * self.batch_size + self.rank * self.batch_size", (TG, "-k", "order")),
     Mutant("sft-prompt-mask-off-by-one", "train/data.py", "labels = [IGNORE] * min(len(head), len(ids)) + ids[len(head):]",
            "labels = [IGNORE] * min(len(head) - 1, len(ids)) + ids[len(head) - 1:]", ("tests/test_train.py", "-k", "masks_prompt")),
     Mutant("token-loss-not-averaged", "train/loop.py", "loss = tok.sum() / n.clamp(min=1)", "loss = tok.sum()",

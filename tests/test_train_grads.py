@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from graftkit.train.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, snapshot
-from graftkit.train.loop import Run
+from graftkit.train.data import Order
+from graftkit.train.loop import Run, _schedule
 from graftkit.train.recipe import parse_recipe
 from test_train import ENV, _recipe_file, assert_same_run, assets, chat_recipe, cls_recipe  # noqa: F401  (assets: fixture)
 
@@ -72,6 +73,35 @@ def test_restore_gives_each_process_its_own_rng_state(tmp_path):
         seed_all(0)
         restore(load_checkpoint(ckpt), [("p", p)], opt, sched, rank, 3)
         assert draw() == want[rank], rank
+
+
+def test_schedule_factors(assets, tmp_path):
+    """Warmup ramps (step + 1) / warmup, so the first step already trains; then linear decay to 0
+    or a half cosine over the remaining steps."""
+    def factors(schedule: str) -> list[float]:
+        r = parse_recipe(cls_recipe(assets, tmp_path / schedule, optim={"warmup_steps": 2, "schedule": schedule}))
+        f = _schedule(r, 6)
+        return [round(f(s), 6) for s in range(6)]
+
+    assert factors("linear") == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert factors("constant") == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert factors("cosine") == [0.5, 1.0, 1.0, 0.853553, 0.5, 0.146447]
+
+
+def test_order_gives_the_processes_disjoint_slices_of_each_global_batch():
+    n, bs, world = 20, 2, 2
+    orders = [Order(n, bs, world, rank, seed=3) for rank in range(world)]
+    per_epoch = orders[0].per_epoch
+    assert per_epoch == 5
+    for epoch in range(2):
+        perm = orders[0].permutation(epoch)
+        seen = []
+        for pos in range(per_epoch):
+            batch = [i for o in orders for i in o.micro_batch(epoch * per_epoch + pos)]
+            assert batch == perm[pos * bs * world:(pos + 1) * bs * world]  # the global batch, rank 0's slice first
+            seen += batch
+        assert sorted(seen) == list(range(n))
+    assert orders[0].permutation(0) != orders[0].permutation(1)
 
 
 def _torchrun(recipe_file, *extra: str, port: int, **popen):
