@@ -27,6 +27,10 @@ QUIET := sed '/^WARNING: Location/d'
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	@# bubblewrap isolates generated code in code evals (docs/eval.md); without it those tests skip and graft eval refuses code tasks
+	@command -v bwrap >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -q && apt-get install -y -q bubblewrap) >/dev/null || echo "warning: could not install bubblewrap"; \
+		else echo "note: bubblewrap (bwrap) is missing and this is not a root apt machine: apt-get install bubblewrap"; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip 2>&1 | $(QUIET)
 	$(PIP) install $(TORCH_SPEC) 2>&1 | $(QUIET)
