@@ -9,12 +9,14 @@ loaded in another precision still fits while a different pretrained model does n
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .errors import AdapterError
 from .targets import iter_params
+from .validate import FORCE_HINT
 
 PROBE_TENSORS = 6
 PROBE_VALUES = 16
@@ -59,12 +61,25 @@ def check_fingerprint(model: nn.Module, fp: dict | None, skip: set[str], base_na
             f"with structure {fp['structure']}, this model has {total:,} with structure {digest}; load it onto the base it was trained on"
         )
     params = {i.name: i.param for i in iter_params(model)}
-    for name, values in fp.get("probe", {}).items():
-        got = _probe(params[name])
-        same_dtype = str(params[name].dtype).replace("torch.", "") == fp.get("dtype")
+    check_probes(params.get, fp, base_name)
+
+
+def check_probes(read: Callable[[str], "torch.Tensor | None"], fp: dict | None, base_name: str | None, where: str = "") -> None:
+    """Compare the probe values of ``fp`` with the tensors ``read(name)`` returns (a live model's
+    parameters, or a checkpoint's tensors when there is no model: the merge engine). A name
+    ``read`` does not know is the shape checks' business, not this one's."""
+    if not fp:
+        return
+    origin = f" ({base_name})" if base_name else ""
+    for name, values in (fp.get("probe") or {}).items():
+        tensor = read(name)
+        if tensor is None:
+            continue
+        got = _probe(tensor)
+        same_dtype = str(tensor.dtype).replace("torch.", "") == fp.get("dtype")
         rtol, atol = (1e-6, 1e-7) if same_dtype else (1e-2, 1e-3)
-        if not torch.allclose(torch.tensor(got), torch.tensor(values), rtol=rtol, atol=atol):
+        if len(got) != len(values) or not torch.allclose(torch.tensor(got), torch.tensor(values, dtype=torch.float32), rtol=rtol, atol=atol):
             raise AdapterError(
-                f"this adapter was made for a different base model{where}: the weights of {name} differ from the ones it was trained on; "
-                "load it onto its own base, or pass force=True (--force) if you really mean to transplant it"
+                f"{where}this adapter was made for a different base model{origin}: the weights of {name} differ from the ones "
+                f"it was trained on; load it onto its own base, or {FORCE_HINT}"
             )

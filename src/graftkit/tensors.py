@@ -86,6 +86,24 @@ def read_pickle_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Te
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FileFormatError(f"{path} could not be loaded with weights_only=True ({type(exc).__name__}); it may hold code, not just tensors") from None
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names. Each must lie inside the index's own folder: an
+    index is data, and one that points at ``../other/x.safetensors`` or ``/abs/x.safetensors`` would
+    make graftkit (or transformers after it) read files the user never gave it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise FileFormatError(f"{index} is not a valid index (no weight_map); re-create it") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+        raise FileFormatError(f"{index}: weight_map must map tensor names to shard file names; re-create it")
+    for key, name in weight_map.items():
+        shard = Path(name)
+        if shard.is_absolute() or ".." in shard.parts or "\\" in name:
+            raise FileFormatError(f"{index} maps {key} to {name!r}, outside the model folder; shards must be files in "
+                                  f"{index.parent} - fix the index (refused: it could read any file)")
+    return sorted({index.parent / f for f in weight_map.values()})
+
+
 
 
 class Checkpoint:
@@ -121,11 +139,7 @@ class Checkpoint:
     def _folder_files(self, allow_pickle: bool) -> list[Path]:
         index = sorted(self.path.glob(f"*{SAFE_SUFFIX}.index.json"))
         if index:
-            try:
-                weight_map = json.loads(index[0].read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise FileFormatError(f"{index[0]} is not a valid index (no weight_map); re-create it") from None
-            files = sorted({self.path / f for f in weight_map.values()})
+            files = index_shards(index[0])
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise FileFormatError(f"{self.path} is missing shard(s) {', '.join(missing)} named in {index[0].name}")

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..assets import model_dir
-from ..errors import ConfigError, FileFormatError
-from ..tensors import PICKLE_NAMES, atomic_dir, read_pickle_checkpoint
+from ..errors import ConfigError, FileFormatError, UnsupportedError
+from ..tensors import PICKLE_NAMES, atomic_dir, index_shards, read_pickle_checkpoint
 
 HEAD_CLASSES = {"causal-lm": "ForCausalLM", "classification": "ForSequenceClassification"}
 HEAD_SUFFIXES = {"causal-lm": ("ForCausalLM", "LMHeadModel"), "classification": ("ForSequenceClassification",)}
@@ -30,11 +30,32 @@ def _quiet_transformers():
     return transformers
 
 
+def _auto_config(transformers, path: Path):
+    """The folder's config, or one line saying why transformers cannot build it without running the
+    folder's own code (``auto_map``), which graftkit never does."""
+    try:
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as exc:
+        try:
+            raw = json.loads((Path(path) / "config.json").read_text())
+        except (OSError, ValueError):
+            raw = {}
+        raw = raw if isinstance(raw, dict) else {}
+        if raw.get("auto_map"):
+            raise UnsupportedError(
+                f"{path} needs its own Python code to load: config.json has auto_map (model_type {raw.get('model_type')!r}, which "
+                "transformers does not ship); graftkit loads models with trust_remote_code off and never runs code from a model "
+                "folder - use a model whose architecture transformers includes, or convert this one to such an architecture"
+            ) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FileFormatError(f"transformers cannot read {Path(path) / 'config.json'}: {first}") from None
+
+
 def model_class(path: Path, class_name: str | None = None, head: str | None = None):
     if head is not None and head not in HEAD_CLASSES:
         raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEAD_CLASSES)}")
     transformers = _quiet_transformers()
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config = _auto_config(transformers, path)
     if class_name is None:
         archs = getattr(config, "architectures", None) or []
         if head is not None:
@@ -62,6 +83,8 @@ def load_model(name: str | Path, *, class_name: str | None = None, head: str | N
                dtype: torch.dtype | str = torch.float32, allow_pickle: bool = False, **kwargs: Any) -> nn.Module:
     """Load a base model from a folder or packaged alias, never from the network."""
     path = model_dir(name)
+    for index in path.glob("*.index.json"):  # transformers follows an index wherever it points
+        index_shards(index)
     if not list(path.glob("*.safetensors")):
         pickled = [path / n for n in PICKLE_NAMES if (path / n).exists()]
         if not pickled:

@@ -27,6 +27,7 @@ from ..fingerprint import check_fingerprint
 from ..registry import METHODS
 from ..targets import find_param
 from ..tensors import atomic_dir, read_safetensors
+from ..validate import check_adapter, shape_error
 
 FORMAT = "graftkit-adapter"
 FORMAT_VERSION = 1
@@ -38,6 +39,7 @@ WEIGHTS_NAME = "adapter.safetensors"
 class AdapterFile:
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    path: Path | None = None  # the folder it was read from (for messages; never written)
 
     @property
     def method(self) -> str:
@@ -116,7 +118,7 @@ def read_native(path: str | Path) -> AdapterFile:
         parse_config(method.config_cls, meta["config"])
     except ConfigError as exc:
         raise ConfigError(f"{meta_path}: {exc}; fix or remove that key") from None
-    return AdapterFile(meta, read_safetensors(path / WEIGHTS_NAME))
+    return AdapterFile(meta, read_safetensors(path / WEIGHTS_NAME), path)
 
 
 def apply_adapter(model: nn.Module, adapter: AdapterFile, force: bool = False) -> nn.Module:
@@ -127,6 +129,7 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, force: bool = False) -
     config = parse_config(method.config_cls, adapter.meta["config"])
     base = adapter.meta.get("base_model") or {}
     base_name = base.get("name_or_path")
+    check_adapter(adapter, _where(adapter))
     for name in [*adapter.targets, *adapter.train_also]:
         find_param(model, name)  # a missing parameter is named in the error
     if not force:
@@ -141,6 +144,11 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, force: bool = False) -
     return model
 
 
+def _where(adapter: AdapterFile) -> str:
+    """How an adapter is named in a message: the folder it was read from."""
+    return str(adapter.path) if adapter.path is not None else "the adapter"
+
+
 def _load_tensors(model: nn.Module, adapter: AdapterFile) -> None:
     expected: dict[str, tuple] = {}
     for name, site in sites(model).items():
@@ -151,7 +159,7 @@ def _load_tensors(model: nn.Module, adapter: AdapterFile) -> None:
             raise AdapterError(f"the adapter file has no tensor {key}; it is incomplete or was made for another model")
         got = tuple(adapter.tensors[key].shape)
         if got != shape:
-            raise AdapterError(f"adapter tensor {key} has shape {got} but this model needs {shape}; the adapter was made for another base model")
+            raise shape_error(key, got, shape, "this model")
     extra = sorted(set(adapter.tensors) - set(expected))
     if extra:
         raise AdapterError(f"the adapter file has {len(extra)} tensor(s) this model has no place for, e.g. {extra[0]}; it was made for another model")

@@ -80,9 +80,24 @@ def read_peft(path: str | Path, allow_pickle: bool = False) -> AdapterFile:
     else:
         raise FileFormatError(f"{path} has no {WEIGHTS_NAME}")
     raw = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
-    if peft_type == "LORA":
-        return _lora_from_peft(cfg, raw, path)
-    return _ia3_from_peft(cfg, raw, path)
+    adapter = _lora_from_peft(cfg, raw, path) if peft_type == "LORA" else _ia3_from_peft(cfg, raw, path)
+    adapter.path = path
+    return adapter
+
+
+def _number(cfg: dict, key: str, default, path: Path, *, integer: bool = False, low=None, high=None, where: str = ""):
+    """A numeric entry of adapter_config.json, or a one-line error naming it."""
+    value = cfg.get(key)
+    if value is None and default is not None:
+        value = default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or float(value).is_integer())
+    if ok and ((low is not None and value < low) or (high is not None and value > high)):
+        ok = False
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bounds = f" >= {low}" if low is not None and high is None else f" in [{low}, {high}]" if low is not None else ""
+        raise FileFormatError(f"{path / CONFIG_NAME}: {where}{key} is {value!r}; it must be {kind}{bounds} - fix the file")
+    return int(value) if integer else float(value)
 
 
 def _common_config(cfg: dict, heads: list[str]) -> dict:
@@ -126,13 +141,24 @@ def _lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
     if not modules:
         raise FileFormatError(f"{path / WEIGHTS_NAME} holds no LoRA tensors")
     heads, tensors = _heads(raw, known)
-    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    r0 = _number(cfg, "r", 8, path, integer=True, low=1)
+    alpha0 = _number(cfg, "lora_alpha", 8, path)
+    _number(cfg, "lora_dropout", 0.0, path, low=0, high=1)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise FileFormatError(f"{path / CONFIG_NAME}: {key} is {pattern!r}; it must map module patterns to numbers")
+        for k in pattern:
+            _number(pattern, k, None, path, integer=key == "rank_pattern", low=1 if key == "rank_pattern" else None, where=f"{key}.")
     options, targets = {}, []
     for module, slots in sorted(modules.items()):
         if "lora_A" not in slots or "lora_B" not in slots:
             raise FileFormatError(f"{path / WEIGHTS_NAME}: module {module} lacks lora_A or lora_B")
         a, b = slots["lora_A"], slots["lora_B"]
         r = a.shape[0]
+        if a.dim() < 2 or b.dim() < 2 or b.shape[1] != r:
+            raise FileFormatError(f"{path / WEIGHTS_NAME}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                                  f"their ranks must agree (lora_A's rows = lora_B's columns) - the file is corrupt or mixes two adapters")
         name = f"{module}.weight"
         targets.append(name)
         options[name] = {"r": r, "lora_alpha": float(pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0))}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UnsupportedError
+from ..errors import AdapterError, UnsupportedError
 from ..tensors import Checkpoint
 
 
@@ -64,9 +64,11 @@ class OnBase:
 class AdapterSource(OnBase):
     """``base + adapter`` for a LoRA-family or IA3 adapter (native or peft), read as a Checkpoint."""
 
-    def __init__(self, path: str | Path, base: Checkpoint, exclude=None):
+    def __init__(self, path: str | Path, base: Checkpoint, exclude=None, force: bool = False):
+        from ..fingerprint import check_probes
         from ..io import read_adapter
         from ..methods.lora import lora_scaling
+        from ..validate import check_adapter, check_fits
 
         self.path = Path(path)
         self.base = base
@@ -82,6 +84,13 @@ class AdapterSource(OnBase):
         self.targets: dict[str, tuple] = {}
         self.ia3: dict[str, tuple] = {}  # weight or bias name -> (kind, feedforward, vector, is_bias)
         skip = exclude or (lambda name: False)  # ``exclude``: left out of the merge, never read or checked
+        # the checks graft export / eval / import-peft make too (graftkit.validate): the same adapter
+        # is refused the same way whichever command reads it
+        check_adapter(self.adapter, str(path), skip)
+        if not force:
+            base_meta = meta.get("base_model") or {}
+            check_probes(lambda n: base.get(n) if n in base.files and not skip(n) else None, base_meta.get("fingerprint"),
+                         base_meta.get("name_or_path"), where=f"{path}: ")
         for name in self.adapter.targets:
             if skip(name):
                 continue
@@ -92,6 +101,7 @@ class AdapterSource(OnBase):
                 ff = bool((options.get(name) or {}).get("feedforward", False))
                 shape = tuple(base.shape(name))
                 kind = kinds.get(name) or self._infer_ia3_kind(name, shape, vec.numel(), ff)
+                check_fits(self.adapter, name, kind, shape, f"the base model {base.path}", feedforward=ff, where=str(path))
                 self.ia3[name] = (kind, ff, vec, False)
                 bias = name[: -len("weight")] + "bias"
                 if not ff and name.endswith(".weight") and bias in base.files:
@@ -101,6 +111,7 @@ class AdapterSource(OnBase):
             b = self.adapter.tensors[f"{name}.lora_B"]
             shape = tuple(base.shape(name))
             kind = kinds.get(name) or self._infer_kind(name, shape, a, b)
+            check_fits(self.adapter, name, kind, shape, f"the base model {base.path}", where=str(path))
             opt = options.get(name, {})
             r = int(opt.get("r", a.shape[0]))
             scaling = lora_scaling(float(opt.get("lora_alpha", config.get("lora_alpha", r))), r, bool(config.get("use_rslora")))
@@ -117,6 +128,9 @@ class AdapterSource(OnBase):
                 return "linear"
             if shape == (in_f, out_f):
                 return "conv1d"
+            raise AdapterError(f"{self.path}: {name}.lora_A has shape {tuple(a.shape)} and {name}.lora_B {tuple(b.shape)}, which fit "
+                               f"neither ({out_f}, {in_f}) nor ({in_f}, {out_f}), but the base weight {name} is {shape}; "
+                               "the adapter was made for another base model (or is corrupt)")
         if len(shape) == 4:
             return "conv2d"
         raise UnsupportedError(f"{self.path}: cannot tell how the LoRA of {name} {shape} lies on the weight (no target_kinds in its "

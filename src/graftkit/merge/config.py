@@ -31,6 +31,7 @@ from pydantic import Field
 
 from ..config import StrictModel, parse_config, read_yaml
 from ..errors import ConfigError
+from ..validate import parse_size
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -80,9 +81,25 @@ class MergeConfig(StrictModel):
         return MERGES.get(self.merge_method)
 
 
-def _check_value(where: str, name: str, value) -> None:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+_MISSING = object()
+
+
+def _check_value(where: str, name: str, value, default=_MISSING) -> None:
+    """One parameter value against the kind of its default: a switch, a word, or a number (or a
+    per-layer list of numbers, or filter entries) in its range."""
+    if value is None:
         return
+    if isinstance(default, bool):
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise ConfigError(f"{where}: parameter {name!r} is {value!r}; it must be true or false")
+        return
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: parameter {name!r} is {value!r}; it must be a word such as {default!r}")
+        return
+    if isinstance(value, (bool, str)):
+        raise ConfigError(f"{where}: parameter {name!r} is {value!r}; it must be a number (or a list of numbers over the layers, "
+                          "or [{filter: NAME, value: NUMBER}, ...] entries)")
     values = []
     for v in (value if isinstance(value, list) else [value]):
         v = v.value if isinstance(v, FilterValue) else v
@@ -154,7 +171,7 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     for name, value in cfg.parameters.items():
         if name not in accepted_global:
             raise ConfigError(f"parameters: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_global)) or 'none'}")
-        _check_value("parameters", name, value)
+        _check_value("parameters", name, value, spec.global_params.get(name, spec.model_params.get(name, _MISSING)))
     if cfg.parameters.get("scope", "tensor") not in ("tensor", "global"):
         raise ConfigError(f"parameters.scope must be 'tensor' (per-tensor trimming, mergekit's) or 'global' (one threshold per model); got {cfg.parameters['scope']!r}")
     if spec.name == "slerp":
@@ -170,11 +187,18 @@ def validate(cfg: MergeConfig) -> MergeConfig:
         for name, value in m.parameters.items():
             if name not in accepted_model:
                 raise ConfigError(f"models[{i}] ({m.model}): unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_model)) or 'none'}")
-            _check_value(f"models[{i}] ({m.model})", name, value)
+            _check_value(f"models[{i}] ({m.model})", name, value, spec.model_params.get(name, _MISSING))
     weights = [m.parameters.get("weight", cfg.parameters.get("weight", spec.model_params.get("weight", 1.0))) for m in non_base]
     normalize = cfg.parameters.get("normalize", spec.global_params.get("normalize", False))
     if "weight" in spec.model_params and normalize and all(isinstance(w, (int, float)) for w in weights) and abs(sum(weights)) < 1e-8:
         raise ConfigError(f"the model weights sum to {sum(weights)} and normalize is on, so the merge would divide by zero; change the weights or set normalize: false")
+    if "weight" in spec.model_params and non_base and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w == 0 for w in weights):
+        # every task vector scaled by 0: the output would be the base model, written as if merged
+        raise ConfigError(f"every model weight is 0, so {spec.name} would write {'base_model unchanged' if spec.needs_base else 'all zeros'}; give at least one model a "
+                          "nonzero weight (to copy the base, use it directly)")
+    if "gamma" in spec.model_params:
+        _check_crumbs(cfg, spec, non_base)
+    parse_size(cfg.max_shard_size)
     exclude_matcher(cfg.exclude)  # bad regexes fail here, before any file is opened
     if cfg.output == "adapter" and cfg.rank is None:
         raise ConfigError("output: adapter needs rank: R (the rank of the LoRA to write)")
@@ -182,7 +206,30 @@ def validate(cfg: MergeConfig) -> MergeConfig:
         for name in cfg.search.grid:
             if name not in accepted_global:
                 raise ConfigError(f"search.grid: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_global))}")
+            for value in cfg.search.grid[name]:
+                _check_value(f"search.grid.{name}", name, value, spec.global_params.get(name, spec.model_params.get(name, _MISSING)))
+        if "weight" in spec.model_params and 0 in cfg.search.grid.get("weight", []):
+            raise ConfigError("search.grid.weight has 0, which sets every model's weight to 0 and would write base_model as a trial; "
+                              "drop it (the base model needs no merge)")
     return cfg
+
+
+def _check_crumbs(cfg: MergeConfig, spec, non_base) -> None:
+    """breadcrumbs keeps the entries ranked between the top ``gamma`` share and ``gamma + density``:
+    past 1 there are not that many entries, and the mask would silently keep fewer."""
+    def top(value, default):
+        if value is None:
+            return default
+        if isinstance(value, list):
+            return max((top(v.value if isinstance(v, FilterValue) else v, default) for v in value), default=default)
+        return float(value)
+
+    for i, m in enumerate(non_base):
+        gamma = top(m.parameters.get("gamma", cfg.parameters.get("gamma")), spec.model_params["gamma"])
+        density = top(m.parameters.get("density", cfg.parameters.get("density")), spec.model_params["density"])
+        if density < 1 and gamma + density > 1 + 1e-9:
+            raise ConfigError(f"{m.model}: gamma {gamma} + density {density} = {gamma + density:g} > 1; breadcrumbs drops the top gamma "
+                              "share and keeps the next density share, so the two must sum to at most 1 - lower one of them")
 
 
 def load_config(config: Any) -> MergeConfig:

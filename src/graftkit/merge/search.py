@@ -43,6 +43,30 @@ def command_evaluator(command: str) -> Evaluate:
             raise GraftError(f"evaluation command printed no score on its last line (got {r.stdout.strip()[-80:]!r})") from None
 
     return evaluate
+def check_search(cfg: MergeConfig, evaluate: Evaluate | None = None) -> None:
+    """What run_search refuses before merging anything (``graft merge --dry-run`` runs it too)."""
+    if cfg.search is None or not cfg.search.grid:
+        raise ConfigError("run_search needs a search: block with a grid, e.g. search: {grid: {density: [0.3, 0.5]}}")
+    if evaluate is None and not cfg.search.command:
+        raise ConfigError("search: give an evaluation command (search.command, '{model}' = the merged folder) or a Python callable")
+
+
+def describe_search(cfg: MergeConfig) -> list[str]:
+    """The search part of ``graft merge --dry-run``: how many merges, and the shell command each runs."""
+    if cfg.search is None:
+        return []
+    trials = 1
+    for values in cfg.search.grid.values():
+        trials *= len(values)
+    grid = ", ".join(f"{name} in {values}" for name, values in cfg.search.grid.items())
+    lines = [f"search        {trials} trial merge(s) over {grid}; the best-scoring one is kept"]
+    if cfg.search.command:
+        lines.append(f"shell command {cfg.search.command}")
+        lines.append(f"              runs through the shell (sh -c) once per trial, {{model}} = that trial's folder: "
+                     f"{trials} run(s) of a command from this recipe - read it before running the merge")
+    return lines
+
+
 
 
 def _with_params(cfg: MergeConfig, values: dict[str, Any]) -> dict:
@@ -75,11 +99,8 @@ def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *
     from .executor import run_merge
 
     cfg = load_config(config)
-    if cfg.search is None or not cfg.search.grid:
-        raise ConfigError("run_search needs a search: block with a grid, e.g. search: {grid: {density: [0.3, 0.5]}}")
+    check_search(cfg, evaluate)
     if evaluate is None:
-        if not cfg.search.command:
-            raise ConfigError("search: give an evaluation command (search.command, '{model}' = the merged folder) or a Python callable")
         evaluate = command_evaluator(cfg.search.command)
     out = Path(out)
     if out.exists() and not overwrite:

@@ -16,13 +16,10 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
-def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
-    import torch
-
-    from ..io.native import AdapterFile, versions, write_native
-    from ..layers import matrix_shape, to_matrix
+def check_plan(plan) -> dict[str, str]:
+    """The checks of ``output: adapter`` that need only the opened inputs (also run by --dry-run);
+    returns the layer kind of every target."""
     from .adapters import AdapterSource
-    from .executor import _merge_rows, key_params
 
     cfg = plan.config
     rank = cfg.rank
@@ -40,6 +37,20 @@ def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
         for name, (kind, *_rest) in s.targets.items():
             if kinds.setdefault(name, kind) != kind:
                 raise ConfigError(f"the adapters disagree on the layer kind of {name} ({kinds[name]} vs {kind})")
+    return kinds
+
+
+def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
+    import torch
+
+    from ..io.native import AdapterFile, versions, write_native
+    from ..layers import matrix_shape, to_matrix
+    from .executor import _merge_rows, key_params
+
+    kinds = check_plan(plan)
+    cfg = plan.config
+    rank = cfg.rank
+    sources = [plan.ckpts[p] for p in plan.inputs]
     tensors, options, report = {}, {}, {}
     num = den = 0.0
     for name in sorted(kinds):

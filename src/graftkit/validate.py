@@ -1,0 +1,143 @@
+"""The adapter checks every command shares: ``graft merge`` (and its ``--dry-run``), ``graft export``,
+``graft eval`` and ``graft import-peft`` all call these functions, so an adapter one of them
+refuses is refused by all of them, with the same one-line message.
+
+* :func:`check_adapter` - the file on its own: every factor present, LoRA ranks that agree between
+  ``lora_A``, ``lora_B``, the magnitude vector and ``adapter.json``, and no NaN/Inf anywhere
+  (the key is named).
+* :func:`expected_shapes` / :func:`check_fits` - the adapter against a base weight's shape, for
+  callers that have only a checkpoint header (the merge engine); a live model checks the same
+  shapes through its sites (:func:`graftkit.io.native.apply_adapter`), with :func:`shape_error`'s
+  wording.
+* The base-model fingerprint (:mod:`graftkit.fingerprint`): on a live model, or on a checkpoint
+  through :func:`graftkit.fingerprint.check_probes`. ``--force`` (``force=True``) skips it on
+  every command; nothing skips the shape and value checks.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from .errors import AdapterError, ConfigError
+
+if TYPE_CHECKING:
+    from .io.native import AdapterFile
+
+FORCE_HINT = "pass --force (force=True in Python) if you really mean to transplant it"
+
+
+def shape_error(key: str, got: tuple, want: tuple, base: str, detail: str = "", where: str = "") -> AdapterError:
+    return AdapterError(f"{where + ': ' if where else ''}adapter tensor {key} has shape {tuple(got)} but {base} needs {tuple(want)}{detail}; "
+                        "the adapter was made for another base model (or is corrupt)")
+
+
+def check_finite(adapter: AdapterFile, where: str, skip=None) -> None:
+    """No NaN/Inf in any tensor (``skip(target name)``: targets left out of a merge by ``exclude``)."""
+    import torch
+
+    for key, t in adapter.tensors.items():
+        if skip is not None and skip(key.rsplit(".", 1)[0]):
+            continue
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterError(f"{where}: adapter tensor {key} has {bad} NaN/Inf value(s); the adapter is broken "
+                               "(a diverged training run?) - retrain or re-save it")
+
+
+def _tensor(adapter: AdapterFile, key: str, where: str):
+    t = adapter.tensors.get(key)
+    if t is None:
+        raise AdapterError(f"{where}: the adapter file has no tensor {key}; it is incomplete - re-save it")
+    return t
+
+
+def check_consistent(adapter: AdapterFile, where: str) -> None:
+    """The factors of each target agree with each other and with ``adapter.json``."""
+    options = adapter.meta.get("target_options") or {}
+    for name in adapter.targets:
+        if adapter.method == "lora":
+            a = _tensor(adapter, f"{name}.lora_A", where)
+            b = _tensor(adapter, f"{name}.lora_B", where)
+            for key, t in ((f"{name}.lora_A", a), (f"{name}.lora_B", b)):
+                if t.dim() != 2:
+                    raise AdapterError(f"{where}: adapter tensor {key} has shape {tuple(t.shape)}; LoRA factors are 2-D - the file is corrupt")
+            if a.shape[0] != b.shape[1]:
+                raise AdapterError(f"{where}: {name}.lora_A has shape {tuple(a.shape)} but {name}.lora_B has {tuple(b.shape)}; "
+                                   f"their ranks ({a.shape[0]} vs {b.shape[1]}) must agree - the file is corrupt or mixes two adapters")
+            r = (options.get(name) or {}).get("r")
+            if r is not None and r != a.shape[0]:
+                raise AdapterError(f"{where}: adapter.json says r={r!r} for {name} but {name}.lora_A has shape {tuple(a.shape)} "
+                                   f"(rank {a.shape[0]}); the file is corrupt or mixes two adapters")
+            mag = adapter.tensors.get(f"{name}.lora_magnitude_vector")
+            if mag is not None and tuple(mag.shape) != (b.shape[0],):
+                raise AdapterError(f"{where}: {name}.lora_magnitude_vector has shape {tuple(mag.shape)} but {name}.lora_B has "
+                                   f"{tuple(b.shape)} ({b.shape[0]} outputs); the file is corrupt or mixes two adapters")
+        elif adapter.method == "ia3":
+            vec = _tensor(adapter, f"{name}.ia3_l", where)
+            if vec.dim() != 1:
+                raise AdapterError(f"{where}: adapter tensor {name}.ia3_l has shape {tuple(vec.shape)}; IA3 vectors are 1-D - the file is corrupt")
+    for name in adapter.train_also:
+        _tensor(adapter, f"{name}.value", where)
+
+
+def check_adapter(adapter: AdapterFile, where: str, skip=None) -> None:
+    """Every check that needs no base model: complete, consistent, finite."""
+    check_consistent(adapter, where)
+    check_finite(adapter, where, skip)
+
+
+def expected_shapes(adapter: AdapterFile, name: str, kind: str, base_shape: tuple, feedforward: bool = False) -> dict[str, tuple]:
+    """The shapes the adapter's tensors of target ``name`` must have on a base weight of ``base_shape``."""
+    from .layers import matrix_shape, out_axis
+
+    base_shape = tuple(base_shape)
+    if adapter.method == "lora":
+        out_f, in_f = matrix_shape(kind, base_shape)
+        r = adapter.tensors[f"{name}.lora_A"].shape[0]
+        want = {f"{name}.lora_A": (r, in_f), f"{name}.lora_B": (out_f, r)}
+        if f"{name}.lora_magnitude_vector" in adapter.tensors:
+            want[f"{name}.lora_magnitude_vector"] = (out_f,)
+        return want
+    if adapter.method == "ia3":
+        if kind == "conv2d":
+            size = base_shape[1] if feedforward else base_shape[0]
+        else:
+            axis = out_axis(kind)
+            size = base_shape[1 - axis] if feedforward else base_shape[axis]
+        return {f"{name}.ia3_l": (size,)}
+    return {}
+
+
+def check_fits(adapter: AdapterFile, name: str, kind: str, base_shape: tuple, base: str, feedforward: bool = False,
+               where: str = "") -> None:
+    """Refuse an adapter whose factors for ``name`` do not fit a base weight of ``base_shape``."""
+    if len(base_shape) < 2:
+        raise AdapterError(f"{where + ': ' if where else ''}the adapter targets {name}, which is {tuple(base_shape)} in {base} (not a weight matrix); "
+                           "it was made for another base model")
+    for key, want in expected_shapes(adapter, name, kind, base_shape, feedforward).items():
+        got = tuple(adapter.tensors[key].shape)
+        if got != want:
+            raise shape_error(key, got, want, base, f" (its weight {name} is {tuple(base_shape)})", where)
+
+
+# -- argument values shared by the commands ------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9,
+               "T": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str, what: str = "max_shard_size") -> int:
+    """A size such as ``2GB``, ``500MB``, ``1.5GiB`` or a number of bytes; positive."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what + ' ' if what else ''}{value!r} is not a size; write e.g. 2GB, 500MB or a number of bytes")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else None
+        if unit not in _SIZE_UNITS:
+            raise ConfigError(f"{what + ' ' if what else ''}{value!r} is not a size; write e.g. 2GB, 500MB, 1GiB or a number of bytes")
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"{what + ' ' if what else ''}{value!r} must be more than 0 bytes; write e.g. 2GB")
+    return n
