@@ -52,13 +52,21 @@ def host(tmp_path_factory):
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
     udp.setblocking(False)
-    info = {"out": str(out), "keep": str(victim_file), "pid": victim.pid, "tcp": tcp.getsockname()[1],
+    unix_path = str(out) + "-sock"  # a host service's socket in a folder the sandbox can see
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(unix_path)
+    os.chmod(unix_path, 0o777)
+    unix.listen(8)
+    unix.setblocking(False)
+    info = {"unix": unix_path, "unix_sock": unix, "out": str(out), "keep": str(victim_file), "pid": victim.pid, "tcp": tcp.getsockname()[1],
             "udp": udp.getsockname()[1], "tcp_sock": tcp, "udp_sock": udp, "victim": victim}
     yield info
     victim.kill()
     victim.wait()
     tcp.close()
     udp.close()
+    unix.close()
+    os.unlink(unix_path)
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -91,6 +99,7 @@ ATTACKS = [
     ("tcp-connect", "import socket\nsocket.create_connection(('127.0.0.1', {tcp}), timeout=2).send(b'x')\nprint('ESCAPED')\n", {}),
     ("udp-send", "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                  "s.sendto(b'x', ('127.0.0.1', {udp}))\n", {}),  # reaches only the sandbox's own loopback
+    ("unix-socket", "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('{unix}')\ns.send(b'x')\nprint('ESCAPED')\n", {}),
     ("dns", "import socket\nprint('ESCAPED', socket.getaddrinfo('pypi.org', 443))\n", {}),
     ("fork-bomb", "import os\nn = 0\ntry:\n    while n < 10000:\n        if os.fork() == 0:\n            os._exit(0)\n"
                   "        n += 1\nfinally:\n    print('forks', n)\nprint('ESCAPED')\n", {}),
@@ -134,7 +143,7 @@ def test_the_corpus_is_big_enough():
 def test_attack_is_contained(host, monkeypatch, name, template, kw, hook):
     monkeypatch.setenv("GRAFT_ATTACK_SECRET", SECRET)
     src = template.format(out=host["out"], keep=host["keep"], pid=host["pid"], tcp=host["tcp"], udp=host["udp"],
-                          secret=SECRET)
+                          unix=host["unix"], secret=SECRET)
     res = run_program(src, timeout=10, _hook=hook, **kw)
     assert "ESCAPED" not in res.stdout, (name, res)
     if name not in ("disk-quota", "environment", "read-secrets", "system-dirs", "udp-send"):
@@ -147,6 +156,8 @@ def test_attack_is_contained(host, monkeypatch, name, template, kw, hook):
         host["tcp_sock"].accept()
     with pytest.raises(BlockingIOError):
         host["udp_sock"].recv(16)
+    with pytest.raises(BlockingIOError):
+        host["unix_sock"].accept()
     if name == "daemon":
         import time
 

@@ -231,10 +231,10 @@ def _arch_numbers() -> tuple[int, dict[str, int]] | None:
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         return 0xC000003E, {"fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "ptrace": 101,
-                            "process_vm_readv": 310, "process_vm_writev": 311}
+                            "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41}
     if machine in ("aarch64", "arm64"):
         return 0xC00000B7, {"clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
-                            "process_vm_writev": 271}
+                            "process_vm_writev": 271, "socket": 198}
     return None
 
 
@@ -242,7 +242,9 @@ def seccomp_filter() -> bytes | None:
     """A classic-BPF seccomp program (as bwrap's ``--add-seccomp-fd`` reads it) that refuses new
     processes but not threads: ``fork``/``vfork``/``clone`` without ``CLONE_THREAD`` get EAGAIN,
     ``clone3`` ENOSYS (the C library then falls back to ``clone``), ``ptrace`` and
-    ``process_vm_*`` EPERM; a foreign ABI (x32, i386) kills the process. None on machines whose
+    ``process_vm_*`` EPERM, ``socket(AF_UNIX, ...)`` EACCES (a filesystem socket of a host
+    service in a visible folder could otherwise be reached; ``socketpair`` still works); a
+    foreign ABI (x32, i386) kills the process. None on machines whose
     syscall numbers are not listed here (then only RLIMIT_NPROC limits processes)."""
     numbers = _arch_numbers()
     if numbers is None:
@@ -258,7 +260,8 @@ def seccomp_filter() -> bytes | None:
     refused += [(nr[k], 1) for k in ("ptrace", "process_vm_readv", "process_vm_writev")]  # EPERM
     for number, err in refused:
         prog += [(jeq, 0, 1, number), (ret, 0, 0, errno(err))]
-    clone_thread = 0x00010000
+    af_unix, clone_thread = 1, 0x00010000
+    prog += [(jeq, 0, 3, nr["socket"]), (ld, 0, 0, 16), (jeq, 0, 1, af_unix), (ret, 0, 0, errno(13)), (ld, 0, 0, 0)]
     prog += [(jeq, 0, 3, nr["clone"]), (ld, 0, 0, 16), (jset, 1, 0, clone_thread), (ret, 0, 0, errno(11)),
              (ret, 0, 0, allow)]
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
