@@ -102,6 +102,22 @@ def read_text(path: str | Path, what: str = "file", error: type[GraftError] = Fi
     return decode_utf8(raw, path, what, error)
 
 
+def file_sha256(path: str | Path) -> str | None:
+    """The SHA-256 of a regular file's bytes; None when ``path`` is not one (the reader reports why)."""
+    import hashlib
+
+    if path_kind(path) != "a file":
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 # -- YAML and JSON -----------------------------------------------------------------------------------
 
 def read_yaml(path: str | Path, what: str = "YAML file", error: type[GraftError] = ConfigError) -> Any:

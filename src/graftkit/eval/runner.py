@@ -37,21 +37,25 @@ RESULTS = "results.json"
 
 # -- cache ---------------------------------------------------------------------------------------
 
-def _file_stamp(path: str | None) -> list[Any]:
-    if not path:
-        return []
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        return [str(path)]
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+def task_files_hash(task: AnyTask) -> str | None:
+    """SHA-256 over the bytes of a task's file (and samples_file): what its scores were computed
+    from. By content, not by name or mtime: an edited file (even within one mtime tick, or
+    copied back with its old mtime) is a different task. Without a samples_file it is the file's
+    own SHA-256 (what ``sha256sum`` prints); None for the packaged HumanEval."""
+    import hashlib
+
+    from ..files import file_sha256
+
+    samples = getattr(task, "samples_file", None)
+    if not samples:
+        return file_sha256(task.file)
+    digests = [file_sha256(p) for p in (task.file, samples)]
+    return hashlib.sha256("\0".join(d if d is not None else f"unreadable:{p}" for d, p in zip(digests, (task.file, samples))).encode()).hexdigest()
 
 
-def task_key(task: AnyTask) -> str:
-    """A task's identity: its settings and its files' (path, size, mtime), so an edited file is re-read."""
-    stamp = [task.model_dump(mode="json"), _file_stamp(task.file), _file_stamp(getattr(task, "samples_file", None))]
-    return json.dumps(stamp, sort_keys=True)
+def task_key(task: AnyTask, files_hash: str | None = None) -> str:
+    """A task's identity: its settings and its files' content hash, so an edited file is re-read."""
+    return json.dumps([task.model_dump(mode="json"), files_hash or task_files_hash(task)], sort_keys=True)
 
 
 class EvalCache:
@@ -68,13 +72,18 @@ class EvalCache:
         self._tokenizers: dict[str, Any] = {}
         self._keys: dict[tuple[str, int], str] = {}
         self._encoded: dict[tuple[str, str], Any] = {}
+        self._read_hash: dict[str, str | None] = {}  # task settings -> content hash of the rows last read
         self.stats: Counter = Counter()
 
     def task_data(self, task: AnyTask) -> TaskData:
-        key = task_key(task)
+        digest = task_files_hash(task)
+        key = task_key(task, digest)
         if key not in self._data:
-            self._data[key] = load_task(task)
+            data = load_task(task)
+            data.sha256 = digest  # what the scores will be computed from, recorded in results.json
+            self._data[key] = data
             self.stats["read"] += 1
+        self._read_hash[task_key(task, "-")] = digest
         return self._data[key]
 
     def tokenizer(self, folder: Path) -> tuple[str, Any]:
@@ -90,7 +99,10 @@ class EvalCache:
         return key, self._tokenizers[key]
 
     def encoded(self, tok_key: str, task: AnyTask, build: Callable[[], Any]) -> Any:
-        key = (tok_key, task_key(task))
+        # the file version task_data last read, not a fresh hash: a file edited since must not
+        # file tokens of the old rows under the new content's key
+        settings = task_key(task, "-")
+        key = (tok_key, task_key(task, self._read_hash.get(settings)))
         if key not in self._encoded:
             self._encoded[key] = build()
             self.stats["tokenize"] += 1
@@ -316,6 +328,8 @@ def evaluate_model(model_spec: ModelSpec | dict, tasks: list[AnyTask | dict], ou
                 del loaded
                 _free()
     ordered = {n: results[n] for n in names}
+    for t in tasks:  # which version of the task file these scores belong to (see _merge_summary)
+        ordered[t.name]["file_sha256"] = data[t.name].sha256
     if out_dir is not None:
         for n, r in ordered.items():
             r["predictions"] = f"predictions/{n}.jsonl"
@@ -398,18 +412,49 @@ def _merge_summary(out: Path, new: dict[str, Any]) -> dict[str, Any]:
     path = out / SUMMARY
     try:
         prev = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # ValueError: bad JSON or bytes that are not UTF-8
         return new
     ran = set(new["models"]) | {f["model"] for f in new["failures"]}
     kept = [m for m in prev.get("models", []) if m not in ran and (out / m / RESULTS).exists()]
     merged = dict(new)
     merged["models"] = kept + [m for m in new["models"] if m not in kept]
     merged["tasks"] = list(dict.fromkeys([*prev.get("tasks", []), *new["tasks"]]))
-    merged["scores"] = {**{m: prev.get("scores", {}).get(m, {}) for m in kept}, **new["scores"]}
+    merged["scores"] = {**{m: dict(prev.get("scores", {}).get(m, {})) for m in kept}, **new["scores"]}
     for key in ("main", "higher_is_better"):
         merged[key] = {**prev.get(key, {}), **new[key]}
+    merged["task_files"] = {**prev.get("task_files", {}), **new.get("task_files", {})}
+    # a kept score computed from another version of a task file is not this task's score any
+    # more (24 rows beside 8 under one name): leave it out and say which model to re-run
+    stale = []
+    for m in kept:
+        versions = _task_versions(out / m / RESULTS)
+        for t in new["tasks"]:
+            if t in merged["scores"][m] and versions.get(t) != new["task_files"].get(t):
+                del merged["scores"][m][t]
+                stale.append({"model": m, "task": t})
+    merged["stale"] = stale
     merged["failures"] = new["failures"]  # this run's; an earlier failure left no results to keep
     return merged
+
+
+def _task_versions(results: Path) -> dict[str, str | None]:
+    """Task name -> content hash of the file its scores in ``results`` (a results.json) came from."""
+    try:
+        tasks = json.loads(results.read_text()).get("tasks", {})
+        return {t: r.get("file_sha256") for t, r in tasks.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def stale_warnings(summary: dict[str, Any], config: str | None = None) -> list[str]:
+    """One line per model whose kept scores were left out because a task file changed since."""
+    by_model: dict[str, list[str]] = {}
+    for s in summary.get("stale", []):
+        by_model.setdefault(s["model"], []).append(s["task"])
+    cfg = f" {config}" if config else ""
+    return [f"the score(s) of {m!r} on {', '.join(map(repr, tasks))} came from a different version of the task file and are left "
+            f"out of {SUMMARY}; re-run it: graft eval{cfg} --models {m} --tasks {','.join(tasks)} --overwrite"
+            for m, tasks in by_model.items()]
 
 
 def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
@@ -437,8 +482,9 @@ def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = No
             raise EvalError(f"{out_path / existing[0]} already holds results ({len(existing)} of the models have a folder in {out_path}); "
                             "pass --overwrite to replace them, or choose another --out")
     cache = cache if cache is not None else EvalCache()
+    task_files = {}
     for t in chosen_tasks:  # bad task data is an error now, before any model is loaded
-        cache.task_data(t)
+        task_files[t.name] = cache.task_data(t).sha256
     scores: dict[str, dict[str, float]] = {}
     mains: dict[str, str] = {}
     better: dict[str, bool] = {}
@@ -460,7 +506,7 @@ def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = No
             for t, r in res.items():
                 mains[t], better[t] = r["main"], r["higher_is_better"]
     summary = {"models": list(scores), "tasks": [t.name for t in chosen_tasks], "main": mains, "higher_is_better": better,
-               "scores": scores, "failures": failures, "seconds": round(time.perf_counter() - t_start, 2), "graftkit": _versions()}
+               "scores": scores, "task_files": task_files, "stale": [], "failures": failures, "seconds": round(time.perf_counter() - t_start, 2), "graftkit": _versions()}
     if out_path is not None:
         summary = _merge_summary(out_path, summary)
         _write_json_atomic(out_path / SUMMARY, summary)

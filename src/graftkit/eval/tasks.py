@@ -27,6 +27,7 @@ class TaskData:
     references: list[Any] = field(default_factory=list)  # classification label (str), generation answer (str)
     problems: list[dict[str, Any]] = field(default_factory=list)  # code
     samples: list[list[str]] | None = None  # code with samples_file
+    sha256: str | None = None  # content hash of the file(s) read (set by the runner's cache)
 
     def __len__(self) -> int:
         return len(self.problems) if self.task.kind == "code" else len(self.rows)
