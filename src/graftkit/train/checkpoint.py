@@ -5,8 +5,9 @@
 * ``trainable.safetensors``: every trained tensor, by parameter name;
 * ``optimizer.safetensors`` + the optimizer's non-tensor state in ``state.json``;
 * ``rng.safetensors``: each process's torch RNG state (Python's and NumPy's in ``state.json``);
-* ``state.json``: step, micro-batch position, scheduler state, recipe fingerprint, the
-  resolved recipe, and the metrics of the last logged step.
+* ``state.json``: step, micro-batch position, scheduler state, recipe fingerprint, what the
+  run was made from (data file hashes, base-model fingerprint, labels: see :mod:`.inputs`,
+  which ``--resume`` checks), and the metrics of the last logged step.
 
 No pickle: tensors go to safetensors, everything else to JSON. A folder is written next to
 its final name and renamed into place, so a run killed while checkpointing leaves the
@@ -14,6 +15,7 @@ previous checkpoint as the latest complete one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, GraftError, TrainingError
 from ..tensors import atomic_dir, read_safetensors
 from .fsdp import shard_like
 
@@ -100,22 +102,46 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": groups}
 
 
+def disk_full_error(exc: BaseException, path: str | Path) -> TrainingError | None:
+    """The one-line error for a write that failed on a full disk, or ``None`` for any other failure.
+
+    safetensors writes from Rust and reports a full disk as ``SafetensorError(... StorageFull ...)``
+    rather than an ``OSError``, hence the look at the message."""
+    if isinstance(exc, GraftError):
+        return None
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        s in str(exc) for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+    if not full:
+        return None
+    return TrainingError(f"no space left on device while writing {path}; free space or choose another output.dir")
+
+
 def save_checkpoint(output: str | Path, step: int, snap: dict[str, Any], scheduler, rng_states: list[dict[str, Any]],
                     info: dict[str, Any], keep: int) -> Path:
     """Write ``snapshot(...)``, the scheduler and every process's RNG state as checkpoint ``step``."""
     from safetensors.torch import save_file
 
     target = checkpoint_root(output) / f"{PREFIX}{step:06d}"
-    with atomic_dir(target, overwrite=True) as tmp:
-        save_file(snap["trainable"], str(tmp / "trainable.safetensors"))
-        save_file(snap["optimizer_tensors"], str(tmp / "optimizer.safetensors"))
-        save_file({f"rank{r}": s["torch"] for r, s in enumerate(rng_states)}, str(tmp / "rng.safetensors"))
-        state = {
-            **info, "step": step, "optimizer": snap["optimizer"],
-            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-            "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in rng_states],
-        }
-        (tmp / STATE).write_text(json.dumps(state) + "\n")
+    writing = target  # the file being written, by its final name (the temporary one is gone after a failure)
+    try:
+        with atomic_dir(target, overwrite=True) as tmp:
+            for name, tensors in (("trainable.safetensors", snap["trainable"]), ("optimizer.safetensors", snap["optimizer_tensors"]),
+                                  ("rng.safetensors", {f"rank{r}": s["torch"] for r, s in enumerate(rng_states)})):
+                writing = target / name
+                save_file(tensors, str(tmp / name))
+            state = {
+                **info, "step": step, "optimizer": snap["optimizer"],
+                "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+                "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in rng_states],
+            }
+            writing = target / STATE
+            (tmp / STATE).write_text(json.dumps(state) + "\n")
+            writing = target
+    except Exception as exc:
+        full = disk_full_error(exc, writing)
+        if full is not None:
+            raise full from exc
+        raise
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

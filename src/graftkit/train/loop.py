@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,7 @@ from . import fsdp
 from .checkpoint import latest_checkpoint, load_checkpoint, restore, rng_state, save_checkpoint, snapshot
 from .data import IGNORE, Order, Prepared, collate, prepare
 from .recipe import Recipe
-
-RUN_FILE = "run.json"
+from .runstate import RUN_FILE, describe_owner, owner, read_run
 _STEP_SLEEP = float(os.environ.get("GRAFT_TEST_STEP_SLEEP", "0") or 0)
 METRICS = "metrics.jsonl"
 
@@ -217,6 +217,10 @@ class Run:
             console = Console(highlight=False, soft_wrap=True, stderr=False, quiet=not self.main)
         self.console = console
         self.warnings: list[str] = []
+        self.owner = owner()
+        self.inputs: dict[str, Any] | None = None  # what the run is made from, set by setup (see inputs)
+        self.started = False  # run.json says "running": from here on an error is recorded there
+
 
     # -- output folder --------------------------------------------------------------------------
     def check_output(self) -> dict[str, Any] | None:
@@ -226,17 +230,23 @@ class Run:
             raise TrainingError(f"output.dir {out} is a file; give a folder")
         if not out.exists() or not any(out.iterdir()):
             return None
-        record = None
-        if (out / RUN_FILE).exists():
-            try:
-                record = json.loads((out / RUN_FILE).read_text())
-            except json.JSONDecodeError:
-                record = None
+        record = read_run(out)
+        if record is not None and record.get("status") == "running":
+            who = record.get("owner") or {}
+            mine = who.get("pid") == os.getpid() and who.get("host") == socket.gethostname()  # an earlier run in this process
+            if record.get("owner_alive") and not mine:
+                raise TrainingError(f"output folder {out} is in use: a graft train run is writing it ({describe_owner(who)}); "
+                                    "wait for it to end or stop it, or choose another output.dir")
+            if record.get("owner_alive") is None and not mine:
+                self.warnings.append(f"{out}/{RUN_FILE} says a run is still writing it ({describe_owner(who)}), which cannot be "
+                                     "checked from this machine; make sure it has stopped")
         if self.overwrite:
             return None
         if not self.resume:
-            what = "a training run" if record else "files that are not a graftkit training run"
-            raise TrainingError(f"output folder {out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+            status = (record or {}).get("status")
+            what = f"a training run ({status})" if record else "files that are not a graftkit training run"
+            hint = "pass --resume to continue it, " if record else ""
+            raise TrainingError(f"output folder {out} already holds {what}; {hint}pass --overwrite to replace it, "
                                 "or choose another output.dir")
         if record is None:
             raise TrainingError(f"cannot resume: {out} holds no {RUN_FILE}, so it is not a graftkit training run; choose another output.dir")
@@ -251,9 +261,68 @@ class Run:
             return
         record = {"status": status, "fingerprint": self.recipe.fingerprint(), "processes": self.world,
                   "identity": self.recipe.identity(), "recipe": self.recipe.resolved(), **extra}
+        if getattr(self, "inputs", None) is not None:
+            record["run_fingerprint"] = self.run_fingerprint()
+            record["inputs"] = self.inputs
+        # a running record names its process, so that a reader can tell a killed run (see runstate)
+        record["owner"] = self.owner
         tmp = self.out / f".{RUN_FILE}.tmp"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, self.out / RUN_FILE)
+
+    def ended(self, exc: BaseException) -> BaseException:
+        """Record in run.json how a started run stopped: ``failed`` with the one-line reason, or
+        ``interrupted`` (Ctrl-C). Returns the error to raise: disk full becomes one line naming the path."""
+        from .checkpoint import disk_full_error
+
+        err = disk_full_error(exc, getattr(exc, "filename", None) or getattr(self, "final", self.out)) or exc
+        if self.started and self.main:
+            try:
+                if isinstance(exc, KeyboardInterrupt):
+                    self.write_run("interrupted", error="stopped by an interrupt (Ctrl-C)")
+                elif isinstance(err, Exception):
+                    from ..errors import GraftError
+
+                    reason = str(err) if isinstance(err, GraftError) else f"{type(err).__name__}: {err}"
+                    self.write_run("failed", error=reason.splitlines()[0] if reason else type(err).__name__)
+            except OSError:
+                pass  # nothing can be written (disk full): read_run reports "interrupted" once this process is gone
+        return err
+
+    def run_fingerprint(self) -> str:
+        """The recipe's settings plus the contents of its data files and base model."""
+        from .inputs import fingerprint
+
+        return fingerprint({"recipe": self.recipe.fingerprint(), **self.inputs})
+
+    def check_inputs(self) -> None:
+        """On --resume: refuse when the data, labels or base model differ from the checkpoint's.
+
+        Process 0 decides and every process raises the same line: under accelerate's
+        RAM-efficient loading the other processes may not hold the loaded weights yet."""
+        from . import inputs
+        from .checkpoint import STATE
+
+        problem = None
+        if self.main:
+            ckpt = latest_checkpoint(self.out)
+            recorded = None
+            if ckpt is not None:
+                try:
+                    recorded = json.loads((ckpt / STATE).read_text()).get("inputs")
+                except (OSError, json.JSONDecodeError):
+                    recorded = None  # load_checkpoint names the unreadable file
+                if recorded is None:
+                    self.warnings.append(f"checkpoint {ckpt} records no hashes of its data and base model (written by an older graftkit): "
+                                         "resuming without checking that they are unchanged")
+                else:
+                    problem = inputs.check(recorded, self.inputs, str(ckpt), self.recipe.model)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise TrainingError(problem)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.main:
@@ -309,6 +378,10 @@ class Run:
             method.pop("modules_to_save", None)
             method["train_also"] = also + [h for h in heads if h not in also]
         gk.inject(model, method)
+        from .inputs import data_record
+
+        self.inputs = {"data": data_record(r.data_files(), {"train": len(self.data.train), "validation": len(self.data.validation)}),
+                       "model": gk.get_state(model).fingerprint, "labels": self.data.labels}
         if r.layerwise and r.layerwise.freeze_bottom:
             from .layerwise import freeze_bottom
 
@@ -365,6 +438,8 @@ class Run:
             self.mask_id = mask_token_id(self.tokenizer, r.masked_thought.mask_token)
         # different dropout streams per process (model init above used the same seed everywhere)
         torch.manual_seed(seed + self.rank)
+        if self.resume:
+            self.check_inputs()
 
         # every check passed: now the output folder may change
         self.start = 0
@@ -392,6 +467,7 @@ class Run:
             (self.out / METRICS).write_text("".join(ln + "\n" for ln in lines))
         self.acc.wait_for_everyone()
         self.write_run("running")
+        self.started = True
         if self.main:
             (self.out / "recipe.yaml").write_text(_yaml(self.recipe.resolved()))
 
@@ -425,8 +501,7 @@ class Run:
         loss = self.acc.reduce(loss_sum / o.grad_accum, reduction="mean") if self.world > 1 else loss_sum / o.grad_accum
         value = float(loss)
         if not math.isfinite(value):
-            last = latest_checkpoint(self.out)
-            self.write_run("failed", error=f"non-finite loss at step {step + 1}")
+            last = latest_checkpoint(self.out)  # run.json records the failure: see Run.ended
             keep = f"the last good checkpoint is {last} (resume with --resume after fixing the cause)" if last else "no checkpoint was written yet"
             raise TrainingError(f"loss became {value} at step {step + 1}; stopped before updating the weights, {keep}. "
                                 "Lower optim.lr, keep optim.max_grad_norm set, or use precision fp32")
@@ -549,7 +624,7 @@ class Run:
         snap = snapshot(self.named, self.optimizer) if self.main or self.fsdp else None  # sharded: all gather
         if self.main:
             info = {"fingerprint": self.recipe.fingerprint(), "micro_batch": step * self.recipe.optim.grad_accum,
-                    "processes": self.world, "last": record}
+                    "processes": self.world, "last": record, "run_fingerprint": self.run_fingerprint(), "inputs": self.inputs}
             save_checkpoint(self.out, step, snap, self.scheduler, states, info, self.recipe.output.keep_checkpoints)
         self.acc.wait_for_everyone()
 
@@ -644,5 +719,11 @@ def _yaml(data: dict) -> str:
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, console=None, progress: bool = True) -> dict[str, Any]:
     """Run a recipe; returns the summary (also in ``<output>/run.json``)."""
     run = Run(recipe, resume=resume, overwrite=overwrite, console=console, progress=progress)
-    run.setup()
-    return run.fit()
+    try:
+        run.setup()
+        return run.fit()
+    except BaseException as exc:
+        err = run.ended(exc)
+        if err is not exc:
+            raise err from exc
+        raise

@@ -168,7 +168,16 @@ class Recipe(StrictModel):
         return data
 
     def fingerprint(self) -> str:
+        """The settings' hash. A run's full identity adds the contents of its data files and
+        base model (:mod:`graftkit.train.inputs`), which the recipe alone cannot see."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def data_files(self) -> dict[str, str]:
+        """The data files a run reads, by role (``train``, ``validation``)."""
+        files = {"train": self.data.train}
+        if self.data.validation:
+            files["validation"] = self.data.validation
+        return files
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
