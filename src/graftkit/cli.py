@@ -31,10 +31,11 @@ def _print_rows(rows: list[tuple[str, object]]) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    from .files import path_kind, read_json
     from .tensors import Checkpoint, dir_size
 
     path = Path(args.path)
-    if not path.exists():
+    if path_kind(path) is None:
         from .errors import FileFormatError
 
         raise FileFormatError(f"{path} does not exist")
@@ -84,7 +85,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ckpt = Checkpoint(path, allow_pickle=args.allow_pickle)
     config = {}
     if path.is_dir() and (path / "config.json").exists():
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json", "model config")
+        if not isinstance(config, dict):
+            from .errors import FileFormatError
+
+            raise FileFormatError(f"{path / 'config.json'} is not a JSON object; re-create the model's config.json")
     dtypes = Counter(ckpt.dtype(k) for k in ckpt.keys())
     n_params = ckpt.num_parameters()
     info = {
@@ -186,6 +191,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import read_yaml
+
+    read_yaml(args.recipe, "recipe file")  # a bad file fails in a second, before torch is imported
     from .train import load_recipe
     from .train.loop import train
 
@@ -209,6 +217,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         Console(highlight=False).print(summary_table(summary, title=f"graft eval: main metric per task ({out})"))
     print(f"results written to {out} (summary.json, <model>/results.json, <model>/predictions/)")
+    from .eval.runner import stale_warnings
+
+    for line in stale_warnings(summary, args.config):
+        print(f"graft: warning: {line}", file=sys.stderr)
     for f in summary["failures"]:
         print(f"graft: error: model {f['model']!r} failed: {f['error']}", file=sys.stderr)
     return 2 if summary["failures"] else 0
