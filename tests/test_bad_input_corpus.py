@@ -535,6 +535,18 @@ case("merge-tokenizer-union", "tokenizer", M, merge_with(tokenizer_source="union
 case("merge-threads-negative", "CLI args", [*M, "--threads", "-3"], merge_with(), "--threads", "-3")
 case("merge-threads-zero", "CLI args", [*M, "--threads", "0"], merge_with(), "--threads", "0")
 
+case("merge-lambda-inf", "config value", M, merge_with(method="task_arithmetic", parameters={"lambda": float("inf")}), "lambda", "finite")
+case("merge-exclude-bad-regex", "config value", M, merge_with(exclude=["re:(unclosed"]), "re:(unclosed", "regular expression")
+case("merge-models-empty", "config value", M, lambda c: c.yaml("m.yaml", {**merge_config(c.s), "models": []}) and None, "model(s)")
+case("merge-models-mapping", "wrong types", M,
+     lambda c: c.yaml("m.yaml", {**merge_config(c.s), "models": {"model": str(c.s / "llama_ft0")}}) and None, "models")
+case("merge-model-path-number", "wrong types", M,
+     lambda c: c.yaml("m.yaml", {**merge_config(c.s), "models": [{"model": 123}, {"model": str(c.s / "llama_ft1")}]}) and None, "model")
+case("merge-model-broken-symlink", "file kind", M,
+     _seq(lambda c: os.symlink(c.w / "nowhere", c.w / "link"), merge_with(models=("{w}/link", "llama_ft1"))), "link")
+case("merge-out-is-file-overwrite-fails", "overwrite keeps earlier output", [*M, "--overwrite"],
+     _seq(text("out", "an earlier file output"), merge_with(models=("{w}/gone", "llama_ft1"))), "gone")
+
 # ---- merge --dry-run runs the same checks ----
 D = [*M, "--dry-run"]
 case("dry-run-union", "dry-run parity", D, merge_with(tokenizer_source="union"), "union")
@@ -602,6 +614,15 @@ case("train-data-bad-line", "JSONL lines", T,
           train_yaml(data={"train": "{w}/t.jsonl"})), "t.jsonl", "line 4")
 case("train-data-not-object", "JSONL lines", T,
      _seq(text("t.jsonl", '{"text": "good", "label": "pos"}\n[1, 2]\n'), train_yaml(data={"train": "{w}/t.jsonl"})), "line 2")
+case("train-data-not-gzip", "file kind", T, _seq(raw("t.jsonl.gz", b'{"text": "x"}\n'), train_yaml(data={"train": "{w}/t.jsonl.gz"})),
+     "t.jsonl.gz", "gzip")
+case("train-data-parquet-garbage", "file kind", T,
+     _seq(raw("t.parquet", os.urandom(512)), train_yaml(data={"train": "{w}/t.parquet"})), "t.parquet")
+case("train-data-unknown-suffix", "file kind", T, _seq(text("t.txt", "good\n"), train_yaml(data={"train": "{w}/t.txt"})), "t.txt", ".jsonl")
+case("train-data-csv-no-text-column", "data rows", T,
+     _seq(text("t.csv", "sentence,label\ngood,pos\nbad,neg\n"), train_yaml(data={"train": "{w}/t.csv"})), "t.csv", "text")
+case("train-data-broken-symlink", "file kind", T,
+     _seq(lambda c: os.symlink(c.w / "nowhere.jsonl", c.w / "t.jsonl"), train_yaml(data={"train": "{w}/t.jsonl"})), "t.jsonl", "symbolic link")
 case("train-data-is-folder", "file kind", T, _seq(folder("t.jsonl"), train_yaml(data={"train": "{w}/t.jsonl"})), "t.jsonl", "folder")
 case("train-data-fifo", "file kind", T, _seq(fifo("t.jsonl"), train_yaml(data={"train": "{w}/t.jsonl"})), "t.jsonl", "FIFO",
      absent=("does not exist",))
@@ -654,6 +675,10 @@ case("eval-task-name-bad", "config value", E, eval_yaml(tasks=task_file("{s}/dat
 case("eval-duplicate-model", "config value", E, eval_yaml(models=[{"name": "a", "path": "{s}/cls_bert"}, {"name": "a", "path": "{s}/cls_bert"}]),
      "'a'", "more than once")
 case("eval-batch-zero", "config value", E, eval_yaml(tasks=task_file("{s}/data/test.jsonl", batch_size=0)), "batch_size")
+case("eval-generation-bad-regex", "config value", E,
+     eval_yaml(tasks=[{"name": "gen", "kind": "generation", "file": "{s}/data/test.jsonl", "extract": "(unclosed"}]), "extract", "regular expression")
+case("eval-heads-unknown-task", "config value", E, eval_yaml(models=bert_model(heads={"nope": "{s}/cls_bert"})), "nope")
+case("eval-task-limit-zero", "config value", E, eval_yaml(tasks=task_file("{s}/data/test.jsonl", limit=0)), "limit")
 case("eval-task-file-missing", "missing files", E, eval_yaml(tasks=task_file("{w}/gone.jsonl")), "gone.jsonl", "does not exist")
 case("eval-task-file-empty", "empty files", E, _seq(text("t.jsonl", ""), eval_yaml(tasks=task_file())), "t.jsonl", "empty")
 case("eval-task-file-not-utf8", "file encoding", E,
@@ -717,6 +742,9 @@ case("compare-predictions-missing", "missing files", ["compare", "{w}/a", "{s}/e
 case("compare-predictions-bad-line", "JSONL lines", ["compare", "{w}/a", "{s}/eval_out/lora"],
      model_copy("eval_out/base", "a", lambda p: (p / "predictions" / "topic.jsonl").write_text(
          (p / "predictions" / "topic.jsonl").read_text() + "{broken\n")), "topic.jsonl", "line 7", out=None)
+case("compare-different-examples", "data rows", ["compare", "{s}/eval_out/base", "{w}/b"],
+     model_copy("eval_out/lora", "b", lambda p: (p / "predictions" / "topic.jsonl").write_text(
+         "".join((p / "predictions" / "topic.jsonl").read_text().splitlines(keepends=True)[:3]))), "topic", out=None)
 case("compare-confidence-out-of-range", "config value", [*C, "--confidence", "1.5"], None, "confidence", "1.5", out=None)
 case("compare-resamples-zero", "config value", [*C, "--resamples", "0"], None, "resamples", out=None)
 case("compare-expert-syntax", "CLI args", [*C, "--expert", "topic"], None, "TASK=DIR", out=None)
