@@ -61,6 +61,7 @@ def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow
     from .hf import load_model
 
     class_name, num_labels = base_class_and_labels(adapter)
+    check_adapter(adapter, str(adapter.path or "the adapter"))  # before a base is loaded for nothing
     kwargs = {"num_labels": num_labels} if num_labels else {}
     # the label names the head was trained with, so that a merged export's config keeps them
     id2label = (adapter.meta.get("base_model") or {}).get("id2label")
