@@ -58,6 +58,7 @@ def base_class_and_labels(adapter: AdapterFile) -> tuple[str | None, int | None]
 
 
 def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow_pickle: bool = False) -> nn.Module:
+    from ..validate import check_adapter
     from .hf import load_model
 
     class_name, num_labels = base_class_and_labels(adapter)
