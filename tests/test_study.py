@@ -101,6 +101,13 @@ def test_tiny_study_end_to_end(tmp_path, tiny_base):
     # normalized accuracy is merge / expert, flips count against the task's expert
     norm = result["normalized"]["full/ties"]["topic"]
     assert norm == pytest.approx(result["scores"]["full/ties"]["topic"] / result["scores"]["full/topic"]["topic"])
+    # every expert was checked; a merge's normalized score is meaningful exactly where its task's expert passed
+    assert set(result["expert_checks"]) == {f"{f}/{t}" for f in ("full", "lora") for t in ("topic", "mood")}
+    for name in result["normalized"]:
+        family = name.split("/")[0]
+        ok = {t for t in ("topic", "mood") if not result["expert_checks"][f"{family}/{t}"]["flagged"]}
+        assert set(result["normalized"][name]) == ok
+        assert set(result["normalized_not_meaningful"].get(name, {})) == {"topic", "mood"} - ok
     flips = result["flips"]["full/ties"]["topic"]
     assert flips["n"] == 24 and flips["reference"] == "full/topic"
     assert result["significance"]["full/ties"]["topic"]["verdict"] in ("win", "tie", "loss")
@@ -178,6 +185,13 @@ def test_study_splits_of_a_corpus_are_disjoint(tmp_path):
     ({"tasks": [{"name": "x", "corpus": "nope"}]}, "unknown corpus 'nope'"),
     ({"tasks": [{"name": "x", "corpus": "bbc_news", "files": {}}]}, "either corpus"),
     ({"colour": "red"}, "unknown key 'colour'"),
+    ({"experts": [{"family": "f", "search": {"epochs": [1, 2]}}]}, "search supports lr only"),
+    ({"experts": [{"family": "f", "search": {"lr": []}}]}, "search.lr is empty"),
+    ({"experts": [{"family": "f", "search": {"lr": [1e-4, -1e-3]}}]}, "value -0.001 is not a positive learning rate"),
+    ({"experts": [{"family": "f", "search": {"lr": [1e-4, float("nan")]}}]}, "value nan is not a positive learning rate"),
+    ({"experts": [{"family": "f", "search": {"lr": [1e-4, 1e-4]}}]}, "value 0.0001 appears twice"),
+    ({"experts": [{"family": "f", "optim": {"lr": 1e-3}, "search": {"lr": [1e-4, 3e-4]}}]}, "search.lr and optim.lr are both given"),
+    ({"experts": [{"family": "f", "search": {"lr": ["fast"]}}]}, "search"),
 ])
 def test_bad_study_recipes_are_one_line_errors(tmp_path, tiny_base, change, message):
     from graftkit.eval.study import load_study
@@ -208,3 +222,188 @@ def test_demo_recipe_is_a_valid_study():
     assert [m.method for m in cfg.merges] == ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb", "consensus_ties"]
     full = load_study(yaml.safe_load(Path("examples/study_full.yaml").read_text()))
     assert [m.method for m in full.merges] == [m.method for m in cfg.merges]
+
+
+# -- study guards: experts that did not learn their task, the learning-rate search ----------------
+
+def write_noise_task(folder: Path, seed: int, sizes=(64, 16, 48)) -> dict[str, str]:
+    """A task nothing can learn: filler-word texts whose labels ignore them, two thirds 'yes' in
+    every split. Its expert can do no better than the majority class (as the expert of section 9
+    of issue 11 did, at 0.642 = the majority share)."""
+    rng = random.Random(seed)
+    files, seen = {}, set()
+    for split, n in zip(("train", "validation", "test"), sizes):
+        rows = []
+        while len(rows) < n:
+            text = " ".join(rng.choice(FILLER) for _ in range(7))
+            if text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": "yes" if len(rows) % 3 else "no"})
+        path = folder / "noise" / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[split] = str(path)
+    return files
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, tiny_base):
+    """One tiny study, run once for the tests below: a learnable task (topic) and an unlearnable
+    one (noise), full experts with the learning rate searched over two values on validation, two
+    merges. 48 test examples per task, so a learned expert is significantly above the majority."""
+    from graftkit.eval.study import run_study
+
+    tmp = tmp_path_factory.mktemp("guarded")
+    data = tmp / "data"
+    recipe = study_recipe(tmp, tiny_base, name="guarded",
+                          tasks=[{"name": "topic", "files": write_task(data, "topic", 1, sizes=(64, 16, 48)), "max_length": 16},
+                                 {"name": "noise", "files": write_noise_task(data, 3), "max_length": 16}],
+                          experts=[{"family": "full", "method": {"method": "full"}, "search": {"lr": [1e-5, 1e-2]},
+                                    "optim": {"batch_size": 16, "epochs": 12}}],
+                          merges=[{"method": "linear"}, {"method": "task_arithmetic", "parameters": {"lambda": 1.0}}])
+    return run_study(recipe, progress=False), tmp / "study"
+
+
+def test_expert_at_the_majority_class_is_flagged_and_a_learned_one_is_not(guarded):
+    result, out = guarded
+    assert result["failures"] == []
+    checks = result["expert_checks"]
+    noise, topic = checks["full/noise"], checks["full/topic"]
+    majority = {t["name"]: t["majority"] for t in result["tasks"]}
+    assert noise["flagged"] and noise["score"] == result["scores"]["full/noise"]["noise"]
+    assert noise["majority"]["score"] == majority["noise"] and noise["majority"]["p_value"] >= noise["level"]
+    assert not noise["majority"]["above"]
+    line = noise["reasons"][0]
+    assert line.startswith("full/noise is not significantly above the majority class on noise: ")
+    assert f"accuracy {noise['score']:.3f} vs majority class {majority['noise']:.3f}" in line
+    assert f"p = {noise['majority']['p_value']:.3g}" in line
+    # the learned expert passes both checks
+    assert not topic["flagged"] and topic["reasons"] == []
+    assert topic["majority"]["above"] and topic["majority"]["p_value"] < topic["level"]
+    assert topic["base"]["above"] and topic["base"]["name"] == "full/base" and topic["base"]["low"] > 0
+    assert topic["base"]["score"] == result["scores"]["full/base"]["topic"]
+    assert json.loads((out / "study.json").read_text())["expert_checks"] == json.loads(json.dumps(checks))
+
+
+def test_normalized_scores_against_a_flagged_expert_are_not_meaningful(guarded):
+    result, out = guarded
+    scores = result["scores"]
+    for merge in ("full/linear", "full/task_arithmetic"):
+        assert set(result["normalized"][merge]) == {"topic"}
+        assert result["normalized"][merge]["topic"] == pytest.approx(scores[merge]["topic"] / scores["full/topic"]["topic"])
+        nm = result["normalized_not_meaningful"][merge]["noise"]
+        assert nm["expert"] == "full/noise" and "majority class" in nm["reason"]
+        assert nm["value"] == pytest.approx(scores[merge]["noise"] / scores["full/noise"]["noise"])
+    # the report: a banner, the warning line, n/m cells, and the best merge chosen on topic alone
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    assert "1 expert(s) did not learn their own task: full/noise" in page
+    assert "Warning: full/noise is not significantly above the majority class on noise" in md
+    assert "n/m †" in page and "n/m †" in md
+    best = max(("full/linear", "full/task_arithmetic"), key=lambda m: result["normalized"][m]["topic"])
+    assert f"full: {best} ({result['normalized'][best]['topic']:.3f}, without noise (n/m))" in md
+
+
+def test_expert_learning_rate_is_chosen_on_validation(guarded):
+    result, out = guarded
+    experts = {m["name"]: m for m in result["models"] if m["kind"] == "expert"}
+    for name in ("full/topic", "full/noise"):
+        trials = experts[name]["search"]
+        assert [t["params"]["lr"] for t in trials] == [1e-5, 1e-2] and sum(t["chosen"] for t in trials) == 1
+        chosen = next(t for t in trials if t["chosen"])
+        assert chosen["validation"] == max(t["validation"] for t in trials)
+        assert experts[name]["lr"] == chosen["params"]["lr"]
+        for lr in ("1e-05", "0.01"):
+            assert (out / "experts" / name / f"lr-{lr}" / "study_key.txt").is_file()
+    # the topic keywords are learned at 1e-2 and not at 1e-5 in 48 steps: validation picks 1e-2,
+    # and the test scores are the chosen expert's
+    assert experts["full/topic"]["lr"] == 1e-2
+    evaluated = json.loads((out / "eval" / "full" / "topic" / "results.json").read_text())
+    assert evaluated["model"]["path"].endswith(str(Path("full", "topic", "lr-0.01", "merged")))
+    md = (out / "report.md").read_text()
+    assert "full/topic: 2 trial(s), chosen lr=0.01" in md
+    assert "| full/topic | topic | 0.01 (chosen on validation from 1e-05, 0.01) |" in md
+
+
+def test_check_expert_tests_and_levels():
+    """The two tests and their one-sided level, on hand-made per-example scores."""
+    from graftkit.eval.study import check_expert
+
+    n = 48
+    majority = [1.0] * 32 + [0.0] * 16  # the majority-class predictor: right on the 2/3 majority
+    # at the majority class: flagged by both tests
+    c = check_expert("f/t", "t", majority, 32 / 48, majority, base_name="f/base")
+    assert c["flagged"] and not c["majority"]["above"] and not c["base"]["above"] and len(c["reasons"]) == 2
+    # 40 of 48 right, base 26 of 48 (nested): above both
+    good = [1.0] * 40 + [0.0] * 8
+    base = [1.0] * 26 + [0.0] * 22
+    c = check_expert("f/t", "t", good, 32 / 48, base, base_name="f/base")
+    assert not c["flagged"] and c["majority"]["above"] and c["base"]["above"]
+    # far above the majority class but no better than the base: flagged by the base test alone
+    c = check_expert("f/t", "t", good, 0.5, good, base_name="f/base")
+    assert c["flagged"] and c["majority"]["above"] and not c["base"]["above"]
+    assert c["reasons"] == ["f/t is not significantly above f/base on t: accuracy 0.833 vs 0.833 (difference +0.000, "
+                            "95% paired bootstrap interval [+0.000, +0.000], p = 1)"]
+    # one-sided at (1 - confidence) / 2: 30 of 48 against 0.5 has p = 0.056 (flagged at 0.95 and at 0.9),
+    # 32 of 48 has p = 0.0147 (passes at 0.95: 0.0147 < 0.025; flagged at 0.98: level 0.01); 31 of 48 has
+    # p = 0.0297, which a two-sided reading of 0.95 (0.05) would pass and the one-sided 0.025 flags
+    c30 = [1.0] * 30 + [0.0] * 18
+    assert check_expert("f/t", "t", c30, 0.5)["flagged"]
+    assert check_expert("f/t", "t", c30, 0.5, confidence=0.9)["flagged"]
+    c32 = [1.0] * 32 + [0.0] * 16
+    assert not check_expert("f/t", "t", c32, 0.5)["flagged"]
+    assert check_expert("f/t", "t", c32, 0.5, confidence=0.98)["flagged"]
+    assert check_expert("f/t", "t", c32, 0.5)["majority"]["p_value"] == pytest.approx(0.0146525, abs=1e-6)
+    assert check_expert("f/t", "t", [1.0] * 31 + [0.0] * 17, 0.5)["flagged"]
+    with pytest.raises(GraftError, match="must be a non-empty list of 0/1"):
+        check_expert("f/t", "t", [0.5] * n, 0.5)
+
+
+def test_binomial_tail_is_exact():
+    from fractions import Fraction
+    from math import comb
+
+    from graftkit.eval.compare import binomial_tail
+
+    for k, n, p in [(0, 5, Fraction(3, 10)), (3, 5, Fraction(3, 10)), (5, 5, Fraction(3, 10)), (16, 24, Fraction(2, 3)),
+                    (20, 24, Fraction(29, 50)), (120, 200, Fraction(1, 2))]:
+        exact = sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+        assert binomial_tail(k, n, float(p)) == pytest.approx(float(exact), rel=1e-9)
+    assert binomial_tail(3, 5, 1.0) == 1.0 and binomial_tail(3, 5, 0.0) == 0.0
+    assert 0 < binomial_tail(9000, 10000, 0.899) < 0.5  # no overflow at large n
+    with pytest.raises(GraftError, match="0 <= successes <= n"):
+        binomial_tail(6, 5, 0.5)
+
+
+def test_a_failed_learning_rate_candidate_is_recorded_and_the_others_compete(tmp_path, tiny_base, monkeypatch):
+    """No training here: train_one and the validation scoring are replaced, so only the search
+    bookkeeping runs (a failed candidate, a validation tie that goes to the first listed lr)."""
+    from rich.console import Console
+
+    from graftkit.eval.study import Study, load_study
+
+    recipe = study_recipe(tmp_path, tiny_base, merges=[],
+                          experts=[{"family": "full", "search": {"lr": [1e-5, 1e-3, 1e-2]}, "optim": {"epochs": 1}}])
+    study = Study(load_study(recipe), tmp_path / "study", console=Console(quiet=True))
+    study.prepare_data()
+
+    def train_one(family, task, lr, label):
+        if lr == 1e-5:
+            raise FloatingPointError("loss is NaN at step 3")
+        folder = tmp_path / "fake" / task.name / f"{lr:g}"
+        (folder / "merged").mkdir(parents=True, exist_ok=True)
+        return folder, {"lr": lr, "final_loss": 0.1}
+
+    monkeypatch.setattr(study, "train_one", train_one)
+    monkeypatch.setattr(study, "expert_validation", lambda task, folder, label: 0.75)  # a tie
+    study.train_experts()
+    experts = {m["name"]: m for m in study.result["models"] if m["kind"] == "expert"}
+    assert set(experts) == {"full/topic", "full/mood"}
+    trials = experts["full/topic"]["search"]
+    assert [t["params"]["lr"] for t in trials] == [1e-5, 1e-3, 1e-2]
+    assert trials[0] == {"params": {"lr": 1e-5}, "validation": None, "chosen": False, "failed": "train"}
+    assert [t["chosen"] for t in trials] == [False, True, False]  # the tie goes to the first listed that trained
+    assert experts["full/topic"]["lr"] == 1e-3
+    assert study.experts["full"]["topic"]["input"] == tmp_path / "fake" / "topic" / "0.001" / "merged"
+    assert {(f["stage"], f["model"]) for f in study.result["failures"]} == {("train", "full/topic lr=1e-05"),
+                                                                             ("train", "full/mood lr=1e-05")}
+    assert "loss is NaN" in study.result["failures"][0]["error"]
