@@ -96,6 +96,11 @@ ATTACKS = [
     ("proc-root", "open('/proc/self/root{out}/d', 'w').write('x')\nprint('ESCAPED')\n", {}),
     ("system-dirs", "import os, sys\nfor p in ('/etc/graft-x', '/usr/graft-x', os.__file__, sys.executable):\n"
                     "    try:\n        open(p, 'a').write('#')\n        print('ESCAPED', p)\n    except OSError:\n        pass\n", {}),
+    # the same value written back, so a failure of this test leaves the host as it was
+    ("sysctl", "v = open('/proc/sys/vm/swappiness').read()\nwith open('/proc/sys/vm/swappiness', 'w') as f:\n"
+               "    f.write(v)\nprint('ESCAPED')\n", {}),
+    ("sysrq-core-pattern", "import os\nfor p in ('/proc/sysrq-trigger', '/proc/sys/kernel/core_pattern'):\n"
+                           "    if os.path.exists(p):\n        open(p, 'a').close()\n        print('ESCAPED', p)\n", {}),
     ("tcp-connect", "import socket\nsocket.create_connection(('127.0.0.1', {tcp}), timeout=2).send(b'x')\nprint('ESCAPED')\n", {}),
     ("udp-send", "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                  "s.sendto(b'x', ('127.0.0.1', {udp}))\n", {}),  # reaches only the sandbox's own loopback
@@ -146,7 +151,7 @@ def test_attack_is_contained(host, monkeypatch, name, template, kw, hook):
                           unix=host["unix"], secret=SECRET)
     res = run_program(src, timeout=10, _hook=hook, **kw)
     assert "ESCAPED" not in res.stdout, (name, res)
-    if name not in ("disk-quota", "environment", "read-secrets", "system-dirs", "udp-send"):
+    if name not in ("disk-quota", "environment", "read-secrets", "system-dirs", "udp-send", "sysrq-core-pattern"):
         assert res.status == "failed", (name, res)
     # the host's view
     assert Path(host["keep"]).read_text() == "mine" and oct(os.stat(host["keep"]).st_mode)[-3:] == "666"

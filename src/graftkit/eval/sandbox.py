@@ -75,6 +75,10 @@ INSTALL_HINT = "install bubblewrap (apt-get install bubblewrap)"
 # hidden behind empty read-only folders: where users keep secrets and where other programs talk
 HIDDEN_DIRS = ("/root", "/home", "/var/tmp", "/run", "/mnt", "/media", "/srv")
 HIDDEN_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/ssh")
+# kernel knobs in the fresh /proc, bound read-only: the program may keep kernel uid 0 (an
+# evaluator running as root), and uid 0 may write host-wide sysctls such as kernel.core_pattern
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "asound", "scsi", "latency_stats", "timer_list",
+                  "sched_debug", "keys")
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,110 @@ def _main():
 _main()
 '''
 
+# The fallback where bubblewrap is missing: util-linux `unshare` makes the namespaces, and this
+# script, run inside them as the namespace's root before any untrusted code, builds what bwrap
+# would (argv[1] is its JSON config), gives up every capability and execs the bootstrap.
+_UNSHARE_SETUP = r'''
+import ctypes, json, os, stat, struct, sys
+
+cfg = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+# statvfs flag -> mount flag: a remount must repeat the flags the parent namespace locked
+KEEP = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, MS_NOATIME),
+        (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
+
+
+def mount(src, dst, fstype, flags, data=None):
+    enc = lambda s: None if s is None else s.encode()
+    if libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {dst}: {os.strerror(err)}")
+
+
+def read_only(path):
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    st = os.statvfs(path)
+    for f_st, f_ms in KEEP:
+        if st.f_flag & f_st:
+            flags |= f_ms
+    mount(None, path, None, flags)
+
+
+def bind_ro(src, dst):
+    mount(src, dst, None, MS_BIND | MS_REC)
+    read_only(dst)
+
+
+def unescape(field):
+    return field.encode().decode("unicode_escape")  # mountinfo writes space as \040
+
+
+# what must be reachable after folders are covered: opened now, bound later through /proc/self/fd
+keep = {d: os.open(d, os.O_PATH | os.O_DIRECTORY) for d in cfg["python_dirs"]}
+devices = {n: os.open("/dev/" + n, os.O_PATH) for n in ("null", "zero", "full", "random", "urandom")}
+# 1. every mount read-only (one we cannot reach is out of the program's reach too)
+for line in open("/proc/self/mountinfo").read().splitlines():
+    point = unescape(line.split()[4])
+    try:
+        read_only(point)
+    except OSError as exc:
+        if exc.errno not in (2, 13):  # ENOENT, EACCES
+            raise
+mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this PID namespace's
+with open("/proc/sys/user/max_user_namespaces", "w") as f:  # no nested user namespace
+    f.write("0")
+for sub in cfg["proc_read_only"]:
+    if os.path.exists("/proc/" + sub):
+        bind_ro("/proc/" + sub, "/proc/" + sub)
+# 2. a private /dev with the harmless devices only
+mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=65536")
+for name, fd in devices.items():
+    open("/dev/" + name, "w").close()
+    bind_ro(f"/proc/self/fd/{fd}", "/dev/" + name)
+for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                     ("stderr", "/proc/self/fd/2")):
+    os.symlink(target, "/dev/" + name)
+os.mkdir("/dev/shm")
+read_only("/dev")
+# 3. covered folders, the private one, and the interpreter's folders bound back
+for d in cfg["hidden"]:
+    mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=65536")
+mount("tmpfs", cfg["workdir"], "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,size={cfg['disk_bytes']}")
+for d, fd in keep.items():
+    if any(d == h or d.startswith(h.rstrip("/") + "/") for h in [*cfg["hidden"], cfg["workdir"]]):
+        os.makedirs(d, exist_ok=True)
+        bind_ro(f"/proc/self/fd/{fd}", d)
+for d in cfg["hidden"]:
+    read_only(d)
+for f in cfg["hidden_files"]:
+    if os.path.isdir(f):
+        mount("tmpfs", f, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4096")
+        read_only(f)
+    elif os.path.exists(f):
+        bind_ro(f"/proc/self/fd/{devices['null']}", f)
+# 4. the program's files, then no way back: no capabilities, no new privileges, the seccomp filter
+for name, fd in cfg["files"].items():
+    with open(os.path.join(cfg["workdir"], name), "wb") as out:
+        out.write(b"".join(iter(lambda: os.read(fd, 1 << 20), b"")))
+    os.close(fd)
+os.chdir(cfg["workdir"])
+cap = 0
+while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP until EINVAL past the last capability
+    cap += 1
+if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+    raise OSError(ctypes.get_errno(), "no_new_privs")
+bpf = bytes.fromhex(cfg["seccomp"]) if cfg["seccomp"] else b""
+if bpf:
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+    prog = Prog(len(bpf) // 8, bpf)
+    if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "seccomp")
+os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
+'''
+
 _PROBE: dict[str, str | None] = {}
 _PROBE_LOCK = threading.Lock()
 _UNSAFE: contextvars.ContextVar[bool] = contextvars.ContextVar("graft_unsafe_no_isolation", default=False)
@@ -279,8 +387,8 @@ def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def _bwrap_command(bwrap: str, *, disk_mb: int, env: dict[str, str], fds: dict[str, int],
-                   seccomp_fd: int | None) -> list[str]:
+def _layout() -> tuple[list[str], list[str]]:
+    """(folders to hide, interpreter folders to bind back read-only), for both tools."""
     hidden = [d for d in HIDDEN_DIRS if os.path.isdir(d) and not os.path.islink(d)]
     for extra in (os.environ.get("HOME"), os.getcwd()):
         # the evaluator's own folders, unless they are the whole system or a system folder
@@ -289,16 +397,25 @@ def _bwrap_command(bwrap: str, *, disk_mb: int, env: dict[str, str], fds: dict[s
     hidden = sorted(set(hidden))
     hidden = [d for d in hidden if not any(_under(d, o) and d != o for o in hidden)]  # outermost only
     hidden = [d for d in hidden if not _under(WORKDIR, d) and not _under(d, WORKDIR)]
+    back = [d for d in _python_dirs() if any(_under(d, h) for h in [*hidden, WORKDIR])]
+    return hidden, back
+
+
+def _bwrap_command(bwrap: str, *, disk_mb: int, env: dict[str, str], fds: dict[str, int],
+                   seccomp_fd: int | None) -> list[str]:
+    hidden, back = _layout()
     cmd = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1",
            "--uid", "65534", "--gid", "65534", "--hostname", "graft-sandbox",
            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for name in PROC_READ_ONLY:
+        if os.path.exists(f"/proc/{name}"):
+            cmd += ["--ro-bind", f"/proc/{name}", f"/proc/{name}"]
     for d in hidden:
         cmd += ["--perms", "0755", "--size", "65536", "--tmpfs", d]
     cmd += ["--perms", "0755", "--size", str(disk_mb * 1024 * 1024), "--tmpfs", WORKDIR]
-    for d in _python_dirs():  # bound back where a hidden folder or the private one covers them
-        if any(_under(d, h) for h in [*hidden, WORKDIR]):
-            cmd += ["--ro-bind", d, d]
+    for d in back:  # bound back where a hidden folder or the private one covers them
+        cmd += ["--ro-bind", d, d]
     for f in HIDDEN_FILES:
         if os.path.isdir(f):
             cmd += ["--perms", "0755", "--size", "4096", "--tmpfs", f, "--remount-ro", f]
@@ -317,21 +434,29 @@ def _bwrap_command(bwrap: str, *, disk_mb: int, env: dict[str, str], fds: dict[s
 
 
 def isolation() -> str | None:
-    """The path of a working ``bwrap`` here, or None (probed once per process, by running it)."""
-    if os.environ.get("GRAFT_SANDBOX", "").lower() == "none":
+    """``"bwrap"`` or ``"unshare"``: the tool that isolates programs here, or None (probed once
+    per process by running a program with it). ``GRAFT_SANDBOX=none`` forces None,
+    ``GRAFT_SANDBOX=unshare`` skips bubblewrap (both for tests)."""
+    forced = os.environ.get("GRAFT_SANDBOX", "").lower()
+    if forced == "none" or not sys.platform.startswith("linux"):
         return None
     with _PROBE_LOCK:
-        if "bwrap" not in _PROBE:
-            _PROBE["bwrap"] = None
-            exe = shutil.which("bwrap")
-            if exe and sys.platform.startswith("linux"):
-                res = _run_isolated(exe, "print('ok')\n", timeout=20, memory_mb=1024, disk_mb=1,
-                                    max_output=1000, hook=True, block_processes=True)
-                if res.status == "passed" and res.stdout == "ok\n":
-                    _PROBE["bwrap"] = exe
-                else:
-                    _PROBE["bwrap_error"] = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        return _PROBE["bwrap"]
+        for tool in ("bwrap", "unshare"):
+            if tool == "bwrap" and forced == "unshare":
+                continue
+            if tool not in _PROBE:
+                _PROBE[tool] = None
+                exe = shutil.which(tool)
+                if exe:
+                    res = _RUNNERS[tool](exe, "print('ok')\n", timeout=20, memory_mb=1024, disk_mb=1, max_output=1000,
+                                         hook=True, block_processes=True)
+                    if res.status == "passed" and res.stdout == "ok\n":
+                        _PROBE[tool] = exe
+                    else:
+                        _PROBE[f"{tool}_error"] = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            if _PROBE[tool]:
+                return tool
+        return None
 
 
 def isolation_problem() -> str:
@@ -339,7 +464,8 @@ def isolation_problem() -> str:
     if os.environ.get("GRAFT_SANDBOX", "").lower() == "none":
         return "GRAFT_SANDBOX=none is set"
     if not shutil.which("bwrap"):
-        return "bubblewrap (bwrap) is not installed"
+        return "bubblewrap (bwrap) is not installed" + (
+            f" and unshare cannot isolate here ({_PROBE['unshare_error']})" if _PROBE.get("unshare_error") else "")
     return f"bwrap cannot create namespaces here ({_PROBE.get('bwrap_error', 'unknown reason')})"
 
 
@@ -535,6 +661,33 @@ def _run_isolated(bwrap: str, source: str, *, timeout: float, memory_mb: int, di
                        verdict_w=verdict_w, signal_offset=True, start=start)
 
 
+def _run_unshare(unshare: str, source: str, *, timeout: float, memory_mb: int, disk_mb: int, max_output: int,
+                 hook: bool, block_processes: bool) -> SandboxResult:
+    import json
+
+    start = time.perf_counter()
+    nonce = secrets.token_hex(16).encode()
+    with contextlib.ExitStack() as stack:
+        fds = {".graft_boot.py": _data_fd(_BOOTSTRAP.encode(), stack), "program.py": _data_fd(source.encode(), stack)}
+        bpf = seccomp_filter() if block_processes else None
+        nonce_r, verdict_r, verdict_w = _pipes(nonce)
+        stack.callback(os.close, verdict_r)
+        hidden, back = _layout()
+        argv = [sys.executable, "-I", "-B", "-X", "utf8", f"{WORKDIR}/.graft_boot.py", WORKDIR, str(nonce_r),
+                str(verdict_w), f"{WORKDIR}/program.py", str(MAX_PROCESSES), "1" if hook else "0"]
+        cfg = {"hidden": hidden, "python_dirs": back, "workdir": WORKDIR, "disk_bytes": disk_mb * 1024 * 1024,
+               "hidden_files": list(HIDDEN_FILES), "proc_read_only": list(PROC_READ_ONLY), "files": fds, "seccomp": bpf.hex() if bpf else "", "argv": argv,
+               "env": _env(WORKDIR)}
+        cmd = [unshare, "--user", "--map-root-user", "--mount", "--propagation", "private", "--pid", "--fork",
+               "--kill-child", "--net", "--ipc", "--uts", sys.executable, "-I", "-B", "-c", _UNSHARE_SETUP, json.dumps(cfg)]
+        return _launch(cmd, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, keep=list(fds.values()),
+                       timeout=timeout, memory_mb=memory_mb, max_output=max_output, nonce=nonce, nonce_r=nonce_r,
+                       verdict_r=verdict_r, verdict_w=verdict_w, signal_offset=True, start=start)
+
+
+_RUNNERS = {"bwrap": _run_isolated, "unshare": _run_unshare}
+
+
 def _run_unisolated(source: str, *, timeout: float, memory_mb: int, cwd: str | os.PathLike | None,
                     max_output: int, hook: bool) -> SandboxResult:
     start = time.perf_counter()
@@ -576,10 +729,10 @@ def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, di
     ``_block_processes`` exist for the tests that check the OS layer alone; leave them on.
     """
     _check_args(timeout, memory_mb, disk_mb)
-    bwrap = isolation()
-    if bwrap is not None:
-        return _run_isolated(bwrap, source, timeout=timeout, memory_mb=memory_mb, disk_mb=disk_mb,
-                             max_output=max_output, hook=_hook, block_processes=_block_processes)
+    tool = isolation()
+    if tool is not None:
+        return _RUNNERS[tool](_PROBE[tool], source, timeout=timeout, memory_mb=memory_mb, disk_mb=disk_mb,
+                              max_output=max_output, hook=_hook, block_processes=_block_processes)
     require_isolation(unsafe_no_isolation)
     return _run_unisolated(source, timeout=timeout, memory_mb=memory_mb, cwd=cwd, max_output=max_output, hook=_hook)
 
