@@ -1,8 +1,9 @@
 """Hostile programs against the real sandbox: each must be CONTAINED, judged by its effect on the host.
 
-Every attack runs twice: with the full sandbox, and with the in-process audit hook switched off
-(``_hook=False``), which shows that the OS layer alone (bubblewrap namespaces, read-only
-system, tmpfs quota, seccomp, rlimits) holds. A program prints ESCAPED when its action worked
+Every attack runs three times: with the full sandbox, and with the in-process audit hook
+switched off (``_hook=False``) under bubblewrap and under the util-linux ``unshare`` fallback,
+which shows that the OS layer alone (namespaces, read-only system, tmpfs quota, seccomp,
+rlimits) holds. A program prints ESCAPED when its action worked
 from its side; the host checks (a file that must not exist, a process that must still live, a
 listener that must get nothing) are the real verdict. Without bubblewrap these tests skip, and
 the last tests check that code evaluation is then refused.
@@ -31,6 +32,19 @@ ISOLATED = LINUX and sandbox.isolation() is not None
 needs_isolation = pytest.mark.skipif(not ISOLATED, reason="bubblewrap is not installed or cannot make namespaces here "
                                      "(make install adds it as root: apt-get install bubblewrap)")
 SECRET = "graft-secret-" + secrets.token_hex(8)
+# (tool, audit hook on): the full sandbox, bubblewrap alone, and the unshare fallback alone
+LAYERS = [pytest.param("bwrap", True, id="full"), pytest.param("bwrap", False, id="bwrap-only"),
+          pytest.param("unshare", False, id="unshare-only")]
+
+
+def use_tool(monkeypatch, tool: str) -> None:
+    """Make the sandbox use ``tool``, or skip when it cannot isolate here."""
+    if tool == "unshare":
+        monkeypatch.setenv("GRAFT_SANDBOX", "unshare")
+    else:
+        monkeypatch.delenv("GRAFT_SANDBOX", raising=False)
+    if sandbox.isolation() != tool:
+        pytest.skip(f"{tool} cannot isolate programs here ({sandbox.isolation_problem()})")
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +157,10 @@ def test_the_corpus_is_big_enough():
 
 
 @needs_isolation
-@pytest.mark.parametrize("hook", [True, False], ids=["full", "os-layer-only"])
+@pytest.mark.parametrize("tool,hook", LAYERS)
 @pytest.mark.parametrize("name,template,kw", ATTACKS, ids=[a[0] for a in ATTACKS])
-def test_attack_is_contained(host, monkeypatch, name, template, kw, hook):
+def test_attack_is_contained(host, monkeypatch, name, template, kw, tool, hook):
+    use_tool(monkeypatch, tool)
     monkeypatch.setenv("GRAFT_ATTACK_SECRET", SECRET)
     src = template.format(out=host["out"], keep=host["keep"], pid=host["pid"], tcp=host["tcp"], udp=host["udp"],
                           unix=host["unix"], secret=SECRET)
@@ -183,8 +198,10 @@ def test_attack_is_contained(host, monkeypatch, name, template, kw, hook):
 
 
 @needs_isolation
-def test_a_daemon_does_not_outlive_its_run(host):
+@pytest.mark.parametrize("tool", ["bwrap", "unshare"])
+def test_a_daemon_does_not_outlive_its_run(host, monkeypatch, tool):
     # processes allowed (no seccomp) and no hook: the PID namespace alone must take the daemon down
+    use_tool(monkeypatch, tool)
     token = "gd" + secrets.token_hex(6)
     src = ("import os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
            f"        open('/proc/self/comm', 'w').write('{token}')\n        os.write(w, b'up')\n        time.sleep(60)\n"
@@ -202,8 +219,9 @@ def test_a_daemon_does_not_outlive_its_run(host):
 
 
 @needs_isolation
-@pytest.mark.parametrize("hook", [True, False], ids=["full", "os-layer-only"])
-def test_the_pass_verdict_cannot_be_forged(hook):
+@pytest.mark.parametrize("tool,hook", LAYERS)
+def test_the_pass_verdict_cannot_be_forged(monkeypatch, tool, hook):
+    use_tool(monkeypatch, tool)
     # every hex run the program can find in its files, argv, env or its own fds is tried on every fd
     forge = ("import os, re, sys\nfound = set()\n"
              "for p in ('/tmp/program.py', '/tmp/.graft_boot.py', '/proc/self/cmdline', '/proc/self/environ'):\n"
