@@ -421,3 +421,22 @@ def test_real_process(root, argv, needle):
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1 and lines[0].startswith("graft: error:") and needle in lines[0], res.stderr
     assert tree(root) == before
+
+
+@pytest.mark.parametrize("dtype, bad", [(torch.float32, float("nan")), (torch.bfloat16, float("nan")), (torch.float16, float("inf"))],
+                         ids=["f32-nan", "bf16-nan", "f16-inf"])
+def test_dry_run_finds_nan_in_a_full_model_input(capsys, tmp_path, dtype, bad):
+    """The real run refuses a NaN/Inf input tensor while merging; the dry run, which reads no tensor
+    through torch, finds it by its bits."""
+    key = "model.layers.1.mlp.up_proj.weight"
+    for name, seed in (("base", 0), ("ft", 1), ("bad", 1)):
+        tiny_llama(seed).to(dtype).save_pretrained(tmp_path / name)
+    tensors = load_file(str(tmp_path / "bad" / "model.safetensors"))
+    tensors[key][3, 5] = bad
+    save_file(tensors, str(tmp_path / "bad" / "model.safetensors"), metadata={"format": "pt"})
+    good = recipe(tmp_path, "good", [("ft", {"weight": 1.0})])
+    code, out, err = run_cli(capsys, "merge", good, tmp_path / "o", "--dry-run")
+    assert code == 0 and "peak memory" in out, err
+    cfg = recipe(tmp_path, "nan", [("ft", {"weight": 0.5}), ("bad", {"weight": 0.5})])
+    fails(capsys, tmp_path, "merge", cfg, tmp_path / "out", "--dry-run", needles=(key, "bad", "NaN or Inf"))
+    fails(capsys, tmp_path, "merge", cfg, tmp_path / "out", needles=(key, "bad", "NaN or Inf"))
