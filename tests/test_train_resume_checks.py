@@ -248,3 +248,11 @@ def test_failed_run_in_this_process_does_not_block_the_next(assets, tmp_path, mo
         train(parse_recipe(r), progress=False)
     assert train(parse_recipe(r), overwrite=True, progress=False)["steps"] == 4
     assert read_run(out)["status"] == "done" and read_run(out)["owner"]["host"] == socket.gethostname()
+
+
+def test_nan_loss_records_the_one_line_reason(assets, tmp_path, capsys):
+    r = small(assets, tmp_path, optim={"lr": 1e30, "max_grad_norm": None, "max_steps": 12})
+    code, _, err = run_cli(capsys, "train", _recipe_file(tmp_path / "r.yaml", r), "--no-progress")
+    assert_one_line_error(code, err, "loss became")
+    rec = read_run(Path(r["output"]["dir"]))
+    assert rec["status"] == "failed" and err.strip() == f"graft: error: {rec['error']}"
