@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -37,21 +38,35 @@ TOPICS = [("shares fell sharply today", "business"), ("the match ended in a draw
 
 # -- snapshots -------------------------------------------------------------------------------------
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(p: Path, st: os.stat_result) -> str:
+    # any write moves ctime (which, unlike mtime, no one can set back), so an unchanged
+    # (inode, size, mtime, ctime) means unchanged bytes and the hash need not be recomputed
+    key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return _DIGESTS[key]
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under ``root``: kind, size, mtime (ns) and, for small files, the sha256."""
+    """Every entry under ``root``: kind, size, mtime and ctime (ns) and, for small files, the sha256."""
     snap = {}
     if not root.exists():
         return snap
-    for p in sorted(root.rglob("*")):
-        st = p.lstat()
-        rel = str(p.relative_to(root))
-        if p.is_symlink() or not (p.is_file() or p.is_dir()):
-            snap[rel] = ("other", st.st_mode)
-        elif p.is_dir():
-            snap[rel] = ("dir",)
-        else:
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size <= SMALL else None
-            snap[rel] = ("file", st.st_size, st.st_mtime_ns, digest)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISDIR(st.st_mode):
+                snap[rel] = ("dir",)
+            elif stat.S_ISREG(st.st_mode):
+                digest = _digest(p, st) if st.st_size <= SMALL else None
+                snap[rel] = ("file", st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+            else:
+                snap[rel] = ("other", st.st_mode)
     return snap
 
 

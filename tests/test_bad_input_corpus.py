@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +40,15 @@ from corpus_fixtures import (Ctx, build_shared, diff, eval_config, first_key, le
                              snapshot, train_recipe, write_jsonl)
 
 NAN = float("nan")
+
+
+def _noise(n: int) -> bytes:
+    """``n`` random-looking bytes, the same on every run (a case must not pass or fail by chance)."""
+    import random
+
+    return random.Random(n).randbytes(n)
+
+
 NOT_UTF8 = "caf\u00e9".encode("latin-1")  # b"caf\xe9": a Latin-1 e-acute, invalid as UTF-8
 
 
@@ -71,13 +80,11 @@ def _seq(*fs):
 
 def merge_with(name="m.yaml", method="linear", models=("llama_ft0", "llama_ft1"), base="llama_base",
                model_params=None, **top):
+    """A merge recipe: shared model names, or ``{w}/...`` / ``{s}/...`` paths; ``top`` adds top-level keys."""
     def build(c: Ctx):
         ms = [m.format(s=c.s, w=c.w) for m in models]
         b = base.format(s=c.s, w=c.w) if base else None
-        cfg = merge_config(c.s, method, models=ms, base=None, model_params=model_params, **top)
-        if b:
-            cfg = {"merge_method": method, "base_model": b if os.path.isabs(b) else str(c.s / b), **{k: v for k, v in cfg.items() if k != "merge_method"}}
-        c.yaml(name, cfg)
+        c.yaml(name, merge_config(c.s, method, models=ms, base=b, model_params=model_params, **_fmt(top, c)))
     return build
 
 
@@ -121,7 +128,8 @@ def config_edit(**kv):
 
 
 # a custom architecture: transformers can build it only by running the folder's own modeling code
-AUTO_MAP = config_edit(model_type="evilnet", architectures=["EvilForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+AUTO_MAP = config_edit(model_type="evilnet", architectures=["EvilForCausalLM"],
+                       auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
                                  "AutoModelForSequenceClassification": "modeling_evil.EvilForSequenceClassification"})
 
 
@@ -317,7 +325,7 @@ case("inspect-fifo", "file kind", ["inspect", "{w}/pipe.safetensors"], fifo("pip
 case("inspect-truncated-model", "corrupt weights", ["inspect", "{w}/bad"],
      model_copy(mutate=lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:2000])),
      "model.safetensors", out=None)
-case("inspect-random-bytes-model", "corrupt weights", ["inspect", "{w}/bad"], model_copy(mutate=put("model.safetensors", os.urandom(4096))),
+case("inspect-random-bytes-model", "corrupt weights", ["inspect", "{w}/bad"], model_copy(mutate=put("model.safetensors", _noise(4096))),
      "model.safetensors", out=None)
 case("inspect-index-outside", "file kind", ["inspect", "{w}/bad"], model_copy(mutate=index_outside), "../stolen", out=None)
 case("inspect-index-missing-shard", "missing files", ["inspect", "{w}/bad"], model_copy(mutate=index_missing_shard),
@@ -371,7 +379,7 @@ case("export-base-pickle", "pickle", ["export", "{s}/lora", "--base", "{w}/bad",
 case("export-base-no-config", "file kind", ["export", "{s}/lora", "--base", "{w}/bad", "--merged", "{w}/out"],
      model_copy("llama_base", "bad", rm("config.json")), "config.json")
 case("export-base-random-weights", "corrupt weights", ["export", "{s}/lora", "--base", "{w}/bad", "--merged", "{w}/out"],
-     model_copy("llama_base", "bad", put("model.safetensors", os.urandom(4096))), "model.safetensors")
+     model_copy("llama_base", "bad", put("model.safetensors", _noise(4096))), "model.safetensors")
 case("export-base-passwd-bin", "file kind", ["export", "{s}/lora", "--base", "{w}/bad", "--merged", "{w}/out", "--allow-pickle"],
      model_copy("llama_base", "bad", lambda p: (rm("model.safetensors")(p), put_file("pytorch_model.bin", "/etc/passwd")(p))),
      "pytorch_model.bin", absent=("pickled PyTorch",))
@@ -419,7 +427,7 @@ case("import-prefix-tuning", "unsupported", IMP, model_copy("peft", "peft", peft
 case("import-truncated", "corrupt weights", IMP,
      model_copy("peft", "peft", lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:300])),
      "adapter_model.safetensors")
-case("import-random-weights", "corrupt weights", IMP, model_copy("peft", "peft", put("adapter_model.safetensors", os.urandom(2048))),
+case("import-random-weights", "corrupt weights", IMP, model_copy("peft", "peft", put("adapter_model.safetensors", _noise(2048))),
      "adapter_model.safetensors")
 case("import-no-weights", "missing files", IMP, model_copy("peft", "peft", rm("adapter_model.safetensors")), "adapter_model")
 case("import-nan", "non-finite weights", IMP, model_copy("peft", "peft", nan_tensor("adapter_model.safetensors", "lora_A")), "NaN", "lora_A")
@@ -488,7 +496,7 @@ case("merge-model-empty-folder", "missing files", M, _seq(folder("bad"), merge_w
 case("merge-model-random-weights", "corrupt weights", M,
      _seq(model_copy(mutate=put("model.safetensors", bytes(range(256)) * 16)), merge_with(models=("{w}/bad", "llama_ft1"))), "model.safetensors")
 case("merge-model-random-bin", "file kind", [*M, "--allow-pickle"],
-     _seq(model_copy(mutate=lambda p: (rm("model.safetensors")(p), put("pytorch_model.bin", os.urandom(4096))(p))),
+     _seq(model_copy(mutate=lambda p: (rm("model.safetensors")(p), put("pytorch_model.bin", _noise(4096))(p))),
           merge_with(models=("{w}/bad", "llama_ft1"))), "pytorch_model.bin", absent=("pickled PyTorch",))
 case("merge-model-passwd-bin", "file kind", [*M, "--allow-pickle"],
      _seq(model_copy(mutate=lambda p: (rm("model.safetensors")(p), put_file("pytorch_model.bin", "/etc/passwd")(p))),
@@ -617,7 +625,7 @@ case("train-data-not-object", "JSONL lines", T,
 case("train-data-not-gzip", "file kind", T, _seq(raw("t.jsonl.gz", b'{"text": "x"}\n'), train_yaml(data={"train": "{w}/t.jsonl.gz"})),
      "t.jsonl.gz", "gzip")
 case("train-data-parquet-garbage", "file kind", T,
-     _seq(raw("t.parquet", os.urandom(512)), train_yaml(data={"train": "{w}/t.parquet"})), "t.parquet")
+     _seq(raw("t.parquet", _noise(512)), train_yaml(data={"train": "{w}/t.parquet"})), "t.parquet")
 case("train-data-unknown-suffix", "file kind", T, _seq(text("t.txt", "good\n"), train_yaml(data={"train": "{w}/t.txt"})), "t.txt", ".jsonl")
 case("train-data-csv-no-text-column", "data rows", T,
      _seq(text("t.csv", "sentence,label\ngood,pos\nbad,neg\n"), train_yaml(data={"train": "{w}/t.csv"})), "t.csv", "text")
@@ -698,7 +706,7 @@ case("eval-model-missing", "missing files", E, eval_yaml(models=bert_model("{w}/
 case("eval-model-no-config", "file kind", E, _seq(model_copy("cls_bert", "m", rm("config.json")), eval_yaml(models=bert_model("{w}/m"))), "config.json")
 case("eval-model-auto-map", "remote code", E, _seq(model_copy("cls_bert", "m", AUTO_MAP), eval_yaml(models=bert_model("{w}/m"))), "auto_map")
 case("eval-model-random-weights", "corrupt weights", E,
-     _seq(model_copy("cls_bert", "m", put("model.safetensors", os.urandom(8192))), eval_yaml(models=bert_model("{w}/m"))), "model.safetensors")
+     _seq(model_copy("cls_bert", "m", put("model.safetensors", _noise(8192))), eval_yaml(models=bert_model("{w}/m"))), "model.safetensors")
 case("eval-adapter-wrong-base", "adapter/base mismatch", E,
      eval_yaml(models=bert_model("{s}/cls_bert_other", adapter="{s}/cls_lora")), "different base model", "force", absent=("--force",))
 case("eval-adapter-wrong-rank", "adapter shapes", E,

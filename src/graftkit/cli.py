@@ -116,6 +116,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if len(chosen) != 1:
         raise ConfigError("graft export needs exactly one of --merged OUT, --peft OUT or --native OUT")
     kind, out = chosen[0]
+    from .outputs import check_output
+
+    check_output(out, [("adapter", args.adapter), ("base", args.base)])
     if Path(out).exists() and not args.overwrite:
         from .errors import FileFormatError
 
@@ -139,6 +142,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
     from .io import adapter_from_model, apply_adapter, load_base_for, read_peft, write_native
+    from .outputs import check_output
+
+    check_output(args.out, [("peft adapter", args.peft_dir), ("base", args.base)])
+    if Path(args.out).exists() and not args.overwrite:
+        from .errors import FileFormatError
+
+        raise FileFormatError(f"{args.out} already exists; choose another output folder or pass --overwrite")
 
     adapter = read_peft(args.peft_dir, allow_pickle=args.allow_pickle)
     if args.base:  # check it fits, and record the base's fingerprint

@@ -7,21 +7,19 @@
   caller can walk a model far larger than memory.
 * Pickled ``.bin`` checkpoints are refused unless the caller opts in; even then they are
   read with ``torch.load(weights_only=True)``, which cannot run code.
-* :func:`atomic_dir` writes a folder next to its target and renames it into place, so an
-  interrupted write never leaves a folder that looks complete.
+* :func:`atomic_dir` (from :mod:`graftkit.outputs`, re-exported here) writes a folder next to
+  its target and swaps it into place, so an interrupted write never leaves a folder that looks
+  complete and never loses the one it replaces.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import struct
-import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from .errors import FileFormatError
+from .outputs import atomic_dir  # noqa: F401  (re-exported: writers import it from here)
 
 if TYPE_CHECKING:  # torch loads on first use, so header-only work (graft merge --dry-run) stays instant
     import torch
@@ -196,31 +194,3 @@ class Checkpoint:
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
-
-@contextlib.contextmanager
-def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``target``; on success rename it to ``target``.
-
-    On any exception the temporary folder is removed and ``target`` is left as it was.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileFormatError(f"{target} already exists; choose another output folder or remove it (or pass overwrite)")
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as exc:  # a file where a folder should be, no permission, read-only disk
-        raise FileFormatError(f"cannot create {target}: {exc.strerror or exc}; choose an output folder you can write to") from None
-    try:
-        yield tmp
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -294,6 +294,10 @@ def evaluate_model(model_spec: ModelSpec | dict, tasks: list[AnyTask | dict], ou
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise EvalError(f"task name {dup[0]!r} appears more than once; task names must be unique")
+    if out_dir is not None:
+        from ..outputs import check_output
+
+        check_output(out_dir, eval_inputs(spec, tasks))
     if out_dir is not None and Path(out_dir).exists() and not overwrite:
         raise EvalError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it, or choose another output folder")
     cache = cache if cache is not None else EvalCache()
@@ -335,6 +339,17 @@ def evaluate_model(model_spec: ModelSpec | dict, tasks: list[AnyTask | dict], ou
             r["predictions"] = f"predictions/{n}.jsonl"
         write_model_dir(Path(out_dir), spec, ordered, overwrite=overwrite, load_seconds=load_seconds)
     return ordered
+
+
+def eval_inputs(spec: ModelSpec, tasks: list[AnyTask]) -> list[tuple[str, Any]]:
+    """What evaluating ``spec`` on ``tasks`` reads, for :func:`graftkit.outputs.check_output`."""
+    found: list[tuple[str, Any]] = [(f"model {spec.name!r}", spec.path), (f"adapter of {spec.name!r}", spec.adapter),
+                                    (f"tokenizer of {spec.name!r}", spec.tokenizer)]
+    found += [(f"head of {spec.name!r} for {t!r}", h) for t, h in spec.heads.items()]
+    for t in tasks:
+        found += [(f"file of task {t.name!r}", getattr(t, "file", None)), (f"samples_file of task {t.name!r}", getattr(t, "samples_file", None)),
+                  (f"head of task {t.name!r}", getattr(t, "head", None))]
+    return found
 
 
 def _tokenizer_folder(spec: ModelSpec) -> Path:
@@ -401,10 +416,10 @@ def error_line(exc: BaseException) -> str:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
+    from ..outputs import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _merge_summary(out: Path, new: dict[str, Any]) -> dict[str, Any]:
@@ -477,6 +492,11 @@ def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = No
     if out_path is not None:
         if out_path.exists() and not out_path.is_dir():
             raise EvalError(f"output {out_path} is a file; give a folder")
+        from ..outputs import check_output
+
+        for m in chosen_models:  # what --overwrite replaces is OUT/<model>: none may hold or be an input
+            check_output(out_path / m.name, [("eval config", config if isinstance(config, (str, Path)) else None),
+                                             *eval_inputs(m, chosen_tasks)])
         existing = [m.name for m in chosen_models if (out_path / m.name).exists()]
         if existing and not overwrite:
             raise EvalError(f"{out_path / existing[0]} already holds results ({len(existing)} of the models have a folder in {out_path}); "

@@ -211,16 +211,16 @@ def _hash_files(paths: list[Path]) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from ..outputs import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from ..outputs import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _error_line(exc: BaseException) -> str:
@@ -657,8 +657,7 @@ class Study:
                 t0 = time.perf_counter()
                 try:
                     cfg = merge_config(run, str(base_dir), inputs, exclude=exclude, grid=True)
-                    shutil.rmtree(folder, ignore_errors=True)
-                    if run.search:
+                    if run.search:  # overwrite=True: the previous merge stays until the new one is complete
                         evaluate = lambda d, f=family: self.validation_score(Path(d), f)  # noqa: E731
                         merge_search.run_search(cfg, folder, evaluate, overwrite=True)
                         trials = json.loads((folder / "search_results.json").read_text())
@@ -696,7 +695,7 @@ class Study:
         from .runner import evaluate_model
 
         spec = ModelSpec(name=name.replace("/", "-"), **model)
-        return evaluate_model(spec, self.task_specs(split, family), out_dir=out_dir, cache=self.cache)
+        return evaluate_model(spec, self.task_specs(split, family), out_dir=out_dir, cache=self.cache, overwrite=True)
 
     def validation_score(self, folder: Path, family: str) -> float:
         results = self.evaluate(f"{family}/candidate", {"path": str(folder)}, family, "validation", None)
@@ -712,8 +711,7 @@ class Study:
             models += [(f"{family}/{m}", {"path": str(folder)}) for m, folder in self.merged.get(family, {}).items()]
             for name, model in models:
                 out_dir = self.out / "eval" / name
-                shutil.rmtree(out_dir, ignore_errors=True)
-                try:
+                try:  # overwrite: the previous results stay until these are complete
                     results = self.evaluate(name, model, family, "test", out_dir)
                 except Exception as exc:
                     self.fail("evaluate", name, exc)
@@ -777,8 +775,12 @@ def run_study(config: Any, out: str | Path | None = None, *, console=None, progr
     """Run a study (a STUDY.yaml path, dict or :class:`StudyConfig`); returns ``study.json``'s content."""
     from .runner import EvalCache
 
+    from ..outputs import check_output
+
     cfg = load_study(config)
     out = Path(out or cfg.output)
+    check_output(out, [("base model", cfg.base), *[(f"{s} file of study task {t.name!r}", f)
+                                                    for t in cfg.tasks for s, f in (t.files or {}).items()]])
     out.mkdir(parents=True, exist_ok=True)
     study = Study(cfg, out, console=console, progress=progress)
     study.cache = EvalCache()

@@ -79,9 +79,11 @@ def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow
 def export_merged(adapter_path: str | Path, base: str | Path, out: str | Path, *, max_shard_size: str | int = "2GB",
                   overwrite: bool = False, force: bool = False, allow_pickle: bool = False) -> Path:
     """Fold an adapter into its base and write a normal HF model folder."""
+    from ..outputs import check_output
     from .hf import save_model_folder
     from .native import versions
 
+    check_output(out, [("adapter", adapter_path), ("base", base)])
     adapter = read_adapter(adapter_path, allow_pickle)
     model = load_base_for(adapter, base, allow_pickle=allow_pickle)
     apply_adapter(model, adapter, force=force)

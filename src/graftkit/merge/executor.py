@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FileFormatError, GraftError, UnsupportedError
-from ..tensors import Checkpoint, atomic_dir
+from ..outputs import atomic_dir, check_output
+from ..tensors import Checkpoint
 from .config import MergeConfig, exclude_matcher, load_config, resolve
 from .writer import NAME_TO_ST, ST_TO_TORCH, ShardWriter, nbytes, st_dtype
 
@@ -735,6 +736,16 @@ def _write_metadata(plan: Plan, folder: Path, raw_config: Any) -> None:
     (folder / "graft_provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
 
 
+def merge_inputs(cfg: MergeConfig, source: Any = None) -> list[tuple[str, Any]]:
+    """What a merge reads, as ``(label, path)`` for :func:`graftkit.outputs.check_output`."""
+    found: list[tuple[str, Any]] = [("merge config", source)] if isinstance(source, (str, Path)) else []
+    found.append(("base_model", cfg.base_model))
+    found += [("model", m.model) for m in cfg.models]
+    if cfg.tokenizer_source not in (None, "base", "union"):
+        found.append(("tokenizer_source", cfg.tokenizer_source))
+    return found
+
+
 def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = False, threads: int | None = None,
               progress: bool | None = None, evaluate=None, allow_pickle: bool = False) -> Path:
     """Plan, check and run a merge; write the output folder atomically; return its path."""
@@ -744,14 +755,13 @@ def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = F
         from ..files import read_yaml
 
         raw = read_yaml(config, "merge config")
+    if out is None:
+        raise ConfigError("no output folder given")
+    check_output(out, merge_inputs(cfg, config))
     if cfg.search is not None:
         from .search import run_search
 
-        if out is None:
-            raise ConfigError("no output folder given")
         return run_search(cfg, out, evaluate, overwrite=overwrite, threads=threads)
-    if out is None:
-        raise ConfigError("no output folder given")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileFormatError(f"{out} already exists; choose another output folder or pass --overwrite")

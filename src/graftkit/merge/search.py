@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shlex
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,28 +82,29 @@ def _with_params(cfg: MergeConfig, values: dict[str, Any]) -> dict:
 
 
 def _finish(best_dir: Path, out: Path, trials: list, overwrite: bool) -> Path:
+    from ..outputs import swap_in
+
     (best_dir / "search_results.json").write_text(json.dumps(trials, indent=2) + "\n")
-    if out.exists():
-        if not overwrite:
-            raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
-        shutil.rmtree(out)
-    os.replace(best_dir, out)
-    return out
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+    return swap_in(best_dir, out)  # the old output stays until the new one is in place
 
 
 def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *, overwrite: bool = False,
                threads: int | None = None) -> Path:
     """Merge every grid point, score each with ``evaluate`` (or ``search.command``), keep the best."""
-    from .executor import run_merge
+    from ..outputs import check_output, stage_path
+    from .executor import merge_inputs, run_merge
 
     cfg = load_config(config)
     check_search(cfg, evaluate)
     if evaluate is None:
         evaluate = command_evaluator(cfg.search.command)
     out = Path(out)
+    check_output(out, merge_inputs(cfg, config))
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
-    work = out.parent / f".{out.name}.search-{uuid.uuid4().hex[:8]}"
+    work = stage_path(out)  # named so that the next run removes it if this one is killed
     work.mkdir(parents=True)
     names = list(cfg.search.grid)
     trials, best = [], None
@@ -131,16 +130,18 @@ def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *
 def greedy_soup(models: list[str | Path], evaluate: Evaluate, out: str | Path, *, overwrite: bool = False,
                 dtype: str | None = None, threads: int | None = None) -> Path:
     """Greedy soup: add candidates in order of their own score while the uniform soup's score does not drop."""
+    from ..outputs import check_output, stage_path
     from .executor import run_merge
 
     if len(models) < 1:
         raise ConfigError("greedy_soup needs at least one candidate model")
     out = Path(out)
+    check_output(out, [("model", m) for m in models])
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
     models = [str(m) for m in models]
     scored = sorted(((float(evaluate(Path(m))), m) for m in models), key=lambda t: -t[0])
-    work = out.parent / f".{out.name}.soup-{uuid.uuid4().hex[:8]}"
+    work = stage_path(out)  # named so that the next run removes it if this one is killed
     work.mkdir(parents=True)
     trials = [{"model": m, "alone": s} for s, m in scored]
     try:

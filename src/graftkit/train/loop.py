@@ -195,7 +195,9 @@ class Run:
         self.recipe = recipe
         self.resume = resume
         self.overwrite = overwrite
-        self.out = Path(recipe.output.dir)
+        self.out = Path(recipe.output.dir)  # where this run writes: output.dir, or its staging sibling (--overwrite)
+        self.final = self.out  # output.dir itself
+        self.staged = None  # an --overwrite run's new folder, swapped in for the old run by finish()
         self.progress = progress
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
@@ -341,6 +343,10 @@ class Run:
         from ..assets import model_dir
 
         r = self.recipe
+        from ..outputs import check_output as check_output_path
+
+        check_output_path(self.final, [("model", r.model), ("tokenizer", r.tokenizer), ("training data", r.data.train),
+                                       ("validation data", r.data.validation)], clean=self.main)
         self.existing = self.check_output()
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # per-tensor bars would interleave with ours
@@ -444,9 +450,21 @@ class Run:
         # every check passed: now the output folder may change
         self.start = 0
         self.acc.wait_for_everyone()
-        if self.main:
-            if self.overwrite and self.out.exists():
-                shutil.rmtree(self.out)
+        if self.overwrite and self.final.is_dir() and any(self.final.iterdir()):
+            # the old run stays in place until this one has finished (finish() swaps them); a
+            # killed run leaves only its hidden .NAME.tmp-PID-* sibling, which the next run removes
+            name = [None]
+            if self.main:
+                from ..outputs import Staged
+
+                self.staged = Staged(self.final, overwrite=True)
+                name = [self.staged.path.name]
+            if self.world > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(name)
+            self.out = self.final.parent / name[0]
+        elif self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         self.offloaded = _offload_theta0(self.model, self.out / ".theta0" / f"rank{self.rank}")
@@ -503,6 +521,8 @@ class Run:
         if not math.isfinite(value):
             last = latest_checkpoint(self.out)  # run.json records the failure: see Run.ended
             keep = f"the last good checkpoint is {last} (resume with --resume after fixing the cause)" if last else "no checkpoint was written yet"
+            if self.staged is not None or self.out != self.final:  # --overwrite: train() discards this run's folder
+                keep = f"{self.final} still holds the previous run, unchanged"
             raise TrainingError(f"loss became {value} at step {step + 1}; stopped before updating the weights, {keep}. "
                                 "Lower optim.lr, keep optim.max_grad_norm set, or use precision fp32")
         if self.hft is not None:
@@ -640,6 +660,7 @@ class Run:
             if self.main:
                 self.save_outputs(gk, summary)
         self.acc.wait_for_everyone()
+        self.out = self.final
 
     def save_outputs(self, gk, summary: dict[str, Any]) -> None:
         """The adapter (and the exports asked for), then the run record and the summary table."""
@@ -648,16 +669,19 @@ class Run:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         adapter = self.out / "adapter"
         gk.save_adapter(model, adapter, overwrite=True)
-        outputs = {"adapter": str(adapter)}
+        outputs = {"adapter": str(self.final / "adapter")}  # final names: an --overwrite run is swapped in below
         if "peft" in self.recipe.output.export:
             gk.save_adapter(model, self.out / "adapter-peft", format="peft", overwrite=True)
-            outputs["peft"] = str(self.out / "adapter-peft")
+            outputs["peft"] = str(self.final / "adapter-peft")
         if "merged" in self.recipe.output.export:
             gk.export_merged(adapter, self.recipe.model, self.out / "merged", overwrite=True)
-            outputs["merged"] = str(self.out / "merged")
+            outputs["merged"] = str(self.final / "merged")
         summary["outputs"] = outputs
         shutil.rmtree(self.out / ".theta0", ignore_errors=True)
         self.write_run("done", summary=summary)
+        if self.staged is not None:  # complete: now the new run replaces the old one
+            self.staged.commit()
+            self.out = self.final
         self.print_summary(summary)
 
     def print_summary(self, s: dict[str, Any]) -> None:
@@ -724,6 +748,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         return run.fit()
     except BaseException as exc:
         err = run.ended(exc)
+        if run.staged is not None:  # a failed --overwrite run: drop its folder, the previous run stays
+            run.staged.discard()
         if err is not exc:
             raise err from exc
         raise
