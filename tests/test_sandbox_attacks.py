@@ -248,7 +248,7 @@ def test_without_isolation_graft_eval_refuses_code_tasks(tmp_path, monkeypatch):
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps({"task_id": "t", "completion": "    return 1\n"}) + "\n")
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"models:\n  - name: m\n    path: {tmp_path}\ntasks:\n  - name: code\n    kind: code\n    file: {problems}\n    samples_file: {samples}\n"
+    cfg.write_text(f"models:\n  - name: m\n    path: not-needed\ntasks:\n  - name: code\n    kind: code\n    file: {problems}\n    samples_file: {samples}\n"
                    f"output: {tmp_path / 'out'}\n")
     env = {**os.environ, "GRAFT_SANDBOX": "none"}
     proc = subprocess.run([sys.executable, "-m", "graftkit.cli", "eval", str(cfg)], capture_output=True, text=True, env=env)
@@ -256,6 +256,16 @@ def test_without_isolation_graft_eval_refuses_code_tasks(tmp_path, monkeypatch):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("graft: error:") and "apt-get install bubblewrap" in lines[0]
     assert "--unsafe-no-isolation" in lines[0] and not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, "-m", "graftkit.cli", "eval", str(cfg), "--unsafe-no-isolation", "--no-progress"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "m" / "results.json").read_text())
+    assert results["tasks"]["code"]["metrics"] == {"pass@1": 1.0}
+    from graftkit.eval.runner import evaluate
+
+    with pytest.raises(EvalError, match="apt-get install bubblewrap"):
+        evaluate(str(cfg))
+    assert evaluate(str(cfg), unsafe_no_isolation=True)["scores"]["m"]["code"] == 1.0
     with pytest.raises(EvalError, match="apt-get install bubblewrap"):
         score_code_problems([json.loads(problems.read_text())], {"t": ["    return 1\n"]}, progress=False)
     metrics, _ = score_code_problems([json.loads(problems.read_text())], {"t": ["    return 1\n"]}, progress=False,
