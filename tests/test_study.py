@@ -343,6 +343,9 @@ def test_check_expert_tests_and_levels():
     assert c["flagged"] and c["majority"]["above"] and not c["base"]["above"]
     assert c["reasons"] == ["f/t is not significantly above f/base on t: accuracy 0.833 vs 0.833 (difference +0.000, "
                             "95% paired bootstrap interval [+0.000, +0.000], p = 1)"]
+    # above the base by one example: the interval still touches 0, so not significantly above
+    c = check_expert("f/t", "t", good, 0.5, [1.0] * 39 + [0.0] * 9, base_name="f/base")
+    assert c["base"]["diff"] > 0 and c["base"]["low"] == 0 and c["flagged"] and not c["base"]["above"]
     # one-sided at (1 - confidence) / 2: 30 of 48 against 0.5 has p = 0.056 (flagged at 0.95 and at 0.9),
     # 32 of 48 has p = 0.0147 (passes at 0.95: 0.0147 < 0.025; flagged at 0.98: level 0.01); 31 of 48 has
     # p = 0.0297, which a two-sided reading of 0.95 (0.05) would pass and the one-sided 0.025 flags
