@@ -4,7 +4,7 @@ The boundary is the operating system. Each program runs under bubblewrap (``bwra
 package ``bubblewrap``) in its own user, mount, PID, network, IPC and UTS namespaces:
 
 - a read-only view of the system (``/`` bound read-only; ``/dev`` and ``/proc`` fresh and
-  private). ``/root``, ``/home``, the evaluator's ``HOME`` and working folder, ``/tmp``,
+  private, the kernel knobs in ``/proc`` such as ``/proc/sys`` read-only). ``/root``, ``/home``, the evaluator's ``HOME`` and working folder, ``/tmp``,
   ``/var/tmp``, ``/run``, ``/mnt``, ``/media``, ``/srv`` are hidden behind empty read-only
   folders (the interpreter's own folders are bound back read-only), and ``/etc/shadow``,
   ``/etc/gshadow`` and ``/etc/ssh`` behind empty ones;
@@ -34,12 +34,16 @@ program runs; it is never in a file, argv or the environment. So printing a gues
 calling ``os._exit(0)`` or ``sys.exit(0)`` fails. It cannot stop code that attacks the
 interpreter it runs in (see docs/eval.md, "Threat model").
 
-When bubblewrap is missing or cannot make namespaces here, :func:`run_program` raises
+Where bubblewrap is missing, util-linux ``unshare`` makes the namespaces and a setup stage
+(``_UNSHARE_SETUP``), run inside them before any untrusted code, builds the same layout, drops
+every capability, sets ``no_new_privs`` and the same seccomp filter, then starts the bootstrap.
+
+When neither tool can isolate a program here, :func:`run_program` raises
 :class:`~graftkit.errors.EvalError` saying how to install it, unless ``unsafe_no_isolation=True``;
 then the program runs as a plain child process of the evaluating user with the rlimits, the
 minimal environment, a temporary folder on disk (no quota) and the audit hook only. The
 environment variable ``GRAFT_SANDBOX=none`` makes this module behave as if no isolation were
-available (used by the tests of the refusal).
+available, and ``GRAFT_SANDBOX=unshare`` skips bubblewrap (both for the tests).
 """
 from __future__ import annotations
 
