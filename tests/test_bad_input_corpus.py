@@ -316,7 +316,7 @@ case("cli-inspect-missing-path", "CLI args", ["inspect"], None, "required", "pat
 
 # ---- inspect ----
 case("inspect-missing", "missing files", ["inspect", "{w}/nope"], None, "nope", "does not exist", out=None)
-case("inspect-empty-folder", "file kind", ["inspect", "{w}/empty"], folder("empty"), "empty", out=None)
+case("inspect-empty-folder", "file kind", ["inspect", "{w}/hollow"], folder("hollow"), "hollow", "safetensors", out=None)
 case("inspect-random-bytes-bin", "file kind", ["inspect", "{w}/random.bin"], raw("random.bin", bytes(range(256)) * 8),
      "random.bin", absent=("pickled PyTorch",), out=None)
 case("inspect-etc-passwd", "file kind", ["inspect", "/etc/passwd"], None, "/etc/passwd", absent=("pickled PyTorch",), out=None)
@@ -353,7 +353,7 @@ EXP = ["export", "{s}/lora", "--base", "{s}/llama_base"]
 case("export-no-mode", "CLI args", ["export", "{s}/lora", "--base", "{s}/llama_base"], None, "--merged", "--peft", "--native", out=None)
 case("export-two-modes", "CLI args", [*EXP, "--merged", "{w}/out", "--peft", "{w}/out2"], None, "exactly one")
 case("export-adapter-missing", "missing files", ["export", "{w}/nope", "--base", "{s}/llama_base", "--merged", "{w}/out"], None, "nope", "does not exist")
-case("export-adapter-is-file", "file kind", ["export", "{s}/merge.yaml", "--base", "{s}/llama_base", "--peft", "{w}/out"], None, "merge.yaml")
+case("export-adapter-is-file", "file kind", ["export", "{s}/merge.yaml", "--base", "{s}/llama_base", "--peft", "{w}/out"], None, "merge.yaml", "adapter")
 case("export-base-missing", "missing files", ["export", "{s}/lora", "--base", "{w}/nobase", "--merged", "{w}/out"], None, "nobase")
 case("export-wrong-base-merged", "adapter/base mismatch", ["export", "{s}/lora", "--base", "{s}/llama_seed1", "--merged", "{w}/out"], None,
      "different base model", "--force")
@@ -390,13 +390,13 @@ case("export-base-index-outside", "file kind", ["export", "{s}/lora", "--base", 
 case("export-out-exists", "output safety", [*EXP, "--merged", "{w}/out"], earlier("llama_ft0"), "already exists", "--overwrite")
 case("export-out-below-file", "output safety", [*EXP, "--peft", "{w}/note.txt/out"], text("note.txt", "mine"), "note.txt", out="{w}/note.txt/out")
 case("export-out-is-adapter", "output safety", ["export", "{w}/lora", "--base", "{s}/llama_base", "--native", "{w}/lora", "--overwrite"],
-     model_copy("lora", "lora"), "lora", out=None)
+     model_copy("lora", "lora"), "is the adapter", out=None)
 case("export-out-inside-adapter", "output safety", ["export", "{w}/lora", "--base", "{s}/llama_base", "--peft", "{w}/lora/peft", "--overwrite"],
      model_copy("lora", "lora"), "inside", out="{w}/lora/peft")
 case("export-out-contains-adapter", "output safety", ["export", "{w}/box/lora", "--base", "{s}/llama_base", "--peft", "{w}/box", "--overwrite"],
-     model_copy("lora", "box/lora"), "box", out=None)
+     model_copy("lora", "box/lora"), "contains the adapter", out=None)
 case("export-out-is-base", "output safety", ["export", "{s}/lora", "--base", "{w}/base", "--merged", "{w}/base", "--overwrite"],
-     model_copy("llama_base", "base"), "base", out=None)
+     model_copy("llama_base", "base"), "is the base", out=None)
 case("export-overwrite-keeps-earlier-merged", "overwrite keeps earlier output",
      ["export", "{s}/lora", "--base", "{s}/llama_seed1", "--merged", "{w}/out", "--overwrite"], earlier("llama_ft0"), "different base model")
 case("export-overwrite-keeps-earlier-peft", "overwrite keeps earlier output",
@@ -416,7 +416,7 @@ def _torch_save(p: Path):
 IMP = ["import-peft", "{w}/peft", "{w}/out"]
 case("import-missing", "missing files", ["import-peft", "{w}/nope", "{w}/out"], None, "nope", "does not exist")
 case("import-empty-folder", "missing files", IMP, folder("peft"), "adapter_config.json")
-case("import-is-file", "file kind", ["import-peft", "{s}/merge.yaml", "{w}/out"], None, "merge.yaml")
+case("import-is-file", "file kind", ["import-peft", "{s}/merge.yaml", "{w}/out"], None, "merge.yaml", "adapter")
 case("import-config-not-json", "config value", IMP, model_copy("peft", "peft", put("adapter_config.json", b"{r: 4")), "adapter_config.json", "JSON")
 case("import-config-not-utf8", "file encoding", IMP, model_copy("peft", "peft", put("adapter_config.json", b'{"peft_type": "LOR\xc1"}')),
      "adapter_config.json", "UTF-8")
@@ -438,11 +438,11 @@ case("import-pickle", "pickle", IMP,
 case("import-wrong-width-base", "adapter/base mismatch", [*IMP, "--base", "{s}/llama_wide"], model_copy("peft", "peft"), "shape")
 case("import-base-missing", "missing files", [*IMP, "--base", "{w}/nobase"], model_copy("peft", "peft"), "nobase")
 case("import-out-exists", "output safety", IMP, _seq(model_copy("peft", "peft"), earlier("lora")), "already exists", "--overwrite")
-case("import-out-is-input", "output safety", ["import-peft", "{w}/peft", "{w}/peft", "--overwrite"], model_copy("peft", "peft"), "peft", out=None)
+case("import-out-is-input", "output safety", ["import-peft", "{w}/peft", "{w}/peft", "--overwrite"], model_copy("peft", "peft"), "is the peft adapter", out=None)
 case("import-out-inside-input", "output safety", ["import-peft", "{w}/peft", "{w}/peft/native", "--overwrite"], model_copy("peft", "peft"),
      "inside", out="{w}/peft/native")
 case("import-out-contains-input", "output safety", ["import-peft", "{w}/box/peft", "{w}/box", "--overwrite"], model_copy("peft", "box/peft"),
-     "box", out=None)
+     "contains the peft adapter", out=None)
 case("import-overwrite-keeps-earlier", "overwrite keeps earlier output", [*IMP, "--overwrite"],
      _seq(earlier("lora"), model_copy("peft", "peft", nan_tensor("adapter_model.safetensors", "lora_B"))), "NaN")
 
@@ -492,7 +492,8 @@ case("merge-model-missing", "missing files", M, merge_with(models=("{w}/gone", "
 case("merge-model-is-file", "file kind", M, merge_with(models=("{s}/merge.yaml", "llama_ft1")), "merge.yaml")
 case("merge-model-no-config", "file kind", M, _seq(model_copy(mutate=rm("config.json")), merge_with(models=("{w}/bad", "llama_ft1"))),
      "config.json")
-case("merge-model-empty-folder", "missing files", M, _seq(folder("bad"), merge_with(models=("{w}/bad", "llama_ft1"))), "bad")
+case("merge-model-empty-folder", "missing files", M, _seq(folder("hollow"), merge_with(models=("{w}/hollow", "llama_ft1"))), "hollow",
+     "config.json")
 case("merge-model-random-weights", "corrupt weights", M,
      _seq(model_copy(mutate=put("model.safetensors", bytes(range(256)) * 16)), merge_with(models=("{w}/bad", "llama_ft1"))), "model.safetensors")
 case("merge-model-random-bin", "file kind", [*M, "--allow-pickle"],
@@ -540,8 +541,8 @@ case("merge-adapter-no-base", "config value", M, merge_with(method="linear", mod
 case("merge-tokenizer-source-missing", "missing files", M, merge_with(tokenizer_source="{w}/no_tok"), "no_tok")
 case("merge-tokenizer-source-no-files", "tokenizer", M, merge_with(tokenizer_source="{s}/llama_ft1"), "tokenizer", "llama_ft1")
 case("merge-tokenizer-union", "tokenizer", M, merge_with(tokenizer_source="union"), "union")
-case("merge-threads-negative", "CLI args", [*M, "--threads", "-3"], merge_with(), "--threads", "-3")
-case("merge-threads-zero", "CLI args", [*M, "--threads", "0"], merge_with(), "--threads", "0")
+case("merge-threads-negative", "CLI args", [*M, "--threads", "-3"], merge_with(), "--threads", "-3", "1 or more")
+case("merge-threads-zero", "CLI args", [*M, "--threads", "0"], merge_with(), "--threads", "0 must", "1 or more")
 
 case("merge-lambda-inf", "config value", M, merge_with(method="task_arithmetic", parameters={"lambda": float("inf")}), "lambda", "finite")
 case("merge-exclude-bad-regex", "config value", M, merge_with(exclude=["re:(unclosed"]), "re:(unclosed", "regular expression")
@@ -566,20 +567,20 @@ case("dry-run-model-nan", "dry-run parity", D,
      _seq(model_copy(mutate=nan_tensor("model.safetensors", "q_proj")), merge_with(models=("{w}/bad", "llama_ft1"))), "NaN")
 case("dry-run-index-outside", "dry-run parity", D, _seq(model_copy(mutate=index_outside), merge_with(models=("{w}/bad", "llama_ft1"))),
      "../stolen")
-case("dry-run-threads-zero", "dry-run parity", [*D, "--threads", "0"], merge_with(), "--threads")
+case("dry-run-threads-zero", "dry-run parity", [*D, "--threads", "0"], merge_with(), "--threads", "1 or more")
 
 # ---- merge: where the output goes ----
 case("merge-out-exists", "output safety", M, _seq(merge_with(), earlier("llama_ft0")), "already exists", "--overwrite")
 case("merge-out-is-base", "output safety", ["merge", "{w}/m.yaml", "{w}/base", "--overwrite"],
-     _seq(model_copy("llama_base", "base"), merge_with(base="{w}/base")), "base", out=None)
+     _seq(model_copy("llama_base", "base"), merge_with(base="{w}/base")), "is the base_model", out=None)
 case("merge-out-is-model", "output safety", ["merge", "{w}/m.yaml", "{w}/ft0", "--overwrite"],
-     _seq(model_copy("llama_ft0", "ft0"), merge_with(models=("{w}/ft0", "llama_ft1"))), "ft0", out=None)
+     _seq(model_copy("llama_ft0", "ft0"), merge_with(models=("{w}/ft0", "llama_ft1"))), "is the model", out=None)
 case("merge-out-contains-inputs", "output safety", ["merge", "{w}/m.yaml", "{w}/models", "--overwrite"],
      _seq(model_copy("llama_base", "models/base"), model_copy("llama_ft0", "models/ft0"),
-          merge_with(models=("{w}/models/ft0", "llama_ft1"), base="{w}/models/base")), "models", out=None)
+          merge_with(models=("{w}/models/ft0", "llama_ft1"), base="{w}/models/base")), "contains the", out=None)
 case("merge-out-inside-input", "output safety", ["merge", "{w}/m.yaml", "{w}/ft0/merged", "--overwrite"],
      _seq(model_copy("llama_ft0", "ft0"), merge_with(models=("{w}/ft0", "llama_ft1"))), "inside", out="{w}/ft0/merged")
-case("merge-out-is-recipe", "output safety", ["merge", "{w}/m.yaml", "{w}/m.yaml", "--overwrite"], merge_with(), "m.yaml", out=None)
+case("merge-out-is-recipe", "output safety", ["merge", "{w}/m.yaml", "{w}/m.yaml", "--overwrite"], merge_with(), "is the merge config", out=None)
 case("merge-overwrite-keeps-earlier-bad-value", "overwrite keeps earlier output", [*M, "--overwrite"],
      _seq(earlier("llama_ft0"), merge_with(method="ties", model_params={"weight": 1.0, "density": "half"})), "density")
 case("merge-overwrite-keeps-earlier-nan", "overwrite keeps earlier output", [*M, "--overwrite"],
@@ -658,12 +659,12 @@ case("train-resume-labels-changed", "resume", ["train", "{w}/r.yaml", "--no-prog
 case("train-resume-different-recipe", "resume", ["train", "{w}/r.yaml", "--no-progress", "--resume", "optim.lr=0.5"],
      trained_then(lambda c: None), "different recipe", "optim.lr", out=None)
 case("train-out-is-model", "output safety", [*T, "--overwrite"], _seq(model_copy("bert", "bert"), train_yaml(model="{w}/bert", out="{w}/bert")),
-     "bert", out=None)
+     "is the model", out=None)
 case("train-out-inside-model", "output safety", [*T, "--overwrite"],
      _seq(model_copy("bert", "bert"), train_yaml(model="{w}/bert", out="{w}/bert/run")), "inside", out="{w}/bert/run")
 case("train-out-contains-data", "output safety", [*T, "--overwrite"],
      _seq(lambda c: c.copy("data/train.jsonl", "run/train.jsonl") and None, train_yaml(out="{w}/run", data={"train": "{w}/run/train.jsonl"})),
-     "train.jsonl", out=None)
+     "contains the", "train.jsonl", out=None)
 case("train-overwrite-keeps-earlier-missing-data", "overwrite keeps earlier output", [*T, "--overwrite"],
      _seq(model_copy("train_run", "out"), train_yaml(data={"train": "{w}/gone.jsonl"})), "gone.jsonl")
 case("train-overwrite-keeps-earlier-bad-line", "overwrite keeps earlier output", [*T, "--overwrite"],
@@ -721,9 +722,9 @@ case("eval-adapter-missing", "missing files", E, eval_yaml(models=bert_model(ada
 case("eval-unknown-task-flag", "CLI args", [*E, "--tasks", "topik"], eval_yaml(), "topik")
 case("eval-unknown-model-flag", "CLI args", [*E, "--models", "bsae"], eval_yaml(), "bsae")
 case("eval-out-is-model", "output safety", [*E, "--overwrite", "--out", "{w}/m"], _seq(model_copy("cls_bert", "m"), eval_yaml(models=bert_model("{w}/m"))),
-     "m", out=None)
+     "inside the model", out=None)
 case("eval-out-contains-task-file", "output safety", [*E, "--overwrite", "--out", "{w}/box"],
-     _seq(lambda c: c.copy("data/test.jsonl", "box/t.jsonl") and None, eval_yaml(tasks=task_file("{w}/box/t.jsonl"))), "box", out=None)
+     _seq(lambda c: c.copy("data/test.jsonl", "box/t.jsonl") and None, eval_yaml(tasks=task_file("{w}/box/t.jsonl"))), "contains", "t.jsonl", out=None)
 case("eval-out-inside-model", "output safety", [*E, "--overwrite", "--out", "{w}/m/eval"],
      _seq(model_copy("cls_bert", "m"), eval_yaml(models=bert_model("{w}/m"))), "inside", out="{w}/m/eval")
 case("eval-overwrite-keeps-earlier", "overwrite keeps earlier output", [*E, "--overwrite"],
@@ -735,8 +736,8 @@ case("eval-overwrite-keeps-earlier-bad-adapter", "overwrite keeps earlier output
 # ---- compare ----
 C = ["compare", "{s}/eval_out/base", "{s}/eval_out/lora"]
 case("compare-a-missing", "missing files", ["compare", "{w}/nope", "{s}/eval_out/lora"], None, "nope", "does not exist", out=None)
-case("compare-a-is-file", "file kind", ["compare", "{s}/eval_out/summary.json", "{s}/eval_out/lora"], None, "summary.json", out=None)
-case("compare-a-is-run-folder", "file kind", ["compare", "{s}/eval_out", "{s}/eval_out/lora"], None, "eval_out", out=None)
+case("compare-a-is-file", "file kind", ["compare", "{s}/eval_out/summary.json", "{s}/eval_out/lora"], None, "summary.json", "graft eval", out=None)
+case("compare-a-is-run-folder", "file kind", ["compare", "{s}/eval_out", "{s}/eval_out/lora"], None, "eval_out", "model folder", out=None)
 case("compare-a-is-model", "file kind", ["compare", "{s}/cls_bert", "{s}/eval_out/lora"], None, "results.json", out=None)
 case("compare-results-not-json", "config value", ["compare", "{w}/a", "{s}/eval_out/lora"],
      model_copy("eval_out/base", "a", put("results.json", b"{oops")), "results.json", out=None)
