@@ -255,3 +255,14 @@ def test_nan_loss_records_the_one_line_reason(assets, tmp_path, capsys):
     assert_one_line_error(code, err, "loss became")
     rec = read_run(Path(r["output"]["dir"]))
     assert rec["status"] == "failed" and err.strip() == f"graft: error: {rec['error']}"
+
+
+def test_folder_of_other_files_does_not_suggest_resume(assets, tmp_path, capsys):
+    """--resume cannot continue what is not a run, so the refusal must not offer it."""
+    r = small(assets, tmp_path)
+    out = Path(r["output"]["dir"])
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "train", _recipe_file(tmp_path / "r.yaml", r), "--no-progress")
+    assert_one_line_error(code, err, "not a graftkit training run", "--overwrite")
+    assert "--resume" not in err and (out / "notes.txt").read_text() == "mine"
