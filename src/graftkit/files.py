@@ -141,14 +141,18 @@ def read_yaml(path: str | Path, what: str = "YAML file", error: type[GraftError]
     return data
 
 
-def read_json(path: str | Path, what: str = "JSON file", error: type[GraftError] = FileFormatError) -> Any:
-    """One JSON document (a config.json, an index); bad JSON names the 1-based line and column."""
+def read_json(path: str | Path, what: str = "JSON file", error: type[GraftError] = FileFormatError, *,
+              hint: str = "fix or re-create it", mapping: bool = False) -> Any:
+    """One JSON document (a config.json, an adapter description, results.json); bad JSON names the
+    1-based line and column; with ``mapping`` anything but a JSON object is an error too."""
     text = read_text(path, what, error)
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; "
-                    "fix or re-create it") from None
+        raise error(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; {hint}") from None
+    if mapping and not isinstance(data, dict):
+        raise error(f"{what} {path} holds a JSON {_json_type(data)}, not an object; {hint}")
+    return data
 
 
 # -- rows ----------------------------------------------------------------------------------------------

@@ -30,6 +30,11 @@ PICKLE_NAMES = ("pytorch_model.bin", "adapter_model.bin")
 
 def check_safetensors_header(path: Path) -> dict:
     """Validate the header and the file length without reading the data; return the header."""
+    from .files import path_kind
+
+    kind = path_kind(path)
+    if kind not in ("a file", None):  # a FIFO would block the open below forever
+        raise FileFormatError(f"{path} is {kind}, not a safetensors file; give a regular file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

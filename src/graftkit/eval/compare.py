@@ -171,15 +171,14 @@ def load_run(path: str | Path) -> EvalRun:
         if summary.is_file():
             try:
                 names = json.loads(summary.read_text()).get("models") or []
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, AttributeError):  # ValueError: bad JSON or not UTF-8; only a hint is lost
                 names = []
             hint = f" (e.g. {path / str(names[0])})" if names else ""
             raise FileFormatError(f"{path} is a graft eval output folder; give one model folder inside it{hint}")
         raise FileFormatError(f"{path} has no results.json; give a model folder written by graft eval (OUT/<model name>)")
-    try:
-        data = json.loads(results.read_text())
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(f"{results} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run graft eval") from None
+    from ..files import read_json
+
+    data = read_json(results, "results file", hint="re-run graft eval")
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise FileFormatError(f"{results} has no 'tasks' mapping; is it a graft eval results file?")
     name = str((data.get("model") or {}).get("name") or path.name)

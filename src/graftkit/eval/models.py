@@ -174,7 +174,7 @@ def read_head(source: str | Path, model: nn.Module) -> Head:
         tensors = {k: ckpt.get(k) for k in keys}
         try:
             id2label = json.loads((folder / "config.json").read_text()).get("id2label")
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError):  # no usable config: labels by index
             id2label = None
     n = tensors[label_key].shape[0]
     head = Head(tensors, _labels_from(id2label, n), str(source))

@@ -781,6 +781,11 @@ def run_study(config: Any, out: str | Path | None = None, *, console=None, progr
     out = Path(out or cfg.output)
     check_output(out, [("base model", cfg.base), *[(f"{s} file of study task {t.name!r}", f)
                                                     for t in cfg.tasks for s, f in (t.files or {}).items()]])
+    from ..files import check_label_types, read_rows
+
+    for t in cfg.tasks:  # a bad data file is one error before anything is written
+        for f in (t.files or {}).values():
+            check_label_types(read_rows(f, name="data file"), t.label_field, f)
     out.mkdir(parents=True, exist_ok=True)
     study = Study(cfg, out, console=console, progress=progress)
     study.cache = EvalCache()

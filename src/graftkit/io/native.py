@@ -100,12 +100,11 @@ def write_native(adapter: AdapterFile, path: str | Path, overwrite: bool = False
 def read_native(path: str | Path) -> AdapterFile:
     path = Path(path)
     meta_path = path / META_NAME
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise FileFormatError(f"{path} has no {META_NAME}; is it a graftkit adapter folder?") from None
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(f"{meta_path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-save the adapter") from None
+    from ..files import path_kind, read_json
+
+    if path_kind(meta_path) is None:
+        raise FileFormatError(f"{path} has no {META_NAME}; is it a graftkit adapter folder?")
+    meta = read_json(meta_path, "adapter description", hint="re-save the adapter", mapping=True)
     if meta.get("format") != FORMAT:
         raise FileFormatError(f"{meta_path} is not a graftkit adapter description (format={meta.get('format')!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:

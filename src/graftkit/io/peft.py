@@ -56,12 +56,11 @@ LORA_SUFFIXES = {
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        return json.loads((path / CONFIG_NAME).read_text())
-    except FileNotFoundError:
-        raise FileFormatError(f"{path} has no {CONFIG_NAME}; is it a peft adapter folder?") from None
-    except json.JSONDecodeError as exc:
-        raise FileFormatError(f"{path / CONFIG_NAME} is not valid JSON ({exc.msg}); re-save the adapter") from None
+    from ..files import path_kind, read_json
+
+    if path_kind(path / CONFIG_NAME) is None:
+        raise FileFormatError(f"{path} has no {CONFIG_NAME}; is it a peft adapter folder?")
+    return read_json(path / CONFIG_NAME, "peft config", hint="re-save the adapter", mapping=True)
 
 
 def read_peft(path: str | Path, allow_pickle: bool = False) -> AdapterFile:

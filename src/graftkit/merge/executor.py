@@ -93,12 +93,11 @@ class Plan:
 
 
 def _read_config_json(path: str) -> dict:
+    from ..files import path_kind, read_json
+
     p = Path(path) / "config.json"
-    if p.is_file():
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:
-            raise FileFormatError(f"{p} is not valid JSON; re-create it") from None
+    if path_kind(p) is not None:  # a FIFO or folder named config.json is reported, not skipped
+        return read_json(p, "model config", mapping=True)
     return {}
 
 

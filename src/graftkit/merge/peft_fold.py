@@ -42,8 +42,8 @@ def needs_fold(path: str | Path) -> bool:
         return False
     try:
         peft_type = json.loads((p / PEFT_CONFIG).read_text()).get("peft_type")
-    except (OSError, json.JSONDecodeError):
-        return False  # the native reader reports the broken file
+    except (OSError, ValueError):  # bad JSON, not UTF-8: the peft reader reports the broken file
+        return False
     return peft_type not in NATIVE_PEFT_TYPES
 
 
