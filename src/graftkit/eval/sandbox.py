@@ -380,11 +380,14 @@ def seccomp_filter() -> bytes | None:
 
 
 def _python_dirs() -> list[str]:
-    """Folders the sandboxed interpreter needs to read (its prefixes and import path)."""
+    """Folders the sandboxed interpreter needs to read: its prefixes, standard library and
+    site-packages (not this process's whole sys.path, which may name project folders)."""
+    import sysconfig
+
     dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
-    dirs.update(p for p in sys.path if p and os.path.isdir(p))
-    return sorted(os.path.realpath(d) for d in dirs if os.path.isdir(d))
+    dirs.update(v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib"))
+    return sorted({os.path.realpath(d) for d in dirs if d and os.path.isdir(d)})
 
 
 def _under(path: str, folder: str) -> bool:
@@ -402,6 +405,7 @@ def _layout() -> tuple[list[str], list[str]]:
     hidden = [d for d in hidden if not any(_under(d, o) and d != o for o in hidden)]  # outermost only
     hidden = [d for d in hidden if not _under(WORKDIR, d) and not _under(d, WORKDIR)]
     back = [d for d in _python_dirs() if any(_under(d, h) for h in [*hidden, WORKDIR])]
+    back = [d for d in back if not any(_under(d, o) and d != o for o in back)]  # outermost only
     return hidden, back
 
 
