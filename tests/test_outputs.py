@@ -119,37 +119,42 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_stale_leftovers_of_dead_processes_are_removed_and_reported(tmp_path, capsys):
+    from graftkit.outputs import _host_tag
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    gone, alive = dead_pid(), os.getppid()
-    for name in (f".out.tmp-{gone}-0123abcd", f".out.old-{gone}-89abcdef"):
+    gone, alive, h = dead_pid(), os.getppid(), _host_tag()
+    other_host = "0000" if h != "0000" else "ffff"
+    stale = [f".out.tmp-{gone}-{h}0123", f".out.old-{gone}-{h}4567"]
+    for name in stale:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
-    (tmp_path / f".out.tmp-{gone}-00000000.json").mkdir()  # not the exact pattern
-    kept = [f".out.tmp-{alive}-0123abcd",  # a run still writing it
-            f".other.tmp-{gone}-0123abcd",  # another output's
+    (tmp_path / f".out.tmp-{gone}-{h}89ab").write_text("a stale file")  # a file output's temporary
+    kept = [f".out.tmp-{alive}-{h}0123",  # a run still writing it
+            f".out.tmp-{gone}-{other_host}0123",  # another machine's (a shared folder): its pid means nothing here
+            f".other.tmp-{gone}-{h}0123",  # another output's
             ".out.tmp-0123abcd",  # no process id: cannot tell whether it is in use
+            f".out.tmp-{gone}-{h}0123.json",  # not the exact pattern
             f".out.tmp-{gone}-xyz"]
     for name in kept:
         (tmp_path / name).mkdir()
-    (tmp_path / f".out.tmp-{gone}-fedcba98").write_text("a stale file")  # a file output's temporary
     removed = clean_stale(out)
-    assert sorted(p.name for p in removed) == sorted([f".out.tmp-{gone}-0123abcd", f".out.old-{gone}-89abcdef",
-                                                     f".out.tmp-{gone}-fedcba98"])
-    names = {p.name for p in tmp_path.iterdir()}
-    assert names == {"out", f".out.tmp-{gone}-00000000.json", *kept}
+    assert sorted(p.name for p in removed) == sorted([*stale, f".out.tmp-{gone}-{h}89ab"])
+    assert {p.name for p in tmp_path.iterdir()} == {"out", *kept}
     assert (out / "keep.txt").read_text() == "mine"
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("graft: note: removed ") and str(gone) in line for line in err)
 
 
 def test_old_output_is_restored_when_a_kill_came_between_the_renames(tmp_path, capsys):
-    gone = dead_pid()
-    aside = tmp_path / f".out.old-{gone}-0123abcd"
+    from graftkit.outputs import _host_tag
+
+    gone, h = dead_pid(), _host_tag()
+    aside = tmp_path / f".out.old-{gone}-{h}0123"
     aside.mkdir()
     (aside / "model.safetensors").write_bytes(b"the old output")
-    (tmp_path / f".out.tmp-{gone}-89abcdef").mkdir()  # the new one, maybe complete, maybe not
+    (tmp_path / f".out.tmp-{gone}-{h}4567").mkdir()  # the new one, maybe complete, maybe not
     clean_stale(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"the old output"

@@ -11,16 +11,18 @@ Every command that writes (merge, train, eval, export, import-peft, study) goes 
   output untouched. :func:`atomic_dir` and :func:`write_text_atomic` wrap it.
 * A run killed with SIGKILL cannot clean up, so the next :class:`Staged` for the same target
   (and :func:`check_output`) removes the leftovers of dead processes first, with a one-line note
-  on stderr. Only names of exactly that pattern whose process id is no longer running are
-  touched; a ``.old-*`` whose target is missing (a kill between the two renames) is renamed back,
+  on stderr. Only names of exactly that pattern, made on this host (the first 4 hex digits after
+  the process id), whose process is no longer running are touched; a ``.old-*`` whose target is missing (a kill between the two renames) is renamed back,
   since it is the only copy of the previous output.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -48,11 +50,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _stage_re(target: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}$")
+    return re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-([0-9a-f]{{8}})$")
+
+
+def _host_tag() -> str:
+    """4 hex digits of this host's name: on a folder shared by several machines, a process id
+    says nothing about another host's processes, so only this host's leftovers are judged."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 
 
 def _sibling(target: Path, kind: str) -> Path:
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{_host_tag()}{uuid.uuid4().hex[:4]}"
 
 
 def _remove(path: Path) -> None:
@@ -87,8 +95,8 @@ def clean_stale(target: str | Path) -> list[Path]:
         if not m:
             continue
         pid = int(m.group(2))
-        if pid == os.getpid() or _pid_alive(pid):
-            continue  # ours, or a run still writing it
+        if not m.group(3).startswith(_host_tag()) or pid == os.getpid() or _pid_alive(pid):
+            continue  # another host's, ours, or a run still writing it
         path = parent / name
         if m.group(1) == "old" and not os.path.lexists(target):
             try:  # killed between the two renames of a swap: this is the only copy of the old output
