@@ -17,7 +17,7 @@ from torch import nn
 
 from ..assets import model_dir
 from ..errors import ConfigError, FileFormatError, UnsupportedError
-from ..tensors import PICKLE_NAMES, atomic_dir, index_shards, read_pickle_checkpoint
+from ..tensors import PICKLE_NAMES, atomic_dir, check_safetensors_header, index_shards, read_pickle_checkpoint
 
 HEAD_CLASSES = {"causal-lm": "ForCausalLM", "classification": "ForSequenceClassification"}
 HEAD_SUFFIXES = {"causal-lm": ("ForCausalLM", "LMHeadModel"), "classification": ("ForSequenceClassification",)}
@@ -85,6 +85,8 @@ def load_model(name: str | Path, *, class_name: str | None = None, head: str | N
     path = model_dir(name)
     for index in path.glob("*.index.json"):  # transformers follows an index wherever it points
         index_shards(index)
+    for f in path.glob("*.safetensors"):  # headers only: safetensors' own error is not one clear line
+        check_safetensors_header(f)
     if not list(path.glob("*.safetensors")):
         pickled = [path / n for n in PICKLE_NAMES if (path / n).exists()]
         if not pickled:
