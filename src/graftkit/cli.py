@@ -149,11 +149,13 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
         from .errors import FileFormatError
 
         raise FileFormatError(f"{args.out} already exists; choose another output folder or pass --overwrite")
+    from .validate import check_adapter
 
     adapter = read_peft(args.peft_dir, allow_pickle=args.allow_pickle)
+    check_adapter(adapter, args.peft_dir)  # the checks merge / export / eval make: complete, consistent, no NaN/Inf
     if args.base:  # check it fits, and record the base's fingerprint
         model = load_base_for(adapter, args.base, allow_pickle=args.allow_pickle)
-        apply_adapter(model, adapter)
+        apply_adapter(model, adapter, force=args.force)
         adapter = adapter_from_model(model)
     write_native(adapter, args.out, overwrite=args.overwrite)
     print(f"native adapter written to {args.out} ({adapter.method}, {len(adapter.targets)} targets)")
@@ -182,13 +184,15 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
-        from .merge.executor import build_plan, describe
+        from .merge.executor import dry_run
 
-        print(describe(build_plan(args.config, allow_pickle=args.allow_pickle), threads=args.threads))
+        print(dry_run(args.config, args.out, overwrite=args.overwrite, threads=args.threads, allow_pickle=args.allow_pickle,
+                      force=args.force))
         return 0
     from .merge import merge
 
-    out = merge(args.config, args.out, overwrite=args.overwrite, threads=args.threads, allow_pickle=args.allow_pickle)
+    out = merge(args.config, args.out, overwrite=args.overwrite, threads=args.threads, allow_pickle=args.allow_pickle,
+                force=args.force)
     meta = Path(out) / "adapter.json"
     if meta.exists():
         err = json.loads(meta.read_text())["merge"]["relative_error"]
@@ -217,6 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.runner import evaluate, summary_table
 
     cfg = load_eval_config(args.config)
+    if args.force:  # the fingerprint check's own advice; the shape and NaN checks still run
+        for spec in cfg.models:
+            spec.force = True
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     out = Path(args.out or cfg.output)
     summary = evaluate(cfg, out, overwrite=args.overwrite, models=split(args.models), tasks=split(args.tasks),
@@ -259,6 +266,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"graft: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def _size(text: str) -> int:
+    """--max-shard-size, parsed before any model loads (a bad unit once failed only after the load)."""
+    from .errors import ConfigError
+    from .validate import parse_size
+
+    try:
+        return parse_size(text, "")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graft", description="graftkit: tune, merge, localize and evaluate pretrained-model deltas.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -278,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merged", metavar="OUT", help="write an HF model folder with the adapter folded in")
     s.add_argument("--peft", metavar="OUT", help="write a peft adapter folder")
     s.add_argument("--native", metavar="OUT", help="write a graftkit adapter folder")
-    s.add_argument("--max-shard-size", default="2GB", help="shard size of the merged model (default 2GB)")
+    s.add_argument("--max-shard-size", default="2GB", type=_size, help="shard size of the merged model (default 2GB)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.add_argument("--force", action="store_true", help="load even if the base fingerprint differs")
     s.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only)")
@@ -288,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("peft_dir")
     s.add_argument("out")
     s.add_argument("--base", help="base model to check the adapter against and fingerprint")
+    s.add_argument("--force", action="store_true", help="with --base: accept it even if the adapter records another base")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--allow-pickle", action="store_true", help="read a pickled adapter_model.bin (weights_only)")
     s.set_defaults(func=cmd_import_peft)
@@ -297,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="output folder (an HF model folder)")
     s.add_argument("--dry-run", action="store_true", help="print the plan (inputs, tensors, methods, peak memory) and exit")
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    s.add_argument("--threads", type=int, default=None, help="worker threads (default: min(4, cores))")
+    s.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: min(4, cores))")
+    s.add_argument("--force", action="store_true", help="merge adapters even if their base fingerprint differs from base_model")
     s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
     s.set_defaults(func=cmd_merge)
 
@@ -326,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace existing OUT/<model> folders")
     s.add_argument("--models", default=None, metavar="A,B", help="evaluate only these models (comma-separated names)")
     s.add_argument("--tasks", default=None, metavar="X,Y", help="run only these tasks (comma-separated names)")
+    s.add_argument("--force", action="store_true", help="apply adapters even if their base fingerprint differs (every model)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--unsafe-no-isolation", action="store_true",
                    help="run code tasks even without bubblewrap, with in-process checks only (unsafe for untrusted models)")

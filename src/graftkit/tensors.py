@@ -89,6 +89,8 @@ def read_pickle_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Te
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FileFormatError(f"{path} could not be loaded with weights_only=True ({type(exc).__name__}); it may hold code, not just tensors") from None
+
+
 def index_shards(index: Path) -> list[Path]:
     """The shard files a ``*.index.json`` names. Each must lie inside the index's own folder: an
     index is data, and one that points at ``../other/x.safetensors`` or ``/abs/x.safetensors`` would
@@ -105,8 +107,6 @@ def index_shards(index: Path) -> list[Path]:
             raise FileFormatError(f"{index} maps {key} to {name!r}, outside the model folder; shards must be files in "
                                   f"{index.parent} - fix the index (refused: it could read any file)")
     return sorted({index.parent / f for f in weight_map.values()})
-
-
 
 
 class Checkpoint:
@@ -198,4 +198,3 @@ class Checkpoint:
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-

@@ -61,8 +61,8 @@ def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow
     from ..validate import check_adapter
     from .hf import load_model
 
-    class_name, num_labels = base_class_and_labels(adapter)
     check_adapter(adapter, str(adapter.path or "the adapter"))  # before a base is loaded for nothing
+    class_name, num_labels = base_class_and_labels(adapter)
     kwargs = {"num_labels": num_labels} if num_labels else {}
     # the label names the head was trained with, so that a merged export's config keeps them
     id2label = (adapter.meta.get("base_model") or {}).get("id2label")

@@ -101,7 +101,7 @@ def _read_config_json(path: str) -> dict:
     return {}
 
 
-def _open(path: str, base: Checkpoint | None = None, allow_pickle: bool = False, exclude=None):
+def _open(path: str, base: Checkpoint | None = None, allow_pickle: bool = False, exclude=None, force: bool = False):
     from .adapters import AdapterSource, is_adapter
 
     p = Path(path)
@@ -112,14 +112,28 @@ def _open(path: str, base: Checkpoint | None = None, allow_pickle: bool = False,
 
         if needs_fold(p):  # a peft method graftkit lacks: peft folds it into the base, module by module
             return PeftFoldSource(p, base, exclude=exclude)
-        return AdapterSource(p, base, exclude=exclude)
+        return AdapterSource(p, base, exclude=exclude, force=force)
     if not p.exists():
         raise FileFormatError(f"merge input {path} does not exist")
+    if p.is_dir():
+        check_model_folder(p)
     return Checkpoint(p, allow_pickle=allow_pickle)
 
 
-def build_plan(config: Any, allow_pickle: bool = False) -> Plan:
-    """Open every input (headers only), check that they fit together, and order the work."""
+def check_model_folder(p: Path) -> None:
+    """A model folder must say what model it is: without config.json the output would have none
+    either (nothing could load it), and the architecture checks would have nothing to compare."""
+    if not (p / "config.json").is_file():
+        raise FileFormatError(f"merge input {p} has no config.json, so it is not a Hugging Face model folder; "
+                              "add the config.json of the model its weights belong to, or give the right folder")
+
+
+def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> Plan:
+    """Open every input (headers only), check that they fit together, and order the work.
+
+    Every check of a real run that needs no tensor values runs here (adapters, read whole, are
+    checked for NaN/Inf too); ``--dry-run`` adds :func:`scan_finite` for the full-model inputs,
+    whose values the real run checks as it merges each tensor."""
     cfg = load_config(config)
     spec = cfg.method()
     base = cfg.base_model if spec.needs_base or spec.name == "slerp" else None
@@ -136,7 +150,7 @@ def build_plan(config: Any, allow_pickle: bool = False) -> Plan:
         ckpts[cfg.base_model] = _open(cfg.base_model, allow_pickle=allow_pickle)
     for p in paths:
         if p not in ckpts:
-            ckpts[p] = _open(p, ckpts.get(cfg.base_model), allow_pickle, excluded)
+            ckpts[p] = _open(p, ckpts.get(cfg.base_model), allow_pickle, excluded, force)
     left_out: list[str] = []
     if excluded is not None:
         every = dict.fromkeys(k for c in ckpts.values() for k in [*c.keys(), *getattr(c, "adapter_keys", lambda: [])()])
@@ -196,6 +210,7 @@ def build_plan(config: Any, allow_pickle: bool = False) -> Plan:
     plan = Plan(cfg, spec, base, inputs, ckpts, keys, shapes, in_dtypes, out_dtypes, reference, input_bytes)
     plan.excluded = left_out
     plan.num_layers = int(ref_cfg.get("num_hidden_layers") or ref_cfg.get("n_layer") or 0)
+    tokenizer_dir(plan)
     return plan
 
 
@@ -217,6 +232,9 @@ def describe(plan: Plan, threads: int | None = None, max_keys: int = 12) -> str:
         params = next((m.parameters for m in cfg.models if m.model == p), {})
         lines.append(f"input         {p}  {plan.ckpts[p].size_on_disk() / gb:.3f} GB  {json.dumps(params, default=str)}")
     lines.append(f"parameters    {json.dumps(cfg.parameters, default=str)}")
+    from .search import describe_search
+
+    lines.extend(describe_search(cfg))
     from .fused import unsupported
 
     slow_reason = unsupported(plan)
@@ -701,6 +719,24 @@ def _model_dir(plan: Plan, path: str) -> Path:
     return Path(base.path) if isinstance(base, Checkpoint) else Path(path)
 
 
+def tokenizer_dir(plan: Plan) -> Path:
+    """The folder whose tokenizer files the output gets (checked by build_plan, so --dry-run refuses
+    what the real run would). The default, the base's own folder, may hold none (a bare checkpoint);
+    a folder the recipe names must hold a tokenizer, or the output would silently have none."""
+    source = plan.config.tokenizer_source
+    if source == "union":
+        raise UnsupportedError("tokenizer_source: union is not supported; merge models that share a vocabulary and use 'base' or a model folder")
+    if source in (None, "base"):
+        return _model_dir(plan, plan.base or plan.inputs[0])
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ConfigError(f"tokenizer_source {source} is not a folder; use 'base' or a model folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileFormatError(f"tokenizer_source {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                              "name a folder that has a tokenizer, or use 'base'")
+    return folder
+
+
 def _write_metadata(plan: Plan, folder: Path, raw_config: Any) -> None:
     cfg = plan.config
     reference = _model_dir(plan, plan.reference)
@@ -715,12 +751,7 @@ def _write_metadata(plan: Plan, folder: Path, raw_config: Any) -> None:
     gen = reference / "generation_config.json"
     if gen.is_file():
         shutil.copy2(gen, folder / gen.name)
-    source = cfg.tokenizer_source
-    tok_dir = _model_dir(plan, plan.base or plan.inputs[0]) if source in (None, "base") else Path(source)
-    if source not in (None, "base") and source != "union" and not tok_dir.is_dir():
-        raise ConfigError(f"tokenizer_source {source} is not a folder; use 'base' or a model folder")
-    if source == "union":
-        raise UnsupportedError("tokenizer_source: union is not supported; merge models that share a vocabulary and use 'base' or a model folder")
+    tok_dir = tokenizer_dir(plan)
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy2(tok_dir / name, folder / name)
@@ -745,9 +776,68 @@ def merge_inputs(cfg: MergeConfig, source: Any = None) -> list[tuple[str, Any]]:
     return found
 
 
+def dry_run(config: Any, out: str | Path | None = None, *, overwrite: bool = False, threads: int | None = None,
+            allow_pickle: bool = False, force: bool = False) -> str:
+    """``graft merge --dry-run``: every check :func:`run_merge` makes before it reads tensor values
+    (the output folder, the search block, the inputs and their fit, the tokenizer source, an
+    adapter output's inputs), then the plan as text. Nothing is written."""
+    cfg = load_config(config)
+    if out is not None:
+        check_output(out, merge_inputs(cfg, config))
+        if Path(out).exists() and not overwrite:
+            raise FileFormatError(f"{out} already exists; choose another output folder or pass --overwrite")
+    if cfg.search is not None:
+        from .search import check_search
+
+        check_search(cfg)
+    plan = build_plan(cfg, allow_pickle=allow_pickle, force=force)
+    if cfg.output == "adapter":
+        from .to_adapter import check_plan
+
+        check_plan(plan)
+    scan_finite(plan)
+    return describe(plan, threads=threads)
+
+
+# bit masks of the exponent: all ones means Inf or NaN (numpy has no bfloat16, so BF16 is read as bits)
+_EXPONENT = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+
+
+def scan_finite(plan: Plan, chunk: int = 1 << 24) -> None:
+    """The real run's NaN/Inf check, for --dry-run: every float tensor the merge would read, from
+    every full-model input, without torch (numpy over the memory-mapped file, one chunk at a time).
+    Adapters were already checked whole when opened. It reads the inputs once: a dry run of a large
+    merge takes about as long as reading the models from disk."""
+    import numpy as np
+
+    for p in dict.fromkeys([plan.base, *plan.inputs]):
+        ckpt = plan.ckpts.get(p) if p else None
+        if not isinstance(ckpt, Checkpoint) or ckpt._pickled is not None:
+            continue
+        for f, header in ckpt.headers.items():
+            keys = [k for k in plan.keys if ckpt.files.get(k) == f and st_dtype(header[k]["dtype"]) in _EXPONENT]
+            if not keys:
+                continue
+            with open(f, "rb") as fh:
+                start = 8 + int.from_bytes(fh.read(8), "little")
+            data = np.memmap(f, dtype=np.uint8, mode="r")
+            try:
+                for k in keys:
+                    kind, mask = _EXPONENT[st_dtype(header[k]["dtype"])]
+                    lo, hi = header[k]["data_offsets"]
+                    bits = data[start + lo:start + hi].view(kind)
+                    for i in range(0, bits.size, chunk):
+                        part = bits[i:i + chunk]
+                        if bool(np.any((part & np.array(mask, dtype=kind)) == np.array(mask, dtype=kind))):
+                            raise MergeError(f"{k} in {p} has NaN or Inf values; that input is broken - re-create or re-download it")
+            finally:
+                del data
+
+
 def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = False, threads: int | None = None,
-              progress: bool | None = None, evaluate=None, allow_pickle: bool = False) -> Path:
-    """Plan, check and run a merge; write the output folder atomically; return its path."""
+              progress: bool | None = None, evaluate=None, allow_pickle: bool = False, force: bool = False) -> Path:
+    """Plan, check and run a merge; write the output folder atomically; return its path.
+    ``force``: merge adapters even if their base-model fingerprint differs (shapes are still checked)."""
     cfg = load_config(config)  # a bad file is reported here, so the read below cannot fail
     raw = config
     if isinstance(config, (str, Path)):
@@ -760,11 +850,11 @@ def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = F
     if cfg.search is not None:
         from .search import run_search
 
-        return run_search(cfg, out, evaluate, overwrite=overwrite, threads=threads)
+        return run_search(cfg, out, evaluate, overwrite=overwrite, threads=threads, force=force)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileFormatError(f"{out} already exists; choose another output folder or pass --overwrite")
-    plan = build_plan(cfg, allow_pickle=allow_pickle)
+    plan = build_plan(cfg, allow_pickle=allow_pickle, force=force)
     if cfg.output == "adapter":
         from .to_adapter import merge_to_adapter
 

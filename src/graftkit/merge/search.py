@@ -41,6 +41,8 @@ def command_evaluator(command: str) -> Evaluate:
             raise GraftError(f"evaluation command printed no score on its last line (got {r.stdout.strip()[-80:]!r})") from None
 
     return evaluate
+
+
 def check_search(cfg: MergeConfig, evaluate: Evaluate | None = None) -> None:
     """What run_search refuses before merging anything (``graft merge --dry-run`` runs it too)."""
     if cfg.search is None or not cfg.search.grid:
@@ -63,8 +65,6 @@ def describe_search(cfg: MergeConfig) -> list[str]:
         lines.append(f"              runs through the shell (sh -c) once per trial, {{model}} = that trial's folder: "
                      f"{trials} run(s) of a command from this recipe - read it before running the merge")
     return lines
-
-
 
 
 def _with_params(cfg: MergeConfig, values: dict[str, Any]) -> dict:
@@ -91,7 +91,7 @@ def _finish(best_dir: Path, out: Path, trials: list, overwrite: bool) -> Path:
 
 
 def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *, overwrite: bool = False,
-               threads: int | None = None) -> Path:
+               threads: int | None = None, force: bool = False) -> Path:
     """Merge every grid point, score each with ``evaluate`` (or ``search.command``), keep the best."""
     from ..outputs import check_output, stage_path
     from .executor import merge_inputs, run_merge
@@ -111,7 +111,7 @@ def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *
     try:
         for i, combo in enumerate(itertools.product(*(cfg.search.grid[n] for n in names))):
             values = dict(zip(names, combo))
-            folder = run_merge(_with_params(cfg, values), work / f"trial{i}", threads=threads, progress=False)
+            folder = run_merge(_with_params(cfg, values), work / f"trial{i}", threads=threads, progress=False, force=force)
             score = float(evaluate(folder))
             trials.append({"parameters": values, "score": score})
             if best is None or score > best[0]:
