@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
-from corpus_fixtures import (Ctx, build_shared, diff, eval_config, first_key, leftovers, merge_config,  # noqa: E402
-                             snapshot, train_recipe, write_jsonl)
+from corpus_fixtures import (Ctx, build_shared, cls_rows, diff, edit_tensors, eval_config, first_key,  # noqa: E402
+                             leftovers, merge_config, snapshot, train_recipe, write_jsonl)
 
 NAN = float("nan")
 
@@ -135,8 +135,6 @@ AUTO_MAP = config_edit(model_type="evilnet", architectures=["EvilForCausalLM"],
 
 
 def nan_tensor(fname: str, *parts: str):
-    from corpus_fixtures import edit_tensors
-
     def mutate(p: Path):
         key = first_key(p / fname, *parts)
         edit_tensors(p / fname, lambda t: {**t, key: t[key] * NAN})
@@ -145,8 +143,6 @@ def nan_tensor(fname: str, *parts: str):
 
 def reshape_tensor(fname: str, part: str, shape: tuple[int, ...]):
     import torch
-
-    from corpus_fixtures import edit_tensors
 
     def mutate(p: Path):
         key = first_key(p / fname, part)
@@ -237,7 +233,7 @@ def trained_then(change):
     def build(c: Ctx):
         from graftkit.cli import main
 
-        write_jsonl(c.w / "d" / "train.jsonl", [r for r in _rows(16)])
+        write_jsonl(c.w / "d" / "train.jsonl", _rows(16))
         write_jsonl(c.w / "d" / "val.jsonl", _rows(8, 1))
         r = train_recipe(c.s, c.w / "run", data={"train": str(c.w / "d" / "train.jsonl"), "validation": str(c.w / "d" / "val.jsonl")},
                          optim={"max_steps": 4}, output={"checkpoint_every": 2})
@@ -248,8 +244,6 @@ def trained_then(change):
 
 
 def _rows(n, seed=0):
-    from corpus_fixtures import cls_rows
-
     return cls_rows(n, seed)
 
 
@@ -275,8 +269,8 @@ def bert_model(path="{s}/cls_bert", **kw):
 def study_yaml(name="st.yaml", **over):
     def build(c: Ctx):
         r = {"name": "bad", "base": str(c.s / "bert"), "seed": 0,
-             "tasks": [{"name": name, "files": {"train": str(c.s / "data" / "train.jsonl"), "validation": str(c.s / "data" / "val.jsonl"),
-                                                "test": str(c.s / "data" / "study_test.jsonl")}} for name in ("one", "two")],
+             "tasks": [{"name": task, "files": {"train": str(c.s / "data" / "train.jsonl"), "validation": str(c.s / "data" / "val.jsonl"),
+                                                "test": str(c.s / "data" / "study_test.jsonl")}} for task in ("one", "two")],
              "experts": [{"family": "lora", "method": {"method": "lora", "r": 2, "targets": ["query"]}, "optim": {"max_steps": 2}}],
              "merges": [{"method": "linear"}], "output": str(c.w / "out")}
         r.update(_fmt(over, c))
