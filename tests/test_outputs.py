@@ -465,3 +465,16 @@ def test_sigkill_mid_overwrite_training_keeps_the_old_run(assets, tmp_path, caps
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "done" and run["recipe"]["optim"]["lr"] == 1e-3
     assert run["summary"]["outputs"]["adapter"] == str(out / "adapter") and (out / "adapter" / "adapter.safetensors").exists()
+
+
+def test_study_folder_overlapping_an_input_is_refused(tmp_path, capsys):
+    from test_study import study_recipe
+
+    base = tmp_path / "base"
+    tiny_llama(0).save_pretrained(base)  # only its path matters: the check comes before anything loads
+    for out, needles in [(tmp_path / "data", ("contains the", "file of study task 'topic'")),
+                         (base / "study", ("lies inside the base model",)), (base, ("is the base model",))]:
+        recipe = study_recipe(tmp_path, base, output=str(out))
+        path = tmp_path / "study.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        refused(capsys, tmp_path, "study", path, "--no-progress", needles=needles)
