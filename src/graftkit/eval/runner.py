@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
