@@ -82,9 +82,17 @@ def test_writes_outside_the_folder_fail_inside_allowed(tmp_path, monkeypatch, is
                 f"import os\nos.mkdir({str(tmp_path / 'd')!r})\n",
                 f"import os\nfd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n",
                 f"import os\nos.symlink({str(keep)!r}, 'link')\nopen('link', 'a').write('x')\n",
-                f"from pathlib import Path\nPath({str(keep)!r}).write_text('x')\n"):
+                f"from pathlib import Path\nPath({str(keep)!r}).write_text('x')\n",
+                f"import os\nos.mkfifo({str(tmp_path / 'fifo')!r})\n",
+                f"import os\nd = os.open({str(tmp_path)!r}, os.O_RDONLY)\nos.open('c', os.O_WRONLY | os.O_CREAT, dir_fd=d)\n",
+                f"import os\nd = os.open('.', os.O_RDONLY)\nos.mkfifo('../../../../{str(tmp_path)}/f2', dir_fd=d)\n",
+                f"import os, stat\nos.mknod({str(tmp_path / 'node')!r}, stat.S_IFREG | 0o600)\n"):
         assert blocked(run(src)), src
     assert keep.read_text() == "mine" and not target.exists() and not (tmp_path / "d").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    nested = run("import os, shutil\nos.makedirs('a/b')\nopen('a/b/f', 'w').close()\nshutil.rmtree('a')\n"
+                 "d = os.open('.', os.O_RDONLY)\nos.mkfifo('p', dir_fd=d)\nprint(sorted(os.listdir()))\n")
+    assert nested.status == "passed" and "'p'" in nested.stdout and "'a'" not in nested.stdout, nested
     inside = run("import os\nos.mkdir('d')\nopen('d/f.txt', 'w').write('ok')\nos.rename('d/f.txt', 'g.txt')\n"
                          "import tempfile\ntempfile.NamedTemporaryFile().write(b'x')\nprint(open('g.txt').read())\n")
     assert inside.status == "passed" and inside.stdout.strip() == "ok"
@@ -185,3 +193,16 @@ def test_seccomp_filter_blocks_processes_not_threads():
     assert run_program("import sys\nsys.exit(4)\n", disk_mb=1).returncode == 4
     with pytest.raises(EvalError, match="disk_mb"):
         run_program("pass", disk_mb=0)
+
+
+def test_unisolated_hook_resists_the_gc_closure_bypass(tmp_path, monkeypatch):
+    # without isolation the hook is all there is: the bypass found in issue 11 walked gc's
+    # objects to the hook's closure; that walk is refused and the write after it too
+    monkeypatch.setenv("GRAFT_SANDBOX", "none")
+    target = tmp_path / "tampered"
+    src = ("import gc, os\ntry:\n    objs = gc.get_objects()\nexcept PermissionError as e:\n    print('walk refused')\n"
+           f"open({str(target)!r}, 'w').write('x')\n")
+    res = run_program(src, unsafe_no_isolation=True)
+    assert res.stdout == "walk refused\n" and refused(res) and not target.exists()
+    res = run_program("import sys\nsys.settrace(lambda *a: None)\n", unsafe_no_isolation=True)
+    assert refused(res)

@@ -194,6 +194,38 @@ def _install(root):
 
     sys.addaudithook(hook)
 
+    # No audit event covers mkfifo / mknod, and events carry a dir_fd-relative path without its
+    # dir_fd: wrap those functions (a wrapper is easy to get around; this is the second layer)
+    import posix
+    readlink, join = os.readlink, os.path.join
+
+    def wrap(name, fn, check_path):
+        def guarded(*args, **kwargs):
+            dirs = [v for k, v in kwargs.items() if k.endswith("dir_fd") and v is not None]
+            for fd in dirs:  # a folder the program opened: where is it, and where do the names lead?
+                try:
+                    folder = readlink(f"/proc/self/fd/{fd}")
+                except (OSError, TypeError):
+                    refuse(f"os.{name}", f"dir_fd {fd!r} cannot be resolved")
+                for arg in args:
+                    if _isinstance(arg, (_str, bytes)) and not inside(join(folder, fsdecode(arg))):
+                        refuse(f"os.{name}", f"{arg!r} relative to {folder!r} is outside the sandbox folder")
+            if check_path and not dirs and args and not inside(args[0]):
+                refuse(f"os.{name}", f"{args[0]!r} is outside the sandbox folder")
+            return fn(*args, **kwargs)
+        guarded.__name__ = guarded.__qualname__ = name
+        guarded.__doc__ = fn.__doc__
+        return guarded
+
+    for name in ("open", "mkdir", "rename", "replace", "remove", "unlink", "rmdir", "symlink", "link", "chmod", "chown",
+                 "utime", "mkfifo", "mknod"):
+        fn = getattr(posix, name, None)
+        if fn is not None:
+            guarded = wrap(name, fn, name in ("mkfifo", "mknod"))
+            setattr(posix, name, guarded)
+            if getattr(os, name, None) is fn:
+                setattr(os, name, guarded)
+
 
 def _main():
     root, nonce_fd, verdict_fd, program, nproc, hook = sys.argv[1:7]
