@@ -185,19 +185,101 @@ def unpack(rev: str, dest: Path) -> None:
         tar.extractall(dest, filter="data")
 
 
-def pytest_run(copy: Path, args: tuple[str, ...], env: dict, timeout: float, stop_first: bool = True) -> tuple[str, float, str]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(copy / ".pytest-tmp"), *args]
-    if stop_first:
-        cmd.insert(3, "-x")
+def _tail(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def pytest_run(copy: Path, args: tuple[str, ...], env: dict, timeout: float, stop_first: bool = True,
+               fork: bool = True) -> tuple[str, float, str]:
+    """Run pytest on ``args`` in ``copy``: ``passed``, ``failed``, ``timeout`` or ``no-tests``.
+
+    With ``fork``, a child of this process runs ``pytest.main``: torch, transformers, numba and
+    peft are imported once here (``preload``), which saves the 10-40 s of imports per run on a
+    busy 2-core machine; graftkit itself is never imported here, so each child loads the
+    mutated sources fresh."""
+    argv = ["-q", "-p", "no:cacheprovider", "--basetemp", str(copy / ".pytest-tmp"), *(["-x"] if stop_first else []), *args]
     start = time.perf_counter()
-    try:
-        res = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", time.perf_counter() - start, ""
-    tail = (res.stdout + res.stderr).strip().splitlines()[-1:] or [""]
+    if not fork:
+        try:
+            res = subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=copy, env=env, capture_output=True, text=True,
+                                 timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.perf_counter() - start, ""
+        code, out = res.returncode, res.stdout + res.stderr
+    else:
+        log = copy / ".pytest-log"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.chdir(copy)
+                os.environ.clear()
+                os.environ.update(env)
+                sys.path.insert(0, str(copy / "src"))
+                assert "graftkit" not in sys.modules, "graftkit was imported before the fork: it would not be the mutant"
+                import pytest
+
+                code = int(pytest.main(argv))
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = start + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                break
+            if time.perf_counter() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "timeout", time.perf_counter() - start, ""
+            time.sleep(0.2)
+        out = log.read_text(errors="replace")
     # 0 = passed; 5 = nothing collected (a wrong selection: an error of the list, not a catch)
-    status = {0: "passed", 5: "no-tests"}.get(res.returncode, "failed")
-    return status, time.perf_counter() - start, tail[0]
+    return {0: "passed", 5: "no-tests"}.get(code, "failed"), time.perf_counter() - start, _tail(out)
+
+
+def preload() -> None:
+    """Import the heavy dependencies once, before any fork (not graftkit)."""
+    import numba  # noqa: F401
+    import numpy  # noqa: F401
+    import pytest  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        pass
+
+
+def baseline_selections(mutants: list[Mutant]) -> list[tuple[str, ...]]:
+    """One pytest selection per test file covering what every mutant selects there: the union of
+    the ``-k`` expressions (or the whole file), so the baseline costs one run per file."""
+    per_file: dict[str, set | None] = {}
+    for m in mutants:
+        args = list(m.tests)
+        k = None
+        if "-k" in args:
+            i = args.index("-k")
+            k = args[i + 1]
+            del args[i:i + 2]
+        for f in args:
+            if k is None:
+                per_file[f] = None
+            elif per_file.get(f, set()) is not None:
+                per_file.setdefault(f, set()).add(k)
+    out = []
+    for f, ks in per_file.items():
+        out.append((f,) if ks is None else (f, "-k", " or ".join(f"({k})" for k in sorted(ks))))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,9 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selections")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run (a timeout counts as caught)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--select", help="run this pytest selection instead of the mutants' own (e.g. to check one more test "
+                                     "against --only mutants; quote it: --select 'tests/x.py -k name')")
+    ap.add_argument("--spawn", action="store_true", help="a fresh interpreter per test run instead of forking (slower)")
     args = ap.parse_args(argv)
 
     mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
+    if args.select:
+        import dataclasses
+        import shlex
+
+        mutants = [dataclasses.replace(m, tests=tuple(shlex.split(args.select))) for m in mutants]
     if args.list:
         for m in MUTANTS:
             print(f"{m.area:8} {m.id:38} {' '.join(m.tests)}")
@@ -243,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(problems), file=sys.stderr)
             return 2
 
+        fork = not args.spawn
+        if fork:
+            os.environ.update({k: env[k] for k in ("OMP_NUM_THREADS", "NUMBA_CACHE_DIR")})  # read when numba/torch load
+            preload()
         if not args.no_baseline:
-            for sel in dict.fromkeys(m.tests for m in mutants):
-                status, secs, tail = pytest_run(copy, sel, env, args.timeout, stop_first=False)
+            for sel in baseline_selections(mutants):
+                status, secs, tail = pytest_run(copy, sel, env, args.timeout, stop_first=False, fork=fork)
                 print(f"baseline  {status:8} {secs:6.1f}s  {' '.join(sel)}  {tail}", flush=True)
                 if status != "passed":
                     print("the unmutated code fails (or selects nothing in) this selection; fix it first", file=sys.stderr)
@@ -258,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             original = path.read_text()
             path.write_text(original.replace(m.old, m.new))
             try:
-                status, secs, tail = pytest_run(copy, m.tests, env, args.timeout)
+                status, secs, tail = pytest_run(copy, m.tests, env, args.timeout, fork=fork)
             finally:
                 path.write_text(original)
             verdict = {"failed": "caught", "timeout": "caught", "passed": "SURVIVED", "no-tests": "ERROR"}[status]
