@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from graftkit.eval.report import SECTIONS, build_sections, render_html, write_report
+from graftkit.eval.report import (SECTIONS, Section, _expert_checks, _search, _Study, _summary, build_sections, render_html,
+                                  render_markdown, write_report)
 
 TASKS = ["bbc", "rotten", "amazon"]
 FAMILIES = ["full", "lora"]
@@ -332,12 +333,12 @@ def test_report_renders_what_compare_writes():
     assert [r[-1].text for r in checks.rows] == ["ok"] * 6
 
 
-def test_flagged_expert_is_warned_about_and_its_normalized_scores_are_not_meaningful(tmp_path):
+def test_flagged_expert_is_warned_about_and_its_normalized_scores_are_not_meaningful():
     study = make_study(flag_rotten=True)
     check = study["expert_checks"]["full/rotten"]
     assert check["flagged"] and not study["expert_checks"]["lora/rotten"]["flagged"]
-    html_path, md_path = write_report(study, tmp_path)
-    page, md = html_path.read_text(), md_path.read_text()
+    sections, _ = build_sections(study)
+    page, md = render_html(sections, study), render_markdown(sections, study)
     text = _text(page)
     # a banner at the top and one warning line naming the expert, its score, the majority / base and p / interval
     assert "1 expert(s) did not learn their own task: full/rotten" in text
@@ -349,7 +350,6 @@ def test_flagged_expert_is_warned_about_and_its_normalized_scores_are_not_meanin
         assert f"vs {base['score']:.3f}" in line and f"[{base['low']:+.3f}, {base['high']:+.3f}]" in line
         assert "not meaningful" in line
     assert "> **1 expert(s) did not learn their own task: full/rotten**" in md
-    sections, _ = build_sections(study)
     checks = _table(sections, "experts", "expert")
     status = {r[0].text: r[-1].text for r in checks.rows}
     assert status["full/rotten"].startswith("FLAGGED: not above the majority class and not above the base")
@@ -372,9 +372,10 @@ def test_flagged_expert_is_warned_about_and_its_normalized_scores_are_not_meanin
 def test_best_merge_ignores_not_meaningful_normalized_scores():
     """A normalized score against a flagged expert never picks the best merge, even where a study.json
     still lists it under normalized (as an older one would)."""
-    def best(study) -> str:
-        summary = _text(render_html(*_built_sections(study)))
-        return re.search(r"full: (full/\w+) \(([0-9.]+)", summary).groups()
+    def best(study) -> tuple[str, str]:
+        sec = Section("summary", "Summary")
+        _summary(_Study(study), sec)  # the summary alone: no figures to draw
+        return re.search(r"full: (full/\w+) \(([0-9.]+)", sec.blocks[0].text).groups()
 
     control = make_study()
     control["normalized"]["full/linear"]["rotten"] = 9.0  # the inflation a majority-class expert causes
@@ -389,18 +390,16 @@ def test_best_merge_ignores_not_meaningful_normalized_scores():
     assert value == f"{want:.3f}"
 
 
-def _built_sections(study):
-    sections, _ = build_sections(study)
-    return sections, study
-
-
 def test_searched_learning_rate_is_shown_per_expert():
     study = make_study()
     expert = next(m for m in study["models"] if m["name"] == "full/bbc")
     expert["lr"] = 3e-4
     expert["search"] = [{"params": {"lr": 1e-4}, "validation": 0.7, "chosen": False},
                         {"params": {"lr": 3e-4}, "validation": 0.8, "chosen": True}]
-    sections, _ = build_sections(study)
+    st = _Study(study)
+    sections = [Section("experts", "Expert checks"), Section("search", "Search trials")]
+    _expert_checks(st, sections[0])  # these two sections alone: no figures to draw
+    _search(st, sections[1])
     checks = _table(sections, "experts", "expert")
     row = next(r for r in checks.rows if r[0].text == "full/bbc")
     assert row[2].text == "0.0003" and row[2].sub == "chosen on validation from 0.0001, 0.0003"
