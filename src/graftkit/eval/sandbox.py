@@ -236,6 +236,8 @@ def _main():
     close(nonce_fd)
     if nproc > 0:  # inside the sandbox's user namespace, so it counts this run's processes only
         import resource
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        nproc = nproc if hard == resource.RLIM_INFINITY else min(nproc, hard)
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     import types
     with open(program, encoding="utf-8") as f:
