@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,8 +179,6 @@ def test_attack_is_contained(host, monkeypatch, name, template, kw, tool, hook):
     with pytest.raises(BlockingIOError):
         host["unix_sock"].accept()
     if name == "daemon":
-        import time
-
         time.sleep(1.5)  # the daemon would write after 1 s
         assert _new(host["out"]) == []
     if name == "disk-quota":
@@ -270,3 +269,41 @@ def test_without_isolation_graft_eval_refuses_code_tasks(tmp_path, monkeypatch):
     metrics, _ = score_code_problems([json.loads(problems.read_text())], {"t": ["    return 1\n"]}, progress=False,
                                      unsafe_no_isolation=True)
     assert metrics == {"pass@1": 1.0}
+
+
+def _with_comm(token: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == token:
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@needs_isolation
+@pytest.mark.parametrize("tool", ["bwrap", "unshare"])
+def test_the_sandbox_dies_with_the_evaluator(monkeypatch, tool):
+    # an evaluator killed mid-run (os._exit: no cleanup at all) must not leave its program running
+    use_tool(monkeypatch, tool)
+    token = "ge" + secrets.token_hex(6)
+    evaluator = ("import os, threading, time\nfrom graftkit.eval import sandbox\n"
+                 f"prog = \"import time\\nopen('/proc/self/comm', 'w').write('{token}')\\ntime.sleep(60)\\n\"\n"
+                 "threading.Thread(target=sandbox.run_program, args=(prog,), kwargs={'timeout': 120, '_hook': False},"
+                 " daemon=True).start()\n"
+                 "def up():\n    for p in filter(str.isdigit, os.listdir('/proc')):\n        try:\n"
+                 f"            if open(f'/proc/{{p}}/comm').read().strip() == '{token}':\n                return True\n"
+                 "        except OSError:\n            pass\n    return False\n"
+                 "while not up():\n    time.sleep(0.05)\nos._exit(0)\n")
+    proc = subprocess.run([sys.executable, "-c", evaluator], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "GRAFT_SANDBOX": "unshare" if tool == "unshare" else ""})
+    assert proc.returncode == 0, proc.stderr
+    for _ in range(200):  # SIGKILL is delivered at once; give the kernel a moment to reap
+        if not _with_comm(token):
+            break
+        time.sleep(0.05)
+    left = _with_comm(token)
+    for pid in left:  # do not leak it into the rest of the run, then fail
+        os.kill(int(pid), 9)
+    assert left == []

@@ -431,7 +431,11 @@ def _under(path: str, folder: str) -> bool:
 def _layout() -> tuple[list[str], list[str]]:
     """(folders to hide, interpreter folders to bind back read-only), for both tools."""
     hidden = [d for d in HIDDEN_DIRS if os.path.isdir(d) and not os.path.islink(d)]
-    for extra in (os.environ.get("HOME"), os.getcwd()):
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:  # the evaluator's working folder was removed
+        cwd = None
+    for extra in (os.environ.get("HOME"), cwd):
         # the evaluator's own folders, unless they are the whole system or a system folder
         if extra and os.path.isdir(extra) and os.path.realpath(extra) not in ("/", "/usr", "/etc", "/opt", "/var", "/srv"):
             hidden.append(os.path.realpath(extra))
@@ -530,9 +534,22 @@ def allow_unsafe(allowed: bool = True) -> Iterator[None]:
         _UNSAFE.reset(token)
 
 
+def _prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl() if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
 def _limits(memory_mb: int, cpu_seconds: int) -> Callable[[], None]:
-    # runs in the child between fork and exec: only resource.setrlimit (already imported, no
-    # imports or locks), so it is safe even with run_many's threads around
+    # runs in the child between fork and exec: only resource.setrlimit and prctl (loaded
+    # before, no imports or locks), so it is safe even with run_many's threads around
     mem = memory_mb * 1024 * 1024
     fsize = MAX_FILE_MB * 1024 * 1024
     # CPU: the soft limit sends SIGXCPU (reported as a timeout); the kernel checks the hard
@@ -541,6 +558,8 @@ def _limits(memory_mb: int, cpu_seconds: int) -> Callable[[], None]:
               (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0))
 
     def apply() -> None:
+        if _PRCTL is not None:  # killed when the evaluator's thread that started it goes away
+            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         for res, soft, hard in wanted:
             try:
                 resource.setrlimit(res, (soft, hard))
