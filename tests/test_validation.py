@@ -339,6 +339,15 @@ def test_merge_input_without_config_json(capsys, root):
 def test_remote_code_folder_says_trust_remote_code_is_off(capsys, root):
     fails(capsys, root, "export", root / "ad", "--base", root / "remote", "--merged", root / "out",
           needles=("auto_map", "trust_remote_code", "xmodel"))
+    # the library readers that train and eval use say the same (not transformers' multi-line ValueError)
+    from graftkit.errors import UnsupportedError
+    from graftkit.io.hf import load_model, load_tokenizer, model_config
+
+    for read in (load_tokenizer, model_config, load_model):
+        with pytest.raises(UnsupportedError, match="trust_remote_code off") as ei:
+            read(root / "remote")
+        assert "\n" not in str(ei.value)
+    assert type(model_config(root / "base")).__name__ == "LlamaConfig"
 
 
 # -- mistyped values ---------------------------------------------------------------------------------------

@@ -36,19 +36,25 @@ def _auto_config(transformers, path: Path):
     try:
         return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except ValueError as exc:
-        try:
-            raw = json.loads((Path(path) / "config.json").read_text())
-        except (OSError, ValueError):
-            raw = {}
-        raw = raw if isinstance(raw, dict) else {}
-        if raw.get("auto_map"):
-            raise UnsupportedError(
-                f"{path} needs its own Python code to load: config.json has auto_map (model_type {raw.get('model_type')!r}, which "
-                "transformers does not ship); graftkit loads models with trust_remote_code off and never runs code from a model "
-                "folder - use a model whose architecture transformers includes, or convert this one to such an architecture"
-            ) from None
+        _refuse_remote_code(path, exc)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FileFormatError(f"transformers cannot read {Path(path) / 'config.json'}: {first}") from None
+
+
+def _refuse_remote_code(path: Path, exc: Exception) -> None:
+    """Raise the one-line refusal when transformers failed because the folder wants its own code."""
+    raw: Any = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            raw = json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict) and raw.get("auto_map"):
+            raise UnsupportedError(
+                f"{path} needs its own Python code to load: {name} has auto_map (model_type {raw.get('model_type')!r}, which "
+                "transformers does not ship); graftkit loads models with trust_remote_code off and never runs code from a model "
+                "folder - use a model whose architecture transformers includes, or convert this one to such an architecture"
+            ) from exc
 
 
 def model_class(path: Path, class_name: str | None = None, head: str | None = None):
@@ -100,7 +106,17 @@ def load_model(name: str | Path, *, class_name: str | None = None, head: str | N
 
 def load_tokenizer(name: str | Path):
     transformers = _quiet_transformers()
-    return transformers.AutoTokenizer.from_pretrained(model_dir(name), trust_remote_code=False)
+    path = model_dir(name)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ValueError as exc:
+        _refuse_remote_code(path, exc)
+        raise
+
+
+def model_config(name: str | Path):
+    """A model folder's (or alias's) transformers config, without running code from the folder."""
+    return _auto_config(_quiet_transformers(), model_dir(name))
 
 
 def save_model_folder(model: nn.Module, out: str | Path, *, tokenizer_from: str | Path | None, provenance: dict,
