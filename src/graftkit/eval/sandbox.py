@@ -377,10 +377,14 @@ def _arch_numbers() -> tuple[int, dict[str, int]] | None:
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         return 0xC000003E, {"fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "ptrace": 101,
-                            "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41}
+                            "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41, "keyctl": 250,
+                            "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298,
+                            "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}
     if machine in ("aarch64", "arm64"):
         return 0xC00000B7, {"clone": 220, "clone3": 435, "ptrace": 117, "process_vm_readv": 270,
-                            "process_vm_writev": 271, "socket": 198}
+                            "process_vm_writev": 271, "socket": 198, "keyctl": 219, "add_key": 217,
+                            "request_key": 218, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
+                            "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}
     return None
 
 
@@ -388,7 +392,8 @@ def seccomp_filter() -> bytes | None:
     """A classic-BPF seccomp program (as bwrap's ``--add-seccomp-fd`` reads it) that refuses new
     processes but not threads: ``fork``/``vfork``/``clone`` without ``CLONE_THREAD`` get EAGAIN,
     ``clone3`` ENOSYS (the C library then falls back to ``clone``), ``ptrace`` and
-    ``process_vm_*`` EPERM, ``socket(AF_UNIX, ...)`` EACCES (a filesystem socket of a host
+    ``process_vm_*``, the key-ring calls, ``bpf``, ``perf_event_open``, ``userfaultfd`` and
+    ``io_uring_*`` EPERM, ``socket(AF_UNIX, ...)`` EACCES (a filesystem socket of a host
     service in a visible folder could otherwise be reached; ``socketpair`` still works); a
     foreign ABI (x32, i386) kills the process. None on machines whose
     syscall numbers are not listed here (then only RLIMIT_NPROC limits processes)."""
@@ -403,7 +408,11 @@ def seccomp_filter() -> bytes | None:
     if arch == 0xC000003E:  # x32 system calls carry bit 30 in the number
         prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]
     refused = [(nr[k], 11) for k in ("fork", "vfork") if k in nr] + [(nr["clone3"], 38)]  # EAGAIN, ENOSYS
-    refused += [(nr[k], 1) for k in ("ptrace", "process_vm_readv", "process_vm_writev")]  # EPERM
+    # EPERM: other processes' memory, and kernel interfaces a Python program has no use for that
+    # widen the attack surface (the kernel keyring is shared by uid, io_uring bypasses seccomp)
+    refused += [(nr[k], 1) for k in ("ptrace", "process_vm_readv", "process_vm_writev", "keyctl", "add_key",
+                                     "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
+                                     "io_uring_enter", "io_uring_register")]
     for number, err in refused:
         prog += [(jeq, 0, 1, number), (ret, 0, 0, errno(err))]
     af_unix, clone_thread = 1, 0x00010000
