@@ -376,6 +376,11 @@ def test_eval_results_are_keyed_by_the_task_files_content(tmp_path, bert_pair, c
     assert graft_main(["eval", str(cfg), "--models", "a", "--tasks", "topic", "--overwrite", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["scores"]["a"] == {"topic": pytest.approx(1 / 4)} and summary["stale"] == []
+    from graftkit.eval.runner import stale_warnings
+
+    line = stale_warnings({"stale": [{"model": "a", "task": "t1"}, {"model": "a", "task": "t2"}]}, "e.yaml", "o")
+    assert line == ["the score(s) of 'a' on 't1', 't2' came from a different version of the task file and are left out of "
+                    "summary.json; re-run it: graft eval e.yaml --out o --models a --tasks t1,t2 --overwrite"]
 
 
 def test_eval_cache_rereads_a_file_changed_under_the_same_mtime(tmp_path):

@@ -236,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"results written to {out} (summary.json, <model>/results.json, <model>/predictions/)")
     from .eval.runner import stale_warnings
 
-    for line in stale_warnings(summary, args.config):
+    for line in stale_warnings(summary, args.config, args.out):
         print(f"graft: warning: {line}", file=sys.stderr)
     for f in summary["failures"]:
         print(f"graft: error: model {f['model']!r} failed: {f['error']}", file=sys.stderr)

@@ -460,12 +460,12 @@ def _task_versions(results: Path) -> dict[str, str | None]:
         return {}
 
 
-def stale_warnings(summary: dict[str, Any], config: str | None = None) -> list[str]:
+def stale_warnings(summary: dict[str, Any], config: str | None = None, out: str | None = None) -> list[str]:
     """One line per model whose kept scores were left out because a task file changed since."""
     by_model: dict[str, list[str]] = {}
     for s in summary.get("stale", []):
         by_model.setdefault(s["model"], []).append(s["task"])
-    cfg = f" {config}" if config else ""
+    cfg = (f" {config}" if config else "") + (f" --out {out}" if out else "")
     return [f"the score(s) of {m!r} on {', '.join(map(repr, tasks))} came from a different version of the task file and are left "
             f"out of {SUMMARY}; re-run it: graft eval{cfg} --models {m} --tasks {','.join(tasks)} --overwrite"
             for m, tasks in by_model.items()]

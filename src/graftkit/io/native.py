@@ -102,6 +102,11 @@ def read_native(path: str | Path) -> AdapterFile:
     meta_path = path / META_NAME
     from ..files import path_kind, read_json
 
+    kind = path_kind(path)
+    if kind is None:
+        raise FileFormatError(f"adapter folder {path} does not exist; check the path")
+    if kind != "a folder":
+        raise FileFormatError(f"{path} is {kind}; give an adapter folder (with {META_NAME})")
     if path_kind(meta_path) is None:
         raise FileFormatError(f"{path} has no {META_NAME}; is it a graftkit adapter folder?")
     meta = read_json(meta_path, "adapter description", hint="re-save the adapter", mapping=True)

@@ -58,6 +58,11 @@ LORA_SUFFIXES = {
 def _read_config(path: Path) -> dict:
     from ..files import path_kind, read_json
 
+    kind = path_kind(path)
+    if kind is None:
+        raise FileFormatError(f"peft adapter folder {path} does not exist; check the path")
+    if kind != "a folder":
+        raise FileFormatError(f"{path} is {kind}; give a peft adapter folder (with {CONFIG_NAME})")
     if path_kind(path / CONFIG_NAME) is None:
         raise FileFormatError(f"{path} has no {CONFIG_NAME}; is it a peft adapter folder?")
     return read_json(path / CONFIG_NAME, "peft config", hint="re-save the adapter", mapping=True)
