@@ -174,7 +174,7 @@ def _check_expert_search(e: ExpertFamily) -> None:
 
 def load_study(config: Any) -> StudyConfig:
     if isinstance(config, (str, Path)):
-        config = read_yaml(config, "study")
+        config = read_yaml(config, "study recipe")
     return validate_study(parse_config(StudyConfig, config))
 
 
