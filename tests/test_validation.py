@@ -449,3 +449,13 @@ def test_dry_run_finds_nan_in_a_full_model_input(capsys, tmp_path, dtype, bad):
     cfg = recipe(tmp_path, "nan", [("ft", {"weight": 0.5}), ("bad", {"weight": 0.5})])
     fails(capsys, tmp_path, "merge", cfg, tmp_path / "out", "--dry-run", needles=(key, "bad", "NaN or Inf"))
     fails(capsys, tmp_path, "merge", cfg, tmp_path / "out", needles=(key, "bad", "NaN or Inf"))
+
+
+def test_inspect_describes_a_broken_adapter_and_warns(capsys, root):
+    """inspect still describes it (exit 0), and says on stderr what every other command would refuse."""
+    code, out, err = run_cli(capsys, "inspect", root / "ad_nan", "--json")
+    assert code == 0, err
+    assert Q_A in json.loads(out)["problem"]
+    assert err.strip().startswith("graft: warning:") and Q_A in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "inspect", root / "ad", "--json")
+    assert code == 0 and json.loads(out)["problem"] is None and err == ""

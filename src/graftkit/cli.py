@@ -62,12 +62,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         total = (base.get("fingerprint") or {}).get("num_parameters")
         trainable = adapter.num_parameters()
         dtypes = Counter(str(t.dtype).replace("torch.", "") for t in adapter.tensors.values())
+        from .errors import AdapterError
+        from .validate import check_adapter
+
+        try:  # inspect describes a broken adapter too, and says what every other command would refuse
+            check_adapter(adapter, str(path))
+            problem = None
+        except AdapterError as exc:
+            problem = str(exc)
+            print(f"graft: warning: {problem}", file=sys.stderr)
         info = {
             "kind": "adapter", "format": fmt, "method": adapter.method, "base_model": base.get("name_or_path"),
             "base_class": base.get("class"), "targets": len(adapter.targets), "train_also": adapter.train_also,
             "trainable_parameters": trainable, "base_parameters": total,
             "dtype": dict(dtypes), "size_on_disk": dir_size(path), "config": adapter.meta.get("config"),
-            "target_names": adapter.targets,
+            "target_names": adapter.targets, "problem": problem,
         }
         if args.json:
             print(json.dumps(info, indent=2))
@@ -80,6 +89,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             ("targets", f"{len(adapter.targets)}: {shown}"), ("trained whole", ", ".join(adapter.train_also) or "-"),
             ("trainable", f"{trainable:,}{share}"), ("dtype", ", ".join(f"{d} x{n}" for d, n in dtypes.items())),
             ("size on disk", _human_bytes(dir_size(path))), ("config", json.dumps(cfg)),
+            ("checks", "refused by merge, export, eval and import-peft (see the warning)" if problem else "complete, ranks agree, no NaN/Inf"),
         ])
         return 0
     ckpt = Checkpoint(path, allow_pickle=args.allow_pickle)
