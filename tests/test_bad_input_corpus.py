@@ -704,7 +704,7 @@ case("eval-model-auto-map", "remote code", E, _seq(model_copy("cls_bert", "m", A
 case("eval-model-random-weights", "corrupt weights", E,
      _seq(model_copy("cls_bert", "m", put("model.safetensors", _noise(8192))), eval_yaml(models=bert_model("{w}/m"))), "model.safetensors")
 case("eval-adapter-wrong-base", "adapter/base mismatch", E,
-     eval_yaml(models=bert_model("{s}/cls_bert_other", adapter="{s}/cls_lora")), "different base model", "force", absent=("--force",))
+     eval_yaml(models=bert_model("{s}/cls_bert_other", adapter="{s}/cls_lora")), "different base model", "--force")  # graft eval --force exists
 case("eval-adapter-wrong-rank", "adapter shapes", E,
      _seq(model_copy("cls_lora", "a", reshape_tensor("adapter.safetensors", "lora_A", (1, 32))), eval_yaml(models=bert_model(adapter="{w}/a"))),
      "lora_A", "shape")
