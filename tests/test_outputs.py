@@ -478,3 +478,19 @@ def test_study_folder_overlapping_an_input_is_refused(tmp_path, capsys):
         path = tmp_path / "study.yaml"
         path.write_text(yaml.safe_dump(recipe))
         refused(capsys, tmp_path, "study", path, "--no-progress", needles=needles)
+
+
+def test_two_process_overwrite_replaces_the_run(assets, tmp_path, capsys):  # noqa: F811
+    """Under torchrun every process must write into the same staging folder (process 0 names it)."""
+    out = tmp_path / "run"
+    assert cli(capsys, "train", train_recipe(assets, out, tmp_path, optim={"max_steps": 2}), "--no-progress")[0] == 0
+    new = train_recipe(assets, out, tmp_path, optim={"batch_size": 2, "max_steps": 4}, output={"checkpoint_every": 2})
+    port = str(29500 + (os.getpid() + 501) % 1000)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                          "-m", "graftkit.cli", "train", str(new), "--overwrite", "--no-progress"], cwd=tmp_path, env=CLI_ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "done" and run["processes"] == 2 and run["summary"]["steps"] == 4
+    assert (out / "checkpoints" / "step-000002").is_dir() and (out / "adapter").is_dir()
+    assert leftovers(tmp_path) == []
