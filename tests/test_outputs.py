@@ -177,6 +177,14 @@ def test_output_overlapping_an_input_is_refused(tmp_path, where, how):
     check_output(tmp_path / "elsewhere", [("model", model)])  # a sibling is fine
 
 
+def test_hard_link_to_an_input_is_the_input(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n')
+    os.link(data, tmp_path / "copy.jsonl")
+    with pytest.raises(ConfigError, match="is the training data"):
+        check_output(tmp_path / "copy.jsonl", [("training data", data)])
+
+
 # -- inputs the output would destroy, per command ----------------------------------------------------
 
 @pytest.fixture(autouse=True)

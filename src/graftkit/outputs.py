@@ -127,7 +127,7 @@ def check_output(out: str | Path, inputs: Iterable[tuple[str, str | Path | None]
         if path is None or str(path) == "" or not os.path.lexists(os.path.expanduser(str(path))):
             continue
         i = _real(path)
-        if o == i:
+        if o == i or (os.path.exists(o) and os.path.samefile(o, i)):  # samefile: a hard link or a bind mount
             how = "is"
         elif o.startswith(i.rstrip(os.sep) + os.sep):
             how = "lies inside"
