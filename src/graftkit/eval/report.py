@@ -30,9 +30,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1069,13 +1067,9 @@ def render_markdown(sections: list[Section], study: dict, files: str = "report_f
 
 # -- writing -------------------------------------------------------------------------------------
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from ..outputs import write_text_atomic
+
+    write_text_atomic(path, text)  # a killed run's .NAME.tmp-PID-* is removed by the next one
 
 
 def write_report(study: dict, out_dir: str | Path) -> tuple[Path, Path]:
