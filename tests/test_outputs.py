@@ -369,6 +369,17 @@ def test_failed_import_peft_overwrite_keeps_the_old_output(adapter_and_base, tmp
     assert leftovers(tmp_path) == []
 
 
+def test_overwrite_onto_a_file_from_the_cli_leaves_no_hidden_file(models, adapter_and_base, tmp_path, capsys):
+    adapter, _ = adapter_and_base
+    peft_dir = gk.save_adapter(gk.load_adapter(tiny_llama(0), adapter), tmp_path / "peft", format="peft")
+    for args in (("merge", merge_yaml(tmp_path / "m.yml", models)), ("import-peft", peft_dir)):
+        target = tmp_path / f"{args[0]}.out"
+        target.write_text("a file in the way")
+        before = {p.name for p in tmp_path.iterdir()}
+        assert cli(capsys, *args, target, "--overwrite")[0] == 0
+        assert target.is_dir() and {p.name for p in tmp_path.iterdir()} == before
+
+
 def test_failed_eval_overwrite_keeps_the_old_results(tmp_path, tok, capsys):
     cfg = eval_setup(tmp_path, tok)
     assert cli(capsys, "eval", cfg, "--out", tmp_path / "out", "--no-progress")[0] == 0
