@@ -107,6 +107,12 @@ def test_pcb_golden_two_different_tasks():
     # (without the n = 2 in intra the last entry would be 1.0897)
     out = M.pcb_merge(torch.zeros(4), d, density=1.0)
     torch.testing.assert_close(out, torch.tensor([3.0, 1.0, 1.75, 0.23884]), atol=1e-4, rtol=0)
+    # density 0.75: per task, scores below the 1 - 0.75 quantile - sorted index int(4 * 0.25) = 1, the
+    # second smallest - are raised to it (-5.6275 and 0.96403), so two entries per task score 0:
+    #   s_1 = minmax([-5.6275, 0, 0.94138, -5.6275]) = [0, 0.8567, 1, 0], s_2 = [0.99999, 0, 1, 0]
+    #   merged = [3, 1, 1.75, 0 / 1e-12 -> 0]  (the quantile of the density itself, index 3, zeroes all)
+    out = M.pcb_merge(torch.zeros(4), d, density=0.75)
+    torch.testing.assert_close(out, torch.tensor([3.0, 1.0, 1.75, 0.0]), atol=1e-4, rtol=0)
 
 
 # -- SLERP of anti-parallel tensors ----------------------------------------------------------------
@@ -229,6 +235,52 @@ def test_dora_gradients_match_peft(tmp_path):
         torch.testing.assert_close(a.grad.reshape(b.grad.shape), b.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+class BiasMLP(torch.nn.Module):
+    """Linear layers with non-zero biases (transformers initialises its biases to zero, which hides
+    a DoRA that scales the bias with the weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 10)
+        self.fc2 = torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def bias_mlp():
+    torch.manual_seed(0)
+    return BiasMLP()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_dora_with_biases_matches_peft(tmp_path, train):
+    """DoRA rescales ``W x`` only: ``m / ||W + s B A|| (W + s B A) x + b`` - the bias stays out of
+    the magnitude scaling (peft subtracts it from the base output first)."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(bias_mlp(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], use_dora=True,
+                                                         init_lora_weights=False))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    ours = gk.load_adapter(bias_mlp(), tmp_path / "peft")
+    assert all(float(m.bias.abs().max()) > 0.05 for m in (ours.fc1, ours.fc2))
+    pm.train(train)
+    ours.train(train)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(8))
+    want, got = pm(x), ours(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    for name, site in gk.sites(ours).items():
+        module = pm.base_model.model.get_submodule(name.rsplit(".", 1)[0])
+        torch.testing.assert_close(site.lora_magnitude_vector.grad, module.lora_magnitude_vector["default"].weight.grad,
+                                   atol=1e-5, rtol=1e-4)
+
+
 # -- peft IA3 on Conv2d with a dotted feedforward_modules entry -------------------------------------
 
 class ConvNet(torch.nn.Module):
@@ -299,3 +351,28 @@ def test_peft_ia3_bad_feedforward_regex_is_one_line_error(tmp_path, capsys):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(FileFormatError, match=r"feedforward_modules 'block.\(conv_a' is not a valid regular expression"):
         gk.load_adapter(conv_net(), tmp_path / "peft")
+
+
+# -- eval statistics ---------------------------------------------------------------------------
+
+def test_paired_bootstrap_is_a_tie_when_the_interval_spans_zero():
+    from graftkit.eval.compare import paired_bootstrap
+
+    a = [1, 1, 0, 1, 0, 1, 0, 0, 1, 0]
+    b = [0, 1, 1, 0, 0, 1, 0, 1, 0, 0]  # differences [1, 0, -1, 1, 0, 0, 0, -1, 1, 0]: mean 0.1
+    r = paired_bootstrap(a, b, resamples=2000)
+    assert r["diff"] == pytest.approx(0.1)
+    assert r["low"] < 0 < r["high"]
+    assert r["verdict"] == "tie"
+    assert paired_bootstrap([1] * 10, [0] * 10, resamples=200)["verdict"] == "win"
+    assert paired_bootstrap([0] * 10, [1] * 10, resamples=200)["verdict"] == "loss"
+
+
+def test_binomial_tail_includes_the_observed_count():
+    from graftkit.eval.compare import binomial_tail
+
+    # P(X >= 3), X ~ Bin(5, 1/2) = (C(5,3) + C(5,4) + C(5,5)) / 32 = 16 / 32
+    assert binomial_tail(3, 5, 0.5) == pytest.approx(0.5, abs=1e-12)
+    # P(X >= 2), X ~ Bin(4, 0.3) = 1 - 0.7^4 - 4 * 0.3 * 0.7^3 = 0.3483
+    assert binomial_tail(2, 4, 0.3) == pytest.approx(0.3483, abs=1e-12)
+    assert binomial_tail(0, 4, 0.3) == 1.0

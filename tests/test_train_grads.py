@@ -50,6 +50,32 @@ def test_accumulated_gradients_equal_the_whole_batch_gradient(assets, tmp_path):
         torch.testing.assert_close(accum[name], whole[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_causal_lm_loss_is_the_mean_over_target_tokens(grad):
+    """The training loss of a causal LM is the mean cross-entropy over the tokens with a target
+    (prompt and padding labels are IGNORE): the value logged, compared and clipped against."""
+    from conftest import tiny_llama
+
+    from graftkit.train.data import IGNORE
+    from graftkit.train.loop import WithLoss
+
+    model = tiny_llama()
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE
+    labels[1, :6] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    want = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    with torch.set_grad_enabled(grad):
+        loss, n, _ = WithLoss(model, "causal-lm", False).train()(batch)
+    assert int(n) == int(keep.sum()) == 5 + 3
+    torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_restore_gives_each_process_its_own_rng_state(tmp_path):
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p])
