@@ -146,9 +146,9 @@ MUTANTS = [
     Mutant("peft-read-rslora-ignored", "io/peft.py", '"use_rslora": bool(cfg.get("use_rslora", False))', '"use_rslora": False',
            (PP, "-k", "rslora and loads_into")),
     Mutant("peft-read-fan-in-fan-out-ignored", "io/peft.py", 'elif cfg.get("fan_in_fan_out"):', "elif False:",
-           (PP, "-k", "gpt2-lora")),
+           ("tests/test_merge_adapters.py", PP, "-k", "gpt2")),
     Mutant("peft-export-fan-in-fan-out-off", "io/peft.py", '"fan_in_fan_out": "conv1d" in kinds', '"fan_in_fan_out": False',
-           (PP, "-k", "gpt2-lora")),
+           ("tests/test_merge_adapters.py", PP, "-k", "gpt2")),
     Mutant("native-fingerprint-check-inverted", "io/native.py", "    if not force:\n        check_fingerprint(model",
            "    if force:\n        check_fingerprint(model", ("tests/test_bad_input.py", "-k", "different_weights")),
     # -- train ------------------------------------------------------------------------------------
