@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 AREAS = ("merge", "methods", "io", "train", "eval")
+SHOW = 0  # --show N: print the last N lines of each failing run (why a mutant was caught)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,8 @@ def pytest_run(copy: Path, args: tuple[str, ...], env: dict, timeout: float, sto
             time.sleep(0.2)
         out = log.read_text(errors="replace")
     # 0 = passed; 5 = nothing collected (a wrong selection: an error of the list, not a catch)
+    if SHOW and code not in (0, 5):
+        print("\n".join(out.strip().splitlines()[-SHOW:]), flush=True)
     return {0: "passed", 5: "no-tests"}.get(code, "failed"), time.perf_counter() - start, _tail(out)
 
 
@@ -297,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", help="run this pytest selection instead of the mutants' own (e.g. to check one more test "
                                      "against --only mutants; quote it: --select 'tests/x.py -k name')")
     ap.add_argument("--spawn", action="store_true", help="a fresh interpreter per test run instead of forking (slower)")
+    ap.add_argument("--show", type=int, default=0, metavar="N", help="print the last N lines of each failing test run")
     args = ap.parse_args(argv)
+    global SHOW
+    SHOW = args.show
 
     mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
     if args.select:
