@@ -304,6 +304,7 @@ def test_eval_output_overlapping_an_input_is_refused(tmp_path, tok, capsys):
     cfg = eval_setup(tmp_path, tok)
     refused(capsys, tmp_path, "eval", cfg, "--out", tmp_path / "models", "--overwrite", needles=("is the model 'm'",))
     refused(capsys, tmp_path, "eval", cfg, "--out", tmp_path / "models" / "m", "--overwrite", needles=("lies inside the model 'm'",))
+    refused(capsys, tmp_path, "eval", cfg, "--out", tmp_path / "data", "--overwrite", needles=("contains the file of task 'topic'",))
     # OUT/<model> is what --overwrite replaces: here it would be the task file's folder
     data_cfg = yaml.safe_load(cfg.read_text())
     data_cfg["models"][0]["name"] = "data"
@@ -383,13 +384,16 @@ def test_overwrite_onto_a_file_from_the_cli_leaves_no_hidden_file(models, adapte
 def test_failed_eval_overwrite_keeps_the_old_results(tmp_path, tok, capsys):
     cfg = eval_setup(tmp_path, tok)
     assert cli(capsys, "eval", cfg, "--out", tmp_path / "out", "--no-progress")[0] == 0
-    before = snap(tmp_path / "out" / "m")
+    before = snap(tmp_path / "out")  # OUT/m and summary.json
     # the model's weights break: the rerun fails for that model, and its old results stay
     weights = tmp_path / "models" / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     code, err = cli(capsys, "eval", cfg, "--out", tmp_path / "out", "--overwrite", "--no-progress")
     assert code == 2 and len(err) == 1 and "model 'm' failed" in err[0], err
-    assert snap(tmp_path / "out" / "m") == before and leftovers(tmp_path) == []
+    assert snap(tmp_path / "out") == before and leftovers(tmp_path) == []
+    # every model failed in a fresh folder: nothing is written at all
+    code, err = cli(capsys, "eval", cfg, "--out", tmp_path / "fresh", "--no-progress")
+    assert code == 2 and len(err) == 1 and not (tmp_path / "fresh").exists(), err
 
 
 def train_recipe(assets: Path, out: Path, tmp_path: Path, **over) -> Path:  # noqa: F811

@@ -493,9 +493,10 @@ def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = No
             raise EvalError(f"output {out_path} is a file; give a folder")
         from ..outputs import check_output
 
-        for m in chosen_models:  # what --overwrite replaces is OUT/<model>: none may hold or be an input
+        for m in chosen_models:  # OUT (written into) and OUT/<model> (replaced) may not be, hold or lie in an input
             check_output(out_path / m.name, [("eval config", config if isinstance(config, (str, Path)) else None),
                                              *eval_inputs(m, chosen_tasks)])
+            check_output(out_path, eval_inputs(m, chosen_tasks), clean=False)
         existing = [m.name for m in chosen_models if (out_path / m.name).exists()]
         if existing and not overwrite:
             raise EvalError(f"{out_path / existing[0]} already holds results ({len(existing)} of the models have a folder in {out_path}); "
@@ -526,7 +527,7 @@ def evaluate(config: EvalConfig | dict | str | Path, out: str | Path | None = No
                 mains[t], better[t] = r["main"], r["higher_is_better"]
     summary = {"models": list(scores), "tasks": [t.name for t in chosen_tasks], "main": mains, "higher_is_better": better,
                "scores": scores, "task_files": task_files, "stale": [], "failures": failures, "seconds": round(time.perf_counter() - t_start, 2), "graftkit": _versions()}
-    if out_path is not None:
+    if out_path is not None and (scores or not failures):  # every model failed: nothing to record, nothing written
         summary = _merge_summary(out_path, summary)
         _write_json_atomic(out_path / SUMMARY, summary)
     return summary
