@@ -785,6 +785,9 @@ def run_study(config: Any, out: str | Path | None = None, *, console=None, progr
     for t in cfg.tasks:  # a bad data file is one error before anything is written
         for f in (t.files or {}).values():
             check_label_types(read_rows(f, name="data file"), t.label_field, f)
+    from ..assets import model_dir
+
+    model_dir(cfg.base)  # a missing base model too: one error, and no study folder left behind
     out.mkdir(parents=True, exist_ok=True)
     study = Study(cfg, out, console=console, progress=progress)
     study.cache = EvalCache()
