@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError, ConfigError, FileFormatError
 
 if TYPE_CHECKING:
     from .io.native import AdapterFile
@@ -31,17 +31,34 @@ def shape_error(key: str, got: tuple, want: tuple, base: str, detail: str = "", 
                         "the adapter was made for another base model (or is corrupt)")
 
 
-def check_finite(adapter: AdapterFile, where: str, skip=None) -> None:
-    """No NaN/Inf in any tensor (``skip(target name)``: targets left out of a merge by ``exclude``)."""
+def first_nonfinite(tensors, skip=None) -> tuple[str, int] | None:
+    """``(key, count)`` of the first float tensor of ``(key, tensor)`` pairs holding NaN/Inf, or None."""
     import torch
 
-    for key, t in adapter.tensors.items():
-        if skip is not None and skip(key.rsplit(".", 1)[0]):
+    for key, t in tensors:
+        if skip is not None and skip(key):
             continue
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise AdapterError(f"{where}: adapter tensor {key} has {bad} NaN/Inf value(s); the adapter is broken "
-                               "(a diverged training run?) - retrain or re-save it")
+            return key, int((~torch.isfinite(t)).sum())
+    return None
+
+
+def check_finite(adapter: AdapterFile, where: str, skip=None) -> None:
+    """No NaN/Inf in any tensor (``skip(target name)``: targets left out of a merge by ``exclude``)."""
+    found = first_nonfinite(adapter.tensors.items(), None if skip is None else lambda key: skip(key.rsplit(".", 1)[0]))
+    if found is not None:
+        raise AdapterError(f"{where}: adapter tensor {found[0]} has {found[1]} NaN/Inf value(s); the adapter is broken "
+                           "(a diverged training run?) - retrain or re-save it")
+
+
+def check_model_finite(model, where: str) -> None:
+    """No NaN/Inf in a loaded base model's weights: training from them only fails later, on a NaN loss."""
+    import itertools
+
+    found = first_nonfinite(itertools.chain(model.named_parameters(), model.named_buffers()))
+    if found is not None:
+        raise FileFormatError(f"{where}: weight {found[0]} has {found[1]} NaN/Inf value(s); the model is broken "
+                              "- re-create or re-download it")
 
 
 def _tensor(adapter: AdapterFile, key: str, where: str):

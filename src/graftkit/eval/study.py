@@ -141,6 +141,7 @@ def validate_study(cfg: StudyConfig) -> StudyConfig:
             raise ConfigError(f"study task {t.name!r}: files needs exactly train, validation and test; got {', '.join(sorted(t.files)) or 'none'}")
     for e in cfg.experts:
         _check_expert_search(e)
+        _check_expert_recipe(cfg, e)
     if cfg.merges and len(cfg.tasks) < 2:
         raise ConfigError("study: merging needs at least two tasks (one expert each); add a task or remove merges")
     placeholders = [{"model": f"expert{i}"} for i in range(len(cfg.tasks))]
@@ -170,6 +171,39 @@ def _check_expert_search(e: ExpertFamily) -> None:
         raise ConfigError(f"{where}.lr value {dup[0]:g} appears twice; list each learning rate once")
     if "lr" in e.optim:
         raise ConfigError(f"{where}.lr and optim.lr are both given; the search chooses the learning rate - remove optim.lr")
+
+
+def expert_recipe(cfg: StudyConfig, family: ExpertFamily, data: dict[str, Any], folder: Path, lr: float | None = None) -> dict[str, Any]:
+    """The ``graft train`` recipe of one expert (``data``: the recipe's data section)."""
+    optim = {"seed": cfg.seed, **family.optim}
+    if lr is not None:
+        optim["lr"] = lr
+    export = ["merged"] if family.method.get("method", "full") not in ("lora", "ia3") else []
+    return {"model": cfg.base, "task": "classification", "data": data, "method": dict(family.method), "optim": optim,
+            "output": {"dir": str(folder), "export": export}}
+
+
+def _check_expert_recipe(cfg: StudyConfig, e: ExpertFamily) -> None:
+    """The family's method and optim sections through ``graft train``'s own recipe checks (on a
+    placeholder data section, no file is opened), so a typo fails before the study folder exists."""
+    from ..train import parse_recipe
+
+    for lr in e.search.get("lr") or [None]:
+        raw = expert_recipe(cfg, e, {"train": "train.jsonl", "labels": ["a", "b"]}, Path("experts"), lr)
+        try:
+            parse_recipe(raw, source="recipe")
+        except GraftError as exc:
+            raise ConfigError(f"study expert family {e.family!r}: {exc}") from None
+
+
+def base_head_labels(base: str) -> int | None:
+    """The label count of the base's classification head, or None when it has none."""
+    from ..io.hf import model_config
+
+    config = model_config(base)
+    if any(str(a).endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
+        return int(config.num_labels)
+    return None
 
 
 def load_study(config: Any) -> StudyConfig:
@@ -500,7 +534,8 @@ class Study:
         prov = folder / "graft_provenance.json"
         if prov.exists() and json.loads(prov.read_text()).get("base") == self.cfg.base:
             return folder
-        model = load_model(self.cfg.base, head="classification", num_labels=2)
+        # a base with a classification head keeps its label count (another one is refused by transformers)
+        model = load_model(self.cfg.base, head="classification", num_labels=base_head_labels(self.cfg.base) or 2)
         save_model_folder(model, folder, tokenizer_from=self.cfg.base, overwrite=True,
                           provenance={"produced_by": "graft study (base in the classification key layout)", "base": self.cfg.base})
         return folder
@@ -519,16 +554,11 @@ class Study:
         """The ``graft train`` recipe of one expert; with ``lr`` (a search candidate) that learning
         rate, trained into its own folder ``experts/FAMILY/TASK/lr-LR``."""
         d = self.data[task.name]
-        optim = {"seed": self.cfg.seed, **family.optim}
         folder = self.out / "experts" / family.family / task.name
         if lr is not None:
-            optim["lr"] = lr
             folder = folder / f"lr-{lr:g}"
-        export = ["merged"] if family.method.get("method", "full") not in ("lora", "ia3") else []
-        return {"model": self.cfg.base, "task": "classification",
-                "data": {"train": str(d["paths"]["train"]), "labels": d["labels"], "max_length": task.max_length},
-                "method": dict(family.method), "optim": optim,
-                "output": {"dir": str(folder), "export": export}}
+        return expert_recipe(self.cfg, family, {"train": str(d["paths"]["train"]), "labels": d["labels"], "max_length": task.max_length},
+                             folder, lr)
 
     def expert_model(self, folder: Path) -> tuple[Path, dict[str, str]]:
         """``(merge input and head, eval model spec)`` of a trained expert folder: a fully tuned
@@ -782,12 +812,19 @@ def run_study(config: Any, out: str | Path | None = None, *, console=None, progr
                                                     for t in cfg.tasks for s, f in (t.files or {}).items()]])
     from ..files import check_label_types, read_rows
 
-    for t in cfg.tasks:  # a bad data file is one error before anything is written
-        for f in (t.files or {}).values():
-            check_label_types(read_rows(f, name="data file"), t.label_field, f)
     from ..assets import model_dir
 
     model_dir(cfg.base)  # a missing base model too: one error, and no study folder left behind
+    head = base_head_labels(cfg.base)
+    for t in cfg.tasks:  # a bad data file is one error before anything is written
+        for s, f in (t.files or {}).items():
+            rows = read_rows(f, name="data file")
+            check_label_types(rows, t.label_field, f)
+            n = len({str(r.get(t.label_field)) for r in rows if r.get(t.label_field) not in (None, "")})
+            if s == "train" and head is not None and n != head:
+                raise ConfigError(f"study base {cfg.base} already has a classification head for {head} labels, but study task "
+                                  f"{t.name!r} has {n} labels in {f}; every expert gets a head for its own task's labels - use the "
+                                  "base model without its classification head (the bare encoder) or tasks with the same labels")
     out.mkdir(parents=True, exist_ok=True)
     study = Study(cfg, out, console=console, progress=progress)
     study.cache = EvalCache()

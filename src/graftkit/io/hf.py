@@ -99,7 +99,15 @@ def load_model(name: str | Path, *, class_name: str | None = None, head: str | N
             raise FileFormatError(f"{path} holds no model weights (*.safetensors)")
         read_pickle_checkpoint(pickled[0], allow_pickle)  # refuses unless allowed
     cls = model_class(path, class_name, head)
-    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=not allow_pickle or None, **kwargs)
+    try:
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=not allow_pickle or None, **kwargs)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc) or "num_labels" not in kwargs:
+            raise
+        # transformers' own message points at a report printed above it, which graft does not show
+        have = getattr(_auto_config(_quiet_transformers(), path), "num_labels", "?")
+        raise ConfigError(f"{path} has a classification head for {have} labels, but {kwargs['num_labels']} were asked for; "
+                          "use the model without its head (the bare encoder) or data with the same labels") from None
     model.config._name_or_path = str(name)
     return model
 

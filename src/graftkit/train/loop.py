@@ -223,7 +223,6 @@ class Run:
         self.inputs: dict[str, Any] | None = None  # what the run is made from, set by setup (see inputs)
         self.started = False  # run.json says "running": from here on an error is recorded there
 
-
     # -- output folder --------------------------------------------------------------------------
     def check_output(self) -> dict[str, Any] | None:
         """Refuse an output folder that holds something else; returns the existing run's record."""
@@ -340,7 +339,8 @@ class Run:
 
         import graftkit as gk
 
-        from ..assets import model_dir
+        from ..io.hf import model_config
+        from ..validate import check_model_finite
 
         r = self.recipe
         from ..outputs import check_output as check_output_path
@@ -355,10 +355,10 @@ class Run:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+        config = model_config(r.model)  # a folder wanting its own code (auto_map) is one line, not transformers' error
         self.tokenizer = gk.load_tokenizer(r.tokenizer or r.model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        config = transformers.AutoConfig.from_pretrained(model_dir(r.model), trust_remote_code=False)
         from .data import model_position_limit
 
         class _C:  # model_position_limit reads model.config
@@ -375,6 +375,7 @@ class Run:
             labels = self.data.labels
             kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
         model = gk.load_model(r.model, head=r.task, **kwargs)
+        check_model_finite(model, f"model {r.model}")  # else the run only fails on a NaN loss, with its folder written
         if r.task == "classification" and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         method = dict(r.method)
