@@ -29,24 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import ConfigError, FileFormatError
-
-
-def _pid_alive(pid: int) -> bool:
-    """True unless ``pid`` is certainly gone (a zombie counts as gone: it can write nothing)."""
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
+from .procs import process_alive
 
 
 def _stage_re(target: Path) -> re.Pattern:
@@ -95,7 +78,7 @@ def clean_stale(target: str | Path) -> list[Path]:
         if not m:
             continue
         pid = int(m.group(2))
-        if not m.group(3).startswith(_host_tag()) or pid == os.getpid() or _pid_alive(pid):
+        if not m.group(3).startswith(_host_tag()) or pid == os.getpid() or process_alive(pid) is not False:
             continue  # another host's, ours, or a run still writing it
         path = parent / name
         if m.group(1) == "old" and not os.path.lexists(target):

@@ -19,32 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..procs import boot_id as _boot_id
+from ..procs import proc_start as _proc_start
+from ..procs import process_alive
+
 RUN_FILE = "run.json"
-
-
-def _proc_start(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot, field 22 of /proc/PID/stat), if known."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _proc_state(pid: int) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
-    except OSError:
-        return None
 
 
 def owner() -> dict[str, Any]:
@@ -60,24 +39,8 @@ def owner_alive(who: dict[str, Any] | None) -> bool | None:
         return None
     if who.get("host") != socket.gethostname():
         return None
-    boot = _boot_id()
-    if who.get("boot_id") and boot and who["boot_id"] != boot:
-        return False  # rebooted since: every process of that boot is gone
-    pid = who["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    except OSError:
-        return None
-    if _proc_state(pid) in (b"Z", b"X"):  # killed, not yet reaped: it can write nothing more
-        return False
-    start = _proc_start(pid)
-    if who.get("proc_start") is not None and start is not None and start != who["proc_start"]:
-        return False  # the pid now belongs to another process
-    return True
+    start = who.get("proc_start")
+    return process_alive(who["pid"], start if isinstance(start, int) else None, who.get("boot_id") or None)
 
 
 def read_run(out: str | Path) -> dict[str, Any] | None:
