@@ -326,3 +326,25 @@ def test_interrupted_adapter_save_leaves_nothing(adapter, tmp_path, monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             gk.save_adapter(model, tmp_path / f"out-{fmt}", format=fmt)
     assert tree(tmp_path) == before
+
+
+def test_classification_head_with_other_label_count_is_one_line(tmp_path):
+    from conftest import tiny_bert
+
+    tiny_bert(num_labels=3).save_pretrained(tmp_path / "cls3")
+    with pytest.raises(ConfigError) as ei:
+        gk.load_model(tmp_path / "cls3", head="classification", num_labels=2)
+    msg = check_error(ei, ConfigError, "head for 3 labels", "2 were asked for")
+    assert "ignore_mismatched_sizes" not in msg
+
+
+def test_non_finite_base_weight_is_named():
+    from graftkit.validate import check_model_finite
+
+    model = tiny_llama()
+    check_model_finite(model, "model x")  # finite: no error
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 3] = float("inf")
+    with pytest.raises(FileFormatError) as ei:
+        check_model_finite(model, "model x")
+    check_error(ei, FileFormatError, "model x", "model.layers.1.mlp.up_proj.weight", "1 NaN/Inf")
