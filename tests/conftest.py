@@ -60,3 +60,19 @@ def _threads(request):
     torch.set_num_threads(os.cpu_count() or 1 if request.node.get_closest_marker("real") else 1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def unsafe_where_no_isolation():
+    """Code-task tests that score programs: where bubblewrap/unshare cannot isolate here (a
+    container without user namespaces, GRAFT_SANDBOX=none) they still run, on the unisolated
+    path; the refusal itself is tested in test_sandbox_attacks.py."""
+    import sys
+
+    from graftkit.eval import sandbox
+
+    if sys.platform.startswith("linux") and sandbox.isolation() is not None:
+        yield
+        return
+    with sandbox.allow_unsafe():
+        yield

