@@ -712,19 +712,27 @@ def _pipes(nonce: bytes) -> tuple[int, int, int]:
     return nonce_r, verdict_r, verdict_w
 
 
+def _isolated_start(source: str, stack: contextlib.ExitStack, hook: bool, block_processes: bool):
+    """What both isolating runners start from: a fresh nonce, the bootstrap and program as
+    in-memory files, the seccomp filter (or None), the nonce and verdict pipes, and the
+    bootstrap's command line inside the sandbox."""
+    nonce = secrets.token_hex(16).encode()
+    fds = {".graft_boot.py": _data_fd(_BOOTSTRAP.encode(), stack), "program.py": _data_fd(source.encode(), stack)}
+    bpf = seccomp_filter() if block_processes else None
+    nonce_r, verdict_r, verdict_w = _pipes(nonce)
+    stack.callback(os.close, verdict_r)
+    argv = [sys.executable, "-I", "-B", "-X", "utf8", f"{WORKDIR}/.graft_boot.py", WORKDIR, str(nonce_r),
+            str(verdict_w), f"{WORKDIR}/program.py", str(MAX_PROCESSES), "1" if hook else "0"]
+    return nonce, fds, bpf, (nonce_r, verdict_r, verdict_w), argv
+
+
 def _run_isolated(bwrap: str, source: str, *, timeout: float, memory_mb: int, disk_mb: int, max_output: int,
                   hook: bool, block_processes: bool) -> SandboxResult:
     start = time.perf_counter()
-    nonce = secrets.token_hex(16).encode()
     with contextlib.ExitStack() as stack:
-        fds = {".graft_boot.py": _data_fd(_BOOTSTRAP.encode(), stack), "program.py": _data_fd(source.encode(), stack)}
-        bpf = seccomp_filter() if block_processes else None
+        nonce, fds, bpf, (nonce_r, verdict_r, verdict_w), argv = _isolated_start(source, stack, hook, block_processes)
         seccomp_fd = _data_fd(bpf, stack) if bpf else None
-        nonce_r, verdict_r, verdict_w = _pipes(nonce)
-        stack.callback(os.close, verdict_r)
-        cmd = _bwrap_command(bwrap, disk_mb=disk_mb, env=_env(WORKDIR), fds=fds, seccomp_fd=seccomp_fd)
-        cmd += [sys.executable, "-I", "-B", "-X", "utf8", f"{WORKDIR}/.graft_boot.py", WORKDIR, str(nonce_r),
-                str(verdict_w), f"{WORKDIR}/program.py", str(MAX_PROCESSES), "1" if hook else "0"]
+        cmd = _bwrap_command(bwrap, disk_mb=disk_mb, env=_env(WORKDIR), fds=fds, seccomp_fd=seccomp_fd) + argv
         keep = [*fds.values(), *([seccomp_fd] if seccomp_fd is not None else [])]
         return _launch(cmd, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, keep=keep, timeout=timeout,
                        memory_mb=memory_mb, max_output=max_output, nonce=nonce, nonce_r=nonce_r, verdict_r=verdict_r,
@@ -736,15 +744,9 @@ def _run_unshare(unshare: str, source: str, *, timeout: float, memory_mb: int, d
     import json
 
     start = time.perf_counter()
-    nonce = secrets.token_hex(16).encode()
     with contextlib.ExitStack() as stack:
-        fds = {".graft_boot.py": _data_fd(_BOOTSTRAP.encode(), stack), "program.py": _data_fd(source.encode(), stack)}
-        bpf = seccomp_filter() if block_processes else None
-        nonce_r, verdict_r, verdict_w = _pipes(nonce)
-        stack.callback(os.close, verdict_r)
+        nonce, fds, bpf, (nonce_r, verdict_r, verdict_w), argv = _isolated_start(source, stack, hook, block_processes)
         hidden, back = _layout()
-        argv = [sys.executable, "-I", "-B", "-X", "utf8", f"{WORKDIR}/.graft_boot.py", WORKDIR, str(nonce_r),
-                str(verdict_w), f"{WORKDIR}/program.py", str(MAX_PROCESSES), "1" if hook else "0"]
         cfg = {"hidden": hidden, "python_dirs": back, "workdir": WORKDIR, "disk_bytes": disk_mb * 1024 * 1024,
                "hidden_files": list(HIDDEN_FILES), "proc_read_only": list(PROC_READ_ONLY), "files": fds, "seccomp": bpf.hex() if bpf else "", "argv": argv,
                "env": _env(WORKDIR)}
