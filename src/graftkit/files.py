@@ -33,6 +33,10 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 
 # -- what a path is --------------------------------------------------------------------------------
 
+_KINDS = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def path_kind(path: str | Path) -> str | None:
     """What ``path`` is, in words ("a file", "a folder", "a FIFO (named pipe)", ...); None when
     nothing is there. Follows symbolic links; a dangling one is "a broken symbolic link"."""
@@ -44,18 +48,9 @@ def path_kind(path: str | Path) -> str | None:
         return "a path you may not read"
     except OSError as exc:  # ELOOP, ENAMETOOLONG
         return f"an unusable path ({exc.strerror or exc})"
-    if stat.S_ISREG(mode):
-        return "a file"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
+    for is_kind, words in _KINDS:
+        if is_kind(mode):
+            return words
     return "not a regular file"
 
 
