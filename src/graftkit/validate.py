@@ -52,10 +52,9 @@ def check_finite(adapter: AdapterFile, where: str, skip=None) -> None:
 
 
 def check_model_finite(model, where: str) -> None:
-    """No NaN/Inf in a loaded base model's weights: training from them only fails later, on a NaN loss."""
-    import itertools
-
-    found = first_nonfinite(itertools.chain(model.named_parameters(), model.named_buffers()))
+    """No NaN/Inf in a loaded base model's weights: training from them only fails later, on a NaN loss.
+    Parameters only: some architectures keep masks of -inf as buffers."""
+    found = first_nonfinite(model.named_parameters())
     if found is not None:
         raise FileFormatError(f"{where}: weight {found[0]} has {found[1]} NaN/Inf value(s); the model is broken "
                               "- re-create or re-download it")
