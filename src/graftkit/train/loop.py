@@ -331,6 +331,26 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     # -- build ----------------------------------------------------------------------------------
+    def _check_finite(self, model: nn.Module) -> None:
+        """The base's weights checked on process 0, the verdict on every process: under FSDP's
+        RAM-efficient loading only process 0 holds the weights (the others hold uninitialised
+        memory until the broadcast), and every process must stop together."""
+        from ..errors import FileFormatError
+        from ..validate import check_model_finite
+
+        problem: list[str | None] = [None]
+        if self.main:
+            try:
+                check_model_finite(model, f"model {self.recipe.model}")
+            except FileFormatError as exc:
+                problem = [str(exc)]
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(problem)
+        if problem[0] is not None:
+            raise FileFormatError(problem[0])
+
     def setup(self) -> None:
         import random
 
@@ -340,7 +360,6 @@ class Run:
         import graftkit as gk
 
         from ..io.hf import model_config
-        from ..validate import check_model_finite
 
         r = self.recipe
         from ..outputs import check_output as check_output_path
@@ -375,7 +394,7 @@ class Run:
             labels = self.data.labels
             kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
         model = gk.load_model(r.model, head=r.task, **kwargs)
-        check_model_finite(model, f"model {r.model}")  # else the run only fails on a NaN loss, with its folder written
+        self._check_finite(model)  # else the run only fails on a NaN loss, with its folder written
         if r.task == "classification" and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         method = dict(r.method)
