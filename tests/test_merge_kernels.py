@@ -182,6 +182,7 @@ def test_fused_merge_never_imports_torch(tmp_path):
         folder.mkdir()
         save_file({"w": rng.standard_normal((64, 32)).astype(np.float32), "step": np.array([3], dtype=np.int64)},
                   str(folder / "model.safetensors"))
+        (folder / "config.json").write_text('{"model_type": "toy"}')  # a merge input must say what model it is
         paths.append(str(folder))
     cfg = {"merge_method": "ties", "base_model": paths[0], "dtype": "float32",
            "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]}

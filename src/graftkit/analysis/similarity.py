@@ -135,10 +135,10 @@ def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], 
             raise FileFormatError(f"{label} {p} does not exist; pass an HF model folder, a safetensors file or an adapter folder")
     if is_adapter(base_path):
         raise ConfigError(f"the base {base_path} is an adapter folder; pass the model it was trained on as base and the adapters as experts")
-    base_ckpt = _open(base_path)
+    base_ckpt = _open(base_path, require_config=False)
     # an adapter must not even check what is excluded (a head trained whole for another label count)
     skip = {"exclude": lambda key: _excluded(key, patterns)} if patterns else {}
-    ckpts = {name: _open(str(experts[name]), base_ckpt, **skip) for name in names}
+    ckpts = {name: _open(str(experts[name]), base_ckpt, require_config=False, **skip) for name in names}
 
     keys = [k for k in base_ckpt.keys() if not _excluded(k, patterns)]
     keys = [k for k in keys if _st(base_ckpt.dtype(k)) in FLOAT_DTYPES]

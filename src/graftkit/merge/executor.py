@@ -101,7 +101,10 @@ def _read_config_json(path: str) -> dict:
     return {}
 
 
-def _open(path: str, base: Checkpoint | None = None, allow_pickle: bool = False, exclude=None, force: bool = False):
+def _open(path: str, base: Checkpoint | None = None, allow_pickle: bool = False, exclude=None, force: bool = False,
+          require_config: bool = True):
+    """``require_config``: a merge writes an HF folder, so its model inputs must carry config.json;
+    readers that only compare weights (analysis/similarity.py) do not need it."""
     from .adapters import AdapterSource, is_adapter
 
     p = Path(path)
@@ -115,7 +118,7 @@ def _open(path: str, base: Checkpoint | None = None, allow_pickle: bool = False,
         return AdapterSource(p, base, exclude=exclude, force=force)
     if not p.exists():
         raise FileFormatError(f"merge input {path} does not exist")
-    if p.is_dir():
+    if p.is_dir() and require_config:
         check_model_folder(p)
     return Checkpoint(p, allow_pickle=allow_pickle)
 
