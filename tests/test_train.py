@@ -300,12 +300,29 @@ def test_fsdp_two_processes_match_one(assets, tmp_path):
     assert merged.classifier.weight.shape == (2, 32)
 
 
+def kill_launch_after_checkpoints(proc, out: Path, count: int) -> None:
+    """SIGKILL a multi-process launch (launcher and every worker) once ``count`` checkpoints of
+    ``out`` exist, and check it did not finish first."""
+    import psutil
+
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpts.exists() and len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) >= count):
+        time.sleep(0.05)
+    # the workers run in sessions of their own: kill the launcher and every process under it
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for p in workers:
+        p.kill()
+    psutil.wait_procs(workers, timeout=30)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "adapter").exists(), "the run finished before it could be killed"
+
+
 def test_fsdp_kill_and_resume_is_bitwise_identical(assets, tmp_path):
     """FSDP2 over 2 processes, LoRA with the chunked frozen-head loss and the exact-match eval (run
     with the units gathered, on uneven shares): kill every process after the second checkpoint, resume,
     and the adapter and metrics equal an uninterrupted sharded run's bit for bit."""
-    import psutil
-
     base = chat_recipe(assets, tmp_path / "x", method={"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]},
                        data={"answer_field": "answer"}, optim={"epochs": 4, "batch_size": 4, "grad_accum": 2, "weight_decay": 0.01},
                        # 5 validation rows at batch 2: the processes' eval shares differ (2 batches vs 1)
@@ -316,18 +333,7 @@ def test_fsdp_kill_and_resume_is_bitwise_identical(assets, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
     proc = accelerate_fsdp(killed, env={**ENV, "GRAFT_TEST_STEP_SLEEP": "0.3"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (ckpts.exists() and len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) >= 2):
-        time.sleep(0.05)
-    # the workers run in sessions of their own: kill the launcher and every process under it
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()
-    for p in workers:
-        p.kill()
-    psutil.wait_procs(workers, timeout=30)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
+    kill_launch_after_checkpoints(proc, tmp_path / "killed", 2)
     res = subprocess.run(accelerate_fsdp(killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming from" in res.stdout

@@ -4,10 +4,8 @@ process 0's RNG state on resume, both went unnoticed)."""
 from __future__ import annotations
 
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from graftkit.train.checkpoint import load_checkpoint, restore, rng_state, save_
 from graftkit.train.data import Order
 from graftkit.train.loop import Run, _schedule
 from graftkit.train.recipe import parse_recipe
-from test_train import ENV, _recipe_file, assert_same_run, assets, chat_recipe, cls_recipe  # noqa: F401  (assets: fixture)
+from test_train import ENV, _recipe_file, assert_same_run, assets, chat_recipe, cls_recipe, kill_launch_after_checkpoints  # noqa: F401  (assets: fixture)
 
 
 def first_step_grads(recipe: dict) -> dict[str, torch.Tensor]:
@@ -142,8 +140,6 @@ def test_two_process_kill_and_resume_with_dropout_is_bitwise_identical(assets, t
     uninterrupted run's bit for bit - which needs each process to get back its own RNG state."""
     import os
 
-    import psutil
-
     base = chat_recipe(assets, tmp_path / "x", method={"method": "lora", "r": 2, "lora_alpha": 4, "lora_dropout": 0.2,
                                                        "targets": ["q_proj", "v_proj"]},
                        data={"max_length": 16}, optim={"epochs": 1, "batch_size": 4, "lr": 1e-2},
@@ -157,17 +153,7 @@ def test_two_process_kill_and_resume_with_dropout_is_bitwise_identical(assets, t
 
     proc = _torchrun(killed, port=port + 1, env={**ENV, "GRAFT_TEST_STEP_SLEEP": "0.5"}, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (ckpts.exists() and len([p for p in ckpts.iterdir() if p.name.startswith("step-")]) >= 1):
-        time.sleep(0.05)
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()
-    for w in workers:
-        w.kill()
-    psutil.wait_procs(workers, timeout=30)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
+    kill_launch_after_checkpoints(proc, tmp_path / "killed", 1)
     res = subprocess.run(_torchrun(killed, "--resume", port=port + 2), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming from" in res.stdout
