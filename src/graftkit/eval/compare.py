@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import EvalError, FileFormatError
 from .metrics import higher_is_better
-from .tasks import read_jsonl
+from ..files import read_jsonl
 
 _CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (32 MB of int64)
 

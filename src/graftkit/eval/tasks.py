@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EvalError
-from ..files import check_label_types, read_jsonl, read_rows, where  # noqa: F401  (read_jsonl: code.py, compare.py)
+from ..files import check_label_types, read_rows, where
 from .config import AnyTask, ClassificationTask, CodeTask, GenerationTask, PerplexityTask
 
 

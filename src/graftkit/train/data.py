@@ -13,7 +13,6 @@ with one warning that says how many were.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
