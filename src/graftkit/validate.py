@@ -60,7 +60,7 @@ def check_model_finite(model, where: str) -> None:
                               "- re-create or re-download it")
 
 
-def _tensor(adapter: AdapterFile, key: str, where: str):
+def saved_tensor(adapter: AdapterFile, key: str, where: str):
     t = adapter.tensors.get(key)
     if t is None:
         raise AdapterError(f"{where}: the adapter file has no tensor {key}; it is incomplete - re-save it")
@@ -68,32 +68,17 @@ def _tensor(adapter: AdapterFile, key: str, where: str):
 
 
 def check_consistent(adapter: AdapterFile, where: str) -> None:
-    """The factors of each target agree with each other and with ``adapter.json``."""
+    """The tensors of each target agree with each other and with ``adapter.json`` (each method
+    checks its own slots: ``check_saved`` on the registered method)."""
+    from .methods import method_named
+
+    method = method_named(adapter.method)
     options = adapter.meta.get("target_options") or {}
-    for name in adapter.targets:
-        if adapter.method == "lora":
-            a = _tensor(adapter, f"{name}.lora_A", where)
-            b = _tensor(adapter, f"{name}.lora_B", where)
-            for key, t in ((f"{name}.lora_A", a), (f"{name}.lora_B", b)):
-                if t.dim() != 2:
-                    raise AdapterError(f"{where}: adapter tensor {key} has shape {tuple(t.shape)}; LoRA factors are 2-D - the file is corrupt")
-            if a.shape[0] != b.shape[1]:
-                raise AdapterError(f"{where}: {name}.lora_A has shape {tuple(a.shape)} but {name}.lora_B has {tuple(b.shape)}; "
-                                   f"their ranks ({a.shape[0]} vs {b.shape[1]}) must agree - the file is corrupt or mixes two adapters")
-            r = (options.get(name) or {}).get("r")
-            if r is not None and r != a.shape[0]:
-                raise AdapterError(f"{where}: adapter.json says r={r!r} for {name} but {name}.lora_A has shape {tuple(a.shape)} "
-                                   f"(rank {a.shape[0]}); the file is corrupt or mixes two adapters")
-            mag = adapter.tensors.get(f"{name}.lora_magnitude_vector")
-            if mag is not None and tuple(mag.shape) != (b.shape[0],):
-                raise AdapterError(f"{where}: {name}.lora_magnitude_vector has shape {tuple(mag.shape)} but {name}.lora_B has "
-                                   f"{tuple(b.shape)} ({b.shape[0]} outputs); the file is corrupt or mixes two adapters")
-        elif adapter.method == "ia3":
-            vec = _tensor(adapter, f"{name}.ia3_l", where)
-            if vec.dim() != 1:
-                raise AdapterError(f"{where}: adapter tensor {name}.ia3_l has shape {tuple(vec.shape)}; IA3 vectors are 1-D - the file is corrupt")
+    if method is not None and method.check_saved is not None:
+        for name in adapter.targets:
+            method.check_saved(adapter, name, options.get(name) or {}, where)
     for name in adapter.train_also:
-        _tensor(adapter, f"{name}.value", where)
+        saved_tensor(adapter, f"{name}.value", where)
 
 
 def check_adapter(adapter: AdapterFile, where: str, skip=None) -> None:
@@ -104,24 +89,12 @@ def check_adapter(adapter: AdapterFile, where: str, skip=None) -> None:
 
 def expected_shapes(adapter: AdapterFile, name: str, kind: str, base_shape: tuple, feedforward: bool = False) -> dict[str, tuple]:
     """The shapes the adapter's tensors of target ``name`` must have on a base weight of ``base_shape``."""
-    from .layers import matrix_shape, out_axis
+    from .methods import method_named
 
-    base_shape = tuple(base_shape)
-    if adapter.method == "lora":
-        out_f, in_f = matrix_shape(kind, base_shape)
-        r = adapter.tensors[f"{name}.lora_A"].shape[0]
-        want = {f"{name}.lora_A": (r, in_f), f"{name}.lora_B": (out_f, r)}
-        if f"{name}.lora_magnitude_vector" in adapter.tensors:
-            want[f"{name}.lora_magnitude_vector"] = (out_f,)
-        return want
-    if adapter.method == "ia3":
-        if kind == "conv2d":
-            size = base_shape[1] if feedforward else base_shape[0]
-        else:
-            axis = out_axis(kind)
-            size = base_shape[1 - axis] if feedforward else base_shape[axis]
-        return {f"{name}.ia3_l": (size,)}
-    return {}
+    method = method_named(adapter.method)
+    if method is None or method.saved_shapes is None:
+        return {}
+    return method.saved_shapes(adapter, name, kind, tuple(base_shape), feedforward)
 
 
 def check_fits(adapter: AdapterFile, name: str, kind: str, base_shape: tuple, base: str, feedforward: bool = False,

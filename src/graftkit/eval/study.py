@@ -178,7 +178,11 @@ def expert_recipe(cfg: StudyConfig, family: ExpertFamily, data: dict[str, Any], 
     optim = {"seed": cfg.seed, **family.optim}
     if lr is not None:
         optim["lr"] = lr
-    export = ["merged"] if family.method.get("method", "full") not in ("lora", "ia3") else []
+    from ..methods import method_named
+
+    # an expert whose adapter can be a merge input is merged from the adapter; others export merged
+    mergeable = getattr(method_named(family.method.get("method", "full")), "merge_deltas", None) is not None
+    export = [] if mergeable else ["merged"]
     return {"model": cfg.base, "task": "classification", "data": data, "method": dict(family.method), "optim": optim,
             "output": {"dir": str(folder), "export": export}}
 

@@ -41,7 +41,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-SUPPORTED = {"LORA": "lora", "IA3": "ia3"}
+
+
+def converters() -> dict[str, Any]:
+    """peft_type -> the registered method's :class:`~graftkit.methods.base.PeftConverter`."""
+    from ..methods import registered_methods
+
+    return {m.peft.peft_type: m.peft for m in registered_methods() if m.peft is not None}
+
+
+def peft_method_names() -> str:
+    from ..methods import registered_methods
+
+    return " and ".join(m.name for m in registered_methods() if m.peft is not None)
 # peft LoRA options graftkit cannot honour: (key, value that is harmless)
 UNSUPPORTED_LORA = {
     "lora_bias": False, "use_qalora": False, "layer_replication": None, "target_parameters": None,
@@ -73,9 +85,10 @@ def read_peft(path: str | Path, allow_pickle: bool = False) -> AdapterFile:
     path = Path(path)
     cfg = _read_config(path)
     peft_type = cfg.get("peft_type")
-    if peft_type not in SUPPORTED:
+    known = converters()
+    if not isinstance(peft_type, str) or peft_type not in known:
         raise UnsupportedError(
-            f"peft adapter type {peft_type!r} is not supported; graftkit reads peft LORA (incl. rsLoRA, DoRA) and IA3 adapters"
+            f"peft adapter type {peft_type!r} is not supported; graftkit reads peft {', '.join(sorted(known))} adapters (LORA incl. rsLoRA, DoRA)"
         )
     if (path / WEIGHTS_NAME).exists():
         raw = read_safetensors(path / WEIGHTS_NAME)
@@ -84,7 +97,7 @@ def read_peft(path: str | Path, allow_pickle: bool = False) -> AdapterFile:
     else:
         raise FileFormatError(f"{path} has no {WEIGHTS_NAME}")
     raw = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
-    adapter = _lora_from_peft(cfg, raw, path) if peft_type == "LORA" else _ia3_from_peft(cfg, raw, path)
+    adapter = known[peft_type].read(cfg, raw, path)
     adapter.path = path
     return adapter
 
@@ -126,7 +139,7 @@ def _meta(method: str, config: dict, targets: list[str], options: dict, heads: l
     }
 
 
-def _lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
+def lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
     for key, harmless in UNSUPPORTED_LORA.items():
         value = cfg.get(key, harmless)
         if value not in (harmless, None, False, {}, []):
@@ -193,7 +206,7 @@ def _lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
     return AdapterFile(meta, tensors)
 
 
-def _ia3_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
+def ia3_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
     vectors = {k[: -len(".ia3_l")]: v for k, v in raw.items() if k.endswith(".ia3_l")}
     if not vectors:
         raise FileFormatError(f"{path / WEIGHTS_NAME} holds no IA3 tensors")
@@ -243,15 +256,17 @@ def write_peft(model: nn.Module, path: str | Path, overwrite: bool = False) -> P
     """Write the model's adapter as a peft folder (LoRA family or IA3)."""
     from safetensors.torch import save_file
 
+    from ..methods import method_named
+
     state = require_state(model)
-    peft_type = {v: k for k, v in SUPPORTED.items()}.get(state.method)
-    if peft_type is None:
-        raise UnsupportedError(f"peft has no format for graftkit's {state.method!r} adapters (only lora and ia3); save it with format='native'")
+    conv = getattr(method_named(state.method), "peft", None)
+    if conv is None:
+        raise UnsupportedError(f"peft has no format for graftkit's {state.method!r} adapters (only {peft_method_names()}); "
+                               "save it with format='native'")
     heads = set(state.train_also)
     tensors: dict[str, torch.Tensor] = {}
-    modules, ff, kinds = [], [], set()
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
+    modules, kinds = [], set()
+    acc: dict[str, Any] = {}  # what the converter gathers across sites for its config entries
     for name, site in sites(model).items():
         if name in heads:
             tensors[PREFIX + name] = site.slot_tensors()["value"].detach().cpu().contiguous()
@@ -261,52 +276,60 @@ def write_peft(model: nn.Module, path: str | Path, overwrite: bool = False) -> P
         module = name[: -len(".weight")]
         modules.append(module)
         kinds.add(site.kind)
-        key = PREFIX + module
-        if state.method == "lora":
-            a, b = site.lora_A.detach().cpu(), site.lora_B.detach().cpu()
-            ranks[module], alphas[module] = site.r, site.alpha
-            if site.kind == "embedding":
-                tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a, b
-            elif site.kind == "conv2d":
-                w = site.base
-                tensors[f"{key}.lora_A.weight"] = a.reshape(site.r, w.shape[1], *w.shape[2:])
-                tensors[f"{key}.lora_B.weight"] = b.reshape(b.shape[0], site.r, 1, 1)
-            else:
-                tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
-            if site.dora:
-                mag = site.lora_magnitude_vector.detach().cpu()
-                tensors[f"{key}.lora_magnitude_vector"] = mag.reshape(1, -1, 1, 1) if site.kind == "conv2d" else mag
-        else:
-            vec = site.ia3_l.detach().cpu()
-            if site.kind == "conv2d":
-                vec = vec.reshape(1, -1, 1, 1)
-            else:
-                vec = vec.reshape(1, -1) if site.feedforward else vec.reshape(-1, 1)
-            tensors[f"{key}.ia3_l"] = vec
-            if site.feedforward:
-                ff.append(module)
+        conv.write_site(site, PREFIX + module, tensors, acc)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     head_modules = sorted({h.rsplit(".", 1)[0] for h in heads}) or None
     cfg: dict[str, Any] = {
-        "peft_type": peft_type, "task_type": _task_type(model), "target_modules": sorted(modules),
+        "peft_type": conv.peft_type, "task_type": _task_type(model), "target_modules": sorted(modules),
         "modules_to_save": head_modules, "fan_in_fan_out": "conv1d" in kinds, "inference_mode": True,
         "base_model_name_or_path": state.base.get("name_or_path"), "revision": None,
     }
-    if state.method == "lora":
-        r0 = Counter(ranks.values()).most_common(1)[0][0]
-        a0 = Counter(alphas.values()).most_common(1)[0][0]
-        cfg.update({
-            "r": r0, "lora_alpha": a0, "lora_dropout": state.config.lora_dropout, "use_rslora": state.config.use_rslora,
-            "use_dora": state.config.use_dora, "bias": "none", "init_lora_weights": True,
-            "rank_pattern": {_exact(m): r for m, r in ranks.items() if r != r0},
-            "alpha_pattern": {_exact(m): a for m, a in alphas.items() if a != a0},
-        })
-    else:
-        cfg.update({"feedforward_modules": sorted(ff), "init_ia3_weights": True})
+    cfg.update(conv.write_config(state, acc))
     with atomic_dir(path, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     return Path(path)
+
+
+def lora_site_to_peft(site, key: str, tensors: dict, acc: dict) -> None:
+    module = key[len(PREFIX):]
+    a, b = site.lora_A.detach().cpu(), site.lora_B.detach().cpu()
+    acc.setdefault("ranks", {})[module] = site.r
+    acc.setdefault("alphas", {})[module] = site.alpha
+    if site.kind == "embedding":
+        tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = a, b
+    elif site.kind == "conv2d":
+        w = site.base
+        tensors[f"{key}.lora_A.weight"] = a.reshape(site.r, w.shape[1], *w.shape[2:])
+        tensors[f"{key}.lora_B.weight"] = b.reshape(b.shape[0], site.r, 1, 1)
+    else:
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+    if site.dora:
+        mag = site.lora_magnitude_vector.detach().cpu()
+        tensors[f"{key}.lora_magnitude_vector"] = mag.reshape(1, -1, 1, 1) if site.kind == "conv2d" else mag
+
+
+def lora_peft_config(state, acc: dict) -> dict:
+    ranks, alphas = acc.get("ranks", {}), acc.get("alphas", {})
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": r0, "lora_alpha": a0, "lora_dropout": state.config.lora_dropout, "use_rslora": state.config.use_rslora,
+        "use_dora": state.config.use_dora, "bias": "none", "init_lora_weights": True,
+        "rank_pattern": {_exact(m): r for m, r in ranks.items() if r != r0},
+        "alpha_pattern": {_exact(m): a for m, a in alphas.items() if a != a0},
+    }
+
+
+def ia3_site_to_peft(site, key: str, tensors: dict, acc: dict) -> None:
+    vec = site.ia3_l.detach().cpu()
+    if site.kind == "conv2d":
+        vec = vec.reshape(1, -1, 1, 1)
+    else:
+        vec = vec.reshape(1, -1) if site.feedforward else vec.reshape(-1, 1)
+    tensors[f"{key}.ia3_l"] = vec
+    if site.feedforward:
+        acc.setdefault("ff", []).append(key[len(PREFIX):])
 
 
 def _exact(module: str) -> str:

@@ -1,10 +1,10 @@
-"""Adapters as merge inputs: a LoRA-family or IA3 adapter folder (native or peft) seen as a model.
+"""Adapters as merge inputs: an adapter folder (native or peft) of a method that declares
+``merge_deltas`` (LoRA family, IA3, ...) seen as a model.
 
 An adapter input is read whole (it is small), and each tensor of the model it describes is
-produced on request as ``base[key] + delta(key)``, with the delta computed from the factors by
-:func:`graftkit.methods.lora.lora_delta` / :func:`graftkit.methods.ia3.ia3_delta` (the same
-functions the live sites use), so no
-merged model copy is ever written or held. Targets keep their layer kind in ``adapter.json``
+produced on request as ``base[key] + delta(key)``, with the delta computed by the method's own
+``merge_deltas`` (e.g. :func:`graftkit.methods.lora.lora_delta`, the same functions the live
+sites use), so no merged model copy is ever written or held. Targets keep their layer kind in ``adapter.json``
 (``target_kinds``); without it a non-square target is unambiguous and a square one is an error.
 ``train_also`` tensors (heads trained whole) replace the base tensor.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import AdapterError, UnsupportedError
+from ..errors import UnsupportedError
 from ..tensors import Checkpoint
 
 
@@ -62,27 +62,30 @@ class OnBase:
 
 
 class AdapterSource(OnBase):
-    """``base + adapter`` for a LoRA-family or IA3 adapter (native or peft), read as a Checkpoint."""
+    """``base + adapter`` for an adapter (native or peft) whose method declares ``merge_deltas``, read as a Checkpoint."""
 
     def __init__(self, path: str | Path, base: Checkpoint, exclude=None, force: bool = False):
         from ..fingerprint import check_probes
         from ..io import read_adapter
-        from ..methods.lora import lora_scaling
+        from ..methods import method_named, registered_methods
+        from ..methods.base import SavedTarget
         from ..validate import check_adapter, check_fits
 
         self.path = Path(path)
         self.base = base
         self.adapter = read_adapter(path)
         self.method = self.adapter.method
-        if self.method not in ("lora", "ia3"):
-            raise UnsupportedError(f"{path} is a {self.method} adapter; merge inputs can be LoRA/rsLoRA/DoRA or IA3 adapters "
+        method = method_named(self.method)
+        if method is None or method.merge_deltas is None:
+            usable = ", ".join(m.name for m in registered_methods() if m.merge_deltas is not None)
+            raise UnsupportedError(f"{path} is a {self.method} adapter; merge inputs can be adapters of {usable} "
                                    "(export others merged first: graft export ADAPTER --base BASE --merged OUT)")
         meta = self.adapter.meta
         config = meta.get("config") or {}
         kinds = meta.get("target_kinds") or {}
         options = meta.get("target_options") or {}
-        self.targets: dict[str, tuple] = {}
-        self.ia3: dict[str, tuple] = {}  # weight or bias name -> (kind, feedforward, vector, is_bias)
+        # base tensor name -> its delta, computed on request by the method's own function
+        self.deltas: dict = {}
         skip = exclude or (lambda name: False)  # ``exclude``: left out of the merge, never read or checked
         # the checks graft export / eval / import-peft make too (graftkit.validate): the same adapter
         # is refused the same way whichever command reads it
@@ -96,73 +99,32 @@ class AdapterSource(OnBase):
                 continue
             if name not in base.files:
                 raise UnsupportedError(f"{path} adapts {name}, which the base model {base.path} does not have; it was made for another model")
-            if self.method == "ia3":
-                vec = self.adapter.tensors[f"{name}.ia3_l"]
-                ff = bool((options.get(name) or {}).get("feedforward", False))
-                shape = tuple(base.shape(name))
-                kind = kinds.get(name) or self._infer_ia3_kind(name, shape, vec.numel(), ff)
-                check_fits(self.adapter, name, kind, shape, f"the base model {base.path}", feedforward=ff, where=str(path))
-                self.ia3[name] = (kind, ff, vec, False)
-                bias = name[: -len("weight")] + "bias"
-                if not ff and name.endswith(".weight") and bias in base.files:
-                    self.ia3[bias] = (kind, ff, vec, True)
-                continue
-            a = self.adapter.tensors[f"{name}.lora_A"]
-            b = self.adapter.tensors[f"{name}.lora_B"]
             shape = tuple(base.shape(name))
-            kind = kinds.get(name) or self._infer_kind(name, shape, a, b)
-            check_fits(self.adapter, name, kind, shape, f"the base model {base.path}", where=str(path))
-            opt = options.get(name, {})
-            r = int(opt.get("r", a.shape[0]))
-            scaling = lora_scaling(float(opt.get("lora_alpha", config.get("lora_alpha", r))), r, bool(config.get("use_rslora")))
-            self.targets[name] = (kind, a, b, scaling, self.adapter.tensors.get(f"{name}.lora_magnitude_vector"))
+            prefix = f"{name}."
+            slots = {k[len(prefix):]: v for k, v in self.adapter.tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+
+            def fits(kind, feedforward=False, _name=name, _shape=shape):
+                check_fits(self.adapter, _name, kind, _shape, f"the base model {base.path}", feedforward=feedforward, where=str(path))
+
+            self.deltas.update(method.merge_deltas(SavedTarget(
+                name, slots, config, options.get(name) or {}, kinds.get(name), shape, base.files, str(path), fits)))
+        # the factors of each target, for outputs that re-factor the deltas (merge output: adapter)
+        self.targets: dict[str, tuple] = {k: (d.kind, *d.factors) for k, d in self.deltas.items() if d.factors}
         self.whole = {name: self.adapter.tensors[f"{name}.value"] for name in self.adapter.train_also
                       if f"{name}.value" in self.adapter.tensors and not skip(name)}
         self.files = base.files
         self.headers = base.headers
-
-    def _infer_kind(self, name: str, shape: tuple, a, b) -> str:
-        out_f, in_f = b.shape[0], a.shape[1]
-        if len(shape) == 2 and shape[0] != shape[1]:
-            if shape == (out_f, in_f):
-                return "linear"
-            if shape == (in_f, out_f):
-                return "conv1d"
-            raise AdapterError(f"{self.path}: {name}.lora_A has shape {tuple(a.shape)} and {name}.lora_B {tuple(b.shape)}, which fit "
-                               f"neither ({out_f}, {in_f}) nor ({in_f}, {out_f}), but the base weight {name} is {shape}; "
-                               "the adapter was made for another base model (or is corrupt)")
-        if len(shape) == 4:
-            return "conv2d"
-        raise UnsupportedError(f"{self.path}: cannot tell how the LoRA of {name} {shape} lies on the weight (no target_kinds in its "
-                               "adapter.json); re-save the adapter with this graftkit, or import it from peft again")
-
-    def _infer_ia3_kind(self, name: str, shape: tuple, size: int, ff: bool) -> str:
-        if len(shape) == 4:
-            return "conv2d"
-        if len(shape) == 2 and shape[0] != shape[1]:
-            scaled_axis = 1 if ff else 0  # in the (out, in) layout of a linear layer
-            return "linear" if shape[scaled_axis] == size else "conv1d"
-        raise UnsupportedError(f"{self.path}: cannot tell how the IA3 vector of {name} {shape} lies on the weight (no target_kinds "
-                               "in its adapter.json); re-save the adapter with this graftkit, or import it from peft again")
 
     def adapter_keys(self) -> list[str]:
         """The tensor names the adapter itself touches (targets and heads trained whole)."""
         return [*self.adapter.targets, *self.adapter.train_also]
 
     def adapted(self, key: str):
-        from ..methods.lora import lora_delta
-
         w = self.base.get(key)
-        if key in self.ia3:
-            from ..methods.ia3 import ia3_delta
-
-            kind, ff, vec, is_bias = self.ia3[key]
-            delta = w.float() * (vec.float() - 1) if is_bias else ia3_delta(kind, ff, w, vec)
-            return (w.float() + delta).to(w.dtype)
-        if key not in self.targets:
+        d = self.deltas.get(key)
+        if d is None or not w.dtype.is_floating_point:
             return w
-        kind, a, b, scaling, mag = self.targets[key]
-        return (w.float() + lora_delta(kind, w, a, b, scaling, mag)).to(w.dtype) if w.dtype.is_floating_point else w
+        return (w.float() + d.fn(w)).to(w.dtype)
 
 
 def is_adapter(path: str | Path) -> bool:

@@ -31,7 +31,6 @@ from .adapters import OnBase
 
 PEFT_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
-NATIVE_PEFT_TYPES = ("LORA", "IA3")  # read natively by graftkit.io.peft (factors, no peft needed)
 CACHE_MODULES = 4
 
 
@@ -44,7 +43,10 @@ def needs_fold(path: str | Path) -> bool:
         peft_type = json.loads((p / PEFT_CONFIG).read_text()).get("peft_type")
     except (OSError, ValueError):  # bad JSON, not UTF-8: the peft reader reports the broken file
         return False
-    return peft_type not in NATIVE_PEFT_TYPES
+    from ..io.peft import converters
+
+    # types a registered method converts are read natively (factors, no peft needed)
+    return peft_type not in converters()
 
 
 def _import_peft():

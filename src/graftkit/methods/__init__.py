@@ -6,3 +6,18 @@ from .ia3 import IA3Config
 from .lora import LoRAConfig
 
 __all__ = ["LoRAConfig", "IA3Config", "BitFitConfig", "FullConfig"]
+
+
+def method_named(name: object):
+    """The registered tuning method called ``name``, or None: importing this package registers the
+    built-in methods, so callers asking about capabilities never see an empty registry."""
+    from ..registry import METHODS
+
+    return METHODS.get(name) if isinstance(name, str) and name in METHODS else None
+
+
+def registered_methods() -> list:
+    """Every registered tuning method, by name."""
+    from ..registry import METHODS
+
+    return [METHODS.get(n) for n in METHODS]

@@ -21,7 +21,8 @@ no-op.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import AliasChoices, Field
@@ -107,17 +108,85 @@ class Site(nn.Module):
             self.unmerge()
 
 
+Space = Literal["weight", "activation", "sequence"]
+
+
+@dataclass(frozen=True)
+class SavedTarget:
+    """One target of a saved adapter, as a merge reads it (no model is built)."""
+
+    name: str  # the base parameter name
+    slots: dict[str, torch.Tensor]  # the method's tensors of this target, by slot name
+    config: dict[str, Any]  # the adapter's method config (adapter.json ``config``)
+    options: dict[str, Any]  # this target's options (adapter.json ``target_options``)
+    kind: str | None  # the layer kind when adapter.json records it
+    base_shape: tuple[int, ...]
+    base_keys: Any  # container of the base checkpoint's tensor names (``in`` works)
+    where: str  # the adapter's path, for messages
+    #: ``check_fits(kind, feedforward=False)``: refuse slots that do not fit the base weight
+    check_fits: Callable[..., None]
+
+
+@dataclass(frozen=True)
+class MergeDelta:
+    """The delta of one base tensor: ``fn(base value) -> float32 delta``, computed on request so
+    a merge never holds a dense copy. ``kind`` and ``factors`` (method-specific, e.g. LoRA's
+    ``(A, B, scaling, magnitude)``) are kept for outputs that re-factor deltas."""
+
+    kind: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    factors: tuple = ()
+
+
+@dataclass(frozen=True)
+class PeftConverter:
+    """peft's format of a method. ``read(cfg, raw, path)`` turns an adapter_config.json and its
+    tensors (prefix stripped) into an AdapterFile; ``write_site(site, key, tensors, acc)`` adds one
+    site's tensors under peft key prefix ``key`` (``acc``: a dict shared across sites);
+    ``write_config(state, acc)`` returns the method's entries of adapter_config.json."""
+
+    peft_type: str
+    read: Callable[[dict, dict, Any], Any]
+    write_site: Callable[[Any, str, dict, dict], None]
+    write_config: Callable[[Any, dict], dict]
+
+
 class TuningMethod:
-    """A registered tuning method: a config schema and a way to build sites."""
+    """A registered tuning method: a config schema, a way to build sites, and its capabilities
+    (``space``, ``has_weight_delta``, ``identity_at_init``, ``merge_deltas``, ``peft``), which the
+    rest of graftkit queries instead of testing method names."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     #: layer kinds (see graftkit.layers) the method can adapt
     kinds: ClassVar[tuple[str, ...]]
-    #: "weight": has a dense delta and can be merged; "activation": acts through hooks only
-    space: ClassVar[str] = "weight"
-    #: the peft_type string when peft has the same method (for import/export)
-    peft_type: ClassVar[str | None] = None
+    #: where the method acts: "weight" (changes base weights), "activation" (hidden states,
+    #: through hooks) or "sequence" (the input sequence, e.g. prompt tuning)
+    space: ClassVar[Space] = "weight"
+    #: whether a dense per-weight delta exists (``materialize_delta``, ``merge_adapter``)
+    has_weight_delta: ClassVar[bool] = True
+    #: whether a freshly injected adapter leaves the model's outputs unchanged
+    identity_at_init: ClassVar[bool] = True
+    #: how peft's format of the same method is read and written (io/peft.py), None when peft
+    #: has no such method
+    peft: ClassVar["PeftConverter | None"] = None
+
+    #: a saved adapter of this method as per-key deltas for a merge: called per target with
+    #: :class:`SavedTarget` and returning ``{base parameter name: MergeDelta}``; None when the
+    #: method's adapters cannot be merge inputs (they must be exported merged first)
+    merge_deltas: ClassVar[Callable[["SavedTarget"], dict[str, "MergeDelta"]] | None] = None
+    #: ``check_saved(adapter_file, name, options, where)``: refuse a saved target whose slots
+    #: disagree with each other or with adapter.json (one line); None: nothing to check
+    check_saved: ClassVar[Callable[[Any, str, dict, str], None] | None] = None
+    #: ``saved_shapes(adapter_file, name, kind, base_shape, feedforward) -> {tensor key: shape}``:
+    #: the shapes a saved target's slots must have on a base weight; None: not checked
+    saved_shapes: ClassVar[Callable[[Any, str, str, tuple, bool], dict[str, tuple]] | None] = None
+
+    @classmethod
+    def frozen_base_in_bf16(cls, config: dict[str, Any]) -> bool:
+        """Whether training may hold the frozen base linears in bf16 under bf16 precision (the
+        method's forward never needs their exact float32 values)."""
+        return False
 
     @classmethod
     def eligible(cls, info: ParamInfo) -> bool:

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..layers import out_axis
 from ..registry import METHODS
 from ..targets import ParamInfo
-from .base import MethodConfig, Site, TuningMethod, first_input, layer_kind, matches_any
+from .base import MergeDelta, MethodConfig, PeftConverter, SavedTarget, Site, TuningMethod, first_input, layer_kind, matches_any
 
 
 class IA3Config(MethodConfig):
@@ -131,12 +131,76 @@ class IA3Site(Site):
         return out
 
 
+def _infer_kind(t: SavedTarget, size: int, ff: bool) -> str:
+    """How the vector lies on a base weight when adapter.json has no ``target_kinds``."""
+    from ..errors import UnsupportedError
+
+    shape = t.base_shape
+    if len(shape) == 4:
+        return "conv2d"
+    if len(shape) == 2 and shape[0] != shape[1]:
+        scaled_axis = 1 if ff else 0  # in the (out, in) layout of a linear layer
+        return "linear" if shape[scaled_axis] == size else "conv1d"
+    raise UnsupportedError(f"{t.where}: cannot tell how the IA3 vector of {t.name} {shape} lies on the weight (no target_kinds "
+                           "in its adapter.json); re-save the adapter with this graftkit, or import it from peft again")
+
+
+def _merge_deltas(t: SavedTarget) -> dict[str, MergeDelta]:
+    vec = t.slots["ia3_l"]
+    ff = bool(t.options.get("feedforward", False))
+    kind = t.kind or _infer_kind(t, vec.numel(), ff)
+    t.check_fits(kind, feedforward=ff)
+    out = {t.name: MergeDelta(kind, lambda w: ia3_delta(kind, ff, w, vec))}
+    bias = t.name[: -len("weight")] + "bias"
+    # an output-scaled layer scales its bias too (as the live site does)
+    if not ff and t.name.endswith(".weight") and bias in t.base_keys:
+        out[bias] = MergeDelta(kind, lambda b: b.float() * (vec.float() - 1))
+    return out
+
+
+def _peft_read(cfg, raw, path):
+    from ..io.peft import ia3_from_peft
+
+    return ia3_from_peft(cfg, raw, path)
+
+
+def _peft_write_site(site, key, tensors, acc):
+    from ..io.peft import ia3_site_to_peft
+
+    ia3_site_to_peft(site, key, tensors, acc)
+
+
+def _peft_write_config(state, acc):
+    return {"feedforward_modules": sorted(acc.get("ff", [])), "init_ia3_weights": True}
+
+
+def _check_saved(adapter, name: str, options: dict, where: str) -> None:
+    from ..errors import AdapterError
+    from ..validate import saved_tensor
+
+    vec = saved_tensor(adapter, f"{name}.ia3_l", where)
+    if vec.dim() != 1:
+        raise AdapterError(f"{where}: adapter tensor {name}.ia3_l has shape {tuple(vec.shape)}; IA3 vectors are 1-D - the file is corrupt")
+
+
+def _saved_shapes(adapter, name: str, kind: str, base_shape: tuple, feedforward: bool = False) -> dict[str, tuple]:
+    if kind == "conv2d":
+        size = base_shape[1] if feedforward else base_shape[0]
+    else:
+        axis = out_axis(kind)
+        size = base_shape[1 - axis] if feedforward else base_shape[axis]
+    return {f"{name}.ia3_l": (size,)}
+
+
 @METHODS.register("ia3")
 class IA3(TuningMethod):
     name = "ia3"
     config_cls = IA3Config
     kinds = ("linear", "conv1d", "conv2d")
-    peft_type = "IA3"
+    merge_deltas = staticmethod(_merge_deltas)
+    check_saved = staticmethod(_check_saved)
+    saved_shapes = staticmethod(_saved_shapes)
+    peft = PeftConverter("IA3", _peft_read, _peft_write_site, _peft_write_config)
 
     @classmethod
     def resolve(cls, model, config: IA3Config, skip=()):

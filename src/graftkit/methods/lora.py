@@ -36,7 +36,7 @@ from ..errors import UnsupportedError
 from ..layers import from_matrix, matrix_shape, to_matrix
 from ..registry import METHODS
 from ..targets import ParamInfo
-from .base import MethodConfig, Site, TuningMethod, first_input, install_property, layer_kind, remove_property
+from .base import MergeDelta, MethodConfig, PeftConverter, SavedTarget, Site, TuningMethod, first_input, install_property, layer_kind, remove_property
 
 
 class LoRAConfig(MethodConfig):
@@ -240,12 +240,100 @@ class LoRASite(Site):
         return {self.pname: self.dense_delta(w).detach()}
 
 
+def _infer_kind(t: SavedTarget, a: torch.Tensor, b: torch.Tensor) -> str:
+    """How the factors lie on a base weight when adapter.json has no ``target_kinds``."""
+    from ..errors import AdapterError, UnsupportedError
+
+    shape, name = t.base_shape, t.name
+    out_f, in_f = b.shape[0], a.shape[1]
+    if len(shape) == 2 and shape[0] != shape[1]:
+        if shape == (out_f, in_f):
+            return "linear"
+        if shape == (in_f, out_f):
+            return "conv1d"
+        raise AdapterError(f"{t.where}: {name}.lora_A has shape {tuple(a.shape)} and {name}.lora_B {tuple(b.shape)}, which fit "
+                           f"neither ({out_f}, {in_f}) nor ({in_f}, {out_f}), but the base weight {name} is {shape}; "
+                           "the adapter was made for another base model (or is corrupt)")
+    if len(shape) == 4:
+        return "conv2d"
+    raise UnsupportedError(f"{t.where}: cannot tell how the LoRA of {name} {shape} lies on the weight (no target_kinds in its "
+                           "adapter.json); re-save the adapter with this graftkit, or import it from peft again")
+
+
+def _merge_deltas(t: SavedTarget) -> dict[str, MergeDelta]:
+    a, b, mag = t.slots["lora_A"], t.slots["lora_B"], t.slots.get("lora_magnitude_vector")
+    kind = t.kind or _infer_kind(t, a, b)
+    t.check_fits(kind)
+    r = int(t.options.get("r", a.shape[0]))
+    scaling = lora_scaling(float(t.options.get("lora_alpha", t.config.get("lora_alpha", r))), r, bool(t.config.get("use_rslora")))
+    return {t.name: MergeDelta(kind, lambda w: lora_delta(kind, w, a, b, scaling, mag), (a, b, scaling, mag))}
+
+
+def _peft_read(cfg, raw, path):
+    from ..io.peft import lora_from_peft
+
+    return lora_from_peft(cfg, raw, path)
+
+
+def _peft_write_site(site, key, tensors, acc):
+    from ..io.peft import lora_site_to_peft
+
+    lora_site_to_peft(site, key, tensors, acc)
+
+
+def _peft_write_config(state, acc):
+    from ..io.peft import lora_peft_config
+
+    return lora_peft_config(state, acc)
+
+
+def _check_saved(adapter, name: str, options: dict, where: str) -> None:
+    from ..errors import AdapterError
+    from ..validate import saved_tensor
+
+    a = saved_tensor(adapter, f"{name}.lora_A", where)
+    b = saved_tensor(adapter, f"{name}.lora_B", where)
+    for key, t in ((f"{name}.lora_A", a), (f"{name}.lora_B", b)):
+        if t.dim() != 2:
+            raise AdapterError(f"{where}: adapter tensor {key} has shape {tuple(t.shape)}; LoRA factors are 2-D - the file is corrupt")
+    if a.shape[0] != b.shape[1]:
+        raise AdapterError(f"{where}: {name}.lora_A has shape {tuple(a.shape)} but {name}.lora_B has {tuple(b.shape)}; "
+                           f"their ranks ({a.shape[0]} vs {b.shape[1]}) must agree - the file is corrupt or mixes two adapters")
+    r = options.get("r")
+    if r is not None and r != a.shape[0]:
+        raise AdapterError(f"{where}: adapter.json says r={r!r} for {name} but {name}.lora_A has shape {tuple(a.shape)} "
+                           f"(rank {a.shape[0]}); the file is corrupt or mixes two adapters")
+    mag = adapter.tensors.get(f"{name}.lora_magnitude_vector")
+    if mag is not None and tuple(mag.shape) != (b.shape[0],):
+        raise AdapterError(f"{where}: {name}.lora_magnitude_vector has shape {tuple(mag.shape)} but {name}.lora_B has "
+                           f"{tuple(b.shape)} ({b.shape[0]} outputs); the file is corrupt or mixes two adapters")
+
+
+def _saved_shapes(adapter, name: str, kind: str, base_shape: tuple, feedforward: bool = False) -> dict[str, tuple]:
+    from ..layers import matrix_shape
+
+    out_f, in_f = matrix_shape(kind, base_shape)
+    r = adapter.tensors[f"{name}.lora_A"].shape[0]
+    want = {f"{name}.lora_A": (r, in_f), f"{name}.lora_B": (out_f, r)}
+    if f"{name}.lora_magnitude_vector" in adapter.tensors:
+        want[f"{name}.lora_magnitude_vector"] = (out_f,)
+    return want
+
+
 @METHODS.register("lora")
 class LoRA(TuningMethod):
     name = "lora"
     config_cls = LoRAConfig
     kinds = ("linear", "conv1d", "embedding", "conv2d", "param")
-    peft_type = "LORA"
+    merge_deltas = staticmethod(_merge_deltas)
+    check_saved = staticmethod(_check_saved)
+    saved_shapes = staticmethod(_saved_shapes)
+    peft = PeftConverter("LORA", _peft_read, _peft_write_site, _peft_write_config)
+
+    @classmethod
+    def frozen_base_in_bf16(cls, config: dict[str, Any]) -> bool:
+        # DoRA normalises by the base weight's column norms, which bf16 would perturb
+        return not config.get("use_dora")
 
     @classmethod
     def eligible(cls, info: ParamInfo) -> bool:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
+from ..methods import method_named
 from . import fsdp
 from .checkpoint import latest_checkpoint, load_checkpoint, restore, rng_state, save_checkpoint, snapshot
 from .data import IGNORE, Order, Prepared, collate, prepare
@@ -431,7 +432,8 @@ class Run:
         if not self.named:
             raise ConfigError("nothing to train: the method and layerwise options leave no trainable parameter")
         # FSDP2 needs one dtype per shard group, so the frozen weights stay float32 there
-        if r.optim.precision == "bf16" and method.get("method") == "lora" and not method.get("use_dora") and not self.fsdp:
+        tuning = method_named(method.get("method"))
+        if r.optim.precision == "bf16" and tuning is not None and tuning.frozen_base_in_bf16(method) and not self.fsdp:
             self.frozen_in_bf16 = hold_frozen_linears_in_bf16(model)
         o = r.optim
         module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance))

@@ -143,9 +143,14 @@ class Recipe(StrictModel):
             raise ConfigError("masked_thought masks response (chain-of-thought) tokens: it needs chat SFT data (data.prompt_field and data.response_field)")
         if self.multitask and not d.task_field:
             raise ConfigError("multitask needs data.task_field naming the field that holds each row's task")
-        if "peft" in self.output.export and self.method.get("method") not in ("lora", "ia3"):
-            raise ConfigError(f"output.export peft: peft has no format for {self.method.get('method')!r} adapters (only lora and ia3); "
-                              "export merged instead, or drop peft")
+        if "peft" in self.output.export:
+            from ..io.peft import peft_method_names
+            from ..methods import method_named
+
+            name = self.method.get("method")
+            if getattr(method_named(name), "peft", None) is None:
+                raise ConfigError(f"output.export peft: peft has no format for {name!r} adapters (only {peft_method_names()}); "
+                                  "export merged instead, or drop peft")
         if self.eval.exact_match and (self.task != "causal-lm" or not d.prompt_field or not d.answer_field):
             raise ConfigError("eval.exact_match needs task causal-lm with chat data (data.prompt_field/response_field) and data.answer_field")
         return self
