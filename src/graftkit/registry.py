@@ -38,6 +38,10 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}{hint}; available: {', '.join(sorted(self._items))}"
             ) from None
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (a method defined by a test or a plugin, gone again at its teardown)."""
+        return self._items.pop(name)
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

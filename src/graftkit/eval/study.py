@@ -229,8 +229,9 @@ def merge_config(run: MergeRun, base: str, inputs: list[str], *, exclude: list[s
     cfg: dict[str, Any] = {"merge_method": run.method, "base_model": base,
                            "models": [{"model": p, "parameters": dict(per_model)} for p in inputs],
                            "parameters": global_, "dtype": "float32"}
-    if run.method == "slerp":
-        raise ConfigError("study merges combine several experts; slerp interpolates exactly two models - use linear or task_arithmetic")
+    if spec.base_as_input:
+        raise ConfigError(f"study merges combine several experts; {run.method} takes the base as one of exactly two inputs - "
+                          "use linear or task_arithmetic")
     if exclude:
         cfg["exclude"] = list(exclude)
     if grid and run.search:

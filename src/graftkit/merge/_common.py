@@ -279,38 +279,153 @@ def generators(seed: int | None, n: int) -> list[torch.Generator | None]:
 
 
 # -- registration -----------------------------------------------------------------------------
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Which fused kernel of :mod:`.kernels` runs a method (read by :mod:`.fused`, which never
+    imports torch). ``kernel``: ``"weighted_average"`` (the models themselves, no base) or
+    ``"merge_deltas"`` (task vectors); for ``merge_deltas``, ``keep`` is how each delta is sparsified -
+    ``"all"``, ``"threshold"`` (per-model magnitude trim to ``density``, TIES) or ``"random"`` (DARE's
+    drop and ``1/density`` rescale) - and ``consensus`` turns on TIES' sign election."""
+
+    kernel: str
+    keep: str = "all"
+    consensus: bool = False
+
+    def __post_init__(self):  # a misspelt kernel would otherwise fall through to another one at merge time
+        if self.kernel not in ("weighted_average", "merge_deltas") or self.keep not in ("all", "threshold", "random"):
+            raise ValueError(f"no fused kernel {self.kernel!r} with keep={self.keep!r}")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: its value kind (``bool``, ``int``, ``float``, ``str`` or ``object``
+    for anything), default, whether it is given per model, and whether a config must set it."""
+
+    name: str
+    kind: type
+    default: Any
+    per_model: bool
+    required: bool = False
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: the pure per-tensor function plus what the executor needs.
+    """A registered merge method: the pure per-tensor function plus everything the executor,
+    the config checks and the fused path need to know about it. Nothing outside the method's own
+    file compares method names; they ask these fields.
 
     ``inputs``: ``"delta"`` - the function gets ``(base, deltas)`` with ``deltas = models - base``;
     ``"model"`` - it gets ``(base_or_None, models)`` (linear, slerp).
-    ``model_params`` / ``global_params``: parameter name -> default (``None`` = required).
+    ``params``: the typed parameters (see :func:`register`); ``model_params`` / ``global_params``
+    are views of them: name -> default (``None`` = required or unset).
+
+    Capabilities (each default is the safe choice, so a method that declares nothing is merged
+    correctly, only more slowly):
+
+    * ``chunkable``: elementwise once per-model thresholds are known, so a large tensor may be
+      merged in row chunks (default: whole tensors only);
+    * ``thresholded``: trims each delta to its top ``density`` share by magnitude and accepts
+      per-model ``threshold`` values; a chunked tensor's thresholds are found over the whole tensor
+      first, and ``scope: global`` computes them over the whole model;
+    * ``base_as_input``: the base model is the first of the models handed in (slerp);
+    * ``needs_all_inputs_at_once``: the function takes one float32 ``(n, *shape)`` stack; ``False``
+      means it accepts a list of the raw tensors and widens them itself (linear: no stack);
+    * ``nan_propagating``: a NaN/Inf input always reaches the output (masks multiply, never
+      select), so the output check alone finds it (default: the inputs are checked first);
+    * ``fused``: the fused kernel that computes it bit for bit, if any (:class:`Fused`).
     """
 
     name: str
     fn: Callable
     needs_base: bool
     inputs: str = "delta"
-    model_params: dict = field(default_factory=dict)
-    global_params: dict = field(default_factory=dict)
+    params: tuple = ()
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
     paper: str = ""
+    chunkable: bool = False
+    thresholded: bool = False
+    base_as_input: bool = False
+    needs_all_inputs_at_once: bool = True
+    nan_propagating: bool = False
+    fused: Fused | None = None
+
+    @property
+    def model_params(self) -> dict:
+        return {p.name: p.default for p in self.params if p.per_model}
+
+    @property
+    def global_params(self) -> dict:
+        return {p.name: p.default for p in self.params if not p.per_model}
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
 
 
-def register(name: str, *, needs_base: bool = True, inputs: str = "delta", model_params=None, global_params=None,
-             min_models: int = 1, max_models: int | None = None, random: bool = False, paper: str = ""):
+_NO_DEFAULT = object()
+_KINDS = (bool, int, float, str)
+
+
+def _kind(annotation, default) -> type:
+    """A parameter's value kind from its annotation (a string under ``from __future__ import
+    annotations``), else from its default's type; ``object`` when neither says."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    for kind in _KINDS:
+        if text == kind.__name__:
+            return kind
+    if default is not None and default is not _NO_DEFAULT:
+        return next((k for k in _KINDS if type(default) is k), object)
+    return object
+
+
+def _params(name: str, fn: Callable, declared, per_model: bool) -> list[Param]:
+    """Typed parameters of ``fn``: ``declared`` is a sequence of keyword names, whose kind and
+    default come from ``fn``'s signature (declared once, in the function), and dicts name ->
+    default for the names a signature cannot carry (``lambda``) or that the function ignores
+    (mergekit's ``int8_mask``)."""
+    import inspect
+
+    sig = inspect.signature(fn).parameters
+    out = []
+    items = []
+    for entry in [declared] if isinstance(declared, dict) else declared:
+        items.extend(entry.items() if isinstance(entry, dict) else [(entry, _NO_DEFAULT)])
+    for pname, default in items:
+        p = sig.get(pname)
+        if default is _NO_DEFAULT:
+            if p is None or p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                raise RuntimeError(f"merge method {name!r}: parameter {pname!r} is not a keyword of {fn.__name__}; "
+                                   "declare it with a default (a dict) or add it to the signature")
+            required = p.default is inspect.Parameter.empty
+            value = None if required else p.default
+            out.append(Param(pname, _kind(p.annotation, None if required else value), value, per_model, required))
+        else:
+            out.append(Param(pname, _kind(p.annotation if p is not None else "", default), default, per_model))
+    return out
+
+
+def register(name: str, *, needs_base: bool = True, inputs: str = "delta", model_params=(), global_params=(),
+             min_models: int = 1, max_models: int | None = None, random: bool = False, paper: str = "",
+             chunkable: bool = False, thresholded: bool = False, base_as_input: bool = False,
+             needs_all_inputs_at_once: bool = True, nan_propagating: bool = False, fused: Fused | None = None):
+    """Register ``fn`` in :data:`graftkit.registry.MERGES` under ``name`` with its capabilities
+    (see :class:`MergeMethod`). ``model_params`` / ``global_params``: the per-model and global
+    parameters, as keyword names of ``fn`` (kind and default read from its signature) or a dict
+    name -> default."""
     from ..registry import MERGES
 
     def decorate(fn):
-        MERGES.register(name)(MergeMethod(name, fn, needs_base, inputs, dict(model_params or {}), dict(global_params or {}),
-                                          min_models, max_models, random, paper))
+        params = _params(name, fn, model_params, True)
+        taken = {p.name for p in params}
+        params += [p for p in _params(name, fn, global_params, False) if p.name not in taken]
+        MERGES.register(name)(MergeMethod(name, fn, needs_base, inputs, tuple(params), min_models, max_models, random,
+                                          paper, chunkable, thresholded, base_as_input, needs_all_inputs_at_once,
+                                          nan_propagating, fused))
         return fn
 
     return decorate

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from ._common import torch, as_list, band_mask, finish, register
 
-_PARAMS = {"weight": 1.0, "density": 1.0, "gamma": 0.01}
-_GLOBAL = {"normalize": False, "lambda": 1.0, "int8_mask": False}
+_PARAMS = ("weight", "density", "gamma")
+_GLOBAL = ("normalize", {"lambda": 1.0, "int8_mask": False})
 
 
 def crumbs(deltas: torch.Tensor, density, gamma, inplace: bool = False) -> torch.Tensor:
@@ -28,7 +28,7 @@ def crumbs(deltas: torch.Tensor, density, gamma, inplace: bool = False) -> torch
     return out
 
 
-@register("breadcrumbs", model_params=_PARAMS, global_params=_GLOBAL, paper="arXiv:2312.06795")
+@register("breadcrumbs", model_params=_PARAMS, global_params=_GLOBAL, paper="arXiv:2312.06795", nan_propagating=True)
 def breadcrumbs(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, gamma=0.01,
                 normalize: bool = False, inplace: bool = False, **kw) -> torch.Tensor:
     """Two-tailed magnitude mask per model, weighted sum."""
@@ -36,7 +36,7 @@ def breadcrumbs(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density
                   lam=kw.get("lambda", 1.0), inplace=inplace)
 
 
-@register("breadcrumbs_ties", model_params=_PARAMS, global_params=_GLOBAL, paper="arXiv:2312.06795")
+@register("breadcrumbs_ties", model_params=_PARAMS, global_params=_GLOBAL, paper="arXiv:2312.06795", nan_propagating=True)
 def breadcrumbs_ties(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, gamma=0.01,
                      normalize: bool = False, inplace: bool = False, **kw) -> torch.Tensor:
     """Two-tailed magnitude mask per model, then TIES sign election and disjoint merge."""

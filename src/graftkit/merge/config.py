@@ -161,6 +161,17 @@ def exclude_matcher(patterns: list[str]):
     return excluded
 
 
+def _like(spec, name: str):
+    """A value of the declared kind of parameter ``name`` for :func:`_check_value` (its default,
+    or a stand-in when a required or unset parameter has none)."""
+    p = spec.param(name)
+    if p is None:
+        return _MISSING
+    if p.default is not None:
+        return p.default
+    return {bool: False, str: ""}.get(p.kind, _MISSING)
+
+
 def validate(cfg: MergeConfig) -> MergeConfig:
     """Check the config against its method: parameter names, ranges, base model, model count."""
     spec = cfg.method()
@@ -171,15 +182,18 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     for name, value in cfg.parameters.items():
         if name not in accepted_global:
             raise ConfigError(f"parameters: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_global)) or 'none'}")
-        _check_value("parameters", name, value, spec.global_params.get(name, spec.model_params.get(name, _MISSING)))
+        _check_value("parameters", name, value, _like(spec, name))
     if cfg.parameters.get("scope", "tensor") not in ("tensor", "global"):
         raise ConfigError(f"parameters.scope must be 'tensor' (per-tensor trimming, mergekit's) or 'global' (one threshold per model); got {cfg.parameters['scope']!r}")
-    if spec.name == "slerp":
+    if spec.base_as_input and spec.max_models is not None:
         others = [m for m in cfg.models if m.model != cfg.base_model]
-        if len(others) != 1:
-            raise ConfigError(f"slerp interpolates the base_model and exactly one other model; got {len(others)} other model(s)")
-        if "t" not in cfg.parameters:
-            raise ConfigError("slerp needs parameters.t (0 = base_model, 1 = the other model)")
+        if len(others) != spec.max_models - 1:
+            want = spec.max_models - 1
+            raise ConfigError(f"merge_method {spec.name} takes the base_model and exactly {'one' if want == 1 else want} other "
+                              f"model{'s' if want != 1 else ''}; got {len(others)} other model(s)")
+    for p in spec.params:
+        if p.required and not p.per_model and p.name not in cfg.parameters:
+            raise ConfigError(f"merge_method {spec.name} needs parameters.{p.name} (it has no default); add it to parameters")
     non_base = [m for m in cfg.models if spec.inputs == "model" or m.model != cfg.base_model]
     if len(non_base) < spec.min_models:
         raise ConfigError(f"merge_method {spec.name} needs at least {spec.min_models} model(s) besides the base; got {len(non_base)}")
@@ -187,7 +201,7 @@ def validate(cfg: MergeConfig) -> MergeConfig:
         for name, value in m.parameters.items():
             if name not in accepted_model:
                 raise ConfigError(f"models[{i}] ({m.model}): unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_model)) or 'none'}")
-            _check_value(f"models[{i}] ({m.model})", name, value, spec.model_params.get(name, _MISSING))
+            _check_value(f"models[{i}] ({m.model})", name, value, _like(spec, name))
     weights = [m.parameters.get("weight", cfg.parameters.get("weight", spec.model_params.get("weight", 1.0))) for m in non_base]
     normalize = cfg.parameters.get("normalize", spec.global_params.get("normalize", False))
     if "weight" in spec.model_params and normalize and all(isinstance(w, (int, float)) for w in weights) and abs(sum(weights)) < 1e-8:
@@ -207,7 +221,7 @@ def validate(cfg: MergeConfig) -> MergeConfig:
             if name not in accepted_global:
                 raise ConfigError(f"search.grid: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_global))}")
             for value in cfg.search.grid[name]:
-                _check_value(f"search.grid.{name}", name, value, spec.global_params.get(name, spec.model_params.get(name, _MISSING)))
+                _check_value(f"search.grid.{name}", name, value, _like(spec, name))
         if "weight" in spec.model_params and 0 in cfg.search.grid.get("weight", []):
             raise ConfigError("search.grid.weight has 0, which sets every model's weight to 0 and would write base_model as a trial; "
                               "drop it (the base model needs no merge)")

@@ -25,7 +25,7 @@ def _consensus(base, deltas, tau_mtl, tall_lambda, k: int, lam: float) -> torch.
     return base + lam * torch.where(keep, tau_mtl, 0.0)
 
 
-@register("consensus_ta", model_params={"weight": 1.0, "tall_lambda": 0.4}, global_params={"k": 2, "lambda": 1.0})
+@register("consensus_ta", model_params=("weight", "tall_lambda"), global_params=("k", {"lambda": 1.0}))
 def consensus_ta(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, tall_lambda=0.4, k: int = 2,
                  **kw) -> torch.Tensor:
     """TALL-mask consensus on the task-arithmetic vector ``sum_i w_i tau_i``."""
@@ -34,8 +34,7 @@ def consensus_ta(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, tall_l
     return _consensus(base, deltas, tau, tall_lambda, k, kw.get("lambda", 1.0))
 
 
-@register("consensus_ties", model_params={"weight": 1.0, "density": 1.0, "tall_lambda": 0.4},
-          global_params={"k": 2, "lambda": 1.0, "normalize": True})
+@register("consensus_ties", model_params=("weight", "density", "tall_lambda"), global_params=("k", "normalize", {"lambda": 1.0}))
 def consensus_ties(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, tall_lambda=0.4, k: int = 2,
                    normalize: bool = True, **kw) -> torch.Tensor:
     """TALL-mask consensus on the TIES-merged vector (trim to ``density``, elect, disjoint mean)."""

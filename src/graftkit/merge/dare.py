@@ -18,10 +18,11 @@ At density 1 they equal ``task_arithmetic`` and TIES-at-density-1.
 """
 from __future__ import annotations
 
-from ._common import torch, as_list, finish, generators, random_keep_, register
+from ._common import Fused, torch, as_list, finish, generators, random_keep_, register
 
-_PARAMS = {"weight": 1.0, "density": 1.0}
-_GLOBAL = {"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False, "seed": None}
+_PARAMS = ("weight", "density")
+_GLOBAL = ("normalize", "rescale", "seed", {"lambda": 1.0, "int8_mask": False})
+_CAPS = {"chunkable": True, "nan_propagating": True, "random": True, "paper": "arXiv:2311.03099"}
 
 
 def drop(deltas: torch.Tensor, density, rescale: bool = True, seed: int | None = None, inplace: bool = False) -> torch.Tensor:
@@ -47,14 +48,15 @@ def _drop_and_finish(base, deltas, weight, density, normalize, rescale, seed, in
                   lam=lam, inplace=True, scale=scale)
 
 
-@register("dare_linear", model_params=_PARAMS, global_params=_GLOBAL, random=True, paper="arXiv:2311.03099")
+@register("dare_linear", model_params=_PARAMS, global_params=_GLOBAL, fused=Fused("merge_deltas", keep="random"), **_CAPS)
 def dare_linear(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, normalize: bool = False,
                 rescale: bool = True, seed: int | None = None, inplace: bool = False, **kw) -> torch.Tensor:
     """Random drop (keep prob ``density``), rescale by ``1/density``, weighted sum."""
     return _drop_and_finish(base, deltas, weight, density, normalize, rescale, seed, inplace, False, kw.get("lambda", 1.0))
 
 
-@register("dare_ties", model_params=_PARAMS, global_params=_GLOBAL, random=True, paper="arXiv:2311.03099")
+@register("dare_ties", model_params=_PARAMS, global_params=_GLOBAL, fused=Fused("merge_deltas", keep="random", consensus=True),
+          **_CAPS)
 def dare_ties(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, normalize: bool = False,
               rescale: bool = True, seed: int | None = None, inplace: bool = False, **kw) -> torch.Tensor:
     """Random drop and rescale, then TIES sign election and disjoint merge."""

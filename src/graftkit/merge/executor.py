@@ -80,13 +80,13 @@ class Plan:
             # fused kernels: a chunk of each mapped input and of the output; TIES' thresholds map
             # the base and one model whole
             per_worker = 4 * CHUNK * (n + 2)
-            if self.spec.name == "ties":
+            if self.spec.fused.keep == "threshold":
                 per_worker = max(per_worker, 2 * max(nbytes(self.in_dtypes[k], s) for k, s in self.shapes.items()))
-        elif self.spec.name in CHUNKABLE:
-            chunk = min(largest, 4 * chunk_elements(self.spec.name))
+        elif self.spec.chunkable:
+            chunk = min(largest, 4 * chunk_elements(self.spec))
             # per worker: n float32 deltas + base + ~3 temporaries per chunk; the threshold pass
             # of a large tensor holds one model's float32 delta, its magnitudes and the base
-            per_worker = max(chunk * (n + 5), 3 * largest if self.spec.name in THRESHOLDED else 0)
+            per_worker = max(chunk * (n + 5), 3 * largest if self.spec.thresholded else 0)
         else:
             per_worker = largest * (2 * n + 5)
         return threads * per_worker
@@ -139,8 +139,8 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
     whose values the real run checks as it merges each tensor."""
     cfg = load_config(config)
     spec = cfg.method()
-    base = cfg.base_model if spec.needs_base or spec.name == "slerp" else None
-    if spec.inputs == "model" and spec.name == "slerp":
+    base = cfg.base_model if spec.needs_base or spec.base_as_input else None
+    if spec.base_as_input:
         inputs = [cfg.base_model] + [m.model for m in cfg.models if m.model != cfg.base_model]
     elif spec.inputs == "model":
         inputs = [m.model for m in cfg.models]
@@ -274,7 +274,7 @@ def key_params(plan: Plan, key: str) -> dict:
     params: dict[str, Any] = {}
     per_model = {m.model: m.parameters for m in cfg.models}
     t = plan.layer_t(key)
-    method_inputs = plan.inputs[1:] if spec.name == "slerp" else plan.inputs
+    method_inputs = plan.inputs[1:] if spec.base_as_input else plan.inputs
     for name, default in spec.model_params.items():
         values = []
         for p in method_inputs:
@@ -291,10 +291,9 @@ def key_params(plan: Plan, key: str) -> dict:
         params["seed"] = _seed_for(cfg.parameters.get("seed", cfg.seed), key)
     params.pop("int8_mask", None)
     params.pop("scope", None)
-    if spec.name == "slerp":
-        params = {"t": float(params["t"])}
-    if "k" in params:
-        params["k"] = int(params["k"])
+    for p in spec.params:  # the declared kind of a whole-number or required parameter (slerp's t, k)
+        if not p.per_model and (p.kind is int or p.required and p.kind is float) and params.get(p.name) is not None:
+            params[p.name] = p.kind(params[p.name])
     return params
 
 
@@ -324,22 +323,13 @@ class _Progress:
             self.bar.stop()
 
 
-# Methods whose work is elementwise once per-model thresholds are known: large tensors run in
-# row chunks, so a worker never holds n float32 copies of an embedding matrix.
-# Methods whose masks multiply (never select): a NaN/Inf input always reaches the output
-# (NaN * 0 = NaN), so checking the output alone finds it and saves a pass over every input.
-NAN_PROPAGATING = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties")
-CHUNKABLE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-THRESHOLDED = ("ties", "magnitude_prune")
-
-
-def chunk_elements(method: str = "") -> int:
+def chunk_elements(spec=None) -> int:
     """Elements per row chunk of a large tensor (``GRAFT_MERGE_CHUNK`` overrides). Methods that
     trim by magnitude need an extra read of every model to find a chunked tensor's thresholds, so
     they chunk only above 4M elements (the MLP matrices of a 0.5B model stay whole); the others
     gain from small chunks that stay in cache (the benchmark's recipes, warm cache: linear 2.1 s and
     413 MB at 1M vs 2.4 s and 739 MB at 4M; ties 7.2 s at 4M vs 7.8 s at 1M; bench/RESULTS.md)."""
-    default = 1 << 22 if method in THRESHOLDED else 1 << 20
+    default = 1 << 22 if spec is not None and spec.thresholded else 1 << 20
     return int(os.environ.get("GRAFT_MERGE_CHUNK", default))
 
 
@@ -403,10 +393,10 @@ def _merge_rows(plan: Plan, key: str, torch, params: dict, rows: tuple[int, int]
     base = None
     if plan.base and spec.inputs == "delta":
         base = _read(plan, plan.base, key, rows).float()
-        if spec.name not in NAN_PROPAGATING:
+        if not spec.nan_propagating:
             _check_finite(torch, base.reshape(1, -1), key, [plan.base])
     shape = plan.shapes[key] if rows is None else (rows[1] - rows[0], *plan.shapes[key][1:])
-    if spec.name == "linear":  # accumulates the raw tensors itself: no float32 stack
+    if not spec.needs_all_inputs_at_once:  # accumulates the raw tensors itself (linear): no float32 stack
         raw = [_read(plan, p, key, rows) for p in names]
         out = spec.fn(None, raw, **params)
         if not bool(torch.isfinite(out.sum())):
@@ -418,14 +408,14 @@ def _merge_rows(plan: Plan, key: str, torch, params: dict, rows: tuple[int, int]
             stack[i].copy_(_read(plan, p, key, rows)).sub_(base)  # widen, then subtract: 3x faster than a mixed-dtype sub
         else:
             stack[i].copy_(_read(plan, p, key, rows))
-    if spec.name not in NAN_PROPAGATING:
+    if not spec.nan_propagating:
         _check_finite(torch, stack.reshape(len(names), -1), key, names)
     if spec.inputs == "delta":
         if _takes_inplace(spec.fn):
             params = {**params, "inplace": True}  # the stack is ours: let the method reuse it
         out = spec.fn(base, stack, **params)
     else:
-        out = spec.fn(None if spec.name != "slerp" else stack[0], stack, **params)
+        out = spec.fn(stack[0] if spec.base_as_input else None, stack, **params)
     del stack
     if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
         for p in [*([plan.base] if plan.base else []), *names]:  # name the input that brought the NaN/Inf
@@ -443,7 +433,7 @@ def _thresholds(plan: Plan, key: str, torch, density: list) -> list:
     numel = 1
     for d in shape:
         numel *= d
-    step = max(1, chunk_elements(plan.spec.name) // max(1, numel // shape[0]))
+    step = max(1, chunk_elements(plan.spec) // max(1, numel // shape[0]))
     mag = torch.empty(shape, dtype=torch.float32)  # the only full-size buffer, reused per model
     out = []
     for p, d in zip(plan.inputs, density):
@@ -517,10 +507,10 @@ def _merge_key(plan: Plan, key: str, torch) -> Any:
     numel = 1
     for d in shape:
         numel *= d
-    limit = chunk_elements(spec.name)
-    if numel <= limit or spec.name not in CHUNKABLE or len(shape) < 1 or shape[0] < 2:
+    limit = chunk_elements(spec)
+    if numel <= limit or not spec.chunkable or len(shape) < 1 or shape[0] < 2:
         return _merge_rows(plan, key, torch, params, None).to(out_dtype)
-    if spec.name in THRESHOLDED and "threshold" not in params:
+    if spec.thresholded and "threshold" not in params:
         params = {**params, "threshold": _thresholds(plan, key, torch, params["density"])}
     step = max(1, limit // max(1, numel // shape[0]))
     out = torch.empty(shape, dtype=out_dtype)
@@ -679,7 +669,7 @@ def execute(plan: Plan, folder: Path, threads: int | None = None, progress: bool
             del out
         bar.advance(per_key_bytes[key])
 
-    if plan.spec.name == "ties" and plan.config.parameters.get("scope", "tensor") == "global":
+    if plan.spec.thresholded and plan.config.parameters.get("scope", "tensor") == "global":
         plan.global_thresholds = global_thresholds(plan, torch)
         plan.stats["global_thresholds"] = plan.global_thresholds
     try:

@@ -1,7 +1,7 @@
 """The executor's fast path: merge a tensor with the fused kernels of :mod:`.kernels`.
 
-Used when the method has a kernel (linear, task_arithmetic, ties with per-tensor trimming,
-dare_linear, dare_ties) and every input is a safetensors file whose tensors are bf16 or float32,
+Used when the method declares a kernel (``MergeMethod.fused``: linear, task_arithmetic, ties with
+per-tensor trimming, dare_linear and dare_ties do) and every input is a safetensors file whose tensors are bf16 or float32,
 output bf16 or float32. Everything else - adapters, pickled checkpoints, float16, the other
 methods - goes through the torch reference functions. This path never imports torch (1.5 s of a
 merge that otherwise takes a few seconds): it reads the raw bits through memory maps, runs the
@@ -19,7 +19,6 @@ import numpy as np
 
 from ..tensors import Checkpoint
 
-FUSED_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 RAW = {"BF16": np.uint16, "F32": np.uint32}  # the kernels read and write raw bits
 CHUNK = 1 << 20  # elements per kernel call: the mapped input pages are released after each chunk
 _MASK64 = (1 << 64) - 1
@@ -29,7 +28,7 @@ def unsupported(plan) -> str | None:
     """Why ``plan`` cannot use the fused kernels (``None`` when it can)."""
     if os.environ.get("GRAFT_MERGE_KERNELS", "") == "torch":
         return "GRAFT_MERGE_KERNELS=torch"
-    if plan.spec.name not in FUSED_METHODS:
+    if plan.spec.fused is None:
         return f"{plan.spec.name} has no fused kernel"
     if plan.config.parameters.get("scope", "tensor") != "tensor":
         return "scope: global"
@@ -111,13 +110,13 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
     broken input). When it is not 0, what was written for ``key`` must be rewritten."""
     from . import kernels
 
-    spec = plan.spec
+    kernel = plan.spec.fused
     numel = 1
     for d in plan.shapes[key]:
         numel *= d
     out = np.empty(min(numel, CHUNK), dtype=RAW[plan.out_dtypes[key]])
     models = [_Mapped(plan.ckpts[p], key) for p in plan.inputs]
-    base = _Mapped(plan.ckpts[plan.base], key) if spec.name != "linear" else None
+    base = _Mapped(plan.ckpts[plan.base], key) if kernel.kernel == "merge_deltas" else None
     mapped = [*([base] if base else []), *models]
 
     def chunked(kernel) -> int:
@@ -135,7 +134,7 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
 
     try:
         weights = np.asarray(params["weight"], dtype=np.float64)
-        if spec.name == "linear":
+        if kernel.kernel == "weighted_average":
             normalize = bool(params["normalize"])
             return chunked(lambda lo, hi, part: kernels.weighted_average(tuple(m.array[lo:hi] for m in models), weights,
                                                                          normalize, part))
@@ -146,7 +145,7 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
         seeds = np.zeros(n, dtype=np.uint64)
         coefs = weights.copy()
         mode = kernels.KEEP_ALL
-        if spec.name == "ties":
+        if kernel.keep == "threshold":
             mode = kernels.KEEP_ABOVE
             for i, (m, d) in enumerate(zip(models, density)):
                 if d < 1:  # one model at a time: the mapped pages of one model and the base at most
@@ -154,7 +153,7 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
                     thresholds[i] = kernels.kth_largest_deltas(base.array, (m.array,), k)[0]
                     m.release()
             base.release()
-        elif spec.name.startswith("dare_"):
+        elif kernel.keep == "random":
             mode = kernels.KEEP_RANDOM
             seed = params.get("seed")
             seed = secrets.randbits(62) if seed is None else int(seed)
@@ -164,7 +163,7 @@ def merge_key(plan, key: str, params: dict, writer) -> int:
                     bounds[i] = round(d * 2**32)
                     if params.get("rescale", True):
                         coefs[i] = weights[i] / d
-        consensus = spec.name in ("ties", "dare_ties")
+        consensus = kernel.consensus
         normalize, lam = bool(params.get("normalize", False)), float(params.get("lambda", 1.0))
         return chunked(lambda lo, hi, part: kernels.merge_deltas(
             base.array[lo:hi], tuple(m.array[lo:hi] for m in models), weights, coefs, mode, thresholds, bounds, seeds, lo,

@@ -11,11 +11,11 @@ models themselves; a base model is not needed (nor used unless it is listed amon
 """
 from __future__ import annotations
 
-from ._common import torch, as_list, finish, register
+from ._common import Fused, torch, as_list, finish, register
 
 
-@register("linear", needs_base=False, inputs="model", model_params={"weight": 1.0},
-          global_params={"normalize": True}, paper="arXiv:2203.05482")
+@register("linear", needs_base=False, inputs="model", model_params=("weight",), global_params=("normalize",),
+          paper="arXiv:2203.05482", chunkable=True, needs_all_inputs_at_once=False, fused=Fused("weighted_average"))
 def linear(base: torch.Tensor | None, models, *, weight=1.0, normalize: bool = True) -> torch.Tensor:
     """Weighted average of the models: ``sum_i w_i theta_i / sum_i w_i`` in float32.
 
@@ -35,8 +35,8 @@ def linear(base: torch.Tensor | None, models, *, weight=1.0, normalize: bool = T
     return out
 
 
-@register("task_arithmetic", model_params={"weight": 1.0}, global_params={"normalize": False, "lambda": 1.0},
-          paper="arXiv:2212.04089")
+@register("task_arithmetic", model_params=("weight",), global_params=("normalize", {"lambda": 1.0}),
+          paper="arXiv:2212.04089", chunkable=True, nan_propagating=True, fused=Fused("merge_deltas"))
 def task_arithmetic(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, normalize: bool = False,
                     inplace: bool = False, **kw) -> torch.Tensor:
     """``theta_0 + lambda * sum_i w_i tau_i`` (divided by ``sum_i w_i`` when ``normalize``)."""

@@ -12,8 +12,8 @@ from ._common import torch, finish, register
 from .ties import trim
 
 
-@register("magnitude_prune", model_params={"weight": 1.0, "density": 1.0},
-          global_params={"normalize": False, "lambda": 1.0, "rescale": False})
+@register("magnitude_prune", model_params=("weight", "density"), global_params=("normalize", "rescale", {"lambda": 1.0}),
+          chunkable=True, thresholded=True, nan_propagating=True)
 def magnitude_prune(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, normalize: bool = False,
                     rescale: bool = False, inplace: bool = False, threshold=None, **kw) -> torch.Tensor:
     """Per-model top-``density`` magnitude trim, weighted sum; ``rescale`` multiplies survivors

@@ -29,7 +29,7 @@ def _kth(x: torch.Tensor, index: int) -> torch.Tensor:
     return torch.kthvalue(x, index + 1, dim=1, keepdim=True).values
 
 
-@register("pcb", model_params={"weight": 1.0}, global_params={"density": 0.1, "lambda": 1.0}, paper="arXiv:2410.02396")
+@register("pcb", model_params=("weight",), global_params=("density", {"lambda": 1.0}), paper="arXiv:2410.02396")
 def pcb(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density: float = 0.1, **kw) -> torch.Tensor:
     """PCB-merging per tensor; ``density`` = share of scores kept per task, ``lambda`` = scale."""
     n = deltas.shape[0]

@@ -19,7 +19,7 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-@register("slerp", inputs="model", model_params={}, global_params={"t": None}, min_models=2, max_models=2)
+@register("slerp", inputs="model", global_params=("t",), min_models=2, max_models=2, base_as_input=True)
 def slerp(base: torch.Tensor, models: torch.Tensor, *, t: float) -> torch.Tensor:
     """``models`` is ``(2, *shape)``: ``models[0]`` the base, ``models[1]`` the other model."""
     a, b = models[0].reshape(-1), models[1].reshape(-1)

@@ -16,7 +16,7 @@ task arithmetic with ``normalize: true``.
 """
 from __future__ import annotations
 
-from ._common import torch, as_list, finish, keep_at_least_, register, trim_
+from ._common import Fused, torch, as_list, finish, keep_at_least_, register, trim_
 
 
 def trim(deltas: torch.Tensor, density, threshold=None, inplace: bool = False) -> torch.Tensor:
@@ -31,9 +31,10 @@ def trim(deltas: torch.Tensor, density, threshold=None, inplace: bool = False) -
     return out
 
 
-@register("ties", model_params={"weight": 1.0, "density": 1.0},
-          global_params={"normalize": True, "lambda": 1.0, "int8_mask": False, "scope": "tensor"},
-          paper="arXiv:2306.01708")
+@register("ties", model_params=("weight", "density"),
+          global_params=("normalize", {"lambda": 1.0, "int8_mask": False, "scope": "tensor"}),
+          paper="arXiv:2306.01708", chunkable=True, thresholded=True, nan_propagating=True,
+          fused=Fused("merge_deltas", keep="threshold", consensus=True))
 def ties(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, normalize: bool = True,
          threshold=None, inplace: bool = False, **kw) -> torch.Tensor:
     """TIES: per-model magnitude trim to ``density``, sign election, disjoint (weighted) mean.
