@@ -150,3 +150,18 @@ def test_linear_merge_of_adapters_is_a_loadable_model_folder(tmp_path):
     assert (out / "config.json").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_adapter_output_refuses_inputs_without_low_rank_factors(tmp_path):
+    """``output: adapter`` re-factors LoRA factors: a method that does not declare
+    ``low_rank_factors`` (IA3) is refused in one line, and nothing is written."""
+    from graftkit.errors import ConfigError
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    model = tiny_llama(0)
+    gk.inject(model, gk.IA3Config(targets=["k_proj", "v_proj"], init_ia3_weights=False))
+    gk.save_adapter(model, tmp_path / "ia3")
+    lora = make_adapter(tmp_path / "base", tmp_path / "lora", seed=1)
+    with pytest.raises(ConfigError, match="LoRA-family inputs"):
+        gk.merge(_adapter_cfg(tmp_path, [lora, tmp_path / "ia3"], "task_arithmetic", 4), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,9 @@ def check_plan(plan) -> dict[str, str]:
     sources = [plan.ckpts[p] for p in plan.inputs]
     if not plan.base or not all(isinstance(s, AdapterSource) for s in sources):
         raise ConfigError("output: adapter needs a base_model and LoRA adapters as every input (models: are adapter folders)")
-    if any(s.method != "lora" for s in sources):
+    from ..methods import method_named
+
+    if not all(getattr(method_named(s.method), "low_rank_factors", False) for s in sources):
         raise ConfigError("output: adapter needs LoRA-family inputs (LoRA, rsLoRA, DoRA); IA3 inputs can be merged to a full model")
     if any(s.whole for s in sources):
         raise ConfigError("output: adapter cannot carry tensors trained whole (train_also / modules_to_save); merge to a full model")

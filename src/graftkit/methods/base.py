@@ -170,6 +170,9 @@ class TuningMethod:
     #: how peft's format of the same method is read and written (io/peft.py), None when peft
     #: has no such method
     peft: ClassVar["PeftConverter | None"] = None
+    #: whether a saved adapter holds low-rank factors ``lora_A``/``lora_B`` of its delta, so a
+    #: merge of such adapters can be written back as a LoRA (merge/to_adapter.py)
+    low_rank_factors: ClassVar[bool] = False
 
     #: a saved adapter of this method as per-key deltas for a merge: called per target with
     #: :class:`SavedTarget` and returning ``{base parameter name: MergeDelta}``; None when the

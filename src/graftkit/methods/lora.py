@@ -329,6 +329,7 @@ class LoRA(TuningMethod):
     check_saved = staticmethod(_check_saved)
     saved_shapes = staticmethod(_saved_shapes)
     peft = PeftConverter("LORA", _peft_read, _peft_write_site, _peft_write_config)
+    low_rank_factors = True
 
     @classmethod
     def frozen_base_in_bf16(cls, config: dict[str, Any]) -> bool:
