@@ -18,6 +18,7 @@ from .config import parse_config
 from .errors import AdapterError, ConfigError, TargetError
 from .fingerprint import fingerprint
 from .layers import layer_kind
+from .methods.activation import MODULE_KEY, refusal
 from .methods.base import HOLDER, MethodConfig, Site, TuningMethod
 from .methods.inplace import DeltaSite
 from .registry import METHODS
@@ -72,7 +73,8 @@ def sites(model: nn.Module) -> dict[str, Site]:
         if holder is None:
             continue
         for pname, site in holder.items():
-            out[f"{mname}.{pname}" if mname else pname] = site
+            # a module site is keyed by its module's name, a weight site by its parameter's
+            out[mname if pname == MODULE_KEY else f"{mname}.{pname}" if mname else pname] = site
     return out
 
 
@@ -126,16 +128,18 @@ def inject(model: nn.Module, config: MethodConfig | dict, *, resolved: dict[str,
         infos, options = method.resolve(model, config, skip={h.name for h in heads})
     else:
         heads = [find_param(model, n) for n in resolved["train_also"]]
-        infos = [find_param(model, n) for n in resolved["targets"]]
+        infos = [method.find(model, n) for n in resolved["targets"]]
         options = resolved["options"]
     for info in [*infos, *heads]:
         if _existing_site(info):
             raise AdapterError(f"parameter {info.name} already carries an adapter; unload it before injecting again")
     head_names = sorted(h.name for h in heads)
     target_names = [i.name for i in infos]
-    fp = fingerprint(model, target_names, skip=set(head_names))
+    # module targets are probed through their own parameters
+    probes = [n for i in infos for n in (i.probe_params()[:1] if i.param is None else [i.name])]
+    fp = fingerprint(model, probes, skip=set(head_names))
     # build every site before touching the model, so a refused target leaves it as it was
-    new_sites = [(info, method.make_site(info, config, options.get(info.name, {}))) for info in infos]
+    new_sites = list(zip(infos, method.make_sites(infos, config, options)))
     _refuse_tied(model, method.name, new_sites)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -157,9 +161,16 @@ def inject(model: nn.Module, config: MethodConfig | dict, *, resolved: dict[str,
     return model
 
 
+def require_weight_delta(state: AdapterState, what: str) -> None:
+    """Refuse a weight-only operation on an adapter that changes activations, in one line."""
+    method = METHODS.get(state.method)
+    if not method.weight_delta(state.config):
+        raise AdapterError(refusal(state.method, what, "sequence" if method.space == "sequence" else "activation"))
+
+
 def merge_adapter(model: nn.Module) -> None:
     """Fold the adapter into the base weights (forward output is unchanged)."""
-    require_state(model)
+    require_weight_delta(require_state(model), "merging into the weights")
     for site in sites(model).values():
         site.merge()
 
@@ -174,6 +185,8 @@ def unmerge_adapter(model: nn.Module) -> None:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove the adapter. ``merge=True`` keeps its effect in the weights; ``False`` restores the base."""
     state = require_state(model)
+    if merge:
+        require_weight_delta(state, "unload(merge=True)")
     for site in sites(model).values():
         if not site.enabled:
             site.set_enabled(True)
@@ -214,6 +227,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def materialize_delta(model: nn.Module, *, include_heads: bool = True) -> dict[str, torch.Tensor]:
     """The dense per-parameter delta of the adapter, float32, in each base parameter's layout."""
     state = require_state(model)
+    require_weight_delta(state, "materialize_delta")
     heads = set(state.train_also)
     out: dict[str, torch.Tensor] = {}
     for name, site in sites(model).items():

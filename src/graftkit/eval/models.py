@@ -273,8 +273,12 @@ def load(spec: ModelSpec, kind: str, device: torch.device | str = "cpu") -> Load
     if adapter is not None:
         from ..adapter import unload
 
-        # folding is exact only where the weights keep full precision; bf16/fp16 would round
-        if all(p.dtype in (torch.float32, torch.float64) for p in model.parameters()):
+        from ..methods import method_named
+
+        # folding is exact only where the weights keep full precision; bf16/fp16 would round;
+        # an adapter that changes activations has nothing to fold and stays attached
+        if all(p.dtype in (torch.float32, torch.float64) for p in model.parameters()) and \
+                method_named(adapter.method).weight_delta(adapter.meta.get("config") or {}):
             unload(model, merge=True)
     for p in model.parameters():
         p.requires_grad_(False)

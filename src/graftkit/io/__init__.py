@@ -6,6 +6,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adapter import require_state, unload
+from ..methods.activation import refuse_weight_op
 from ..errors import FileFormatError
 from .native import META_NAME, AdapterFile, adapter_from_model, apply_adapter, read_native, write_native
 from .peft import CONFIG_NAME, read_peft, write_peft
@@ -85,6 +86,7 @@ def export_merged(adapter_path: str | Path, base: str | Path, out: str | Path, *
 
     check_output(out, [("adapter", adapter_path), ("base", base)])
     adapter = read_adapter(adapter_path, allow_pickle)
+    refuse_weight_op(adapter.method, adapter.meta.get("config") or {}, "export --merged")
     model = load_base_for(adapter, base, allow_pickle=allow_pickle)
     apply_adapter(model, adapter, force=force)
     unload(model, merge=True)

@@ -4,7 +4,8 @@ A folder holds ``adapter.json`` and ``adapter.safetensors``. The JSON records th
 its config, the resolved target list with per-target options, the parameters trained
 whole (``train_also``), the base model (class, name, fingerprint) and the versions that
 wrote it. Tensor keys are ``<base parameter name>.<slot>``, e.g.
-``model.layers.0.self_attn.q_proj.weight.lora_A``.
+``model.layers.0.self_attn.q_proj.weight.lora_A``, or ``<module name>.<slot>`` for methods that
+attach to modules (activation space), e.g. ``model.layers.0.mlp.adapter_down``.
 
 :class:`AdapterFile` is that pair in memory. peft folders are converted to it on read (see
 :mod:`graftkit.io.peft`), so every adapter, whatever its file format, is applied to a model
@@ -134,8 +135,10 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, force: bool = False) -
     base = adapter.meta.get("base_model") or {}
     base_name = base.get("name_or_path")
     check_adapter(adapter, _where(adapter))
-    for name in [*adapter.targets, *adapter.train_also]:
-        find_param(model, name)  # a missing parameter is named in the error
+    for name in adapter.targets:
+        method.find(model, name)  # a missing parameter or module is named in the error
+    for name in adapter.train_also:
+        find_param(model, name)
     if not force:
         check_fingerprint(model, base.get("fingerprint"), set(adapter.train_also), base_name)
     resolved = {"targets": adapter.targets, "options": adapter.meta.get("target_options", {}), "train_also": adapter.train_also}

@@ -192,6 +192,19 @@ class TuningMethod:
         return False
 
     @classmethod
+    def weight_delta(cls, config: Any) -> bool:
+        """Whether an adapter of this method with ``config`` (a MethodConfig or its dict) has a
+        dense per-weight delta; a composition answers for its parts."""
+        return cls.has_weight_delta
+
+    @classmethod
+    def find(cls, model: nn.Module, name: str) -> ParamInfo:
+        """The attachment point a saved adapter names (a parameter; module methods: a module)."""
+        from ..targets import find_param
+
+        return find_param(model, name)
+
+    @classmethod
     def eligible(cls, info: ParamInfo) -> bool:
         return layer_kind(info.module, info.pname) in cls.kinds and info.param.dim() >= 1
 
@@ -213,6 +226,12 @@ class TuningMethod:
     @classmethod
     def make_site(cls, info: ParamInfo, config: MethodConfig, options: dict[str, Any]) -> Site:
         raise NotImplementedError
+
+    @classmethod
+    def make_sites(cls, infos: list, config: MethodConfig, options: dict[str, dict[str, Any]]) -> list[Site]:
+        """Every site of one injection; methods whose sites share tensors (Compacter's shared
+        matrices, shared adapters) override this to build the shared part once."""
+        return [cls.make_site(info, config, options.get(info.name, {})) for info in infos]
 
 
 def matches_any(patterns, name: str, module_name: str) -> bool:

@@ -151,6 +151,14 @@ class Recipe(StrictModel):
             if getattr(method_named(name), "peft", None) is None:
                 raise ConfigError(f"output.export peft: peft has no format for {name!r} adapters (only {peft_method_names()}); "
                                   "export merged instead, or drop peft")
+        if "merged" in self.output.export:
+            from ..methods import method_named
+
+            method = method_named(self.method.get("method"))
+            if method is not None and not method.weight_delta({k: v for k, v in self.method.items() if k != "method"}):
+                from ..methods.activation import refusal
+
+                raise ConfigError(f"output.export merged: {refusal(method.name, 'a merged export', method.space)}; drop merged from output.export")
         if self.eval.exact_match and (self.task != "causal-lm" or not d.prompt_field or not d.answer_field):
             raise ConfigError("eval.exact_match needs task causal-lm with chat data (data.prompt_field/response_field) and data.answer_field")
         return self
