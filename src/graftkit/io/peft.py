@@ -271,19 +271,23 @@ def write_peft(model: nn.Module, path: str | Path, overwrite: bool = False) -> P
         if name in heads:
             tensors[PREFIX + name] = site.slot_tensors()["value"].detach().cpu().contiguous()
             continue
-        if not name.endswith(".weight") or site.kind == "param":
+        module, _, attr = name.rpartition(".")
+        # a converter that adapts whole modules (LN tuning) may write any of their parameters
+        if attr not in getattr(conv, "parameters", ("weight",)) or site.kind == "param":
             raise UnsupportedError(f"{name}: peft cannot represent an adapter on a bare parameter; save it with format='native'")
-        module = name[: -len(".weight")]
-        modules.append(module)
+        if module not in modules:
+            modules.append(module)
         kinds.add(site.kind)
         conv.write_site(site, PREFIX + module, tensors, acc)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     head_modules = sorted({h.rsplit(".", 1)[0] for h in heads}) or None
     cfg: dict[str, Any] = {
         "peft_type": conv.peft_type, "task_type": _task_type(model), "target_modules": sorted(modules),
-        "modules_to_save": head_modules, "fan_in_fan_out": "conv1d" in kinds, "inference_mode": True,
+        "modules_to_save": head_modules, "inference_mode": True,
         "base_model_name_or_path": state.base.get("name_or_path"), "revision": None,
     }
+    if kinds & {"linear", "conv1d", "conv2d", "embedding"}:  # a key of peft's weight-matrix methods only (LN tuning warns on it)
+        cfg["fan_in_fan_out"] = "conv1d" in kinds
     cfg.update(conv.write_config(state, acc))
     with atomic_dir(path, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
