@@ -1,0 +1,226 @@
+"""``graft train`` with the adapter family (activation-space methods and LN tuning).
+
+Tiny models (built in code, as in test_train.py): the first step's gradients of a bottleneck
+adapter equal those of a hand-written loss over a hand-written adapter forward; gradient
+checkpointing (hooks re-run in the recompute) gives the same gradients; an interrupted run
+resumes to the same adapter; bf16; the peft / merged exports refused up front.
+Real models (marked ``real``): every family lowers the loss of MiniLM on BBC News and of
+SmolLM2 on gsm_symbolic in a few steps.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import graftkit as gk
+from graftkit.registry import METHODS
+from graftkit.tensors import read_safetensors
+from graftkit.train import parse_recipe, train
+from graftkit.train.data import IGNORE
+from graftkit.train.loop import Run
+from test_train import (_recipe_file, assert_one_line_error, assert_same_run, assets, chat_recipe, cls_recipe,  # noqa: F401  (assets: fixture)
+                        losses, run_cli)
+
+#: every family trained here (compose: the unified view's parallel adapter on the FFN plus LoRA
+#: on attention, as in its MAM adapter)
+FAMILIES = ("houlsby", "pfeiffer", "parallel_adapter", "compacter", "compacter_pp", "ln_tuning", "compose")
+PHM = ("compacter", "compacter_pp")
+
+
+def options(family: str, arch: str = "bert", real: bool = False, layers=None) -> dict:
+    """The method config of ``family`` for a BERT or Llama model. Tiny models (hidden 32):
+    reduction factor 4 and a random start where a method has ``init_weights``, so that the
+    down-projections get a gradient at the first step too; real models: the papers' usual
+    reduction factor 16 and the identity start. ``layers``: adapt only these blocks."""
+    where = {"layers": layers} if layers is not None else {}
+    if family == "ln_tuning":
+        return {"method": family, **where}
+    if family == "compose":
+        lora = {"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["query", "value"] if arch == "bert" else ["q_proj", "v_proj"], **where}
+        return {"method": "compose", "methods": [options("parallel_adapter", arch, real, layers), lora]}
+    o = {"method": family, "reduction_factor": 16 if real else 4, **where}
+    if family in PHM:
+        o["phm_dim"] = 4
+    if not real:
+        o["init_weights"] = False
+    return o
+
+
+def family_names() -> list[str]:
+    return [n for n in FAMILIES if n in METHODS]
+
+
+def test_every_adapter_family_is_trained_here():
+    """A newly registered activation-space method (or LN tuning) gets a row in FAMILIES, so the
+    loop is checked with it (sequence-space methods have their own tests)."""
+    from graftkit.methods import registered_methods
+
+    missing = [m.name for m in registered_methods()
+               if (m.space == "activation" or m.name == "ln_tuning") and m.name not in FAMILIES]
+    assert not missing, f"add {missing} to FAMILIES"
+
+
+def first_step(recipe: dict, count=None) -> tuple[Run, dict[str, torch.Tensor]]:
+    """The run after setup, and the gradients its optimizer sees at the first step (clipping off);
+    ``count``: a module name whose forward calls are counted into ``run.calls``."""
+    run = Run(parse_recipe(recipe), progress=False)
+    run.setup()
+    seen: dict[str, torch.Tensor] = {}
+    run.calls = 0
+    if count is not None:
+        def counter(*_):
+            run.calls += 1
+
+        run.model.get_submodule(count).register_forward_pre_hook(counter)
+
+    def capture(*args, **kwargs):
+        seen.update({n: p.grad.detach().clone() for n, p in run.named if p.grad is not None})
+
+    run.optimizer.step = capture
+    run.train_step(0)
+    assert seen, "the optimizer step was not reached"
+    return run, seen
+
+
+NO_CLIP = {"lr": 1e-3, "max_grad_norm": None, "warmup_steps": 0}
+
+
+def test_first_step_gradients_equal_a_hand_computed_loss(assets, tmp_path):
+    """Houlsby on a tiny Llama, two micro-batches: the loop's gradients of every adapter tensor
+    equal those of the mean token cross-entropy over the response tokens, averaged over the
+    micro-batches, through adapters written here with plain hooks on a fresh copy of the base
+    (``o_proj`` and ``mlp`` outputs ``h -> h + W_up silu(W_down h + b_down) + b_up``)."""
+    recipe = chat_recipe(assets, tmp_path / "run", method={"method": "houlsby", "reduction_factor": 4, "init_weights": False},
+                         optim={**NO_CLIP, "batch_size": 2, "grad_accum": 2}, eval={"every": None})
+    run, got = first_step(recipe)
+    holder = ".graft_adapter.module."
+    adapted = sorted({n.split(holder)[0] for n in got if holder in n})
+    assert len(adapted) == 4 and {a.rsplit(".", 1)[-1] for a in adapted} == {"o_proj", "mlp"}
+    assert set(got) == {f"{m}{holder}{s}" for m in adapted for s in ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")}
+
+    base = gk.load_model(assets / "llama", head="causal-lm").train()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    modules = dict(base.named_modules())
+    mine: dict[str, torch.Tensor] = {}
+    for m in adapted:
+        t = {s: run.model.get_parameter(f"{m}{holder}{s}").detach().clone().requires_grad_(True)
+             for s in ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")}
+        mine.update({f"{m}{holder}{s}": v for s, v in t.items()})
+
+        def hook(module, args, out, t=t):
+            z = torch.nn.functional.silu(out @ t["adapter_down"].T + t["adapter_down_bias"])
+            return out + z @ t["adapter_up"].T + t["adapter_up_bias"]
+
+        modules[m].register_forward_hook(hook)
+    total = 0.0
+    for k in range(2):
+        b = run.micro_batch(k)
+        logits = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        targets = b["labels"][:, 1:]
+        keep = targets != IGNORE
+        total = total + torch.nn.functional.cross_entropy(logits[keep], targets[keep]) / 2
+    want = dict(zip(mine, torch.autograd.grad(total, list(mine.values()))))
+    for name in got:
+        assert float(want[name].abs().max()) > 1e-6, name
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_gradient_checkpointing_gives_the_same_gradients(assets, tmp_path, family):
+    """The adapters' hooks run again in the recomputed forward of a checkpointed block; the
+    gradients (adapter tensors and, for a classifier, the head) are those of a plain step."""
+    grads = []
+    for gc in (False, True):
+        r = cls_recipe(assets, tmp_path / str(gc), method=options(family),
+                       optim={**NO_CLIP, "gradient_checkpointing": gc}, eval={"every": None})
+        run, got = first_step(r, count="bert.encoder.layer.0.attention")
+        assert run.calls == (2 if gc else 1)  # checkpointed: the block ran again in the backward pass
+        grads.append(got)
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and any(not n.startswith("classifier.") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def val_loss_by_hand(model_dir: Path, adapter: Path, validation: list[dict]) -> float:
+    """Mean response-token cross-entropy of the base with the saved adapter loaded."""
+    model = gk.load_model(model_dir, head="causal-lm").eval()
+    gk.load_adapter(model, adapter)
+    tok_sum, n = 0.0, 0
+    with torch.no_grad():
+        for ex in validation:
+            ids = torch.tensor([ex["input_ids"]])
+            labels = torch.tensor(ex["labels"][1:])
+            keep = labels != IGNORE
+            logits = model(input_ids=ids).logits[0, :-1]
+            tok_sum += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            n += int(keep.sum())
+    return tok_sum / n
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(assets, tmp_path, monkeypatch):
+    """Pfeiffer adapters plus their blocks' RMSNorm weights (train_layer_norm): a run stopped
+    after its checkpoint at step 4 and resumed saves the adapter of an uninterrupted run, bit for
+    bit, and logs the same metrics; the checkpoint holds the adapter's tensors; the saved adapter
+    reproduces the logged validation loss on a fresh base."""
+    method = {"method": "pfeiffer", "reduction_factor": 4, "train_layer_norm": True}
+    base = chat_recipe(assets, tmp_path / "x", method=method, optim={"max_steps": 8, "batch_size": 4, "schedule": "cosine", "warmup_steps": 2},
+                       eval={"every": 4, "limit": 8}, output={"checkpoint_every": 4})
+    full = {**base, "output": {**base["output"], "dir": str(tmp_path / "full")}}
+    stopped = {**base, "output": {**base["output"], "dir": str(tmp_path / "stopped")}}
+    summary = train(parse_recipe(full), progress=False)
+
+    step = Run.train_step
+
+    def stop_at_six(self, i):
+        if i == 5:
+            raise KeyboardInterrupt
+        return step(self, i)
+
+    monkeypatch.setattr(Run, "train_step", stop_at_six)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_recipe(stopped), progress=False)
+    monkeypatch.setattr(Run, "train_step", step)
+    assert json.loads((tmp_path / "stopped" / "run.json").read_text())["status"] == "interrupted"
+    ckpt = read_safetensors(tmp_path / "stopped" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert any(k.endswith("mlp.graft_adapter.module.adapter_up") for k in ckpt)
+    assert any(k.endswith("post_attention_layernorm.weight") for k in ckpt)
+    train(parse_recipe(stopped), resume=True, progress=False)
+    metrics = assert_same_run(tmp_path / "full", tmp_path / "stopped")
+    assert len([m for m in metrics if "val_loss" in m]) == 2
+
+    saved = read_safetensors(tmp_path / "full" / "adapter" / "adapter.safetensors")
+    assert any(k.endswith("mlp.adapter_up") for k in saved) and any(k.endswith("input_layernorm.weight.delta") for k in saved)
+    from graftkit.train.data import prepare
+
+    data = prepare(parse_recipe(full), gk.load_tokenizer(assets / "llama"), 64)
+    assert val_loss_by_hand(assets / "llama", tmp_path / "full" / "adapter", data.validation) == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_bf16_with_gradient_checkpointing_trains_and_saves_float32(assets, tmp_path):
+    """Under bf16 autocast with checkpointed blocks a Houlsby run lowers the validation loss
+    (evaluated with the adapter attached) and saves float32 adapter tensors."""
+    r = chat_recipe(assets, tmp_path / "run", method={"method": "houlsby", "reduction_factor": 4},
+                    optim={"max_steps": 12, "lr": 1e-2, "precision": "bf16", "gradient_checkpointing": True},
+                    eval={"every": None, "at_start": True, "limit": 16})
+    s = train(parse_recipe(r), progress=False)
+    assert s["val_loss"] < s["start_val_loss"] - 0.15  # 10.35 -> 10.06 (a random tiny model: near ln(vocab))
+    saved = read_safetensors(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    assert any(float(t.abs().max()) > 0 for k, t in saved.items() if k.endswith("adapter_up"))  # the zero init moved
+
+
+@pytest.mark.parametrize("export, needles", [
+    ("peft", ("output.export peft", "peft has no format for 'houlsby'")),
+    ("merged", ("output.export merged", "houlsby adapter has none")),
+])
+def test_exports_an_activation_adapter_lacks_are_refused_up_front(assets, tmp_path, capsys, export, needles):
+    f = _recipe_file(tmp_path / "r.yaml", cls_recipe(assets, tmp_path / "out", method={"method": "houlsby"}, output={"export": [export]}))
+    code, _, err = run_cli(capsys, f)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "out").exists()
