@@ -16,10 +16,37 @@ starts at zero, so a fresh adapter is the identity. ``train_layer_norm`` also tr
 LayerNorm/RMSNorm of the adapted blocks (as Houlsby et al. do), saved like BitFit's biases.
 Sites are built by :meth:`BottleneckMethod.make_site`; subclasses (Compacter) replace the two
 projections by overriding :meth:`BottleneckSite.make_projections`, ``down`` and ``up``.
+
+Two options of every bottleneck method change how the sites relate (:meth:`BottleneckMethod.link_sites`):
+
+* ``connected`` (Ma et al., 2022, "Scattered or Connected? An Optimized Parameter-efficient
+  Tuning Approach for Information Retrieval", CIKM): the scattered adapters become one pathway
+  through the stack. With ``a_l`` the output of the l-th adapter in forward order (``a_0``'s
+  predecessor is 0), each adapter also receives its predecessor's output:
+
+      a_l = W_up f(W_down (u_l + a_{l-1}) + b_down) + b_up
+
+  where ``u_l`` is what the plain adapter reads (``h_l``, sequential; ``x_l``, parallel) and
+  the sublayer output still becomes ``h_l + a_l`` (``h_l + s a_l``). This is our reading of the
+  paper's idea as the catalog and the abstract state it (extra connections make the inserted
+  modules a pathway); its full text was not available to check the exact form. A zero
+  up-projection keeps every ``a_l`` zero, so it is still the identity at init. One pathway per
+  stack of blocks (T5's encoder and decoder each have one), ordered by module position. The
+  pathway holds the adapter outputs of the current forward pass, indexed by position: the
+  first adapter starts a new pass, and a recomputed layer (gradient checkpointing,
+  non-reentrant as graftkit's trainer uses it) reads the same predecessor value as the original
+  pass. Every adapter of a pathway must read and write one width.
+* ``shared: layers`` (VL-Adapter, Sung et al., 2022, shares one adapter's weights): the sites at
+  one position of the block (names equal up to the block index, e.g. ``model.layers.*.mlp``)
+  hold one set of tensors. The shared tensors are saved once, under the first site of the
+  group; the others save nothing, so a file counts every trained parameter once and cannot
+  hold copies that disagree (a file carrying a copy is refused: it has a tensor the model has
+  no place for). Every site of a group must have the same shapes.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -53,6 +80,10 @@ class BottleneckConfig(MethodConfig):
     init_weights: bool = True
     #: also train the LayerNorm/RMSNorm weights and biases of the adapted blocks
     train_layer_norm: bool = False
+    #: each adapter also reads the previous adapter's output (one pathway per stack of blocks)
+    connected: bool = False
+    #: "layers": one adapter's tensors shared by the sites at one position of every block
+    shared: Literal["layers"] | None = None
 
     @model_validator(mode="after")
     def _one_size(self):
@@ -109,6 +140,7 @@ class BottleneckSite(ModuleSite):
         self.width = config.width(d_in, info.name)
         self.act = config.non_linearity
         self.scaling = scaling
+        self.d_in, self.d_out = d_in, d_out
         object.__setattr__(self, "input_module", input_module)  # parallel form: read this module's input
         self.make_projections(d_in, d_out, like.device)
         self.reset(config.init_weights)
@@ -155,13 +187,43 @@ class BottleneckSite(ModuleSite):
             return None
         h = first_tensor(output)
         if self.input_module is None:
-            new = h + self.adapter(h)
+            new = h + self._adapt(h)
         else:
             x = self.__dict__.pop("_x", None)
             if x is None:  # the input module did not run before this one: misplaced targets
                 raise TargetError(f"{self.method}: the input module of the adapter on {type(self.owner).__name__} did not run before it")
-            new = h + self.scaling * self.adapter(x)
+            new = h + self.scaling * self._adapt(x)
         return replace_first(output, new)
+
+    def _adapt(self, x: torch.Tensor) -> torch.Tensor:
+        pathway = self.__dict__.get("pathway")
+        return self.adapter(x) if pathway is None else pathway.run(self, x)
+
+
+class Pathway:
+    """The connected adapters of one stack (``connected``): the adapter outputs of the current
+    forward pass by position. Not a module (it holds activations, never parameters); a deepcopy
+    of the model copies it once and its sites keep pointing at the copy."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def run(self, site: BottleneckSite, x: torch.Tensor) -> torch.Tensor:
+        i = site.__dict__["link"]
+        if i == 0:  # the first adapter of the stack: a new forward pass, nothing from the last one is read
+            self.outputs = {}
+            a = site.adapter(x)
+        else:
+            # by position, not "the latest": a layer recomputed under gradient checkpointing
+            # reads the value its predecessor produced in the same pass
+            prev = self.outputs.get(i - 1)
+            if prev is None:
+                raise TargetError(f"{site.method}: the connected adapter on {self.names[i - 1]} did not run before the one on "
+                                  f"{self.names[i]} in this forward pass; connected adapters need every adapted block to run in order")
+            a = site.adapter(x + prev)
+        self.outputs[i] = a
+        return a
 
 
 class BottleneckMethod(ModuleMethod):
@@ -214,6 +276,73 @@ class BottleneckMethod(ModuleMethod):
                                 scaling=getattr(config, "scaling", 1.0))
         d = out_features(info.module)
         return cls.site_cls(info, cls.name, config, d, d)
+
+    @classmethod
+    def make_sites(cls, infos: list, config: BottleneckConfig, options: dict[str, dict[str, Any]]) -> list[Site]:
+        return cls.link_sites(infos, super().make_sites(infos, config, options), config)
+
+    @classmethod
+    def link_sites(cls, infos: list, sites: list[Site], config: BottleneckConfig) -> list[Site]:
+        """Apply ``shared`` and ``connected`` to the freshly built sites of one injection (call it
+        from an overriding ``make_sites``); refuses widths the option cannot join, in one line."""
+        adapters = [(i, s) for i, s in zip(infos, sites) if isinstance(s, BottleneckSite)]
+        if config.shared == "layers":
+            _share(cls.name, adapters)
+        if config.connected:
+            _connect(cls.name, adapters)
+        return sites
+
+
+_BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+
+
+def _stack_and_position(name: str) -> tuple[str, str]:
+    """``model.layers.3.mlp`` -> (``model.layers``, ``model.layers.*.mlp``): the stack of blocks a
+    module is in and its position in a block (the name up to the first numeric component)."""
+    m = _BLOCK_INDEX.search(name)
+    if m is None:
+        return "", name
+    return name[:m.start()], name[:m.start()] + m.group(1) + "*" + m.group(2) + name[m.end():]
+
+
+def _share(method: str, adapters: list) -> None:
+    groups: dict[str, list] = {}
+    for info, site in adapters:
+        groups.setdefault(_stack_and_position(info.name)[1], []).append((info, site))
+    for members in groups.values():
+        (first_info, first), rest = members[0], members[1:]
+        for info, site in rest:
+            if site.slot_shapes() != first.slot_shapes():
+                got = {k: v for k, v in site.slot_shapes().items() if first.slot_shapes().get(k) != v}
+                slot = next(iter(got), "adapter")
+                raise ConfigError(f"{method} shared: layers: the adapter on {info.name} needs {slot} of shape "
+                                  f"{got.get(slot)} but the one it would share with, on {first_info.name}, has "
+                                  f"{first.slot_shapes().get(slot)} (the layers differ in width); leave shared unset "
+                                  "or target modules of one width")
+            for slot in first.slots:
+                setattr(site, slot, getattr(first, slot))  # the same Parameter: one tensor, gradients summed
+            site.slots = ()  # saved once, under the first site of the group
+
+
+def _connect(method: str, adapters: list) -> None:
+    stacks: dict[str, list] = {}
+    for info, site in adapters:
+        stacks.setdefault(_stack_and_position(info.name)[0], []).append((info, site))
+    for members in stacks.values():
+        root = members[0][0].root
+        order = {n: k for k, (n, _) in enumerate(root.named_modules())} if root is not None else {}
+        members.sort(key=lambda m: order.get(m[0].name, 0))
+        first_info, first = members[0]
+        for info, site in members:
+            if (site.d_in, site.d_out) != (first.d_in, first.d_in):
+                raise ConfigError(f"{method} connected: the adapter on {info.name} reads width {site.d_in} and writes "
+                                  f"{site.d_out}, but the pathway through {first_info.name} carries width {first.d_in}; "
+                                  "connected adapters pass each output on to the next adapter, so every adapted module "
+                                  "must read and write one width: leave connected unset or target such modules")
+        pathway = Pathway([info.name for info, _ in members])
+        for k, (_, site) in enumerate(members):
+            object.__setattr__(site, "pathway", pathway)  # plain attributes: neither a submodule nor saved
+            object.__setattr__(site, "link", k)
 
 
 def _layer_indices(model: nn.Module, layers) -> set[int] | None:
