@@ -28,8 +28,38 @@ def _print_rows(rows: list[tuple[str, object]]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _inspect_params(args: argparse.Namespace) -> int:
+    """``graft inspect --params RECIPE.yaml``: the recipe's trainable and total parameters, from
+    the model's config alone (no weights read, nothing trained)."""
+    from .train.params import recipe_parameters
+    from .train.recipe import load_recipe
+
+    info = recipe_parameters(load_recipe(args.path))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    heads = sorted({n.rsplit(".", 1)[0] for n in info["train_also"]})
+    head = f" (incl. {info['head_parameters']:,} in the new head {', '.join(heads)})" if info["head_parameters"] else ""
+    labels = info["labels"]
+    rows = [
+        ("recipe", args.path), ("model", f"{info['model']} ({info['class']}, built from its config: no weights read)"),
+        ("method", f"{info['method']} {json.dumps(info['config'])}"), ("targets", info["targets"]),
+        ("trainable", f"{info['trainable']:,}{head}"), ("total", f"{info['total']:,} base parameters"),
+        ("ratio", f"{100 * info['ratio']:.4f}%"),
+    ]
+    if labels:
+        rows.insert(2, ("labels", f"{labels['count']} (from {labels['from']})"))
+    if info["note"]:
+        rows.append(("note", info["note"]))
+    _print_rows(rows)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
+
+    if args.params:
+        return _inspect_params(args)
 
     from .files import path_kind, read_json
     from .tensors import Checkpoint, dir_size
@@ -307,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="describe a model folder, adapter folder (native or peft) or safetensors file")
     s.add_argument("path")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--params", action="store_true",
+                   help="PATH is a training recipe: print its trainable and total parameters and their ratio without training "
+                        "(the model is built from its config, no weights read)")
     s.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only)")
     s.set_defaults(func=cmd_inspect)
 

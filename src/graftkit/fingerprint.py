@@ -34,6 +34,8 @@ def _structure(model: nn.Module, skip: set[str]) -> tuple[int, str]:
 
 
 def _probe(param: torch.Tensor) -> list[float]:
+    if param.is_meta:  # a model built without weights (parameter counts) has no values to probe
+        return []
     flat = param.detach().reshape(-1)
     # float32 positions, as adapters already saved recorded them; past 2**24 elements the last
     # one can round up to numel, one past the end, hence the clamp
