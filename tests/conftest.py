@@ -34,6 +34,16 @@ def tiny_gpt2(seed: int = 0):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_t5(seed: int = 0):
+    """An encoder-decoder (T5ForConditionalGeneration); not in TINY_MODELS, whose models take
+    ``input_ids`` alone (tests/test_t5_family.py covers it)."""
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
 TINY_MODELS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
 

@@ -165,8 +165,11 @@ def resolve_targets(
 
 
 def _nothing_matched(pattern, what, candidates, infos, aliases) -> str:
+    eligible = {i.name for i in candidates}
     for alias, real in aliases.items():
-        if pattern_matches(pattern, ParamInfo(alias, alias.rsplit(".", 1)[0], alias.rsplit(".", 1)[-1], nn.Module(), None)):
+        # only when the shared tensor itself could be adapted: BitFit's '*' on T5 (no biases, tied
+        # embeddings) must say there is nothing to adapt, not point at the embedding
+        if real in eligible and pattern_matches(pattern, ParamInfo(alias, alias.rsplit(".", 1)[0], alias.rsplit(".", 1)[-1], nn.Module(), None)):
             return f"target {pattern!r} names {alias}, which is tied to {real} (one shared tensor); target {real!r} instead, or untie the weights (tie_word_embeddings=False)"
     pool = sorted({i.name for i in candidates} | {i.module_name for i in candidates})
     close = difflib.get_close_matches(pattern, pool, n=3, cutoff=0.3)

@@ -21,7 +21,10 @@ ROLE_NAMES: dict[str, tuple[str, ...]] = {
         "attention.output.dense",  # BERT: Linear before dropout + residual LayerNorm
         "self_attn.o_proj",  # Llama, Mistral, Qwen
         "attn.c_proj",  # GPT-2 (Conv1D)
-        "layer.0.SelfAttention.o",  # T5 self-attention
+        # T5 self-attention; the decoder's cross-attention (layer.1.EncDecAttention.o) is not
+        # adapted by default (Houlsby et al. place adapters after self-attention and the FFN
+        # only); name it in targets to adapt it
+        "layer.0.SelfAttention.o",
         "self_attn.out_proj",  # OPT, BART
         "self_attention.dense",  # Falcon
         "attention.dense",  # GPT-NeoX
