@@ -22,7 +22,7 @@ _API = {
     "save_adapter": "io", "load_adapter": "io", "read_adapter": "io", "export_merged": "io",
     "load_model": "io.hf", "load_tokenizer": "io.hf", "model_dir": "assets",
     "LoRAConfig": "methods", "IA3Config": "methods", "BitFitConfig": "methods", "FullConfig": "methods",
-    "METHODS": "registry", "MERGES": "registry", "GraftError": "errors", "merge": "merge",
+    "METHODS": "registry", "MERGES": "registry", "GraftError": "errors", "merge": "merge", "adapter_soup": "merge.soup",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -234,6 +234,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = merge(args.config, args.out, overwrite=args.overwrite, threads=args.threads, allow_pickle=args.allow_pickle,
                 force=args.force)
     meta = Path(out) / "adapter.json"
+    soup = json.loads(meta.read_text()).get("soup") if meta.exists() else None
+    if soup is not None:
+        print(f"adapter soup written to {out} ({soup['merge_method']} of {len(soup['models'])} adapters)")
+        return 0
     if meta.exists():
         err = json.loads(meta.read_text())["merge"]["relative_error"]
         worst = max(err["per_key"].items(), key=lambda kv: kv[1], default=("-", 0.0))

@@ -779,6 +779,10 @@ def dry_run(config: Any, out: str | Path | None = None, *, overwrite: bool = Fal
         check_output(out, merge_inputs(cfg, config))
         if Path(out).exists() and not overwrite:
             raise FileFormatError(f"{out} already exists; choose another output folder or pass --overwrite")
+    from .soup import Soup, is_soup
+
+    if is_soup(cfg):  # adapters without a weight delta: their tensors are averaged (merge/soup.py)
+        return Soup(cfg, allow_pickle=allow_pickle, force=force).describe()
     if cfg.search is not None:
         from .search import check_search
 
@@ -840,6 +844,12 @@ def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = F
     if out is None:
         raise ConfigError("no output folder given")
     check_output(out, merge_inputs(cfg, config))
+    from .soup import is_soup, run_soup
+
+    if is_soup(cfg):  # adapters without a weight delta: their tensors are averaged (merge/soup.py)
+        if Path(out).exists() and not overwrite:
+            raise FileFormatError(f"{out} already exists; choose another output folder or pass --overwrite")
+        return run_soup(cfg, out, overwrite=overwrite, allow_pickle=allow_pickle, force=force)
     if cfg.search is not None:
         from .search import run_search
 
