@@ -401,3 +401,37 @@ def test_bad_shared_value_is_a_graft_error():
     with pytest.raises(GraftError) as exc:
         gk.inject(tiny_llama(), {"method": "houlsby", "shared": "tasks"})
     one_line(exc)
+
+
+def test_connected_model_can_be_copied_after_a_training_forward():
+    model = tiny_llama()
+    gk.inject(model, {"method": "pfeiffer", "connected": True, "init_weights": False})
+    x = tiny_inputs()
+    model(input_ids=x, labels=x).loss.backward()  # the pathway now holds non-leaf activations
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, x), logits(model, x))
+
+
+def test_t5_one_pathway_per_stack_and_shared_per_position():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    gk.inject(model, {"method": "houlsby", "connected": True, "shared": "layers", "init_weights": False})
+    randomize(model)
+    paths = {id(s.__dict__["pathway"]): s.__dict__["pathway"].names for s in adapters(model)}
+    assert sorted(paths.values()) == [
+        ["decoder.block.0.layer.0.SelfAttention.o", "decoder.block.0.layer.2.DenseReluDense",
+         "decoder.block.1.layer.0.SelfAttention.o", "decoder.block.1.layer.2.DenseReluDense"],
+        ["encoder.block.0.layer.0.SelfAttention.o", "encoder.block.0.layer.1.DenseReluDense",
+         "encoder.block.1.layer.0.SelfAttention.o", "encoder.block.1.layer.1.DenseReluDense"],
+    ]
+    # encoder and decoder, attention and FFN: four positions, each one adapter (d 32, m 2)
+    assert count_parameters(model)[0] == 4 * single_adapter_count(32, 2)
+    prompt = tiny_inputs(seed=4, batch=1, length=5)
+    with torch.no_grad():
+        a = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+        b = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)

@@ -36,9 +36,12 @@ Two options of every bottleneck method change how the sites relate (:meth:`Bottl
   first adapter starts a new pass, and a recomputed layer (gradient checkpointing,
   non-reentrant as graftkit's trainer uses it) reads the same predecessor value as the original
   pass. Every adapter of a pathway must read and write one width.
-* ``shared: layers`` (VL-Adapter, Sung et al., 2022, shares one adapter's weights): the sites at
-  one position of the block (names equal up to the block index, e.g. ``model.layers.*.mlp``)
-  hold one set of tensors. The shared tensors are saved once, under the first site of the
+* ``shared: layers``: the sites at one position of the block (names equal up to the block
+  index, e.g. ``model.layers.*.mlp``) hold one set of tensors. VL-Adapter (Sung et al., 2022)
+  shares adapters across *tasks* (one adapter set trained on the multitask mixture, or only
+  its down or up projection shared: ``--use_single_adapter``, ``--share_down_sampler``,
+  ``--share_up_sampler`` in ylsung/VL_adapter); sharing across the blocks of one model is the
+  same weight tying applied along depth. The shared tensors are saved once, under the first site of the
   group; the others save nothing, so a file counts every trained parameter once and cannot
   hold copies that disagree (a file carrying a copy is refused: it has a tensor the model has
   no place for). Every site of a group must have the same shapes.
@@ -208,6 +211,14 @@ class Pathway:
     def __init__(self, names: list[str]):
         self.names = names
         self.outputs: dict[int, torch.Tensor] = {}
+
+    # the outputs of the last pass are activations (non-leaf tensors after a training forward,
+    # which deepcopy refuses): a copy or a pickle starts with none
+    def __deepcopy__(self, memo) -> "Pathway":
+        return Pathway(list(self.names))
+
+    def __getstate__(self) -> dict:
+        return {"names": self.names, "outputs": {}}
 
     def run(self, site: BottleneckSite, x: torch.Tensor) -> torch.Tensor:
         i = site.__dict__["link"]
