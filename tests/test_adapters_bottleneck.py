@@ -435,3 +435,21 @@ def test_t5_one_pathway_per_stack_and_shared_per_position():
         a = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
         b = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_bad_bottleneck_recipe_is_one_cli_line(tmp_path):
+    """The CLI's view of the refusals above (one subprocess: the rest are tested in Python)."""
+    method, words = {"method": "parallel_adapter", "bottleneck_size": 0, "connected": True}, "bottleneck_size"
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = {"model": str(tmp_path / "no-model"), "task": "causal-lm", "data": {"train": str(tmp_path / "t.jsonl")},
+              "method": method, "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = subprocess.run([sys.executable, "-m", "graftkit.cli", "train", str(tmp_path / "r.yaml"), "--no-progress"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("graft: error:"), res.stderr
+    assert words in lines[0] and not (tmp_path / "run").exists()
