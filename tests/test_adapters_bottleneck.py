@@ -453,3 +453,24 @@ def test_bad_bottleneck_recipe_is_one_cli_line(tmp_path):
     lines = res.stderr.splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("graft: error:"), res.stderr
     assert words in lines[0] and not (tmp_path / "run").exists()
+
+
+def test_options_together_with_layer_norm_tuning(tmp_path, ids):
+    """connected + shared + train_layer_norm on BERT: the norms train as BitFit-style deltas beside
+    the shared, connected adapter, and everything round-trips."""
+    model = TINY_MODELS["bert"]()
+    gk.inject(model, {"method": "parallel_adapter", "connected": True, "shared": "layers", "train_layer_norm": True,
+                      "init_weights": False})
+    randomize(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "LayerNorm" in n:
+                p.add_(0.05)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n for n in trainable if "LayerNorm" in n}
+    assert norms and len(norms) == 8  # attention and output LayerNorm of 2 blocks, weight and bias
+    d, m = 32, 2
+    assert count_parameters(model)[0] == single_adapter_count(d, m) + 8 * d
+    gk.save_adapter(model, tmp_path / "a")
+    fresh = gk.load_adapter(TINY_MODELS["bert"](), tmp_path / "a")
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
