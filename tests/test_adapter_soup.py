@@ -140,9 +140,14 @@ def test_soup_of_weight_delta_adapters_is_refused(odd, tmp_path):
         adapter_soup([odd["lora"], odd["lora"]], tmp_path / "out")
 
 
-def test_soup_refuses_options_it_cannot_honour(three, tmp_path):
-    with pytest.raises(ConfigError, match="exclude does not apply to an adapter soup"):
-        gk.merge({**soup_config(three), "exclude": ["lm_head"]}, tmp_path / "out")
+@pytest.mark.parametrize("extra,needle", [
+    ({"exclude": ["lm_head"]}, "exclude does not apply to an adapter soup"),
+    ({"output": "adapter", "rank": 4}, "output: adapter writes a merge as a LoRA"),
+])
+def test_soup_refuses_options_it_cannot_honour(three, tmp_path, extra, needle):
+    with pytest.raises(ConfigError, match=needle):
+        gk.merge({**soup_config(three), **extra}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_soup_of_compose_adapters(tmp_path):
@@ -169,12 +174,17 @@ def refused(res: subprocess.CompletedProcess, *needles: str) -> None:
     assert all(n in lines[0] for n in needles), lines[0]
 
 
-def test_cli_soup_and_weight_only_refusals(three, tmp_path):
-    tiny_llama().save_pretrained(tmp_path / "base")
+def test_cli_merge_writes_a_soup(three, tmp_path, capsys):
+    from graftkit.cli import main
+
     (tmp_path / "soup.yml").write_text(yaml.safe_dump(soup_config(three)))
-    res = graft("merge", tmp_path / "soup.yml", tmp_path / "soup", cwd=tmp_path)
-    assert res.returncode == 0 and "adapter soup written to" in res.stdout, res.stderr
+    assert main(["merge", str(tmp_path / "soup.yml"), str(tmp_path / "soup")]) == 0
+    assert "adapter soup written to" in capsys.readouterr().out
     assert json.loads((tmp_path / "soup" / "adapter.json").read_text())["soup"]["merge_method"] == "linear"
+
+
+def test_cli_weight_only_refusals(three, tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
     # export --merged of a houlsby adapter
     refused(graft("export", three[0], "--base", tmp_path / "base", "--merged", tmp_path / "m", cwd=tmp_path),
             "export --merged needs a weight delta", "houlsby adapter has none")

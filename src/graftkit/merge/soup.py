@@ -108,12 +108,12 @@ class Soup:
                 f"merge_method {spec.name} cannot merge {label}: they change activations and have no weight delta, and {spec.name} "
                 f"trims or elects the entries of weight deltas; average them in an adapter soup with merge_method "
                 f"{' or '.join(soup_methods())}")
-        for key, what in (("search", "search"), ("exclude", "exclude"), ("tokenizer_source", "tokenizer_source"), ("rank", "rank")):
-            if key in cfg.model_fields_set and getattr(cfg, key):
-                raise ConfigError(f"{what} does not apply to an adapter soup of {label} (it writes an adapter folder of their method); remove it")
         if cfg.output == "adapter":
             raise ConfigError(f"output: adapter writes a merge as a LoRA; an adapter soup of {label} already writes an adapter of their "
                               "method - remove output and rank")
+        for key, what in (("search", "search"), ("exclude", "exclude"), ("tokenizer_source", "tokenizer_source"), ("rank", "rank")):
+            if key in cfg.model_fields_set and getattr(cfg, key):
+                raise ConfigError(f"{what} does not apply to an adapter soup of {label} (it writes an adapter folder of their method); remove it")
         self.base_path = cfg.base_model if spec.needs_base else None
         self.inputs = [p for p in paths if p != self.base_path] if spec.inputs == "delta" else list(paths)
         if not self.inputs:
