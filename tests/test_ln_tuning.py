@@ -210,3 +210,32 @@ def test_peft_file_without_ln_tensors_is_refused(tmp_path):
     save_file({"base_model.model.transformer.h.0.ln_1.weight": torch.ones(32)}, str(tmp_path / "p" / "adapter_model.safetensors"))
     with pytest.raises(FileFormatError, match="holds no LN tuning tensors"):
         gk.load_adapter(tiny_gpt2(), tmp_path / "p")
+
+
+def test_merge_inputs_equal_their_merged_exports(tmp_path):
+    """A native (delta) and a peft (absolute values) LN tuning adapter as merge inputs give the same
+    task-arithmetic merge as their merged exports: merge_deltas reads both kinds of slot."""
+    from merge_helpers import load_folder
+
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    model = gk.inject(tiny_gpt2(), {"method": "ln_tuning"})
+    perturb(gk.trainable_parameters(model), seed=1)
+    gk.save_adapter(model, tmp_path / "native")
+    pm = peft.get_peft_model(tiny_gpt2(), peft.LNTuningConfig(task_type="CAUSAL_LM"))
+    perturb([p for p in pm.parameters() if p.requires_grad], seed=2)
+    pm.save_pretrained(tmp_path / "peft")
+    adapters = [tmp_path / "native", tmp_path / "peft"]
+    full = [gk.export_merged(a, tmp_path / "base", tmp_path / f"full{i}") for i, a in enumerate(adapters)]
+
+    def cfg(inputs):
+        return {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "dtype": "float32",
+                "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(inputs, [0.6, 0.3])]}
+
+    a = load_folder(gk.merge(cfg(adapters), tmp_path / "m1"))
+    b = load_folder(gk.merge(cfg(full), tmp_path / "m2"))
+    base = load_folder(tmp_path / "base")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert not torch.equal(a["transformer.h.0.ln_1.weight"], base["transformer.h.0.ln_1.weight"])
+    assert torch.equal(a["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
