@@ -344,3 +344,22 @@ def test_phm_dim_not_dividing_the_bottleneck():
 @pytest.mark.parametrize("key", ["phm_dim", "phm_rank"])
 def test_phm_dim_and_rank_below_one(key):
     refused(cfg(**{key: 0}), key, "greater than or equal to 1")
+
+
+def test_bad_phm_dim_from_the_command_line(tmp_path, capsys):
+    """``graft inspect --params`` on a recipe (a config-only model folder): one ``graft: error:`` line, exit 2."""
+    import yaml
+
+    from graftkit.cli import main
+
+    transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    for method, needle in (({"method": "compacter", "phm_dim": 3}, "phm_dim 3 does not divide"),
+                           ({"method": "compacter_pp", "phm_rank": 0}, "phm_rank")):
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({"model": str(tmp_path / "llama"), "task": "causal-lm", "method": method,
+                                        "data": {"train": str(tmp_path / "train.jsonl")}, "output": {"dir": str(tmp_path / "out")}}))
+        assert main(["inspect", "--params", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("graft: error:") and "\n" not in err and needle in err, err
+    assert not (tmp_path / "out").exists()
