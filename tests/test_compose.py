@@ -183,6 +183,11 @@ def test_bad_compose_configs(methods, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_part_that_matches_nothing_is_named():
+    with pytest.raises(TargetError, match=r"compose: methods\[1\] \(lora\): .*'qq_proj'"):
+        gk.inject(tiny_llama(), {"method": "compose", "methods": [{"method": "pfeiffer"}, {"method": "lora", "targets": ["qq_proj"]}]})
+
+
 def test_selection_keys_belong_to_the_parts():
     with pytest.raises(ConfigError, match="targets belongs to each component method"):
         gk.inject(tiny_llama(), {"method": "compose", "targets": ["q_proj"], "methods": [{"method": "pfeiffer"}]})

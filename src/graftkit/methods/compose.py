@@ -37,7 +37,7 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from ..config import parse_config
-from ..errors import AdapterError, ConfigError, TargetError, UnsupportedError
+from ..errors import AdapterError, ConfigError, GraftError, TargetError, UnsupportedError
 from ..registry import METHODS
 from .base import MethodConfig, SavedTarget, Site, TuningMethod
 
@@ -192,7 +192,10 @@ class Compose(TuningMethod):
         options: dict[str, dict[str, Any]] = {}
         owners: dict[str, tuple[int, str, str]] = {}  # module name -> (component, method, target)
         for i, (method, part) in enumerate(config.parts()):
-            found, opts = method.resolve(model, part, skip)
+            try:
+                found, opts = method.resolve(model, part, skip)
+            except GraftError as exc:  # say which part of the composition could not be placed
+                raise type(exc)(f"compose: methods[{i}] ({method.name}): {exc}") from None
             for info in found:
                 module = info.module_name
                 prior = owners.get(module)
