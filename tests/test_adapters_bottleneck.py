@@ -474,3 +474,11 @@ def test_options_together_with_layer_norm_tuning(tmp_path, ids):
     gk.save_adapter(model, tmp_path / "a")
     fresh = gk.load_adapter(TINY_MODELS["bert"](), tmp_path / "a")
     assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+
+def test_connected_adapter_whose_predecessor_did_not_run_is_refused():
+    model = copy.deepcopy(gk.inject(tiny_llama(), {"method": "pfeiffer", "connected": True}))  # a copy: no pass yet
+    with pytest.raises(GraftError) as exc:  # block 1's FFN alone: block 0's adapter never ran in this pass
+        model.model.layers[1].mlp(torch.zeros(1, 3, 32))
+    msg = one_line(exc)
+    assert "model.layers.0.mlp" in msg and "model.layers.1.mlp" in msg
