@@ -3,11 +3,22 @@
 Adding a method = one row in ``MATRIX`` below; ``test_every_registered_method_is_in_matrix``
 fails until the row exists. For each cell:
 
-1. identity at init              6. save/load round trip is exact
-2. a random init changes output  7. only adapter parameters require grad
-3. merged forward == unmerged    8. base state-dict keys unchanged; unload(merge=False) restores
-4. unmerge restores the weights  9. double injection is an error
-5. disabled == base             10. base + materialized delta == merged weights
+1. identity at init (where the method declares it)
+2. a random init changes output
+3. merged forward == unmerged                          (weight delta only)
+4. unmerge restores the weights                        (weight delta only)
+5. disabled == base
+6. save/load round trip is exact
+7. only the method's parameters require grad (and get gradients)
+8. base state-dict keys unchanged; unload(merge=False) restores
+9. double injection is an error
+10. base + materialized delta == merged weights        (weight delta only)
+11. weight-only operations (materialize_delta, merge_adapter, unload(merge=True), export
+    --merged of the saved adapter) refused in one line (no weight delta only)
+
+Each row has a space column (weight / activation / sequence) and a weight-delta column, both
+read from the registered method's declared capabilities (``space``, ``weight_delta(config)``,
+``identity_at_init``), never from its name; they decide which cells run and which are skipped.
 
 Then: every layer kind LoRA/DoRA/IA3 claims (Embedding, Conv2d, Linear, bare 2-D
 parameter) on a small custom module, a classification head trained whole
@@ -17,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -26,6 +37,7 @@ from torch import nn
 import graftkit as gk
 import graftkit.methods  # noqa: F401  (registers every method)
 from graftkit.adapter import get_state, method_for
+from graftkit.io.native import adapter_from_model
 from graftkit.errors import AdapterError, TargetError
 from graftkit.registry import METHODS
 
@@ -47,10 +59,13 @@ class Case:
     #: model -> targets; a missing model uses the config's own targets (or the method default);
     #: None means the method has nothing to adapt there and must say so (TargetError)
     targets: dict[str, list[str] | None] = field(default_factory=dict)
-    #: config changes that give a non-identity start, or PERTURB
-    random: dict[str, Any] | str = PERTURB
+    #: config changes that give a non-identity start (a dict, or a function of the config), or PERTURB
+    random: dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]] | str = PERTURB
     #: model -> extra config (e.g. IA3's feedforward subset)
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the tiny models the row runs on (variants of a method's code path: one model keeps the
+    #: suite fast; the method's main row runs on all of them)
+    models: tuple[str, ...] | None = None
 
 
 LORA_TARGETS = {
@@ -70,6 +85,15 @@ IA3_FEEDFORWARD = {
     "gpt2": {"feedforward": ["mlp.c_proj"]},
 }
 
+COMPOSE_LORA = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
+#: each part's non-identity start (a composition's random start is its parts')
+PART_RANDOM = {"lora": {"init_lora_weights": False}, "parallel_adapter": {"init_weights": False}}
+
+
+def _compose_random(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**cfg, "methods": [{**part, **PART_RANDOM.get(part["method"], {})} for part in cfg["methods"]]}
+
+
 MATRIX: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "lora_alpha": 8}, LORA_TARGETS, {"init_lora_weights": False}),
     "lora+rslora": Case("lora", {"r": 4, "lora_alpha": 8, "use_rslora": True}, LORA_TARGETS, {"init_lora_weights": False}),
@@ -80,21 +104,37 @@ MATRIX: dict[str, Case] = {
     "bitfit": Case("bitfit", {}, {"llama": None}),
     "full": Case("full", {}),
     "full-top1": Case("full", {"layers": "top:1"}),
+    # activation space: bottleneck adapters at the method's default block roles
+    "houlsby": Case("houlsby", {"reduction_factor": 4}, random={"init_weights": False}),
+    "houlsby+ln": Case("houlsby", {"bottleneck_size": 3, "train_layer_norm": True, "layers": "top:1"},
+                       random={"init_weights": False}),
+    "pfeiffer": Case("pfeiffer", {"reduction_factor": 8, "non_linearity": "gelu"}, random={"init_weights": False}),
+    "pfeiffer-targets": Case("pfeiffer", {"bottleneck_size": 4},
+                             {"llama": ["layers.1.mlp"], "bert": ["layer.1.output.dense"], "gpt2": ["h.1.mlp"]},
+                             random={"init_weights": False}, models=("bert",)),
+    "parallel_adapter": Case("parallel_adapter", {"reduction_factor": 4, "scaling": 2.0}, random={"init_weights": False}),
+    "parallel_adapter+connected": Case("parallel_adapter", {"bottleneck_size": 4, "connected": True},
+                                       random={"init_weights": False}, models=("gpt2",)),
+    "houlsby-shared": Case("houlsby", {"reduction_factor": 4, "shared": "layers"}, random={"init_weights": False},
+                           models=("llama",)),
+    "compacter": Case("compacter", {"reduction_factor": 4, "phm_dim": 4}, random={"init_weights": False}),
+    "compacter-unshared": Case("compacter", {"bottleneck_size": 4, "phm_dim": 2, "phm_rank": 2, "shared_phm_rule": False},
+                               random={"init_weights": False}, models=("bert",)),
+    "compacter_pp": Case("compacter_pp", {"reduction_factor": 8, "phm_dim": 2}, random={"init_weights": False}),
+    # weight space, trained in place (like BitFit)
+    "ln_tuning": Case("ln_tuning", {}),
+    # compositions (the unified view): one config list; the parts' own rows cover them alone
+    "compose-mam": Case("compose", {}, per_model={m: {"methods": [
+        {"method": "parallel_adapter", "reduction_factor": 4},
+        {"method": "lora", "r": 2, "targets": t}]} for m, t in COMPOSE_LORA.items()},
+        random=_compose_random),
+    "compose-weight": Case("compose", {}, per_model={m: {"methods": [
+        {"method": "lora", "r": 2, "targets": t},
+        {"method": "ln_tuning"}]} for m, t in COMPOSE_LORA.items()},
+        random=_compose_random, models=("gpt2",)),
 }
 
 MODELS = list(TINY_MODELS)
-CELLS = [
-    pytest.param(row, model, id=f"{row}-{model}")
-    for row, case in MATRIX.items()
-    for model in MODELS
-    if case.targets.get(model, ()) is not None
-]
-INAPPLICABLE = [
-    pytest.param(row, model, id=f"{row}-{model}")
-    for row, case in MATRIX.items()
-    for model in MODELS
-    if case.targets.get(model, ()) is None
-]
 
 
 def config_for(row: str, model_name: str, random: bool = False) -> dict[str, Any]:
@@ -104,7 +144,68 @@ def config_for(row: str, model_name: str, random: bool = False) -> dict[str, Any
         cfg["targets"] = case.targets[model_name]
     if random and isinstance(case.random, dict):
         cfg.update(case.random)
+    elif random and callable(case.random):
+        cfg = case.random(cfg)
     return cfg
+
+
+def capabilities(row: str, model_name: str = MODELS[0]) -> tuple[Any, Any]:
+    """The registered method of a row and its parsed config: the space column and which cells
+    apply come from what the method declares, never from its name."""
+    return method_for(config_for(row, model_name))
+
+
+def space(row: str) -> str:
+    method, cfg = capabilities(row)
+    # a composition answers for its config (the widest space of its parts)
+    return method.space_of(cfg) if hasattr(method, "space_of") else method.space
+
+
+def identity_at_init(row: str) -> bool:
+    method, cfg = capabilities(row)
+    return method.identity_for(cfg) if hasattr(method, "identity_for") else method.identity_at_init
+
+
+def weight_delta(row: str, model_name: str = MODELS[0]) -> bool:
+    method, cfg = capabilities(row, model_name)
+    return method.weight_delta(cfg)
+
+
+def _cells(keep=lambda row, model: True, skip=lambda row, model: None):
+    """(row, model) cells; ``skip`` returns a reason (derived from a capability) or None."""
+    out = []
+    for row, case in MATRIX.items():
+        for model in case.models or MODELS:
+            if case.targets.get(model, ()) is None or not keep(row, model):
+                continue
+            reason = skip(row, model)
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            out.append(pytest.param(row, model, id=f"{row}-{model}-{space(row)}", marks=marks))
+    return out
+
+
+def _no_delta(row: str, model: str) -> str | None:
+    if weight_delta(row, model):
+        return None
+    return (f"{space(row)}-space method {capabilities(row)[0].name} declares no weight delta: merging and "
+            "materializing are refused (test_weight_only_operations_refused)")
+
+
+def _not_identity(row: str, model: str) -> str | None:
+    return None if identity_at_init(row) else f"{capabilities(row)[0].name} does not declare identity_at_init"
+
+
+CELLS = _cells()
+#: cells that merge or materialize a weight delta
+DELTA_CELLS = _cells(skip=_no_delta)
+#: cells of methods without a weight delta
+NO_DELTA_CELLS = _cells(keep=lambda row, model: not weight_delta(row, model))
+INAPPLICABLE = [
+    pytest.param(row, model, id=f"{row}-{model}")
+    for row, case in MATRIX.items()
+    for model in MODELS
+    if case.targets.get(model, ()) is None
+]
 
 
 def tiny(model_name: str, seed: int = 0) -> nn.Module:
@@ -137,19 +238,21 @@ def base_state(model_name: str) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def perturb(model: nn.Module, seed: int = 7) -> None:
+def perturb(model: nn.Module, seed: int = 7, base_only: bool = False) -> None:
     g = torch.Generator().manual_seed(seed)
-    for p in gk.trainable_parameters(model):
-        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    for name, p in model.named_parameters():
+        if p.requires_grad and not (base_only and is_adapter_key(name)):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def build(row: str, model_name: str, random: bool = False, seed: int = 0) -> nn.Module:
-    """A tiny model with the row's adapter; ``random`` gives it a non-identity start."""
+    """A tiny model with the row's adapter; ``random`` gives it a non-identity start (base
+    tensors trained in place alongside an adapter, e.g. layer norms, are perturbed too)."""
     model = tiny(model_name, seed)
     torch.manual_seed(1234)  # adapter init
     gk.inject(model, config_for(row, model_name, random))
-    if random and MATRIX[row].random == PERTURB:
-        perturb(model)
+    if random:
+        perturb(model, base_only=MATRIX[row].random != PERTURB)
     return model
 
 
@@ -193,6 +296,26 @@ def test_matrix_rows_parse():
             assert method.name == case.method
 
 
+@pytest.mark.parametrize("row", list(MATRIX))
+def test_space_column_matches_the_sites(row):
+    """A method's declared space and weight delta agree with what it attaches: weight-space
+    sites adapt parameters and have a delta, activation-space sites hook modules and have none."""
+    from graftkit.methods.activation import ModuleSite
+
+    model_name = next(m for m in MATRIX[row].models or MODELS if MATRIX[row].targets.get(m, ()) is not None)
+    model = build(row, model_name)
+    sites = gk.sites(model)
+    hooked = [n for n, s in sites.items() if isinstance(s, ModuleSite)]
+    if space(row) == "weight":
+        assert weight_delta(row, model_name) and not hooked, hooked
+        assert set(gk.materialize_delta(model)) == set(sites)
+    else:
+        assert space(row) in ("activation", "sequence")
+        assert not weight_delta(row, model_name)
+        if space(row) == "activation":
+            assert hooked and all(n in dict(model.named_modules()) for n in hooked)
+
+
 @pytest.mark.parametrize("row,model_name", INAPPLICABLE)
 def test_inapplicable_cell_says_so(row, model_name):
     model = tiny(model_name)
@@ -206,7 +329,7 @@ def test_inapplicable_cell_says_so(row, model_name):
 # The contract, per cell
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("row,model_name", CELLS)
+@pytest.mark.parametrize("row,model_name", _cells(skip=_not_identity))
 def test_identity_at_init(row, model_name):
     model = build(row, model_name)
     out = logits(model, tiny_inputs())
@@ -220,11 +343,12 @@ def test_random_init_changes_output(row, model_name):
     base = base_logits(model_name)
     # relative: the tiny BERT's classification logits are themselves ~0.02
     assert (out - base).abs().max() > 1e-3 * base.abs().max(), "a non-identity adapter had no effect on the output"
-    delta = gk.materialize_delta(model)
-    assert delta and any(d.abs().max() > 0 for d in delta.values())
+    if weight_delta(row, model_name):
+        delta = gk.materialize_delta(model)
+        assert delta and any(d.abs().max() > 0 for d in delta.values())
 
 
-@pytest.mark.parametrize("row,model_name", CELLS)
+@pytest.mark.parametrize("row,model_name", DELTA_CELLS)
 def test_merged_equals_unmerged(row, model_name):
     model = build(row, model_name, random=True)
     ids = tiny_inputs()
@@ -238,7 +362,7 @@ def test_merged_equals_unmerged(row, model_name):
     assert_close(logits(model, ids), unmerged, 1e-5, "unmerged again")
 
 
-@pytest.mark.parametrize("row,model_name", CELLS)
+@pytest.mark.parametrize("row,model_name", DELTA_CELLS)
 def test_unmerge_restores_weights(row, model_name):
     model = build(row, model_name, random=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -263,7 +387,7 @@ def test_disabled_equals_base(row, model_name):
     assert torch.equal(logits(model, ids), adapted), "leaving disabled() must bring the adapter back"
 
 
-@pytest.mark.parametrize("row,model_name", CELLS)
+@pytest.mark.parametrize("row,model_name", DELTA_CELLS)
 def test_disable_while_merged(row, model_name):
     model = build(row, model_name, random=True)
     gk.merge_adapter(model)
@@ -286,10 +410,15 @@ def test_save_load_roundtrip_exact(row, model_name, tmp_path):
     fresh = tiny(model_name)
     gk.load_adapter(fresh, path)
     assert torch.equal(logits(fresh, ids), expected), "a reloaded adapter must reproduce the logits bitwise"
-    want, got = gk.materialize_delta(model), gk.materialize_delta(fresh)
+    want, got = adapter_from_model(model).tensors, adapter_from_model(fresh).tensors
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+    if weight_delta(row, model_name):
+        want, got = gk.materialize_delta(model), gk.materialize_delta(fresh)
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
     assert get_state(fresh).targets == get_state(model).targets
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -311,11 +440,27 @@ def test_only_adapter_parameters_train(row, model_name):
 
             assert {block_index(n) for n in trainable} == {1}
     else:
-        assert all(is_adapter_key(n) for n in trainable), sorted(n for n in trainable if not is_adapter_key(n))
+        # the adapter's own tensors, plus base tensors a method trains in place alongside them
+        # (a bottleneck's layer norms, LN tuning in a composition)
+        sites = gk.sites(model)
+        inplace = {n for n, s in sites.items() if s.inplace}
         adapter_params = {n for n, _ in model.named_parameters() if is_adapter_key(n)}
-        assert trainable == adapter_params
-        slots_per_site = 3 if MATRIX[row].config.get("use_dora") else (2 if MATRIX[row].method == "lora" else 1)
-        assert len(trainable) == slots_per_site * len(state.targets)
+        assert trainable == adapter_params | inplace, sorted(trainable ^ (adapter_params | inplace))
+        assert set(state.targets) == set(sites), "every saved target is a site and every site a saved target"
+        hooked = [s for s in sites.values() if not s.inplace]
+        assert hooked, "no module carries the adapter"
+        # every slot is a trainable parameter, counted once (shared tensors have one slot)
+        assert len(adapter_params) == sum(len(s.slots) for s in hooked)
+        for s in hooked:
+            assert all(isinstance(t, nn.Parameter) and t.requires_grad for t in s.slot_tensors().values())
+        if MATRIX[row].method in ("lora", "ia3"):
+            slots_per_site = 3 if MATRIX[row].config.get("use_dora") else (2 if MATRIX[row].method == "lora" else 1)
+            assert len(trainable) == slots_per_site * len(state.targets)
+        config = capabilities(row, model_name)[1]
+        if getattr(config, "train_layer_norm", False):
+            assert inplace and all("norm" in type(sites[n].owner).__name__.lower() for n in inplace), sorted(inplace)
+        elif hasattr(config, "train_layer_norm"):
+            assert not inplace, "a bottleneck adapter without train_layer_norm trains base tensors"
     # gradients flow to the trainable tensors only
     model.train()
     out = model(input_ids=tiny_inputs()).logits
@@ -332,8 +477,9 @@ def test_base_keys_unchanged_and_unload_restores(row, model_name):
     original = base_state(model_name)
     model = build(row, model_name, random=True)
     assert base_keys(model) == set(original), "injection renamed or added base state-dict keys"
+    inplace = {n for n, s in gk.sites(model).items() if s.inplace}  # e.g. layer norms trained alongside
     for k, v in original.items():  # unmerged methods leave base values alone
-        if MATRIX[row].random != PERTURB:
+        if MATRIX[row].random != PERTURB and k not in inplace:
             assert torch.equal(model.state_dict()[k], v), k
     gk.unload(model, merge=False)
     restored = model.state_dict()
@@ -346,7 +492,7 @@ def test_base_keys_unchanged_and_unload_restores(row, model_name):
     assert torch.equal(logits(model, tiny_inputs()), base_logits(model_name))
 
 
-@pytest.mark.parametrize("row,model_name", CELLS)
+@pytest.mark.parametrize("row,model_name", DELTA_CELLS)
 def test_unload_merged_keeps_effect(row, model_name):
     model = build(row, model_name, random=True)
     ids = tiny_inputs()
@@ -354,6 +500,45 @@ def test_unload_merged_keeps_effect(row, model_name):
     gk.unload(model, merge=True)
     assert set(model.state_dict()) == set(base_state(model_name))
     assert_close(logits(model, ids), adapted, 1e-5, "unload(merge=True)")
+
+
+WEIGHT_ONLY = [  # (what the refusal names, the operation)
+    ("materialize_delta", gk.materialize_delta),
+    ("merging into the weights", gk.merge_adapter),
+    ("unload(merge=True)", lambda m: gk.unload(m, merge=True)),
+]
+
+
+@pytest.mark.parametrize("row,model_name", NO_DELTA_CELLS)
+def test_weight_only_operations_refused(row, model_name, tmp_path):
+    from graftkit.methods.activation import refuse_weight_op
+
+    method, _ = capabilities(row, model_name)
+    model = build(row, model_name, random=True)
+    ids = tiny_inputs()
+    adapted = logits(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    messages = []
+    for what, op in WEIGHT_ONLY:
+        with pytest.raises(AdapterError) as exc:
+            op(model)
+        messages.append((what, str(exc.value)))
+    # the saved adapter is refused too (export --merged reads it without a live model)
+    saved = gk.read_adapter(gk.save_adapter(model, tmp_path / "a"))
+    with pytest.raises(AdapterError) as exc:
+        refuse_weight_op(saved.method, saved.meta["config"], "export --merged")
+    messages.append(("export --merged", str(exc.value)))
+    for what, msg in messages:
+        assert "\n" not in msg, msg
+        assert msg.startswith(f"{what} needs a weight delta, and a {method.name} adapter has none: "
+                              f"it changes the model's {method.space}s"), msg
+    # a refused operation leaves the adapter attached and the model as it was
+    assert get_state(model) is not None
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(logits(model, ids), adapted)
+    gk.unload(model, merge=False)
+    assert torch.equal(logits(model, ids), base_logits(model_name))
 
 
 @pytest.mark.parametrize("row,model_name", CELLS)
@@ -371,7 +556,7 @@ def test_double_injection_detected(row, model_name):
     gk.inject(model, config_for(row, model_name))
 
 
-@pytest.mark.parametrize("row,model_name", CELLS)
+@pytest.mark.parametrize("row,model_name", DELTA_CELLS)
 def test_materialized_delta_matches_merge(row, model_name):
     original = base_state(model_name)
     model = build(row, model_name, random=True)
@@ -397,7 +582,7 @@ def test_materialized_delta_matches_merge(row, model_name):
         assert_close(again[k], delta[k], 1e-6, k, relative=True)
 
 
-@pytest.mark.parametrize("row", ["lora", "lora+dora", "ia3"])
+@pytest.mark.parametrize("row", ["lora", "lora+dora", "ia3", "houlsby", "compacter"])
 def test_half_precision_base(row, tmp_path):
     # bf16 base, float32 adapter tensors: identity, exact reload, merge within bf16 rounding
     ids = tiny_inputs()
@@ -416,6 +601,8 @@ def test_half_precision_base(row, tmp_path):
     fresh = tiny("llama").to(torch.bfloat16)
     gk.load_adapter(fresh, tmp_path / "a")
     assert torch.equal(logits(fresh, ids), out)
+    if not weight_delta(row, "llama"):
+        return
     gk.merge_adapter(model)
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not is_adapter_key(n))
     assert_close(logits(model, ids), out, 2e-2 * out.abs().max().item(), "bf16 merged forward")
@@ -634,11 +821,36 @@ def test_classification_head_train_also(tmp_path):
     assert torch.equal(model.classifier.weight, base.classifier.weight)
 
 
+def test_classification_head_with_an_activation_adapter(tmp_path):
+    # the head is a base parameter trained whole beside module sites (BERT/MiniLM classification)
+    model = tiny("bert")
+    torch.manual_seed(5)
+    gk.inject(model, {"method": "pfeiffer", "reduction_factor": 4, "init_weights": False, "train_also": ["classifier"]})
+    state = get_state(model)
+    assert state.train_also == ["classifier.bias", "classifier.weight"]
+    assert all(n.endswith("output.dense") for n in state.targets)
+    with torch.no_grad():
+        model.classifier.weight.add_(0.5)
+    ids = tiny_inputs()
+    expected = logits(model, ids)
+    path = gk.save_adapter(model, tmp_path / "cls")
+    fresh = tiny("bert")
+    with torch.no_grad():
+        fresh.classifier.weight.normal_()
+    fresh_base = logits(fresh, ids)
+    gk.load_adapter(fresh, path)
+    assert torch.equal(logits(fresh, ids), expected)
+    with gk.disabled(fresh):  # its own (untrained) head and no adapter
+        assert torch.equal(logits(fresh, ids), fresh_base)
+    with pytest.raises(AdapterError, match="pfeiffer adapter has none"):
+        gk.materialize_delta(fresh, include_heads=False)
+
+
 # --------------------------------------------------------------------------------------
 # deepcopy
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("row", ["lora", "lora+dora", "ia3", "full"])
+@pytest.mark.parametrize("row", ["lora", "lora+dora", "ia3", "full", "parallel_adapter", "compacter"])
 def test_deepcopy_is_independent(row):
     model = build(row, "gpt2", random=True)
     ids = tiny_inputs()
@@ -651,13 +863,17 @@ def test_deepcopy_is_independent(row):
     changed = logits(clone, ids)
     assert (changed - out).abs().max() > 1e-4, "changing the copy's adapter had no effect on the copy"
     assert torch.equal(logits(model, ids), out), "changing the copy's adapter changed the original"
-    # merging / unloading the copy leaves the original alone
-    gk.merge_adapter(clone)
+    # merging / unloading the copy leaves the original alone (hooks of activation sites are
+    # found through their bound site, which deepcopy maps to the copy's)
+    if weight_delta(row, "gpt2"):
+        gk.merge_adapter(clone)
     gk.unload(clone, merge=False)
+    assert_close(logits(clone, ids), base_logits("gpt2"), 1e-5, "the copy unloaded")
     assert torch.equal(logits(model, ids), out)
     assert get_state(model) is not None
-    gk.merge_adapter(model)
-    assert_close(logits(model, ids), out, 1e-5, "original merged")
+    if weight_delta(row, "gpt2"):
+        gk.merge_adapter(model)
+        assert_close(logits(model, ids), out, 1e-5, "original merged")
 
 
 def test_deepcopy_bare_parameter_class():
