@@ -107,7 +107,7 @@ MATRIX: dict[str, Case] = {
     # activation space: bottleneck adapters at the method's default block roles
     "houlsby": Case("houlsby", {"reduction_factor": 4}, random={"init_weights": False}),
     "houlsby+ln": Case("houlsby", {"bottleneck_size": 3, "train_layer_norm": True, "layers": "top:1"},
-                       random={"init_weights": False}),
+                       random={"init_weights": False}, models=("bert",)),
     "pfeiffer": Case("pfeiffer", {"reduction_factor": 8, "non_linearity": "gelu"}, random={"init_weights": False}),
     "pfeiffer-targets": Case("pfeiffer", {"bottleneck_size": 4},
                              {"llama": ["layers.1.mlp"], "bert": ["layer.1.output.dense"], "gpt2": ["h.1.mlp"]},
@@ -120,14 +120,16 @@ MATRIX: dict[str, Case] = {
     "compacter": Case("compacter", {"reduction_factor": 4, "phm_dim": 4}, random={"init_weights": False}),
     "compacter-unshared": Case("compacter", {"bottleneck_size": 4, "phm_dim": 2, "phm_rank": 2, "shared_phm_rule": False},
                                random={"init_weights": False}, models=("bert",)),
-    "compacter_pp": Case("compacter_pp", {"reduction_factor": 8, "phm_dim": 2}, random={"init_weights": False}),
+    # Compacter with the FFN place only: compacter's rows cover the PHM layers on every model
+    "compacter_pp": Case("compacter_pp", {"reduction_factor": 8, "phm_dim": 2}, random={"init_weights": False},
+                         models=("gpt2",)),
     # weight space, trained in place (like BitFit)
     "ln_tuning": Case("ln_tuning", {}),
     # compositions (the unified view): one config list; the parts' own rows cover them alone
     "compose-mam": Case("compose", {}, per_model={m: {"methods": [
         {"method": "parallel_adapter", "reduction_factor": 4},
         {"method": "lora", "r": 2, "targets": t}]} for m, t in COMPOSE_LORA.items()},
-        random=_compose_random),
+        random=_compose_random, models=("llama", "bert")),
     "compose-weight": Case("compose", {}, per_model={m: {"methods": [
         {"method": "lora", "r": 2, "targets": t},
         {"method": "ln_tuning"}]} for m, t in COMPOSE_LORA.items()},

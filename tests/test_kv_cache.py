@@ -27,8 +27,15 @@ def _on_llama(row: str) -> bool:
     return MATRIX[row].targets.get("llama", ()) is not None
 
 
-ROWS = [row for row in MATRIX if _on_llama(row)]
-DELTA_ROWS = [row for row in ROWS if weight_delta(row, "llama")]
+def _first_row_per_method(rows: list[str]) -> list[str]:
+    return list({MATRIX[row].method: row for row in reversed(rows)}.values())[::-1]
+
+
+_ON_LLAMA = [row for row in MATRIX if _on_llama(row)]
+# weight-space adapters change each position's projections alike: one row per method is enough;
+# every activation-space row runs (each variant has its own hooks)
+ROWS = [row for row in _ON_LLAMA if not weight_delta(row, "llama") or row in _first_row_per_method(_ON_LLAMA)]
+DELTA_ROWS = _first_row_per_method([row for row in _ON_LLAMA if weight_delta(row, "llama")])
 #: rows with nothing to adapt in the tiny Llama (BitFit: it has no bias terms) run on a Llama
 #: with attention and MLP biases
 BIASED_ROWS = [row for row, case in MATRIX.items() if case.targets.get("llama", ()) is None]

@@ -251,3 +251,25 @@ def test_t5_cached_generation_matches_uncached(row):
     (tokens_c, logits_c), (tokens_u, logits_u) = generate(True), generate(False)
     assert torch.equal(tokens_c, tokens_u)
     assert torch.allclose(logits_c, logits_u, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if method_for(config(r))[0].peft is not None])
+def test_t5_peft_export_matches_peft(row, tmp_path):
+    """peft's own loader reads graftkit's peft export of a T5 adapter to the same logits (its key
+    prefix and the encoder/decoder module names survive the round trip)."""
+    import warnings
+
+    import peft
+
+    model = build(row, random=True)
+    out = logits(model)
+    path = gk.save_adapter(model, tmp_path / "p", format="peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about T5LayerNorm (LN tuning) being untested
+        reference = peft.PeftModel.from_pretrained(tiny_t5(), str(path)).eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=IDS, decoder_input_ids=DECODER_IDS).logits
+    assert torch.allclose(theirs, out, atol=1e-5, rtol=0)
+    back = tiny_t5()
+    gk.load_adapter(back, path)
+    assert torch.allclose(logits(back), out, atol=1e-6, rtol=0)
