@@ -36,6 +36,10 @@ _ON_LLAMA = [row for row in MATRIX if _on_llama(row)]
 # every activation-space row runs (each variant has its own hooks)
 ROWS = [row for row in _ON_LLAMA if not weight_delta(row, "llama") or row in _first_row_per_method(_ON_LLAMA)]
 DELTA_ROWS = _first_row_per_method([row for row in _ON_LLAMA if weight_delta(row, "llama")])
+#: GPT-2 keeps its own cache code (and Conv1D sublayers): the activation-space rows the matrix
+#: runs there
+GPT2_ROWS = [row for row, case in MATRIX.items()
+             if "gpt2" in (case.models or ["gpt2"]) and case.targets.get("gpt2", ()) is not None and not weight_delta(row, "gpt2")]
 #: rows with nothing to adapt in the tiny Llama (BitFit: it has no bias terms) run on a Llama
 #: with attention and MLP biases
 BIASED_ROWS = [row for row, case in MATRIX.items() if case.targets.get("llama", ()) is None]
@@ -54,10 +58,10 @@ def generate(model, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
 _BASE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def base_generation() -> tuple[torch.Tensor, torch.Tensor]:
-    if "llama" not in _BASE:
-        _BASE["llama"] = generate(tiny("llama"), cache=True)
-    return _BASE["llama"]
+def base_generation(model_name: str = "llama") -> tuple[torch.Tensor, torch.Tensor]:
+    if model_name not in _BASE:
+        _BASE[model_name] = generate(tiny(model_name), cache=True)
+    return _BASE[model_name]
 
 
 def assert_same_generation(cached, uncached, what: str) -> None:
@@ -83,6 +87,14 @@ def test_cached_generation_matches_uncached(row):
     # the adapter acts during generation (with the cache too), or the comparison proves nothing
     base_logits = base_generation()[1]
     assert (cached[1] - base_logits).abs().max() > 1e-4, "the adapter had no effect on generation"
+
+
+@pytest.mark.parametrize("row", GPT2_ROWS)
+def test_cached_generation_matches_uncached_gpt2(row):
+    model = build(row, "gpt2", random=True)
+    cached = generate(model, cache=True)
+    assert_same_generation(cached, generate(model, cache=False), f"{row} on GPT-2")
+    assert (cached[1] - base_generation("gpt2")[1]).abs().max() > 1e-4, "the adapter had no effect on generation"
 
 
 @pytest.mark.parametrize("row", DELTA_ROWS)
