@@ -46,10 +46,13 @@ BIASED_ROWS = [row for row, case in MATRIX.items() if case.targets.get("llama", 
 
 
 def generate(model, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy continuation of a fixed prompt: (new tokens, raw logits of every step)."""
+    """Greedy continuation of two fixed prompts, the second left-padded as in a batch of unequal
+    prompts: (new tokens, raw logits of every step)."""
     ids = tiny_inputs(seed=3, batch=2, length=5)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                              min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=cache, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
