@@ -215,6 +215,39 @@ def test_bf16_with_gradient_checkpointing_trains_and_saves_float32(assets, tmp_p
     assert any(float(t.abs().max()) > 0 for k, t in saved.items() if k.endswith("adapter_up"))  # the zero init moved
 
 
+def test_fsdp_units_keep_blocks_that_share_a_tensor_together(assets):
+    """Compacter shares one PHM rule across all blocks: FSDP2 cannot split a parameter between
+    units, so the blocks form one unit; Houlsby's blocks share nothing and stay one unit each."""
+    from graftkit.train.fsdp import block_classes, units
+
+    for family, want in (("compacter", [2]), ("houlsby", [1, 1])):
+        model = gk.load_model(assets / "llama", head="causal-lm")
+        gk.inject(model, options(family, "llama"))
+        assert [len(u) for u in units(model, block_classes(model))] == want, family
+
+
+def test_fsdp_compacter_two_processes_match_one(assets, tmp_path):
+    """FSDP2 over 2 CPU processes with Compacter (its shared rule in a unit of its own blocks):
+    the losses and the saved adapter of one process with the same global batch."""
+    import subprocess
+
+    from test_train import ENV, accelerate_fsdp
+
+    method = options("compacter")
+    one = cls_recipe(assets, tmp_path / "one", method=method, optim={"batch_size": 4, "max_steps": 4}, eval={"every": None})
+    two = cls_recipe(assets, tmp_path / "two", method=method, optim={"batch_size": 2, "max_steps": 4}, eval={"every": None})
+    res = subprocess.run(accelerate_fsdp(_recipe_file(tmp_path / "two.yaml", two)), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "FSDP2 sharded" in res.stdout
+    train(parse_recipe(one), progress=False)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    sa = read_safetensors(tmp_path / "one" / "adapter" / "adapter.safetensors")
+    sb = read_safetensors(tmp_path / "two" / "adapter" / "adapter.safetensors")
+    assert sa.keys() == sb.keys() and any(k.endswith("phm_rule") for k in sa)
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-4
+
+
 @pytest.mark.parametrize("export, needles", [
     ("peft", ("output.export peft", "peft has no format for 'houlsby'")),
     ("merged", ("output.export merged", "houlsby adapter has none")),
@@ -224,3 +257,87 @@ def test_exports_an_activation_adapter_lacks_are_refused_up_front(assets, tmp_pa
     code, _, err = run_cli(capsys, f)
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "out").exists()
+
+
+# -- the real models ------------------------------------------------------------------------------
+
+#: slots that start at zero (identity init; LN tuning's delta), so a non-zero value means the
+#: loss's gradient reached that tensor and the optimizer moved it
+ZERO_AT_START = ("adapter_up", "adapter_up_t", "lora_B", "delta")
+
+
+@pytest.fixture(scope="module")
+def shared_loads():
+    """``gk.load_model`` answered from one load per (model, head, labels): every family's run gets
+    a fresh copy of the same weights (and, for classification, the same new head) without
+    reading MiniLM or SmolLM2 again."""
+    original = gk.load_model
+    cache: dict = {}
+
+    def load(name, *args, **kwargs):
+        key = (str(name), repr(args), repr(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = original(name, *args, **kwargs)
+        return copy.deepcopy(cache[key])
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gk, "load_model", load)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory) -> Path:
+    """10 BBC News articles (2 per topic) and 2 short gsm_symbolic chats, each used as its own
+    validation set: the check is that training fits them, in a few steps."""
+    import reasoning_gym
+
+    from graftkit.data import bbc_news
+
+    root = tmp_path_factory.mktemp("real_adapters")
+    per: dict[str, list] = {}
+    for text, label in bbc_news():
+        if len(per.setdefault(label, [])) < 2:
+            per[label].append({"text": text, "label": label})
+    (root / "bbc.jsonl").write_text("".join(json.dumps(r) + "\n" for rows in per.values() for r in rows))
+    chats = [{"prompt": x["question"].split(". ")[0] + ".", "response": x["metadata"]["answer_cot"]}
+             for x in reasoning_gym.create_dataset("gsm_symbolic", size=2, seed=1)]
+    (root / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    return root
+
+
+def assert_learned(out: Path, summary: dict, before: float) -> None:
+    """The validation loss (the training set itself) fell by more than noise, and every tensor
+    that starts at zero moved: the gradient reached each adapter, not only the new head."""
+    assert summary["val_loss"] < before - 0.05, (before, summary["val_loss"])
+    saved = read_safetensors(out / "adapter" / "adapter.safetensors")
+    moved = {k: float(t.abs().max()) for k, t in saved.items() if k.rsplit(".", 1)[-1] in ZERO_AT_START}
+    assert moved and all(v > 0 for v in moved.values()), [k for k, v in moved.items() if v == 0][:3]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("family", family_names())
+def test_minilm_bbc_loss_goes_down(shared_loads, real_data, tmp_path, family):
+    out = tmp_path / "run"
+    r = {"model": "minilm", "task": "classification",
+         "data": {"train": str(real_data / "bbc.jsonl"), "validation": str(real_data / "bbc.jsonl"), "max_length": 48},
+         "method": options(family, "bert", real=True), "optim": {"lr": 1e-2, "batch_size": 5, "max_steps": 4, "warmup_steps": 0},
+         "eval": {"every": None, "at_start": True}, "output": {"dir": str(out)}}
+    s = train(parse_recipe(r), progress=False)
+    assert_learned(out, s, s["start_val_loss"])
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("family", family_names())
+def test_smollm2_gsm_loss_goes_down(shared_loads, real_data, tmp_path, family):
+    """Causal LM, response-only loss, adapters in the top two of 30 blocks (the backward pass
+    stops there). One batch holds both examples, so the first step's loss is the validation
+    loss before training (Llama has no dropout)."""
+    out = tmp_path / "run"
+    r = {"model": "smollm2", "task": "causal-lm",
+         "data": {"train": str(real_data / "gsm.jsonl"), "validation": str(real_data / "gsm.jsonl"), "prompt_field": "prompt",
+                  "response_field": "response", "max_length": 64},
+         "method": options(family, "llama", real=True, layers="top:2"), "optim": {"lr": 1e-2, "batch_size": 2, "max_steps": 3, "warmup_steps": 0},
+         "eval": {"every": None}, "output": {"dir": str(out)}}
+    s = train(parse_recipe(r), progress=False)
+    assert_learned(out, s, s["first_loss"])

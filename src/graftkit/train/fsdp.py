@@ -99,12 +99,33 @@ def shard(root: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # FSDP_RESHARD_AFTER_FORWARD: accelerate's name for FULL_SHARD (true) vs SHARD_GRAD_OP (false)
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
-    blocks = block_classes(model)
-    for module in list(model.modules()):
-        if type(module) in blocks:
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    for unit in units(model, block_classes(model)):
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, reshard_after_forward=reshard)
     fully_shard(root, mesh=mesh)  # the root keeps its leftovers (embeddings, head) gathered through the step
     return root
+
+
+def units(model: nn.Module, blocks: set[type]) -> list[list[nn.Module]]:
+    """The FSDP units: one per transformer block, except that blocks holding one shared parameter
+    (Compacter's shared PHM rule, a shared adapter) form one unit together - FSDP2 refuses a
+    parameter managed by two units."""
+    found = [m for m in model.modules() if type(m) in blocks]
+    group = list(range(len(found)))
+
+    def top(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    first: dict[int, int] = {}
+    for i, block in enumerate(found):
+        for p in block.parameters():
+            j = top(first.setdefault(id(p), i))
+            group[top(i)] = j
+    out: dict[int, list[nn.Module]] = {}
+    for i, block in enumerate(found):
+        out.setdefault(top(i), []).append(block)
+    return list(out.values())
 
 
 def is_sharded(t: torch.Tensor) -> bool:
