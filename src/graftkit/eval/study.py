@@ -181,7 +181,9 @@ def expert_recipe(cfg: StudyConfig, family: ExpertFamily, data: dict[str, Any], 
     from ..methods import method_named
 
     # an expert whose adapter can be a merge input is merged from the adapter; others export merged
-    mergeable = getattr(method_named(family.method.get("method", "full")), "merge_deltas", None) is not None
+    method = method_named(family.method.get("method", "full"))
+    config = {k: v for k, v in family.method.items() if k != "method"}
+    mergeable = getattr(method, "merge_deltas", None) is not None and method.weight_delta(config)
     export = [] if mergeable else ["merged"]
     return {"model": cfg.base, "task": "classification", "data": data, "method": dict(family.method), "optim": optim,
             "output": {"dir": str(folder), "export": export}}
