@@ -61,6 +61,16 @@ def find_module(model: nn.Module, name: str) -> ModuleInfo:
     return ModuleInfo(name, modules[name], model)
 
 
+def find_target(model: nn.Module, name: str):
+    """A saved target name as a module when the model has a module of that name, else as a
+    parameter (a parameter's name is never also a module's)."""
+    if name and name in dict(model.named_modules()):
+        return find_module(model, name)
+    from ..targets import find_param
+
+    return find_param(model, name)
+
+
 def first_tensor(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
@@ -183,11 +193,7 @@ class ModuleMethod(TuningMethod):
     @classmethod
     def find(cls, model: nn.Module, name: str):
         """A saved target: a module, or a base parameter trained alongside (e.g. layer norms)."""
-        if name and name in dict(model.named_modules()):
-            return find_module(model, name)
-        from ..targets import find_param
-
-        return find_param(model, name)
+        return find_target(model, name)
 
     @classmethod
     def resolve(cls, model: nn.Module, config: MethodConfig, skip=()):

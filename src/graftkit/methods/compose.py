@@ -177,14 +177,11 @@ class Compose(TuningMethod):
 
     @classmethod
     def find(cls, model: nn.Module, name: str):
-        # the component is not known here (target_options say it); a saved name is a module when
-        # the model has a module of that name, else a parameter - as for every registered method
-        from .activation import find_module
-        from ..targets import find_param
+        # the component is not known here (target_options say it); the name alone tells a module
+        # from a parameter
+        from .activation import find_target
 
-        if name and name in dict(model.named_modules()):
-            return find_module(model, name)
-        return find_param(model, name)
+        return find_target(model, name)
 
     @classmethod
     def resolve(cls, model: nn.Module, config: ComposeConfig, skip=()):
