@@ -143,8 +143,8 @@ class ModuleSite(Site):
 
 def refusal(method: str, what: str, space: str = "activation") -> str:
     return (f"{what} needs a weight delta, and a {method} adapter has none: it changes the model's {space}s "
-            "(hidden states), not its weights. Use the adapter unmerged (load it with --adapter), or merge "
-            "adapters of one architecture with an adapter soup")
+            "(hidden states), not its weights. Use it unmerged (gk.load_adapter, or `adapter:` in graft eval), "
+            "or merge adapters of one architecture as an adapter soup (linear)")
 
 
 def refuse_weight_op(method_name: str, config: Any, what: str) -> None:
