@@ -7,7 +7,8 @@ A run is sharded when accelerate's config asks for FSDP (``accelerate launch --u
   the model and the optimizer together, as accelerate's FSDP2 requires;
 * on CPUs accelerate sets up plain DDP over gloo whatever the config says (it enables FSDP
   only for accelerator devices), so graftkit applies torch's ``fully_shard`` itself, the
-  same way: one FSDP unit per transformer block, then the root.
+  same way: one FSDP unit per transformer block (blocks sharing a parameter, such as
+  Compacter's shared PHM rule, form one unit), then the root.
 
 Either way the parameters become ``DTensor`` shards, and the rest of the loop meets them in
 two places, both handled here: checkpoints gather whole tensors (so a checkpoint is the same
