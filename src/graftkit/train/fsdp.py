@@ -106,6 +106,19 @@ def shard(root: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
     return root
 
 
+def refuse_shared_across_blocks(model: nn.Module, method: str) -> None:
+    """accelerate's FSDP2 (GPUs) makes every block a unit of its own, which fails on a parameter
+    shared by several blocks; say so in one line before it does."""
+    try:
+        classes = block_classes(model)
+    except ConfigError:
+        return  # accelerate reports its own wrapping problem
+    if any(len(unit) > 1 for unit in units(model, classes)):
+        raise ConfigError(f"FSDP2 through accelerate shards each transformer block on its own, and the {method} adapter shares a "
+                          "parameter across blocks (e.g. Compacter's PHM rule); train it without FSDP (one device or DDP), or on "
+                          "CPU processes, where graftkit keeps those blocks in one unit")
+
+
 def units(model: nn.Module, blocks: set[type]) -> list[list[nn.Module]]:
     """The FSDP units: one per transformer block, except that blocks holding one shared parameter
     (Compacter's shared PHM rule, a shared adapter) form one unit together - FSDP2 refuses a

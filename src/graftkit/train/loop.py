@@ -443,6 +443,7 @@ class Run:
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = _adamw(param_groups(r, model, self.named), o)
         if self.fsdp == "accelerate":  # accelerate's FSDP2 shards the model and swaps the optimizer's tensors
+            fsdp.refuse_shared_across_blocks(model, tuning.name if tuning is not None else "this")
             module, self.optimizer = self.acc.prepare(module, self.optimizer)
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         elif self.fsdp is None:
