@@ -345,8 +345,11 @@ def test_fsdp_version_1_is_refused(assets, tmp_path):
     f = _recipe_file(tmp_path / "r.yaml", cls_recipe(assets, tmp_path / "out"))
     res = subprocess.run(accelerate_fsdp(f, version=1), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    # each process says it in one line (the launcher then reports its failed children)
-    assert res.stderr.count("graft: error: graft train supports FSDP version 2 only") == 2, res.stderr[-2000:]
+    # a process says it in one line (the launcher then reports its failed children); the first to
+    # exit makes torchrun stop the other, which may not have printed yet, so one or two such lines
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("graft: ")]
+    assert 1 <= len(lines) <= 2, res.stderr[-2000:]
+    assert all(ln.startswith("graft: error: graft train supports FSDP version 2 only") for ln in lines), lines
     assert "internal error" not in res.stderr
     assert not (tmp_path / "out").exists()
 
