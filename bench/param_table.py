@@ -17,8 +17,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-T5_BASE = dict(d_model=768, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12, d_kv=64, vocab_size=32128,
-               feed_forward_proj="relu")
 
 # Compacter (Karimi Mahabadi et al., NeurIPS 2021), Table 1 (GLUE, T5-base): percentage of the
 # model's parameters trained per task. Every method there also trains all layer norms, and the
@@ -73,6 +71,8 @@ def table() -> tuple[list[dict], int]:
     from graftkit.methods import method_named, registered_methods
 
     transformers.logging.set_verbosity_error()
+    from graftkit.train.params import T5_BASE
+
     cls, config = transformers.T5ForConditionalGeneration, transformers.T5Config(**T5_BASE)
     rows, total = [], None
     for method in sorted(registered_methods(), key=lambda m: m.name):

@@ -19,7 +19,8 @@ from graftkit.adapter import count_parameters, sites
 from graftkit.errors import AdapterError, ConfigError
 from graftkit.io.native import read_native
 from graftkit.methods import method_named
-from graftkit.methods.compacter import CompacterSite, phm_weight, t5_base_share
+from graftkit.methods.compacter import CompacterSite, phm_weight
+from graftkit.train.params import t5_base_share
 
 IDS = tiny_inputs()
 N = 4  # phm_dim

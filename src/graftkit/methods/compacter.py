@@ -193,32 +193,3 @@ class Compacter(BottleneckMethod):
             for k, site in enumerate(phm):
                 site.share_rule(rule, keeper=k == 0)
         return sites
-
-
-#: t5-base's shape (Raffel et al., 2020), for parameter counts without its weights
-T5_BASE = dict(d_model=768, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12, d_kv=64, vocab_size=32128)
-
-
-def t5_base_share(config: dict[str, Any]) -> tuple[int, int]:
-    """``(trainable, total)`` parameters of the adapter ``config`` (a method config dict, any
-    method) injected into a T5ForConditionalGeneration of t5-base's shape; ``total`` counts the
-    base only (tied embeddings once), as :func:`graftkit.adapter.count_parameters` does.
-
-    Nothing is downloaded: the model is built on the meta device and given uninitialised bf16
-    storage (about 0.45 GB, no random init), which is all injection needs.
-
-    Compacter++ with the paper's T5-base settings (``reduction_factor: 32``, ``phm_dim: 4``,
-    rank 1, PHM biases) trains 24 x 2376 + 64 = 57,088 parameters, 0.0256% of 222,903,552; with
-    ``train_layer_norm: true`` (the paper's runs train the layer norms too) 103,168 = 0.0463%. The
-    paper's 0.047% (104,704) also counts the encoder's and decoder's final layer norms (1,536),
-    which sit outside the blocks and are not trained here."""
-    import transformers
-
-    from ..adapter import count_parameters, inject
-
-    with torch.device("meta"):
-        model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_BASE))
-    model = model.to(torch.bfloat16).to_empty(device="cpu")
-    model.tie_weights()  # leaving the meta device made new, untied Parameters
-    inject(model, config)
-    return count_parameters(model)

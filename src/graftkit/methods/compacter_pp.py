@@ -10,7 +10,7 @@ a PHM layer
 
 so ``L`` blocks cost ``2L(k + d) + n^3`` parameters without biases. The paper's 0.047% of
 T5-base counts these, the PHM biases and the layer norms it also trains (reduction factor 32);
-see :func:`graftkit.methods.compacter.t5_base_share`. The machinery is
+see :func:`graftkit.train.params.t5_base_share`. The machinery is
 :mod:`graftkit.methods.compacter`.
 """
 from __future__ import annotations
