@@ -108,6 +108,13 @@ def _select_layers(infos: list[ParamInfo], layers) -> list[ParamInfo]:
     present = sorted({i for i in indices if i is not None})
     if not present:
         raise TargetError("'layers' was given but no parameter name has a block index (layers.N / h.N / layer.N); drop 'layers' or target names directly")
+    wanted = wanted_layers(present, layers)
+    return [i for i, idx in zip(infos, indices) if idx in wanted]
+
+
+def wanted_layers(present: list[int], layers) -> set[int]:
+    """The block indices a ``layers`` value selects among the sorted indices ``present``:
+    a list of indices, ``"top:K"`` or ``"bottom:K"``; out-of-range values are refused in one line."""
     if isinstance(layers, str):
         m = re.fullmatch(r"(top|bottom):(\d+)", layers)
         if not m:
@@ -115,13 +122,12 @@ def _select_layers(infos: list[ParamInfo], layers) -> list[ParamInfo]:
         k = int(m.group(2))
         if not 1 <= k <= len(present):
             raise TargetError(f"layers {layers!r}: the model has {len(present)} blocks ({present[0]}..{present[-1]}); choose K in 1..{len(present)}")
-        wanted = set(present[-k:] if m.group(1) == "top" else present[:k])
-    else:
-        wanted = set(layers)
-        missing = wanted - set(present)
-        if missing:
-            raise TargetError(f"layers {sorted(missing)} do not exist; the model has blocks {present[0]}..{present[-1]}")
-    return [i for i, idx in zip(infos, indices) if idx in wanted]
+        return set(present[-k:] if m.group(1) == "top" else present[:k])
+    wanted = set(layers)
+    missing = wanted - set(present)
+    if missing:
+        raise TargetError(f"layers {sorted(missing)} do not exist; the model has blocks {present[0]}..{present[-1]}")
+    return wanted
 
 
 def resolve_targets(

@@ -58,7 +58,7 @@ from torch import nn
 
 from ..errors import ConfigError, TargetError
 from ..layers import is_conv1d, layer_kind
-from ..targets import ParamInfo, find_param
+from ..targets import ParamInfo, find_param, wanted_layers
 from .activation import ModuleInfo, ModuleMethod, ModuleSite, find_module, first_tensor, replace_first, resolve_modules
 from .base import MethodConfig, Site
 from .blocks import role_modules, transformer_blocks
@@ -359,14 +359,10 @@ def _connect(method: str, adapters: list) -> None:
 def _layer_indices(model: nn.Module, layers) -> set[int] | None:
     if layers is None:
         return None
-    if isinstance(layers, str):
-        n = max((b.index for b in transformer_blocks(model)), default=-1) + 1
-        side, _, k = layers.partition(":")
-        if side not in ("top", "bottom") or not k.isdigit():
-            raise ConfigError(f"layers {layers!r}: write a list of block indices, 'top:k' or 'bottom:k'")
-        k = int(k)
-        return set(range(n - k, n)) if side == "top" else set(range(k))
-    return set(layers)
+    present = sorted({b.index for b in transformer_blocks(model)})
+    if not present:
+        raise TargetError(f"'layers' was given but {type(model).__name__} has no transformer blocks; drop 'layers' or name modules in targets")
+    return wanted_layers(present, layers)
 
 
 def _norm_params(model: nn.Module, blocks: list[str], skip) -> list[ParamInfo]:
