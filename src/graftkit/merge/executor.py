@@ -271,10 +271,18 @@ def _seed_for(seed: int | None, key: str) -> int | None:
 
 def key_params(plan: Plan, key: str) -> dict:
     cfg, spec = plan.config, plan.spec
+    params = resolve_params(cfg, spec, plan.inputs[1:] if spec.base_as_input else plan.inputs, key, plan.layer_t(key))
+    if spec.random:
+        params["seed"] = _seed_for(cfg.parameters.get("seed", cfg.seed), key)
+    return params
+
+
+def resolve_params(cfg, spec, method_inputs: list[str], key: str, t: float) -> dict:
+    """The merge method's parameters for tensor ``key`` at layer position ``t``: per-model values
+    (one per input, in order), global values, filter lists and gradients resolved; also used by
+    adapter soups."""
     params: dict[str, Any] = {}
     per_model = {m.model: m.parameters for m in cfg.models}
-    t = plan.layer_t(key)
-    method_inputs = plan.inputs[1:] if spec.base_as_input else plan.inputs
     for name, default in spec.model_params.items():
         values = []
         for p in method_inputs:
@@ -287,8 +295,6 @@ def key_params(plan: Plan, key: str) -> dict:
             continue
         v = resolve(cfg.parameters.get(name, default), key, t)
         params[name] = default if v is None else v
-    if spec.random:
-        params["seed"] = _seed_for(cfg.parameters.get("seed", cfg.seed), key)
     params.pop("int8_mask", None)
     params.pop("scope", None)
     for p in spec.params:  # the declared kind of a whole-number or required parameter (slerp's t, k)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, GraftError, UnsupportedError
-from .config import MergeConfig, load_config, resolve
+from .config import MergeConfig, load_config
 
 _LAYER = re.compile(r"\.(?:layers|h|layer|block|blocks)\.(\d+)\.")
 
@@ -164,23 +164,9 @@ class Soup:
     def params(self, key: str) -> dict:
         """The method's parameters for one tensor, resolved as a model merge resolves them
         (per-model values, filter lists, per-layer gradients)."""
-        cfg, spec = self.cfg, self.spec
-        per_model = {m.model: m.parameters for m in cfg.models}
-        t = self.layer_t(key)
-        out: dict[str, Any] = {}
-        for name, default in spec.model_params.items():
-            values = []
-            for p in self.inputs:
-                v = resolve(per_model.get(p, {}).get(name, cfg.parameters.get(name, default)), key, t)
-                values.append(default if v is None else v)
-            out[name] = values
-        for name, default in spec.global_params.items():
-            if name not in spec.model_params:
-                v = resolve(cfg.parameters.get(name, default), key, t)
-                out[name] = default if v is None else v
-        out.pop("int8_mask", None)
-        out.pop("scope", None)
-        return out
+        from .executor import resolve_params
+
+        return resolve_params(self.cfg, self.spec, self.inputs, key, self.layer_t(key))
 
     def tensors(self) -> dict:
         import torch
