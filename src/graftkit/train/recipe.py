@@ -106,6 +106,23 @@ class MultitaskConfig(StrictModel):
     balance: bool = True
 
 
+class DistillConfig(StrictModel):
+    """PANDA: distillation from the source adapter's model (see :mod:`graftkit.train.distill`)."""
+
+    teacher: str  # an adapter folder on this base (usually the init_from source)
+    weight: float | Literal["auto"]  # of the KD term; auto: from the transferability of teacher -> reference
+    temperature: float = Field(1.0, gt=0)
+    reference: str | None = None  # weight auto: an adapter of this method trained on the target task alone
+    samples: int = Field(64, ge=1)  # weight auto: training examples the task embeddings average over
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float | str) -> float | str:
+        if value != "auto" and not (0 <= value < float("inf")):
+            raise ConfigError(f"distill.weight={value}: give a finite number >= 0, or auto")
+        return value
+
+
 class Recipe(StrictModel):
     model: str
     tokenizer: str | None = None
@@ -119,6 +136,8 @@ class Recipe(StrictModel):
     hft: HFTConfig | None = None
     masked_thought: MaskedThoughtConfig | None = None
     multitask: MultitaskConfig | None = None
+    init_from: str | None = None  # PVP: start the adapter from a saved one (graftkit.train.lineage)
+    distill: DistillConfig | None = None  # PANDA (graftkit.train.distill); needs init_from
 
     @field_validator("method")
     @classmethod
@@ -163,6 +182,25 @@ class Recipe(StrictModel):
             raise ConfigError("eval.exact_match needs task causal-lm with chat data (data.prompt_field/response_field) and data.answer_field")
         return self
 
+    @model_validator(mode="after")
+    def _check_distill(self) -> "Recipe":
+        d = self.distill
+        if d is None:
+            return self
+        if not self.init_from:
+            raise ConfigError("distill (PANDA) trains a student started from the source adapter: set init_from to the source "
+                              "adapter's folder (usually the same as distill.teacher)")
+        if d.weight == "auto" and not d.reference:
+            raise ConfigError("distill.weight auto measures the transferability between the teacher and an adapter trained on the "
+                              "target task: set distill.reference to one (a plain run of this recipe), or give weight a number")
+        if d.weight != "auto" and d.reference:
+            raise ConfigError("distill.reference is read only for weight auto; drop it or set weight: auto")
+        augment = getattr(self, "augment", None)
+        if augment is not None and (getattr(augment, "mixup", None) or getattr(augment, "contrastive", None)):
+            raise ConfigError("distill with augment.mixup/contrastive: the teacher sees the unmixed inputs and the losses would not "
+                              "line up; drop one of them")
+        return self
+
     # -- identity of a run -------------------------------------------------------------------
 
     def resolved(self) -> dict[str, Any]:
@@ -196,6 +234,7 @@ class Recipe(StrictModel):
 SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "output": OutputConfig,
     "layerwise": LayerwiseConfig, "hft": HFTConfig, "masked_thought": MaskedThoughtConfig, "multitask": MultitaskConfig,
+    "distill": DistillConfig,
 }
 
 
