@@ -8,6 +8,16 @@
 * plain-text LM (``text_field`` only): documents are tokenized, joined with the EOS token and,
   with ``packing``, cut into blocks of exactly ``max_length`` tokens.
 
+Two kinds of packing, both filling rows of ``max_length`` tokens so that no compute goes to padding:
+
+* ``data.packing`` (plain text): the documents are one stream cut into blocks; a block may start
+  mid-document, and its tokens attend to the end of the document before them (the classic
+  pre-training recipe).
+* ``data.pack_examples`` (chat SFT, or plain text with ``packing`` off): whole examples are placed
+  into rows (:func:`pack`), each with position ids restarting at 0 and attention kept inside it;
+  the first token of an example is never a target of the one before. Training on a packed row
+  gives each example the loss and gradient it would get alone (tests/test_packing.py).
+
 Sequences longer than ``max_length`` (or than the model's own position limit) are truncated,
 with one warning that says how many were.
 """
@@ -155,10 +165,11 @@ def prepare(recipe: Recipe, tokenizer, limit: int | None) -> Prepared:
             warnings.append(f"{trunc.count} of {trunc.total} chat examples are longer than {max_length} tokens and were truncated")
     else:
         texts = [str(t) for t in _field(train_rows, d.text_field, d.train, "text")]
-        out.train = _lm_blocks(tokenizer, texts, max_length, d.packing, warnings, train_task if tasks else None)
+        blocks = d.packing and not d.pack_examples  # pack_examples keeps each document whole instead
+        out.train = _lm_blocks(tokenizer, texts, max_length, blocks, warnings, train_task if tasks else None)
         if val_rows:
             vtexts = [str(t) for t in _field(val_rows, d.text_field, d.validation, "text")]
-            out.validation = _lm_blocks(tokenizer, vtexts, max_length, d.packing, warnings, val_task if tasks else None)
+            out.validation = _lm_blocks(tokenizer, vtexts, max_length, blocks, warnings, val_task if tasks else None)
         if not out.train:
             raise ConfigError(f"{d.train} gives no full block of {max_length} tokens; lower data.max_length or add text")
 
@@ -167,7 +178,50 @@ def prepare(recipe: Recipe, tokenizer, limit: int | None) -> Prepared:
             ex["task"] = t
         for ex, t in zip(out.validation, val_task if val_rows else []):
             ex["task"] = t
+    if d.pack_examples:  # training rows only: validation is scored (and generated from) per example
+        out.train = pack(out.train, max_length)
     return out
+
+
+def pack(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Whole examples placed into rows of at most ``max_length`` tokens (best fit, longest first:
+    deterministic, and rows come out nearly full). Each row holds ``input_ids``, ``labels`` and
+    ``position_ids``; the position ids restart at 0 at each example, which is how the model tells
+    the examples apart (see loop._model_inputs), and each example's first label is IGNORE so that
+    its first token is not a target of the example before it (alone, it is never a target)."""
+    import bisect
+
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted: the best fit is the first with enough room
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n == 0:
+            continue
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            rows.append([i])
+            free, row = max_length - n, len(rows) - 1
+        else:
+            free, row = room.pop(at)
+            rows[row].append(i)
+            free -= n
+        if free > 0:
+            bisect.insort(room, (free, row))
+    out = []
+    for members in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            e = examples[i]
+            ids.extend(e["input_ids"])
+            labels.append(IGNORE)
+            labels.extend(e["labels"][1:len(e["input_ids"])])
+            positions.extend(range(len(e["input_ids"])))
+        out.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return out
+
 
 
 def _messages(prompt: Any, response: Any | None, system: str | None) -> list[dict[str, str]]:
@@ -220,6 +274,33 @@ def _lm_blocks(tokenizer, texts: list[str], max_length: int, packing: bool, warn
     return [{"input_ids": stream[i * max_length:(i + 1) * max_length], "labels": stream[i * max_length:(i + 1) * max_length]} for i in range(n)]
 
 
+def packing_problem(model) -> str | None:
+    """Why ``model`` would not keep packed examples apart, or None: two short examples are run
+    packed in one row and alone, and each must get the logits it gets alone. A model whose
+    attention ignores position ids for masking, or a method that adds tokens to the sequence
+    (prompt and prefix tuning), fails it."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab, (1, 5), generator=g), torch.randint(0, vocab, (1, 4), generator=g)
+    ids = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+            alone = torch.cat([model(input_ids=a, use_cache=False).logits, model(input_ids=b, use_cache=False).logits], dim=1).float()
+    except Exception as exc:  # noqa: BLE001 - any failure means packing is not supported
+        return f"a packed forward fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    finally:
+        model.train(was_training)
+    if packed.shape != alone.shape:
+        return "its output has another length than its input"
+    if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-4):
+        return "an example's outputs change when another example is packed before it"
+    return None
+
+
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples to their longest member."""
     n = max(len(e["input_ids"]) for e in examples)
@@ -238,6 +319,13 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         batch["labels"] = labels
     if "task" in examples[0]:
         batch["task"] = torch.tensor([e["task"] for e in examples], dtype=torch.long)
+    if "position_ids" in examples[0]:  # packed rows: the padding after the last example counts as one more from 0
+        positions = torch.arange(n).repeat(len(examples), 1)
+        for i, e in enumerate(examples):
+            k = len(e["position_ids"])
+            positions[i, :k] = torch.tensor(e["position_ids"], dtype=torch.long)
+            positions[i, k:] -= k
+        batch["position_ids"] = positions
     return batch
 
 

@@ -1,21 +1,24 @@
 """FSDP2 for ``graft train``: which runs shard, how, and moving tensors in and out of shards.
 
-A run is sharded when accelerate's config asks for FSDP (``accelerate launch --use_fsdp
---fsdp_version 2``, or ``distributed_type: FSDP`` in its config file):
+A run is sharded when the launch asks for FSDP (``accelerate launch --use_fsdp --fsdp_version
+2``, ``distributed_type: FSDP`` in accelerate's config file, or ``ACCELERATE_USE_FSDP=true
+FSDP_VERSION=2`` under torchrun), with any number of processes, 1 included. There is one
+sharding path, on CPUs and GPUs alike: graftkit applies torch's ``fully_shard`` itself - one
+FSDP unit per transformer block (blocks sharing a parameter, such as Compacter's shared PHM
+rule, form one unit), then the root (the model with its loss), which keeps the embeddings,
+the final norm and the head gathered through the whole forward, so the loss may use the
+head's weight directly (the chunked and fused cross-entropies do). accelerate is built
+without its FSDP plugin (:func:`accelerator`) and only runs the processes: left to itself it
+would shard on GPUs only, with another unit layout, and the CPU tests would not cover the
+GPU run. (That split is how FSDP2 crashed on GPUs: accelerate's separate head unit left the
+head's weight a shard when the loss read it outside the head's forward.)
 
-* on GPUs accelerate itself shards the model (``Accelerator.is_fsdp2``); the loop hands it
-  the model and the optimizer together, as accelerate's FSDP2 requires;
-* on CPUs accelerate sets up plain DDP over gloo whatever the config says (it enables FSDP
-  only for accelerator devices), so graftkit applies torch's ``fully_shard`` itself, the
-  same way: one FSDP unit per transformer block (blocks sharing a parameter, such as
-  Compacter's shared PHM rule, form one unit), then the root.
-
-Either way the parameters become ``DTensor`` shards, and the rest of the loop meets them in
-two places, both handled here: checkpoints gather whole tensors (so a checkpoint is the same
+The parameters become ``DTensor`` shards, and the rest of the loop meets them in two
+places, both handled here: checkpoints gather whole tensors (so a checkpoint is the same
 file whatever the sharding) and cut them again on resume; evaluation (loss and greedy
 generation) and saving the adapter run with every unit gathered. FSDP version 1 is refused:
 it flattens parameters, which the adapter sites (hooks that look their base weight up by
-name) do not survive. Of accelerate's FSDP options the CPU path reads the version and
+name) do not survive. Of accelerate's FSDP options graftkit reads the version and
 ``reshard_after_forward``; activation checkpointing is the recipe's
 ``optim.gradient_checkpointing``.
 """
@@ -41,17 +44,65 @@ def check_config() -> None:
         raise ConfigError(VERSION_ERROR)
 
 
+def asked() -> bool:
+    """Whether the launch asks for FSDP (accelerate passes its config to the processes this way)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def accelerator(mixed_precision: str, cpu: bool):
+    """The run's ``Accelerator``, built without accelerate's FSDP plugin: graftkit shards.
+
+    accelerate reads the FSDP request from the environment when it is built (and would then
+    shard in ``prepare``, on GPUs only); it is hidden for that moment and restored after, so
+    that graftkit (:func:`requested`) and transformers' RAM-efficient loading still see it."""
+    from accelerate import Accelerator
+
+    saved = os.environ.get("ACCELERATE_USE_FSDP")
+    if saved is not None:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
 def requested(acc) -> str | None:
-    """``"accelerate"`` (accelerate shards), ``"cpu"`` (graftkit shards) or ``None`` (no FSDP)."""
+    """``"graftkit"`` (the run is sharded, by graftkit's :func:`shard`) or ``None`` (no FSDP).
+
+    The same answer on every device: an accelerator that reports FSDP itself (one built with
+    accelerate's plugin) is sharded by graftkit too, never handed to ``acc.prepare``."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type == DistributedType.FSDP:
-        if not acc.is_fsdp2:
-            raise ConfigError(VERSION_ERROR)
-        return "accelerate"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or acc.num_processes < 2:
-        return None
-    return "cpu"
+    if acc.distributed_type == DistributedType.FSDP and not getattr(acc, "is_fsdp2", True):
+        raise ConfigError(VERSION_ERROR)
+    if asked() or acc.distributed_type == DistributedType.FSDP:
+        check_config()
+        return "graftkit"
+    return None
+
+
+def start_processes(device: torch.device) -> bool:
+    """A process group for a run that accelerate left without one (a single process: FSDP2
+    shards over a mesh of one). Returns whether it made one, so the run can end it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise ConfigError(f"WORLD_SIZE={world} but no process group was set up; start the processes with accelerate launch or torchrun")
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    # one process: an in-memory store, no port to pick or to collide on
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def end_processes() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def block_classes(model: nn.Module) -> set[type]:
@@ -65,13 +116,14 @@ def block_classes(model: nn.Module) -> set[type]:
 
 
 @torch.no_grad()
-def sync_from_rank0(model: nn.Module) -> None:
+def sync_from_rank0(model: nn.Module, device: torch.device) -> None:
     """Give every process process 0's parameters and buffers (accelerate's ``sync_module_states``).
 
     With accelerate's ``cpu_ram_efficient_loading`` transformers initialises weights on process 0
     only and leaves some of the others' on the meta device (a new head's, for one); those get
     memory here, then everything is broadcast, so the shards cut next agree whatever each
-    process loaded or initialised."""
+    process loaded or initialised. The model is on ``device`` afterwards (NCCL broadcasts from
+    GPU memory)."""
     import torch.distributed as dist
 
     made: dict[int, torch.Tensor] = {}  # tied tensors stay tied
@@ -81,9 +133,12 @@ def sync_from_rank0(model: nn.Module) -> None:
                 if t is None or not t.is_meta:
                     continue
                 if id(t) not in made:
-                    empty = torch.empty_like(t, device="cpu")
+                    empty = torch.empty_like(t, device=device)
                     made[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
                 table[name] = made[id(t)]
+    model.to(device)
+    if dist.get_world_size() == 1:
+        return
     seen: set[int] = set()
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen and t.numel():
@@ -91,32 +146,32 @@ def sync_from_rank0(model: nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
+RESHARD = "graft_reshard_after_forward"  # what shard() set on each unit, for unsharded() to put back
+GATHERED = "graft_fsdp_gathered"  # marks every module whose tensors FSDP gathers into reused storage
+
+
 def shard(root: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
-    """``fully_shard`` each transformer block of ``model``, then ``root`` (which holds ``model``)."""
+    """``fully_shard`` each transformer block of ``model``, then ``root`` (which holds ``model``),
+    over all processes (one included), on ``device``."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    sync_from_rank0(model, device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # FSDP_RESHARD_AFTER_FORWARD: accelerate's name for FULL_SHARD (true) vs SHARD_GRAD_OP (false)
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
     for unit in units(model, block_classes(model)):
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(root, mesh=mesh)  # the root keeps its leftovers (embeddings, head) gathered through the step
+        for block in unit:  # fully_shard of a list makes each of its modules an FSDPModule
+            setattr(block, RESHARD, reshard)
+    # the root keeps its leftovers (embeddings, final norm, head) gathered from its forward
+    # through the backward, which needs them at once (torch's own default for a root)
+    fully_shard(root, mesh=mesh, reshard_after_forward=False)
+    setattr(root, RESHARD, False)
+    for module in root.modules():
+        setattr(module, GATHERED, True)
     return root
-
-
-def refuse_shared_across_blocks(model: nn.Module, method: str) -> None:
-    """accelerate's FSDP2 (GPUs) makes every block a unit of its own, which fails on a parameter
-    shared by several blocks; say so in one line before it does."""
-    try:
-        classes = block_classes(model)
-    except ConfigError:
-        return  # accelerate reports its own wrapping problem
-    if any(len(unit) > 1 for unit in units(model, classes)):
-        raise ConfigError(f"FSDP2 through accelerate shards each transformer block on its own, and the {method} adapter shares a "
-                          "parameter across blocks (e.g. Compacter's PHM rule); train it without FSDP (one device or DDP), or on "
-                          "CPU processes, where graftkit keeps those blocks in one unit")
 
 
 def units(model: nn.Module, blocks: set[type]) -> list[list[nn.Module]]:
@@ -140,6 +195,15 @@ def units(model: nn.Module, blocks: set[type]) -> list[list[nn.Module]]:
     for i, block in enumerate(found):
         out.setdefault(top(i), []).append(block)
     return list(out.values())
+
+
+def describe(module: nn.Module) -> str:
+    """``", FSDP2 sharded (N modules)"`` for a model :func:`shard` cut (read from the model itself,
+    not from the request), else ``""``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = {id(m) for m in module.modules() if isinstance(m, FSDPModule)}
+    return f", FSDP2 sharded ({len(found)} modules)" if found else ""
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -172,8 +236,9 @@ def unsharded(module: nn.Module) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    # each unit's own setting (accelerate keeps its embedding/head unit gathered, for one)
-    after = [all(g._reshard_after_forward for g in unit._get_fsdp_state()._fsdp_param_groups) for unit in units]
+    # each unit's own setting, as shard() recorded it (torch keeps it in private state whose
+    # name changes between versions)
+    after = [getattr(unit, RESHARD, True) for unit in units]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()

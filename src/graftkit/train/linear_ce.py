@@ -27,13 +27,19 @@ CHUNK_ROWS = 128  # (128, 49152) float32 logits = 25 MB at a time
 _casts: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}  # id(weight) -> (weight, its state, the cast)
 
 
-def frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def frozen_cast(weight: torch.Tensor, dtype: torch.dtype, cache: bool = True) -> torch.Tensor:
     """``weight.to(dtype)``, kept between calls while the weight's storage and version stay the
     same: a frozen head is cast once per run instead of twice per chunk of every step (for
     SmolLM2's tied 49,152 x 576 embedding under bf16 autocast that was 29% of a LoRA step, each
-    cast a fresh 56 MB allocation)."""
+    cast a fresh 56 MB allocation).
+
+    ``cache=False`` for a weight FSDP gathers: its gathered storage is freed after each step and
+    refilled on the next gather without a version bump, possibly at the same address, so the
+    key could not tell a changed shard from an unchanged one."""
     if weight.dtype == dtype:
         return weight
+    if not cache:
+        return weight.detach().to(dtype)
     state = (weight.data_ptr(), weight._version, dtype)
     hit = _casts.get(id(weight))
     if hit is None or hit[0]() is not weight or hit[1] != state:
@@ -46,12 +52,13 @@ def frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _FrozenLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int, cache: bool = True) -> torch.Tensor:
+        ctx.cache = cache
         n = hidden.shape[0]
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         # autocast would cast the (vocab, hidden) weight again for every matmul of every chunk
-        w = frozen_cast(weight, dtype)
+        w = frozen_cast(weight, dtype, cache=ctx.cache)
         b = None if bias is None else bias.to(dtype)
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
@@ -71,7 +78,7 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None, None, None
 
 
 def frozen_linear_cross_entropy(hidden: torch.Tensor, linear: torch.nn.Linear, targets: torch.Tensor,
@@ -80,4 +87,10 @@ def frozen_linear_cross_entropy(hidden: torch.Tensor, linear: torch.nn.Linear, t
     ``linear`` whose weight and bias do not require grad; the gradient flows to ``hidden`` only."""
     if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
         raise ValueError("frozen_linear_cross_entropy needs a frozen projection; use F.cross_entropy(linear(h), t)")
-    return _FrozenLinearCrossEntropy.apply(hidden, linear.weight, linear.bias, targets, chunk)
+    from .fsdp import GATHERED, whole
+
+    # the weight is read here, not through linear's forward, so FSDP's pre-forward gather of
+    # linear's unit may not have run: a shard is gathered (every process calls this in step),
+    # else the matmul mixes a Tensor with a DTensor (how FSDP2 failed under accelerate's layout)
+    weight, bias = whole(linear.weight), None if linear.bias is None else whole(linear.bias)
+    return _FrozenLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, not getattr(linear, GATHERED, False))

@@ -54,7 +54,6 @@ class WithLoss(nn.Module):
         self.model = model
         self.task = task
         self.balanced = balanced
-        self.distill = None  # PANDA: the teacher's KD term in training (train.distill.Distiller), set by Run.setup
         cfg = model.config
         self.sparse_head = (task == "causal-lm" and isinstance(model.get_output_embeddings(), nn.Linear)
                             and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
@@ -74,8 +73,6 @@ class WithLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, number of targets, number of correct predictions - ``None`` in training mode)."""
         task = batch.get("task")
-        # the teacher runs first: a shared teacher swaps its tensors into this model (train.distill)
-        teacher = self.distill.teacher_logits(batch) if self.distill is not None and self.training else None
         if self.task == "classification":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             ce = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
@@ -86,14 +83,11 @@ class WithLoss(nn.Module):
                 loss, _ = balanced_loss(ce[:, None], torch.ones_like(ce[:, None]), task)
             else:
                 loss = ce.mean()
-            if teacher is not None:
-                loss = loss + self.distill.term(logits, teacher)
             return loss, torch.tensor(len(ce), device=ce.device), correct
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
         head = self.model.get_output_embeddings() if self.sparse_head else None
         frozen_head = head is not None and not any(p.requires_grad for p in head.parameters())
-        logits = None
         if self.sparse_head:
             hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             hidden = hidden[:, :-1][keep]
@@ -119,8 +113,6 @@ class WithLoss(nn.Module):
             loss, _ = balanced_loss(full, keep, task)
         else:
             loss = tok.sum() / n.clamp(min=1)
-        if teacher is not None:  # the student's logits at the same target positions as the teacher's
-            loss = loss + self.distill.term(logits if logits is not None else head(hidden).float(), teacher)
         return loss, n, correct
 
 
@@ -218,10 +210,13 @@ class Run:
         # accelerate sets up multi-process CPU runs (DDP over gloo) only when told it runs on CPU
         fsdp.check_config()
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        self.acc = Accelerator(mixed_precision="bf16" if recipe.optim.precision == "bf16" else "no", cpu=cpu)
+        # built without accelerate's FSDP plugin: an FSDP run is sharded by graftkit, on every device
+        self.acc = fsdp.accelerator("bf16" if recipe.optim.precision == "bf16" else "no", cpu)
         self.main = self.acc.is_main_process
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        self.fsdp = fsdp.requested(self.acc)  # None, or who shards the model: "accelerate" or "cpu" (graftkit)
+        self.fsdp = fsdp.requested(self.acc)  # "graftkit" (sharded, see fsdp.shard) or None
+        # one process asking for FSDP2 shards over a mesh of one: it needs a process group
+        self.own_group = fsdp.start_processes(self.acc.device) if self.fsdp else False
         if console is None:
             from rich.console import Console
 
@@ -417,11 +412,6 @@ class Run:
 
         self.inputs = {"data": data_record(r.data_files(), {"train": len(self.data.train), "validation": len(self.data.validation)}),
                        "model": gk.get_state(model).fingerprint, "labels": self.data.labels}
-        self.lineage, self.distiller = None, None
-        if r.init_from:  # PVP / PANDA: the adapter starts from a saved one (train.lineage, train.distill)
-            from .lineage import setup_lineage
-
-            self.lineage, self.distiller = setup_lineage(self, model)
         if r.layerwise and r.layerwise.freeze_bottom:
             from .layerwise import freeze_bottom
 
@@ -450,20 +440,13 @@ class Run:
             self.frozen_in_bf16 = hold_frozen_linears_in_bf16(model)
         o = r.optim
         module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance))
-        if self.fsdp == "cpu":  # shard first: the optimizer must hold the shards
-            fsdp.sync_from_rank0(model)
+        if self.fsdp:  # shard first (on the run's device, process 0's weights): the optimizer must hold the shards
             module = fsdp.shard(module, model, self.acc.device)
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = _adamw(param_groups(r, model, self.named), o)
-        if self.fsdp == "accelerate":  # accelerate's FSDP2 shards the model and swaps the optimizer's tensors
-            fsdp.refuse_shared_across_blocks(model, tuning.name if tuning is not None else "this")
-            module, self.optimizer = self.acc.prepare(module, self.optimizer)
-            self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        elif self.fsdp is None:
+        if not self.fsdp:
             module = self.acc.prepare(module)
         self.module = module
-        if self.distiller is not None:
-            self.distiller.attach(self.acc.unwrap_model(module), self.acc.device)
         self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
         self.steps_per_epoch = self.order.per_epoch // o.grad_accum
         if self.steps_per_epoch == 0:
@@ -549,7 +532,7 @@ class Run:
             if k == o.grad_accum - 1:
                 sync = contextlib.nullcontext()
             else:
-                sync = fsdp.no_sync(self.module) if self.fsdp == "cpu" else self.acc.no_sync(self.module)
+                sync = fsdp.no_sync(self.module) if self.fsdp else self.acc.no_sync(self.module)
             with sync, self.acc.autocast():
                 loss, _, _ = self.module(batch)
                 self.acc.backward(loss / o.grad_accum)
@@ -626,7 +609,7 @@ class Run:
                            f"{trainable:,} trainable of {total_params:,} ({100 * trainable / total_params:.2f}%); "
                            f"{len(self.data.train)} training examples, {len(self.data.validation)} validation; "
                            f"{self.total} steps of {r.optim.batch_size * self.world * r.optim.grad_accum} "
-                           f"({self.world} process(es){', FSDP2 sharded' if self.fsdp else ''}, {self.acc.device})")
+                           f"({self.world} process(es){fsdp.describe(self.module)}, {self.acc.device})")
         first_loss = last_loss = None
         evals: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -706,14 +689,7 @@ class Run:
         if self.recipe.optim.gradient_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         adapter = self.out / "adapter"
-        if self.lineage:  # where the adapter started from (train.lineage), in its adapter.json
-            from ..io.native import adapter_from_model, write_native
-
-            saved = adapter_from_model(model)
-            saved.meta["lineage"] = self.lineage
-            write_native(saved, adapter, overwrite=True)
-        else:
-            gk.save_adapter(model, adapter, overwrite=True)
+        gk.save_adapter(model, adapter, overwrite=True)
         outputs = {"adapter": str(self.final / "adapter")}  # final names: an --overwrite run is swapped in below
         if "peft" in self.recipe.output.export:
             gk.save_adapter(model, self.out / "adapter-peft", format="peft", overwrite=True)
@@ -798,3 +774,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, cons
         if err is not exc:
             raise err from exc
         raise
+    finally:
+        if run.own_group:  # the one-process group fsdp.start_processes made (a library caller may train again)
+            fsdp.end_processes()

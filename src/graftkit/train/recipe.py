@@ -35,7 +35,10 @@ class DataConfig(StrictModel):
     task_field: str | None = None  # multi-task data (see multitask.balance)
     answer_field: str | None = None  # exact-match eval target (causal-lm, validation)
     max_length: int = Field(256, ge=8)
-    packing: bool = True  # plain-text LM: concatenate documents into max_length blocks
+    packing: bool = True  # plain-text LM: concatenate documents into max_length blocks (examples attend across their joins)
+    # chat SFT / unpacked plain text: whole examples packed into rows of max_length, each with its
+    # own position ids from 0 and no attention across examples (graftkit.train.data.pack)
+    pack_examples: bool = False
     limit: int | None = Field(None, ge=1)  # use only the first N training rows
 
 
@@ -59,6 +62,9 @@ class OptimConfig(StrictModel):
     # pass instead of torch's stored Bernoulli mask - same distribution, less time and memory
     # (graftkit.train.dropout); false: torch's dropout
     fast_dropout: bool = True
+    # auto: liger-kernel's fused Triton kernels on CUDA when installed, else torch's (graftkit.train.kernels)
+    kernels: Literal["auto", "liger", "torch"] = "auto"
+    compile: bool = False  # torch.compile each transformer block's forward
 
 
 class EvalConfig(StrictModel):
@@ -106,6 +112,58 @@ class MultitaskConfig(StrictModel):
     balance: bool = True
 
 
+class EDAConfig(StrictModel):
+    """Easy Data Augmentation (Wei & Zou 2019) of the training text (see :mod:`graftkit.train.augment`);
+    the defaults are EDA's. Synonym replacement and insertion read WordNet (nltk)."""
+
+    alpha_sr: float = Field(0.1, ge=0, le=1)  # share of words replaced by a synonym
+    alpha_ri: float = Field(0.1, ge=0, le=1)  # share of words inserted (synonyms of words in the text)
+    alpha_rs: float = Field(0.1, ge=0, le=1)  # share of words swapped
+    p_rd: float = Field(0.1, ge=0, le=1)  # probability of deleting each word
+    num_aug: int = Field(9, ge=1)  # augmented copies per training example (the original is kept too)
+
+
+class MixupConfig(StrictModel):
+    """Mixup of sentence representations (senMixup; see :mod:`graftkit.train.augment`)."""
+
+    alpha: float = Field(1.0, gt=0)  # lambda ~ Beta(alpha, alpha)
+
+
+class ContrastiveConfig(StrictModel):
+    """Supervised contrastive auxiliary loss on sentence representations (see :mod:`graftkit.train.augment`)."""
+
+    weight: float = Field(..., gt=0, lt=1)  # loss = (1 - weight) * cross-entropy + weight * contrastive
+    temperature: float = Field(0.3, gt=0)
+
+
+class AugmentConfig(StrictModel):
+    """Data augmentation for (parameter-efficient) tuning with little data (see :mod:`graftkit.train.augment`)."""
+
+    eda: EDAConfig | None = None
+    mixup: MixupConfig | None = None
+    contrastive: ContrastiveConfig | None = None
+
+
+class QuantizeConfig(StrictModel):
+    """QLoRA: the frozen base held in 4 bit through bitsandbytes (see :mod:`graftkit.io.quantize`)."""
+
+    bits: int = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True  # quantize the per-block scales too (about 0.4 bits per weight less)
+    compute_dtype: Literal["bf16", "fp32"] = "bf16"  # the dtype the 4-bit matmuls run in
+
+    @field_validator("bits")
+    @classmethod
+    def _four(cls, value: int) -> int:
+        if value != 4:
+            raise ConfigError(f"quantize.bits={value}: graftkit holds a quantized base in 4 bits only (NF4 or FP4 through "
+                              "bitsandbytes); set bits: 4 or drop the quantize section")
+        return value
+
+    def describe(self) -> str:
+        return f"{self.quant_type.upper()}{' double-quant' if self.double_quant else ''}"
+
+
 class DistillConfig(StrictModel):
     """PANDA: distillation from the source adapter's model (see :mod:`graftkit.train.distill`)."""
 
@@ -138,6 +196,8 @@ class Recipe(StrictModel):
     multitask: MultitaskConfig | None = None
     init_from: str | None = None  # PVP: start the adapter from a saved one (graftkit.train.lineage)
     distill: DistillConfig | None = None  # PANDA (graftkit.train.distill); needs init_from
+    quantize: QuantizeConfig | None = None
+    augment: AugmentConfig | None = None
 
     @field_validator("method")
     @classmethod
@@ -160,6 +220,15 @@ class Recipe(StrictModel):
             raise ConfigError("data.prompt_field/response_field and masked_thought are for task causal-lm, not classification")
         if self.masked_thought and not d.prompt_field:
             raise ConfigError("masked_thought masks response (chain-of-thought) tokens: it needs chat SFT data (data.prompt_field and data.response_field)")
+        if d.pack_examples and self.task == "classification":
+            raise ConfigError("data.pack_examples packs causal-LM examples (chat SFT, plain text); a classification batch "
+                              "has one label per row, so its examples cannot share one: set data.pack_examples=false")
+        if d.pack_examples and d.task_field:
+            raise ConfigError("data.pack_examples would put examples of different tasks in one row, and multi-task data "
+                              "is weighted per row: set data.pack_examples=false or drop data.task_field")
+        if d.pack_examples and d.packing and "packing" in d.model_fields_set and not d.prompt_field:
+            raise ConfigError("data.packing (documents concatenated into blocks, attending across their joins) and "
+                              "data.pack_examples (whole documents packed, kept apart) exclude each other; set one of them to false")
         if self.multitask and not d.task_field:
             raise ConfigError("multitask needs data.task_field naming the field that holds each row's task")
         if "peft" in self.output.export:
@@ -201,6 +270,22 @@ class Recipe(StrictModel):
                               "line up; drop one of them")
         return self
 
+    @model_validator(mode="after")
+    def _check_augment(self) -> "Recipe":
+        if self.augment is not None:
+            from .augment import check_recipe
+
+            check_recipe(self)
+        return self
+
+    @model_validator(mode="after")
+    def _check_quantize(self) -> "Recipe":
+        if self.quantize is not None:
+            from ..io.quantize import check_method
+
+            check_method(self.method)
+        return self
+
     # -- identity of a run -------------------------------------------------------------------
 
     def resolved(self) -> dict[str, Any]:
@@ -233,7 +318,7 @@ class Recipe(StrictModel):
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "output": OutputConfig,
-    "layerwise": LayerwiseConfig, "hft": HFTConfig, "masked_thought": MaskedThoughtConfig, "multitask": MultitaskConfig,
+    "layerwise": LayerwiseConfig, "hft": HFTConfig, "masked_thought": MaskedThoughtConfig, "multitask": MultitaskConfig, "quantize": QuantizeConfig, "augment": AugmentConfig,
     "distill": DistillConfig,
 }
 
