@@ -54,6 +54,7 @@ class WithLoss(nn.Module):
         self.model = model
         self.task = task
         self.balanced = balanced
+        self.distill = None  # PANDA: the teacher's KD term in training (train.distill.Distiller), set by Run.setup
         cfg = model.config
         self.sparse_head = (task == "causal-lm" and isinstance(model.get_output_embeddings(), nn.Linear)
                             and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
@@ -73,6 +74,8 @@ class WithLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, number of targets, number of correct predictions - ``None`` in training mode)."""
         task = batch.get("task")
+        # the teacher runs first: a shared teacher swaps its tensors into this model (train.distill)
+        teacher = self.distill.teacher_logits(batch) if self.distill is not None and self.training else None
         if self.task == "classification":
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             ce = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
@@ -83,11 +86,14 @@ class WithLoss(nn.Module):
                 loss, _ = balanced_loss(ce[:, None], torch.ones_like(ce[:, None]), task)
             else:
                 loss = ce.mean()
+            if teacher is not None:
+                loss = loss + self.distill.term(logits, teacher)
             return loss, torch.tensor(len(ce), device=ce.device), correct
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
         head = self.model.get_output_embeddings() if self.sparse_head else None
         frozen_head = head is not None and not any(p.requires_grad for p in head.parameters())
+        logits = None
         if self.sparse_head:
             hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             hidden = hidden[:, :-1][keep]
@@ -113,6 +119,8 @@ class WithLoss(nn.Module):
             loss, _ = balanced_loss(full, keep, task)
         else:
             loss = tok.sum() / n.clamp(min=1)
+        if teacher is not None:  # the student's logits at the same target positions as the teacher's
+            loss = loss + self.distill.term(logits if logits is not None else head(hidden).float(), teacher)
         return loss, n, correct
 
 
@@ -412,6 +420,11 @@ class Run:
 
         self.inputs = {"data": data_record(r.data_files(), {"train": len(self.data.train), "validation": len(self.data.validation)}),
                        "model": gk.get_state(model).fingerprint, "labels": self.data.labels}
+        self.lineage, self.distiller = None, None
+        if r.init_from:  # PVP / PANDA: the adapter starts from a saved one (train.lineage, train.distill)
+            from .lineage import setup_lineage
+
+            self.lineage, self.distiller = setup_lineage(self, model)
         if r.layerwise and r.layerwise.freeze_bottom:
             from .layerwise import freeze_bottom
 
@@ -447,6 +460,8 @@ class Run:
         if not self.fsdp:
             module = self.acc.prepare(module)
         self.module = module
+        if self.distiller is not None:
+            self.distiller.attach(self.acc.unwrap_model(module), self.acc.device)
         self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
         self.steps_per_epoch = self.order.per_epoch // o.grad_accum
         if self.steps_per_epoch == 0:
@@ -689,7 +704,14 @@ class Run:
         if self.recipe.optim.gradient_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         adapter = self.out / "adapter"
-        gk.save_adapter(model, adapter, overwrite=True)
+        if self.lineage:  # where the adapter started from (train.lineage), in its adapter.json
+            from ..io.native import adapter_from_model, write_native
+
+            saved = adapter_from_model(model)
+            saved.meta["lineage"] = self.lineage
+            write_native(saved, adapter, overwrite=True)
+        else:
+            gk.save_adapter(model, adapter, overwrite=True)
         outputs = {"adapter": str(self.final / "adapter")}  # final names: an --overwrite run is swapped in below
         if "peft" in self.recipe.output.export:
             gk.save_adapter(model, self.out / "adapter-peft", format="peft", overwrite=True)
