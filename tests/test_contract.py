@@ -134,6 +134,12 @@ MATRIX: dict[str, Case] = {
         {"method": "lora", "r": 2, "targets": t},
         {"method": "ln_tuning"}]} for m, t in COMPOSE_LORA.items()},
         random=_compose_random, models=("gpt2",)),
+    # sequence space: soft tokens in front of the input (never the identity: a fresh prompt is random)
+    "prompt_tuning": Case("prompt_tuning", {"num_virtual_tokens": 4}, random={}),
+    "prompt_tuning-vocab": Case("prompt_tuning", {"num_virtual_tokens": 3, "init": "vocab"}, random={}, models=("gpt2",)),
+    "p_tuning": Case("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, random={}),
+    "p_tuning-lstm": Case("p_tuning", {"num_virtual_tokens": 3, "encoder_reparameterization_type": "LSTM"}, random={},
+                          models=("llama",)),
 }
 
 MODELS = list(TINY_MODELS)

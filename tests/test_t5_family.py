@@ -42,6 +42,9 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
                                                   {"method": "lora", "r": 2, "targets": ["q", "v"]}]},
                 {"methods": [{"method": "parallel_adapter", "reduction_factor": 4, "init_weights": False},
                              {"method": "lora", "r": 2, "targets": ["q", "v"], "init_lora_weights": False}]}),
+    # soft tokens in front of the encoder's input (the decoder cross-attends to them too)
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 4}, {}),
+    "p_tuning": ({"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 16}, {}),
 }
 #: T5 has no bias terms: these methods have nothing to adapt and must say so
 NOTHING_TO_ADAPT = {"bitfit": {"method": "bitfit"}}
@@ -237,7 +240,7 @@ def test_t5_adapter_refuses_another_base(tmp_path):
     assert get_state(other) is None
 
 
-@pytest.mark.parametrize("row", ["houlsby", "parallel_adapter", "compose"])
+@pytest.mark.parametrize("row", ["houlsby", "parallel_adapter", "compose", "prompt_tuning"])
 def test_t5_cached_generation_matches_uncached(row):
     # the decoder's self-attention and cross-attention caches: one new position per step
     model = build(row, random=True)

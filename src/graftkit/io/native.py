@@ -132,6 +132,8 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, force: bool = False) -
         raise AdapterError(f"the model already has a {get_state(model).method} adapter; call gk.unload(model) before loading another")
     method = METHODS.get(adapter.method)
     config = parse_config(method.config_cls, adapter.meta["config"])
+    if hasattr(method, "bind_saved"):  # sequence-space adapters from peft name no module: bound to this model's
+        adapter = method.bind_saved(model, adapter)
     base = adapter.meta.get("base_model") or {}
     base_name = base.get("name_or_path")
     check_adapter(adapter, _where(adapter))

@@ -96,7 +96,8 @@ def read_peft(path: str | Path, allow_pickle: bool = False) -> AdapterFile:
         raw = read_pickle_checkpoint(path / PICKLE_NAME, allow_pickle)
     else:
         raise FileFormatError(f"{path} has no {WEIGHTS_NAME}")
-    raw = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    prefix = getattr(known[peft_type], "prefix", PREFIX)  # prompt learning wraps the model one level less deep
+    raw = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()}
     adapter = known[peft_type].read(cfg, raw, path)
     adapter.path = path
     return adapter
@@ -263,6 +264,14 @@ def write_peft(model: nn.Module, path: str | Path, overwrite: bool = False) -> P
     if conv is None:
         raise UnsupportedError(f"peft has no format for graftkit's {state.method!r} adapters (only {peft_method_names()}); "
                                "save it with format='native'")
+    if getattr(conv, "write_model", None) is not None:  # a soft prompt: one tensor for the whole model
+        tensors, entries = conv.write_model(model, state)
+        cfg = {"peft_type": conv.peft_type, "task_type": _task_type(model), "inference_mode": True,
+               "base_model_name_or_path": state.base.get("name_or_path"), "revision": None, **entries}
+        with atomic_dir(path, overwrite) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        return Path(path)
     heads = set(state.train_also)
     tensors: dict[str, torch.Tensor] = {}
     modules, kinds = [], set()

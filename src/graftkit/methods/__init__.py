@@ -1,5 +1,7 @@
 """Tuning methods: one file each, registered in graftkit.registry.METHODS on import."""
 from . import bitfit, compacter, compacter_pp, compose, full, houlsby, ia3, ln_tuning, lora, parallel_adapter, pfeiffer  # noqa: F401  (registration)
+from . import prompt_tuning  # noqa: F401  (registration)
+from . import p_tuning  # noqa: F401  (registration)
 from .bitfit import BitFitConfig
 from .full import FullConfig
 from .ia3 import IA3Config

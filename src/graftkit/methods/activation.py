@@ -142,8 +142,9 @@ class ModuleSite(Site):
 
 
 def refusal(method: str, what: str, space: str = "activation") -> str:
+    changes = "(hidden states)" if space == "activation" else "(the soft tokens or key/value prefixes it reads)"
     return (f"{what} needs a weight delta, and a {method} adapter has none: it changes the model's {space}s "
-            "(hidden states), not its weights. Use it unmerged (gk.load_adapter, or `adapter:` in graft eval), "
+            f"{changes}, not its weights. Use it unmerged (gk.load_adapter, or `adapter:` in graft eval), "
             "or merge adapters of one architecture as an adapter soup (linear)")
 
 

@@ -397,6 +397,9 @@ class Run:
 
         holder = _C()
         holder.config = config
+        from ..methods.soft_prompt import check_train_length
+
+        check_train_length(dict(r.method), r.data.max_length, model_position_limit(holder))  # soft tokens need positions too
         self.data: Prepared = prepare(r, self.tokenizer, model_position_limit(holder))
         self.warnings.extend(self.data.warnings)
 
