@@ -99,6 +99,17 @@ def prepare(recipe: Recipe, tokenizer, limit: int | None) -> Prepared:
         raise ConfigError(f"{d.train} holds no rows")
     if d.limit:
         train_rows = train_rows[: d.limit]
+    if recipe.augment is not None and recipe.augment.eda is not None:
+        from .augment import augment_rows
+
+        # the rows are checked before copies renumber them, so an error names the file's own line
+        chat = d.prompt_field is not None
+        wanted = {d.prompt_field: "prompt", d.response_field: "response"} if chat else {d.text_field: "text", d.label_field: "label"}
+        for name, what in {**wanted, **({d.task_field: "task"} if d.task_field else {})}.items():
+            _field(train_rows, name, d.train, what)
+        if not chat:
+            files.check_label_types(train_rows, d.label_field, d.train)
+        train_rows = augment_rows(train_rows, d.prompt_field if chat else d.text_field, recipe.augment.eda, recipe.optim.seed)
     val_rows = read_rows(d.validation, d.format) if d.validation else []
     if recipe.eval.limit:
         val_rows = val_rows[: recipe.eval.limit]

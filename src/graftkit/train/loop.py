@@ -54,6 +54,7 @@ class WithLoss(nn.Module):
         self.model = model
         self.task = task
         self.balanced = balanced
+        self.augment = None  # classification: mixup / contrastive loss in training (train.augment.SentenceAugment), set by Run.setup
         self.distill = None  # PANDA: the teacher's KD term in training (train.distill.Distiller), set by Run.setup
         cfg = model.config
         self.sparse_head = (task == "causal-lm" and isinstance(model.get_output_embeddings(), nn.Linear)
@@ -77,15 +78,21 @@ class WithLoss(nn.Module):
         # the teacher runs first: a shared teacher swaps its tensors into this model (train.distill)
         teacher = self.distill.teacher_logits(batch) if self.distill is not None and self.training else None
         if self.task == "classification":
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            ce = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-            correct = (logits.argmax(-1) == batch["labels"]).sum() if not self.training else None
+            aux = correct = None
+            if self.augment is not None and self.training:
+                logits, ce, aux = self.augment.loss(self.model, batch)
+            else:
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                ce = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                correct = (logits.argmax(-1) == batch["labels"]).sum() if not self.training else None
             if self.balanced and task is not None:
                 from .multitask import balanced_loss
 
                 loss, _ = balanced_loss(ce[:, None], torch.ones_like(ce[:, None]), task)
             else:
                 loss = ce.mean()
+            if aux is not None:
+                loss = self.augment.combine(loss, aux)
             if teacher is not None:
                 loss = loss + self.distill.term(logits, teacher)
             return loss, torch.tensor(len(ce), device=ce.device), correct
@@ -456,6 +463,10 @@ class Run:
             self.frozen_in_bf16 = hold_frozen_linears_in_bf16(model)
         o = r.optim
         module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance))
+        if r.augment and (r.augment.mixup or r.augment.contrastive):
+            from .augment import SentenceAugment
+
+            module.augment = SentenceAugment(model, _head_names(model)[0], r.augment)
         if self.fsdp:  # shard first (on the run's device, process 0's weights): the optimizer must hold the shards
             module = fsdp.shard(module, model, self.acc.device)
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -537,6 +548,10 @@ class Run:
 
             g = torch.Generator().manual_seed((self.recipe.optim.seed * 1_000_003 + index) * 64 + self.rank)
             batch = mask_thought(batch, self.recipe.masked_thought.ratio, self.mask_id, g)
+        if self.recipe.augment and self.recipe.augment.mixup:
+            from .augment import mixup_draw
+
+            batch.update(mixup_draw(self.recipe.augment.mixup.alpha, len(idx), self.recipe.optim.seed, index, self.rank))
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     def train_step(self, step: int) -> tuple[float, int]:
