@@ -67,11 +67,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def snapshot(named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def snapshot(named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+             keep: bool = True) -> dict[str, Any] | None:
     """Whole copies of the trained tensors and the optimizer state, as a checkpoint stores them.
 
-    FSDP shards are gathered, so every process of a sharded run must call this, in step."""
+    FSDP shards are gathered, so every process of a sharded run must call this, in step; the
+    processes that do not write (``keep=False``) take part in each gather and drop the result
+    at once, so only the writer ever holds a whole copy in host memory."""
     from .fsdp import whole
+
+    def copy(t: torch.Tensor) -> torch.Tensor | None:
+        full = whole(t.detach())
+        return full.cpu().contiguous().clone() if keep else None
 
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -79,11 +86,13 @@ def snapshot(named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torc
     for idx, st in sd["state"].items():
         for key, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = whole(value.detach()).cpu().contiguous().clone()
+                tensors[f"{idx}.{key}"] = copy(value)
             else:
                 plain.setdefault(str(idx), {})[key] = value
-    return {"trainable": {n: whole(p.detach()).cpu().contiguous().clone() for n, p in named_params},
-            "optimizer_tensors": tensors, "optimizer": {"param_groups": sd["param_groups"], "plain": plain}}
+    trainable = {n: copy(p) for n, p in named_params}
+    if not keep:
+        return None
+    return {"trainable": trainable, "optimizer_tensors": tensors, "optimizer": {"param_groups": sd["param_groups"], "plain": plain}}
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:

@@ -695,7 +695,8 @@ class Run:
             from accelerate.utils import gather_object
 
             states = gather_object(states)
-        snap = snapshot(self.named, self.optimizer) if self.main or self.fsdp else None  # sharded: all gather
+        # sharded: every process takes part in the gathers, and only process 0 keeps (and writes) the copy
+        snap = snapshot(self.named, self.optimizer, keep=self.main) if self.main or self.fsdp else None
         if self.main:
             info = {"fingerprint": self.recipe.fingerprint(), "micro_batch": step * self.recipe.optim.grad_accum,
                     "processes": self.world, "last": record, "run_fingerprint": self.run_fingerprint(), "inputs": self.inputs}
