@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
+from .layers import is_quantized, logical_shape
 from .targets import iter_params
 from .validate import FORCE_HINT
 
@@ -28,14 +29,19 @@ def _structure(model: nn.Module, skip: set[str]) -> tuple[int, str]:
     for info in iter_params(model):
         if info.name in skip:
             continue
-        total += info.param.numel()
-        h.update(f"{info.name}:{tuple(info.param.shape)}\n".encode())
+        shape = logical_shape(info.param)  # a 4-bit base (QLoRA) has the structure of its full-precision original
+        total += shape.numel()
+        h.update(f"{info.name}:{tuple(shape)}\n".encode())
     return total, h.hexdigest()[:16]
 
 
 def _probe(param: torch.Tensor) -> list[float]:
     if param.is_meta:  # a model built without weights (parameter counts) has no values to probe
         return []
+    if is_quantized(param):  # QLoRA: the values the adapter was trained against
+        from .io.quantize import dequantize
+
+        param = dequantize(param)
     flat = param.detach().reshape(-1)
     # float32 positions, as adapters already saved recorded them; past 2**24 elements the last
     # one can round up to numel, one past the end, hence the clamp
@@ -49,7 +55,12 @@ def fingerprint(model: nn.Module, targets: list[str], skip: set[str]) -> dict:
     step = max(1, len(targets) // PROBE_TENSORS)
     probes = {name: _probe(params[name]) for name in targets[::step][:PROBE_TENSORS]}
     dtype = str(next(iter(params.values())).dtype).replace("torch.", "") if params else "float32"
-    return {"num_parameters": total, "structure": digest, "dtype": dtype, "probe": probes}
+    fp = {"num_parameters": total, "structure": digest, "dtype": dtype, "probe": probes}
+    quantized = next((p for p in params.values() if is_quantized(p)), None)
+    if quantized is not None:  # QLoRA: the probes are dequantized values, which a full-precision base matches once quantized
+        state = quantized.quant_state
+        fp["quantized"] = {"quant_type": state.quant_type, "double_quant": bool(state.nested), "blocksize": int(state.blocksize)}
+    return fp
 
 
 def check_fingerprint(model: nn.Module, fp: dict | None, skip: set[str], base_name: str | None) -> None:
@@ -80,7 +91,16 @@ def check_probes(read: Callable[[str], "torch.Tensor | None"], fp: dict | None, 
         got = _probe(tensor)
         same_dtype = str(tensor.dtype).replace("torch.", "") == fp.get("dtype")
         rtol, atol = (1e-6, 1e-7) if same_dtype else (1e-2, 1e-3)
-        if len(got) != len(values) or not torch.allclose(torch.tensor(got), torch.tensor(values, dtype=torch.float32), rtol=rtol, atol=atol):
+
+        def fits(got: list[float]) -> bool:
+            return len(got) == len(values) and torch.allclose(torch.tensor(got), torch.tensor(values, dtype=torch.float32), rtol=rtol, atol=atol)
+
+        if not fits(got) and fp.get("quantized") and not is_quantized(tensor):
+            # made on a 4-bit base (QLoRA), checked against the full-precision one: quantize it the same way
+            from .io.quantize import requantize
+
+            got = _probe(requantize(tensor, fp["quantized"]))
+        if not fits(got):
             raise AdapterError(
                 f"{where}this adapter was made for a different base model{origin}: the weights of {name} differ from the ones "
                 f"it was trained on; load it onto its own base, or {FORCE_HINT}"

@@ -26,6 +26,16 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_quantized(param: torch.Tensor | None) -> bool:
+    """A bitsandbytes 4-bit weight (QLoRA, see graftkit.io.quantize): packed bytes plus a quant_state."""
+    return param is not None and getattr(param, "quant_state", None) is not None and not param.is_floating_point()
+
+
+def logical_shape(param: torch.Tensor) -> torch.Size:
+    """The shape a weight stands for: a packed 4-bit weight's is its quant_state's (out, in)."""
+    return torch.Size(param.quant_state.shape) if is_quantized(param) else param.shape
+
+
 def layer_kind(module: nn.Module, pname: str) -> str:
     """Kind of the weight ``module.<pname>``; ``param`` for anything without a known forward."""
     if pname == "weight":

@@ -58,7 +58,7 @@ def base_class_and_labels(adapter: AdapterFile) -> tuple[str | None, int | None]
     return base.get("class"), num_labels
 
 
-def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow_pickle: bool = False) -> nn.Module:
+def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow_pickle: bool = False, quantize=None) -> nn.Module:
     from ..validate import check_adapter
     from .hf import load_model
 
@@ -74,6 +74,16 @@ def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow
     # (architectures ["BertModel"], like MiniLM) needs the classification class to find its head
     task = (adapter.meta.get("base_model") or {}).get("task_type")
     head = PEFT_TASK_HEADS.get(task) if class_name is None else None
+    if quantize is None and adapter.meta.get("quantization"):
+        # a QLoRA adapter goes back on the 4-bit base it was trained on (eval, re-export as native or
+        # peft), loaded in float32 as graft train does, so the weights quantize to the same codes
+        import torch
+
+        from .quantize import recorded
+
+        quantize, dtype = recorded(adapter.meta["quantization"]), torch.float32
+    if quantize is not None:  # the parameters trained whole stay at full precision, as in training
+        kwargs.update(quantize=quantize, keep_unquantized=adapter.train_also)
     return load_model(base, class_name=class_name, head=head, dtype=dtype, allow_pickle=allow_pickle, **kwargs)
 
 
@@ -87,11 +97,29 @@ def export_merged(adapter_path: str | Path, base: str | Path, out: str | Path, *
     check_output(out, [("adapter", adapter_path), ("base", base)])
     adapter = read_adapter(adapter_path, allow_pickle)
     refuse_weight_op(adapter.method, adapter.meta.get("config") or {}, "export --merged")
-    model = load_base_for(adapter, base, allow_pickle=allow_pickle)
+    quantization = adapter.meta.get("quantization")
+    if quantization:  # QLoRA: fold onto dequant(quant(W)), what the adapter was trained against
+        import torch
+
+        from ..outputs import _note
+        from .quantize import NOTE, dequantize_model, recorded
+
+        q = recorded(quantization)
+        # float32 as graft train loads it: the same weights quantize to the same codes and scales
+        model = load_base_for(adapter, base, dtype=torch.float32, allow_pickle=allow_pickle, quantize=q)
+        dequantize_model(model)
+        _note(NOTE.format(what=f"adapter {adapter_path}", quant=q.describe()))
+    else:
+        model = load_base_for(adapter, base, allow_pickle=allow_pickle)
     apply_adapter(model, adapter, force=force)
     unload(model, merge=True)
+    if quantization:
+        model.to(torch.bfloat16)
+        model.config.dtype = torch.bfloat16
     provenance = {"produced_by": "graft export --merged", "adapter": str(adapter_path), "base": str(base),
                   "method": adapter.method, "adapter_config": adapter.meta.get("config"), "versions": versions()}
+    if quantization:
+        provenance["folded_onto"] = f"the dequantized {q.describe()} base weights (what the QLoRA adapter was trained against)"
     return save_model_folder(model, out, tokenizer_from=base, provenance=provenance, max_shard_size=max_shard_size, overwrite=overwrite)
 
 

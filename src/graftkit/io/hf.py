@@ -86,8 +86,15 @@ def model_class(path: Path, class_name: str | None = None, head: str | None = No
 
 
 def load_model(name: str | Path, *, class_name: str | None = None, head: str | None = None,
-               dtype: torch.dtype | str = torch.float32, allow_pickle: bool = False, **kwargs: Any) -> nn.Module:
-    """Load a base model from a folder or packaged alias, never from the network."""
+               dtype: torch.dtype | str = torch.float32, allow_pickle: bool = False, quantize=None,
+               keep_unquantized: list[str] | tuple[str, ...] = (), **kwargs: Any) -> nn.Module:
+    """Load a base model from a folder or packaged alias, never from the network.
+
+    ``quantize`` (a :class:`~graftkit.io.quantize.QuantizeConfig` or its dict) loads the Linear
+    layers in 4 bit through bitsandbytes (QLoRA), except the modules in ``keep_unquantized``."""
+    from .quantize import as_config
+
+    quantize = as_config(quantize)
     path = model_dir(name)
     for index in path.glob("*.index.json"):  # transformers follows an index wherever it points
         index_shards(index)
@@ -99,6 +106,13 @@ def load_model(name: str | Path, *, class_name: str | None = None, head: str | N
             raise FileFormatError(f"{path} holds no model weights (*.safetensors)")
         read_pickle_checkpoint(pickled[0], allow_pickle)  # refuses unless allowed
     cls = model_class(path, class_name, head)
+    if quantize is not None:
+        from .quantize import load_kwargs
+
+        config = _auto_config(_quiet_transformers(), path)
+        for key, value in kwargs.items():  # num_labels and the label names shape the head left unquantized
+            setattr(config, key, value)
+        kwargs = {**kwargs, **load_kwargs(cls, config, quantize, keep_unquantized)}
     try:
         model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=not allow_pickle or None, **kwargs)
     except RuntimeError as exc:
@@ -109,6 +123,10 @@ def load_model(name: str | Path, *, class_name: str | None = None, head: str | N
         raise ConfigError(f"{path} has a classification head for {have} labels, but {kwargs['num_labels']} were asked for; "
                           "use the model without its head (the bare encoder) or data with the same labels") from None
     model.config._name_or_path = str(name)
+    if quantize is not None:
+        from .quantize import prepare
+
+        prepare(model, quantize)
     return model
 
 

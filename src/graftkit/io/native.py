@@ -86,6 +86,11 @@ def adapter_from_model(model: nn.Module) -> AdapterFile:
         "base_model": {**state.base, "fingerprint": state.fingerprint},
         "versions": versions(),
     }
+    from .quantize import model_quantization
+
+    quantization = model_quantization(model)
+    if quantization is not None:  # QLoRA: what the adapter was trained against (a merged export redoes it)
+        meta["quantization"] = quantization
     return AdapterFile(meta, tensors)
 
 

@@ -114,6 +114,16 @@ class AdapterSource(OnBase):
                       if f"{name}.value" in self.adapter.tensors and not skip(name)}
         self.files = base.files
         self.headers = base.headers
+        # a QLoRA adapter (graftkit.io.quantize) stands for the model it trained: its delta on the
+        # dequantized 4-bit weights, not on the base's own
+        self.quantization = meta.get("quantization") or None
+        self.requantized = set(self.quantization.get("quantized") or []) if self.quantization else set()
+        if self.quantization:
+            from ..io.quantize import NOTE
+            from ..outputs import _note
+
+            _note(NOTE.format(what=f"adapter {path}", quant=self.quantization.get("quant_type", "nf4").upper())
+                  .replace(", and written in bfloat16", ""))
 
     def adapter_keys(self) -> list[str]:
         """The tensor names the adapter itself touches (targets and heads trained whole)."""
@@ -122,9 +132,15 @@ class AdapterSource(OnBase):
     def adapted(self, key: str):
         w = self.base.get(key)
         d = self.deltas.get(key)
-        if d is None or not w.dtype.is_floating_point:
+        if not w.dtype.is_floating_point or (d is None and key not in self.requantized):
             return w
-        return (w.float() + d.fn(w)).to(w.dtype)
+        if key in self.requantized:
+            from ..io.quantize import requantize
+
+            base = requantize(w, self.quantization)
+        else:
+            base = w.float()
+        return (base if d is None else base + d.fn(w)).to(w.dtype)
 
 
 def is_adapter(path: str | Path) -> bool:

@@ -192,6 +192,12 @@ class TuningMethod:
         return False
 
     @classmethod
+    def trains_on_quantized_base(cls, config: dict[str, Any]) -> bool:
+        """Whether an adapter with ``config`` (a dict) can train on a 4-bit base (QLoRA): its
+        forward adds to the base layer's output and neither it nor its delta reads the base weights."""
+        return False
+
+    @classmethod
     def weight_delta(cls, config: Any) -> bool:
         """Whether an adapter of this method with ``config`` (a MethodConfig or its dict) has a
         dense per-weight delta; a composition answers for its parts."""

@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import UnsupportedError
-from ..layers import from_matrix, matrix_shape, to_matrix
+from ..layers import from_matrix, is_quantized, logical_shape, matrix_shape, to_matrix
 from ..registry import METHODS
 from ..targets import ParamInfo
 from .base import MergeDelta, MethodConfig, PeftConverter, SavedTarget, Site, TuningMethod, first_input, install_property, layer_kind, remove_property
@@ -91,8 +91,13 @@ class LoRASite(Site):
             raise UnsupportedError(f"{info.name}: LoRA on grouped convolutions (groups={info.module.groups}) is not supported")
         if kind == "param" and weight.dim() != 2:
             raise UnsupportedError(f"{info.name}: LoRA on a bare parameter needs a 2-D tensor, this one has shape {tuple(weight.shape)}")
-        out_f, in_f = matrix_shape(kind, weight.shape)
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        quantized = is_quantized(weight)
+        if quantized and (dora or kind != "linear"):
+            raise UnsupportedError(f"{info.name} is a 4-bit quantized weight: only plain LoRA (no DoRA) adapts it; "
+                                   "set use_dora: false, or load the base without quantize")
+        # a 4-bit weight (QLoRA) is packed bytes: the factors take its logical shape and stay float32
+        out_f, in_f = matrix_shape(kind, logical_shape(weight))
+        dtype = torch.float32 if quantized or weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.r, self.alpha, self.dora = r, alpha, dora
         self.scaling = lora_scaling(alpha, r, rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=weight.device))
@@ -183,7 +188,10 @@ class LoRASite(Site):
         x = first_input(args, kwargs)
         if self.kind != "embedding":
             x = self.dropout(x.to(self.lora_A.dtype))
-        if not self.dora and self.kind in ("linear", "conv1d") and output.dtype == self.lora_B.dtype:
+        # (under autocast the factors' matmul runs in the autocast dtype: a float32 output there, from a
+        # 4-bit base layer that casts back to its input's dtype, takes the unfused path)
+        if (not self.dora and self.kind in ("linear", "conv1d") and output.dtype == self.lora_B.dtype
+                and not torch.is_autocast_enabled(output.device.type)):
             # one fused GEMM adds s * (x A^T) B^T to the base output: no separate (tokens x out)
             # temporaries for the product, the scaling and the sum
             h = F.linear(x, self.lora_A).reshape(-1, self.r)
@@ -214,6 +222,10 @@ class LoRASite(Site):
         if self.merged:
             return
         w = self.base
+        if is_quantized(w):
+            from ..io.quantize import refuse_live_merge
+
+            raise refuse_live_merge("merging a LoRA")
         if self.dora:
             self.merge_factor.copy_(self._dora_factor(w))
         w.add_(self.dense_delta(w).to(w.dtype))
@@ -334,6 +346,10 @@ class LoRA(TuningMethod):
     @classmethod
     def frozen_base_in_bf16(cls, config: dict[str, Any]) -> bool:
         # DoRA normalises by the base weight's column norms, which bf16 would perturb
+        return not config.get("use_dora")
+
+    @classmethod
+    def trains_on_quantized_base(cls, config: dict[str, Any]) -> bool:
         return not config.get("use_dora")
 
     @classmethod

@@ -415,6 +415,12 @@ class Run:
         if r.task == "classification":
             labels = self.data.labels
             kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
+        if r.quantize is not None:  # QLoRA (graftkit.io.quantize): the frozen base in 4 bit, what is trained whole kept apart
+            if self.fsdp:
+                raise ConfigError("quantize (a 4-bit base) cannot be sharded with FSDP2: its packed weights carry their scales "
+                                  "outside the tensor; train QLoRA without --use_fsdp (one process, or DDP), or drop quantize")
+            also = r.method.get("train_also", r.method.get("modules_to_save")) or []
+            kwargs.update(quantize=r.quantize, keep_unquantized=list(also))
         model = gk.load_model(r.model, head=r.task, **kwargs)
         self._check_finite(model)  # else the run only fails on a NaN loss, with its folder written
         if r.task == "classification" and getattr(model.config, "pad_token_id", None) is None:
