@@ -16,7 +16,7 @@ from graftkit.train.data import IGNORE, collate
 from graftkit.train.distill import SeparateTeacher, SharedTeacher, auto_weight, kd_loss, task_embedding, transferability
 from graftkit.train.lineage import setup_lineage
 from graftkit.train.loop import Run
-from test_init_from import HOULSBY, LORA, other_base, quick_cls, sources  # noqa: F401  (fixtures)
+from test_init_from import HOULSBY, LORA, PROMPT, other_base, quick_cls, sources  # noqa: F401  (fixtures)
 from test_train import _recipe_file, assert_one_line_error, assets, chat_recipe, cls_recipe, run_cli  # noqa: F401  (fixture)
 
 
@@ -29,11 +29,11 @@ def make_run(recipe: dict) -> Run:
 
 
 def recipe_for(assets: Path, sources, tmp_path: Path, which: str, **distill) -> dict:
-    src = sources["chat" if which == "chat" else "lora"][0] / "adapter"
+    src = sources[which if which in ("chat", "prompt") else "lora"][0] / "adapter"
     if which == "chat":
         r = chat_recipe(assets, tmp_path / "run", optim={"max_steps": 3}, eval={"every": None})
     else:
-        r = quick_cls(assets, tmp_path / "run", LORA)
+        r = quick_cls(assets, tmp_path / "run", PROMPT if which == "prompt" else LORA)
         r["optim"] = {**r["optim"], "max_steps": 3}
     r["init_from"] = str(src)
     if distill:
@@ -45,7 +45,7 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("which", ["cls", "chat"])
+@pytest.mark.parametrize("which", ["cls", "prompt", "chat"])
 def test_weight_zero_equals_plain_init_from(assets, sources, tmp_path, which):
     plain = recipe_for(assets, sources, tmp_path / "plain", which)
     zero = recipe_for(assets, sources, tmp_path / "zero", which, weight=0.0, temperature=2.0)
@@ -63,7 +63,7 @@ def test_weight_zero_equals_plain_init_from(assets, sources, tmp_path, which):
     assert lin["teacher"]["sha256"] == json.loads((outs[2] / "adapter" / "adapter.json").read_text())["lineage"]["init_from"]["sha256"]
 
 
-@pytest.mark.parametrize("which", ["cls-shared", "cls-separate", "chat-shared"])
+@pytest.mark.parametrize("which", ["cls-shared", "cls-separate", "prompt-shared", "chat-shared"])
 def test_kd_gradient_flows_only_into_the_student(assets, sources, tmp_path, which):
     """d(w * KD)/d(student) equals the hand-computed chain rule
     ``J^T . w T (softmax(z_s/T) - softmax(z_t/T)) / rows``; teacher and base get no gradient."""

@@ -16,6 +16,7 @@ from test_train import _recipe_file, assert_one_line_error, assets, chat_recipe,
 
 LORA = {"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["query", "value"]}
 HOULSBY = {"method": "houlsby", "reduction_factor": 4}
+PROMPT = {"method": "prompt_tuning", "num_virtual_tokens": 4}
 QUICK = {"optim": {"lr": 1e-2, "batch_size": 8, "max_steps": 4}, "eval": {"every": None}}
 
 
@@ -30,11 +31,15 @@ def sources(assets, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """Trained source adapters: (run folder, summary) for LoRA and Houlsby on the tiny BERT and LoRA on the tiny Llama."""
     root = tmp_path_factory.mktemp("sources")
     out = {}
-    for name, method in (("lora", LORA), ("houlsby", HOULSBY)):
+    for name, method in (("lora", LORA), ("houlsby", HOULSBY), ("prompt", PROMPT)):
         run = root / name
         out[name] = run, train(quick_cls(assets, run, method), progress=False)
-    run = root / "chat"
-    out["chat"] = run, train(chat_recipe(assets, run, optim={"max_steps": 4}, eval={"every": None}), progress=False)
+    for name, method in (("chat", None), ("chat_prompt", PROMPT)):
+        run = root / name
+        r = chat_recipe(assets, run, optim={"max_steps": 4}, eval={"every": None})
+        if method:
+            r["method"] = method
+        out[name] = run, train(r, progress=False)
     return out
 
 
@@ -42,14 +47,16 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("which", ["lora", "houlsby", "chat"])
+@pytest.mark.parametrize("which", ["lora", "houlsby", "prompt", "chat", "chat_prompt"])
 def test_init_from_reproduces_the_source_at_step_0(assets, sources, tmp_path, which):
     src, summary = sources[which]
     out = tmp_path / "run"
-    if which == "chat":
+    if which.startswith("chat"):
         r = chat_recipe(assets, out, optim={"max_steps": 1}, eval={"every": None, "at_start": True})
+        if which == "chat_prompt":
+            r["method"] = PROMPT
     else:
-        r = quick_cls(assets, out, LORA if which == "lora" else HOULSBY)
+        r = quick_cls(assets, out, {"lora": LORA, "houlsby": HOULSBY, "prompt": PROMPT}[which])
         r["eval"] = {"every": None, "at_start": True}
         r["optim"] = {**r["optim"], "max_steps": 1}
     r["init_from"] = str(src / "adapter")
@@ -136,6 +143,7 @@ def other_base(tmp_path_factory) -> Path:
     ("rank", ["init_from", "lora_A", "(4, 32) there but (8, 32)", "r 4 there, 8 here"]),
     ("width", ["init_from", "reduction_factor 4 there, 2 here"]),
     ("targets", ["init_from", "no tensors for", "use the targets it was trained with"]),
+    ("prompt_length", ["init_from", "prompt_embeddings", "(4, 32) there but (6, 32)", "num_virtual_tokens 4 there, 6 here"]),
     ("base", ["init_from", "different base model", "fingerprint"]),
 ])
 def test_init_from_refuses(assets, sources, other_base, tmp_path, capsys, case, needles):
@@ -155,6 +163,9 @@ def test_init_from_refuses(assets, sources, other_base, tmp_path, capsys, case, 
         r["init_from"] = str(houlsby)
     elif case == "targets":
         r["method"] = {**LORA, "targets": ["query", "value", "key"]}
+    elif case == "prompt_length":
+        r["method"] = {**PROMPT, "num_virtual_tokens": 6}
+        r["init_from"] = str(sources["prompt"][0])
     elif case == "base":
         r["model"] = str(other_base)
     code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", r))

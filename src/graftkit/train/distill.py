@@ -81,8 +81,10 @@ def logits_at_targets(model: nn.Module, batch: dict[str, torch.Tensor], task: st
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     keep = batch["labels"][:, 1:] != IGNORE
     # as WithLoss: a packed batch (data.pack_examples) passes its position ids and no mask
-    keys = ("input_ids", "position_ids") if "position_ids" in batch else ("input_ids", "attention_mask")
-    inputs = {k: batch[k] for k in keys}
+    if "position_ids" in batch:  # no cache: with one, transformers would not keep packed examples apart
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if sparse:
         hidden = model.base_model(**inputs).last_hidden_state
         return model.get_output_embeddings()(hidden[:, :-1][keep]).float()
