@@ -140,6 +140,9 @@ MATRIX: dict[str, Case] = {
     "p_tuning": Case("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, random={}),
     "p_tuning-lstm": Case("p_tuning", {"num_virtual_tokens": 3, "encoder_reparameterization_type": "LSTM"}, random={},
                           models=("llama",)),
+    # sequence space: per-layer key/value prefixes in the cache (random start: N(0, 1) prefixes)
+    "prefix_tuning": Case("prefix_tuning", {"num_virtual_tokens": 3}, random={}),
+    "p_tuning_v2": Case("p_tuning_v2", {"num_virtual_tokens": 4, "prefix_dropout": 0.0}, random={}, models=("bert", "llama")),
 }
 
 MODELS = list(TINY_MODELS)

@@ -2,6 +2,8 @@
 from . import bitfit, compacter, compacter_pp, compose, full, houlsby, ia3, ln_tuning, lora, parallel_adapter, pfeiffer  # noqa: F401  (registration)
 from . import prompt_tuning  # noqa: F401  (registration)
 from . import p_tuning  # noqa: F401  (registration)
+from . import prefix_tuning  # noqa: F401  (registration)
+from . import p_tuning_v2  # noqa: F401  (registration)
 from .bitfit import BitFitConfig
 from .full import FullConfig
 from .ia3 import IA3Config
