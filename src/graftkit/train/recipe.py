@@ -181,43 +181,6 @@ class DistillConfig(StrictModel):
         return value
 
 
-class QuantizeConfig(StrictModel):
-    """QLoRA: the frozen base held in 4 bit through bitsandbytes (see :mod:`graftkit.io.quantize`)."""
-
-    bits: int = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True  # quantize the per-block scales too (about 0.4 bits per weight less)
-    compute_dtype: Literal["bf16", "fp32"] = "bf16"  # the dtype the 4-bit matmuls run in
-
-    @field_validator("bits")
-    @classmethod
-    def _four(cls, value: int) -> int:
-        if value != 4:
-            raise ConfigError(f"quantize.bits={value}: graftkit holds a quantized base in 4 bits only (NF4 or FP4 through "
-                              "bitsandbytes); set bits: 4 or drop the quantize section")
-        return value
-
-    def describe(self) -> str:
-        return f"{self.quant_type.upper()}{' double-quant' if self.double_quant else ''}"
-
-
-class DistillConfig(StrictModel):
-    """PANDA: distillation from the source adapter's model (see :mod:`graftkit.train.distill`)."""
-
-    teacher: str  # an adapter folder on this base (usually the init_from source)
-    weight: float | Literal["auto"]  # of the KD term; auto: from the transferability of teacher -> reference
-    temperature: float = Field(1.0, gt=0)
-    reference: str | None = None  # weight auto: an adapter of this method trained on the target task alone
-    samples: int = Field(64, ge=1)  # weight auto: training examples the task embeddings average over
-
-    @field_validator("weight")
-    @classmethod
-    def _weight(cls, value: float | str) -> float | str:
-        if value != "auto" and not (0 <= value < float("inf")):
-            raise ConfigError(f"distill.weight={value}: give a finite number >= 0, or auto")
-        return value
-
-
 class Recipe(StrictModel):
     model: str
     tokenizer: str | None = None
@@ -231,7 +194,6 @@ class Recipe(StrictModel):
     hft: HFTConfig | None = None
     masked_thought: MaskedThoughtConfig | None = None
     multitask: MultitaskConfig | None = None
-    quantize: QuantizeConfig | None = None
     init_from: str | None = None  # PVP: start the adapter from a saved one (graftkit.train.lineage)
     distill: DistillConfig | None = None  # PANDA (graftkit.train.distill); needs init_from
     quantize: QuantizeConfig | None = None
@@ -324,14 +286,6 @@ class Recipe(StrictModel):
             check_method(self.method)
         return self
 
-    @model_validator(mode="after")
-    def _check_quantize(self) -> "Recipe":
-        if self.quantize is not None:
-            from ..io.quantize import check_method
-
-            check_method(self.method)
-        return self
-
     # -- identity of a run -------------------------------------------------------------------
 
     def resolved(self) -> dict[str, Any]:
@@ -364,7 +318,7 @@ class Recipe(StrictModel):
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig, "output": OutputConfig,
-    "layerwise": LayerwiseConfig, "hft": HFTConfig, "masked_thought": MaskedThoughtConfig, "multitask": MultitaskConfig, "quantize": QuantizeConfig, "quantize": QuantizeConfig, "augment": AugmentConfig,
+    "layerwise": LayerwiseConfig, "hft": HFTConfig, "masked_thought": MaskedThoughtConfig, "multitask": MultitaskConfig, "quantize": QuantizeConfig, "augment": AugmentConfig,
     "distill": DistillConfig,
 }
 
