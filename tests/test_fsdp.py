@@ -99,6 +99,35 @@ def test_one_process_fsdp_shards_and_matches_the_unsharded_run(assets, tmp_path)
     assert sa.keys() == sb.keys() and max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_bf16_runs_shard_in_process_and_save(assets, tmp_path, monkeypatch, capsys, kind):
+    """What crashed on the GPU, in bf16 under autocast with one process: LoRA (frozen head, chunked
+    loss, gradient checkpointing, exact-match eval, peft and merged exports) and full fine-tuning
+    (theta0 kept beside the shards; saving gathers every unit). The library call ends the
+    process group it made, so a later unsharded run in the same process is unaffected."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    out = tmp_path / "run"
+    if kind == "lora":
+        r = chat_recipe(assets, out, method={"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["q_proj", "v_proj"]},
+                        data={"answer_field": "answer"}, optim={"max_steps": 3, "precision": "bf16", "gradient_checkpointing": True},
+                        eval={"every": 3, "exact_match": True, "max_new_tokens": 2, "limit": 4}, output={"export": ["peft", "merged"]})
+    else:
+        r = cls_recipe(assets, out, optim={"max_steps": 3, "precision": "bf16"}, eval={"every": 3}, output={"export": ["merged"]})
+    summary = train(parse_recipe(r), progress=False)
+    printed = capsys.readouterr().out
+    units = 3 if kind == "lora" else 4  # the blocks (BERT's embeddings are one too) and the root
+    assert f"1 process(es), FSDP2 sharded ({units} modules)" in printed, printed[:600]
+    assert not torch.distributed.is_initialized()
+    assert summary["steps"] == 3 and all(x == x for x in losses(out))
+    assert (out / "merged" / "config.json").exists() and not (out / ".theta0").exists()
+    saved = read_safetensors(out / "adapter" / "adapter.safetensors")
+    assert saved and not any(fsdp.is_sharded(t) for t in saved.values())
+    if kind == "full":
+        assert saved["bert.encoder.layer.0.output.dense.weight.delta"].shape == (32, 64)
+        assert float(saved["bert.encoder.layer.0.output.dense.weight.delta"].abs().max()) > 0
+
+
 # -- tensors that stay plain next to shards -----------------------------------------------------
 
 def test_frozen_head_read_outside_its_units_forward_is_gathered(one_process_group):
