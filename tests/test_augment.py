@@ -124,6 +124,9 @@ def test_augment_rows_is_a_pure_function_of_seed_and_data():
         assert group[0] is rows[i] and all(g["label"] == rows[i]["label"] and g["id"] == i for g in group)
     # a row's copies do not depend on the rows after it
     assert augment_rows(rows[:3], "text", cfg, seed=7) == a[:12]
+    # each row draws its own operations: as word positions, the rows' copies differ
+    patterns = [[[r["text"].split().index(w) for w in g["text"].split()] for g in a[4 * i + 1: 4 * i + 4]] for i, r in enumerate(rows)]
+    assert len({json.dumps(p) for p in patterns}) > 1
 
 
 def test_wordnet_missing_is_one_config_error(monkeypatch):
@@ -317,19 +320,27 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("augment", [
-    {"eda": {"alpha_sr": 0, "alpha_ri": 0, "alpha_rs": 0.2, "p_rd": 0.2, "num_aug": 2}},
-    {"mixup": {"alpha": 0.4}},
-    {"contrastive": {"weight": 0.3, "temperature": 0.3}},
-], ids=["eda", "mixup", "contrastive"])
-def test_a_tiny_classification_run_learns_with_each_option(assets, tmp_path, augment):
+@pytest.mark.parametrize("augment,method,lr", [
+    ({"eda": {"alpha_sr": 0, "alpha_ri": 0, "alpha_rs": 0.2, "p_rd": 0.2, "num_aug": 2}}, {"method": "full"}, 3e-3),
+    ({"mixup": {"alpha": 0.4}}, {"method": "full"}, 3e-3),
+    ({"contrastive": {"weight": 0.3, "temperature": 0.3}}, {"method": "lora", "r": 4, "targets": ["query", "value"]}, 3e-2),
+], ids=["eda", "mixup", "contrastive-lora"])
+def test_a_tiny_graft_train_classification_run_learns_with_each_option(assets, tmp_path, capsys, augment, method, lr):
+    import yaml
+
     out = tmp_path / "run"
-    summary = train(parse_recipe(recipe(assets, out, augment)), progress=False)
+    r = recipe(assets, out, augment, method=method, optim={"lr": lr, "batch_size": 4, "max_steps": 40, "warmup_steps": 2})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    code = graft_main(["train", str(tmp_path / "r.yaml"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
     ls = _losses(out)
     assert len(ls) == 40 and all(math.isfinite(x) for x in ls)
     assert sum(ls[-4:]) / 4 < 0.7 * sum(ls[:4]) / 4, ls
-    assert math.isfinite(summary["val_loss"]) and summary["val_accuracy"] >= 0.9
-    assert json.loads((out / "run.json").read_text())["recipe"]["augment"] == parse_recipe(recipe(assets, out, augment)).resolved()["augment"]
+    run = json.loads((out / "run.json").read_text())
+    assert math.isfinite(run["summary"]["val_loss"]) and run["summary"]["val_accuracy"] >= 0.9
+    assert run["recipe"]["augment"] == parse_recipe(r).resolved()["augment"]
+    if "eda" in augment:
+        assert "96 training examples" in capsys.readouterr().out  # 32 rows and 2 copies of each
 
 
 def test_training_set_grows_by_num_aug_and_chat_responses_stay(assets, tmp_path):
