@@ -23,7 +23,7 @@ from graftkit.tensors import read_safetensors
 from graftkit.train import parse_recipe, train
 from graftkit.train.loop import Run
 from conftest import tiny_inputs, tiny_llama
-from test_train import _recipe_file, assert_one_line_error, assert_same_run, assets, chat_recipe  # noqa: F401  (assets: fixture)
+from test_train import _recipe_file, assert_one_line_error, assert_same_run, assets, chat_recipe, cls_recipe  # noqa: F401  (assets: fixture)
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
@@ -243,6 +243,33 @@ def test_graft_train_qlora_checkpoints_resumes_and_exports(assets, tmp_path, mon
     ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_classification_qlora_keeps_its_head_and_exports(assets, tmp_path):
+    """A BERT classifier (Linear layers with biases) trains LoRA on its 4-bit encoder; the new head
+    (trained whole) stays full precision, and the merged export computes what the run's model did."""
+    import transformers
+
+    from graftkit.io.quantize import quantized_modules
+
+    r = cls_recipe(assets, tmp_path / "run", method={"method": "lora", "r": 2, "lora_alpha": 4, "targets": ["query", "value"]},
+                   quantize=FP32, optim={"max_steps": 2, "epochs": 1}, eval={"every": None}, output={"export": ["merged"]})
+    summary = train(parse_recipe(r), progress=False)
+    assert summary["steps"] == 2 and "merged" in summary["outputs"]
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    assert "classifier.weight" in meta["train_also"]
+    assert not any(n.startswith("classifier") for n in meta["quantization"]["quantized"])
+    assert "bert.encoder.layer.0.attention.self.query.weight" in meta["quantization"]["quantized"]
+    from graftkit.io import apply_adapter, load_base_for, read_adapter
+
+    adapter = read_adapter(tmp_path / "run" / "adapter")
+    ours = load_base_for(adapter, assets / "bert").eval()
+    assert len(quantized_modules(ours)) > 0 and type(ours.classifier) is torch.nn.Linear
+    apply_adapter(ours, adapter)
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "merged", dtype=torch.float32).eval()
+    ids = torch.randint(1000, 2000, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0.02, atol=0.02)
 
 
 # -- bad input: one line each ---------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class LoRASite(Site):
         # a 4-bit weight (QLoRA) is packed bytes: the factors take its logical shape and stay float32
         out_f, in_f = matrix_shape(kind, logical_shape(weight))
         dtype = torch.float32 if quantized or weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        self.r, self.alpha, self.dora = r, alpha, dora
+        self.r, self.alpha, self.dora, self.quantized = r, alpha, dora, quantized
         self.scaling = lora_scaling(alpha, r, rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=dtype, device=weight.device))
@@ -195,7 +195,7 @@ class LoRASite(Site):
             # one fused GEMM adds s * (x A^T) B^T to the base output: no separate (tokens x out)
             # temporaries for the product, the scaling and the sum
             h = F.linear(x, self.lora_A).reshape(-1, self.r)
-            if output.is_contiguous():
+            if output.is_contiguous() and not self.quantized:  # a 4-bit layer's output can be a view autograd guards
                 # in place: the base layer's backward never needs its own output, so autograd
                 # allows it, and it saves a (tokens x out) allocation per adapted layer
                 output.view(-1, output.shape[-1]).addmm_(h, self.lora_B.t(), alpha=self.scaling)
