@@ -246,3 +246,36 @@ def test_distill_under_fsdp_is_refused(assets, sources, tmp_path):
     run = SimpleNamespace(recipe=r, fsdp="graftkit")
     with pytest.raises(ConfigError, match="distill does not run with the model sharded"):
         setup_lineage(run, None)
+
+
+def test_resume_refuses_a_changed_teacher(assets, sources, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sources["lora"][0] / "adapter", teacher)
+    r = recipe_for(assets, sources, tmp_path, "cls", weight=1.0)
+    r["distill"]["teacher"] = str(teacher)
+    r["output"] = {**r["output"], "checkpoint_every": 1}
+    f = _recipe_file(tmp_path / "r.yaml", r)
+    code, _, err = run_cli(capsys, f)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, f, "--resume")  # unchanged: resumes
+    assert code == 0, err
+    tensors = gk.read_adapter(teacher).tensors
+    key = next(k for k in tensors if k.endswith("lora_B"))
+    tensors[key] = tensors[key] + 1.0
+    save_file(tensors, str(teacher / "adapter.safetensors"))
+    code, _, err = run_cli(capsys, f, "--resume")
+    assert_one_line_error(code, err, "cannot resume", "distill.teacher adapter", "changed since it was written")
+
+
+def test_output_inside_a_source_is_refused(assets, sources, tmp_path, capsys):
+    src = sources["lora"][0]
+    before = sorted(p.name for p in src.iterdir())
+    r = recipe_for(assets, sources, tmp_path, "cls", weight=1.0)
+    r["output"] = {"dir": str(src)}
+    code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", r), "--overwrite")
+    assert_one_line_error(code, err, "contains the init_from adapter")
+    assert sorted(p.name for p in src.iterdir()) == before

@@ -209,6 +209,8 @@ def setup_lineage(run, model: nn.Module):
     run.warnings.extend(source.warnings)
     lineage: dict[str, Any] = {"init_from": source.record()}
     run.inputs["init_from"] = source.sha256  # a changed source changes the run's identity
+    if run.resume:
+        _check_unchanged(run, "init_from", {"": source})
     distiller = None
     if r.distill is not None:
         from .distill import setup_distill
@@ -218,8 +220,38 @@ def setup_lineage(run, model: nn.Module):
         lineage["distill"] = record
         run.inputs["distill"] = {"teacher": record["teacher"]["sha256"],
                                  **({"reference": record["reference"]["sha256"]} if "reference" in record else {})}
+        if run.resume:
+            _check_unchanged(run, "distill", {k: v["sha256"] for k, v in record.items() if k in ("teacher", "reference")})
         how = "sharing this model" if record["teacher_shares_base"] else "a second copy of the base"
         auto = f" (auto: transferability {record['transferability']:.4f})" if "transferability" in record else ""
         run.console.print(f"distill: teacher {record['teacher']['path']} ({how}), weight {record['weight']:.4g}{auto}, "
                           f"temperature {record['temperature']:g}")
     return lineage, distiller
+
+
+def _check_unchanged(run, key: str, now: dict[str, Any]) -> None:
+    """On --resume: the adapters a run reads must be the ones its checkpoint was made with (the
+    teacher decides every later step's loss). Checkpoints older than this record are let through."""
+    import json
+
+    from ..errors import TrainingError
+    from .checkpoint import STATE, latest_checkpoint
+
+    ckpt = latest_checkpoint(run.out)
+    if ckpt is None:
+        return
+    try:
+        recorded = (json.loads((ckpt / STATE).read_text()).get("inputs") or {}).get(key)
+    except (OSError, ValueError):
+        return  # load_checkpoint names the unreadable file
+    if recorded is None:
+        return
+    if key == "init_from":
+        pairs = [("init_from", now[""].path, recorded, now[""].sha256)]
+    else:
+        paths = {"teacher": run.recipe.distill.teacher, "reference": run.recipe.distill.reference}
+        pairs = [(f"distill.{k}", paths[k], recorded.get(k), v) for k, v in now.items()]
+    for what, path, old, new in pairs:
+        if old is not None and old != new:
+            raise TrainingError(f"cannot resume from {ckpt}: the {what} adapter {path} changed since it was written "
+                                f"(sha256 {old[:12]} -> {new[:12]}); restore it, or pass --overwrite to start over")

@@ -384,7 +384,9 @@ class Run:
         from ..outputs import check_output as check_output_path
 
         check_output_path(self.final, [("model", r.model), ("tokenizer", r.tokenizer), ("training data", r.data.train),
-                                       ("validation data", r.data.validation)], clean=self.main)
+                                       ("validation data", r.data.validation), ("init_from adapter", r.init_from),
+                                       ("distill teacher", r.distill and r.distill.teacher),
+                                       ("distill reference", r.distill and r.distill.reference)], clean=self.main)
         self.existing = self.check_output()
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # per-tensor bars would interleave with ours
