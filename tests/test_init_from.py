@@ -17,6 +17,7 @@ from test_train import _recipe_file, assert_one_line_error, assets, chat_recipe,
 LORA = {"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["query", "value"]}
 HOULSBY = {"method": "houlsby", "reduction_factor": 4}
 PROMPT = {"method": "prompt_tuning", "num_virtual_tokens": 4}
+PREFIX = {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True, "encoder_hidden_size": 16}
 QUICK = {"optim": {"lr": 1e-2, "batch_size": 8, "max_steps": 4}, "eval": {"every": None}}
 
 
@@ -34,7 +35,7 @@ def sources(assets, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     for name, method in (("lora", LORA), ("houlsby", HOULSBY), ("prompt", PROMPT)):
         run = root / name
         out[name] = run, train(quick_cls(assets, run, method), progress=False)
-    for name, method in (("chat", None), ("chat_prompt", PROMPT)):
+    for name, method in (("chat", None), ("chat_prompt", PROMPT), ("chat_prefix", PREFIX)):
         run = root / name
         r = chat_recipe(assets, run, optim={"max_steps": 4}, eval={"every": None})
         if method:
@@ -47,20 +48,25 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("which", ["lora", "houlsby", "prompt", "chat", "chat_prompt"])
+@pytest.mark.parametrize("which", ["lora", "houlsby", "prompt", "chat", "chat_prompt", "chat_prefix"])
 def test_init_from_reproduces_the_source_at_step_0(assets, sources, tmp_path, which):
     src, summary = sources[which]
     out = tmp_path / "run"
     if which.startswith("chat"):
         r = chat_recipe(assets, out, optim={"max_steps": 1}, eval={"every": None, "at_start": True})
-        if which == "chat_prompt":
-            r["method"] = PROMPT
+        if which != "chat":
+            r["method"] = PROMPT if which == "chat_prompt" else PREFIX
     else:
         r = quick_cls(assets, out, {"lora": LORA, "houlsby": HOULSBY, "prompt": PROMPT}[which])
         r["eval"] = {"every": None, "at_start": True}
         r["optim"] = {**r["optim"], "max_steps": 1}
     r["init_from"] = str(src / "adapter")
-    s = train(r, progress=False)
+    from rich.console import Console
+
+    console = Console(record=True, width=400)
+    s = train(r, progress=False, console=console)
+    # a prefix MLP (prefix_projection) is saved folded: the run goes on from the folded prefix, and says so
+    assert ("replace this run's reparameterisation" in console.export_text()) is (which == "chat_prefix")
     step0 = metrics(out)[0]
     assert step0["step"] == 0
     # the source's own final evaluation, on the same validation rows: the same model, so the same loss

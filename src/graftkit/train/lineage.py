@@ -194,7 +194,13 @@ def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 def init_from(model: nn.Module, path: str | Path, *, base_name: str | None = None) -> Source:
     """Copy the adapter saved at ``path`` into the (same-method) adapter injected in ``model``."""
     source = read_source(path, "init_from")
-    copy_into(model, check_source(model, source, base_name=base_name))
+    tensors = check_source(model, source, base_name=base_name)
+    before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    copy_into(model, tensors)
+    after = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if after != before:  # a reparameterised site (prefix_projection) takes a saved tensor by folding
+        source.warnings.append(f"init_from {source.path}: its saved tensors replace this run's reparameterisation "
+                               f"(e.g. prefix_projection, saved folded): {after:,} trainable parameters instead of {before:,}")
     return source
 
 
