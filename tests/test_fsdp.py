@@ -77,6 +77,17 @@ def test_the_run_builds_accelerate_without_its_fsdp_plugin(assets, tmp_path, mon
         fsdp.end_processes()
 
 
+def test_processes_without_a_group_are_refused_in_one_line(monkeypatch):
+    """Several processes announced (WORLD_SIZE) but none set up by a launcher: one ConfigError
+    line, not a hang or a group of one that would train on a slice of the data."""
+    from graftkit.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^WORLD_SIZE=2 but no process group was set up; start the processes with accelerate launch or torchrun$"):
+        fsdp.start_processes(torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+
+
 def test_one_process_fsdp_shards_and_matches_the_unsharded_run(assets, tmp_path):
     """``accelerate launch --num_processes 1 --use_fsdp --fsdp_version 2`` (the command that
     crashed on a GPU) shards over a mesh of one: LoRA with the frozen-head chunked loss and the
