@@ -43,7 +43,8 @@ into the student's sites (a pointer swap of each live tensor's storage, under ``
 in eval mode) and switched back before the student's forward - one extra adapter's worth of
 memory, no second base. A teacher of another method or shape runs as a second, frozen copy of
 the base with its adapter (twice the base's memory). Sharing does not work with the model
-sharded (FSDP), so ``distill`` is refused there in one line; DDP works.
+sharded (FSDP), so ``distill`` is refused there in one line; under DDP each process
+distils its share of the batch (2 processes give 1 process's losses: tests/test_distill.py).
 
 ``distill`` needs ``init_from`` (PANDA's student starts from the source prompt; the teacher may
 be another adapter than the one ``init_from`` names).
