@@ -177,3 +177,16 @@ def test_init_from_refuses(assets, sources, other_base, tmp_path, capsys, case, 
     code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", r))
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_source_head_this_run_does_not_train_is_named(assets, sources, tmp_path):
+    """The chat source trained lm_head whole; a run without train_also says it does not copy it."""
+    from rich.console import Console
+
+    from graftkit.train.loop import Run
+
+    r = chat_recipe(assets, tmp_path / "run", optim={"max_steps": 1}, init_from=str(sources["chat"][0]))
+    r["method"] = {k: v for k, v in r["method"].items() if k != "train_also"}
+    run = Run(parse_recipe(r), console=Console(quiet=True), progress=False)
+    run.setup()
+    assert any("also trained lm_head.weight whole" in w for w in run.warnings), run.warnings

@@ -174,6 +174,10 @@ def check_source(model: nn.Module, source: Source, *, base_name: str | None = No
             raise ConfigError(f"{where}: tensor {key} is {got} there but {want} in this run (another rank, width or length"
                               f"{': ' + diff if diff else ''}); use the settings it was trained with")
         copy[key] = source.adapter.tensors[key]
+    ignored = sorted(heads_there - heads_here)
+    if ignored:
+        source.warnings.append(f"{where} also trained {', '.join(ignored)} whole, which this run does not train (train_also): "
+                               "those tensors are not copied, so the run starts from the base's values there")
     if fresh_heads:
         source.warnings.append(f"{where}: its head ({', '.join(sorted(set(fresh_heads)))}) was trained for other labels or is absent; "
                                "this run's head starts fresh")
