@@ -12,7 +12,8 @@ the same frozen base carrying the source adapter, run without gradients:
 loss is taken on: the target tokens (labels != -100, shifted as the LM loss) of a causal LM,
 the class logits of each example for classification. ``T`` is ``distill.temperature``; the
 ``T^2`` factor keeps the term's gradient scale independent of ``T`` (Hinton et al. 2015).
-Evaluation reports the task loss alone, so validation losses compare across runs.
+The mean runs over all the micro-batch's positions (``multitask.balance`` balances the task loss
+only). Evaluation reports the task loss alone, so validation losses compare across runs.
 
 **The weight ``w``.** ``distill.weight`` is a number, or ``auto``: PANDA sets the strength of
 the distillation from its prompt-transferability metric (more transferable source -> stronger
@@ -20,8 +21,10 @@ distillation). The paper's exact equation could not be read here: the offline co
 paper hold only its abstract and summary, which say that the metric "maps source and target
 tasks into a shared semantic space using soft prompts and computes the transferability as the
 cosine similarity of task embeddings", and the released code (github.com/WHU-ZQH/PANDA,
-``training/trainer_base.py``) uses a fixed hand-set factor. What ``auto`` implements is that
-description, made concrete and labelled as graftkit's reading, not the paper's equation:
+``p-tuning-v2/training/trainer_base.py``) weights its distillation term - an MSE between the
+teacher's and the student's logits, where (1) has the tempered KL - by a fixed hand-set factor.
+What ``auto`` implements is that description, made concrete and labelled as graftkit's reading,
+not the paper's equation:
 
     e(P) = (1/N) sum_n [ (1/|x_n|) sum_j h_L(x_n; P)_j ]            (task embedding of adapter P)
     s    = cos( e(P_source), e(P_target) )                          (transferability)
@@ -34,7 +37,7 @@ target-task inputs, so they share one space whatever the tasks. ``P_source`` is 
 ``P_target`` is ``distill.reference``: an adapter of the same method and shape trained on the
 target task alone (a short plain run of the same recipe without ``init_from``/``distill``), as
 the metric compares a source prompt with a target prompt. ``w`` is computed once, before the
-first step, and recorded in the run's summary and the adapter's lineage.
+first step, printed, and recorded in the saved adapter's lineage (``adapter.json``).
 
 **The teacher's memory.** When the teacher adapter has the student's method and shapes (the
 PANDA case: the teacher is the source the student starts from), the teacher *shares the
