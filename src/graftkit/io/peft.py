@@ -280,9 +280,6 @@ def write_peft(model: nn.Module, path: str | Path, overwrite: bool = False) -> P
         if name in heads:
             tensors[PREFIX + name] = site.slot_tensors()["value"].detach().cpu().contiguous()
             continue
-        if getattr(method_named(state.method), "space", None) == "sequence":
-            conv.write_site(site, PREFIX + name, tensors, acc)  # a prompt or prefix on the base module
-            continue
         module, _, attr = name.rpartition(".")
         # a converter that adapts whole modules (LN tuning) may write any of their parameters
         if attr not in getattr(conv, "parameters", ("weight",)) or site.kind == "param":

@@ -446,18 +446,20 @@ def check_saved(adapter, name: str, options: dict, where: str) -> None:
 PEFT_KEY = "prompt_embeddings"
 
 
+#: peft's prompt-learning model wraps the base one level less deep: heads trained whole
+#: (modules_to_save, e.g. a classifier) are saved as ``base_model.<module>.<parameter>``
+PEFT_HEAD_PREFIX = "base_model."
+
+
 def peft_read(cfg: dict, raw: dict, path):
     """peft's PREFIX_TUNING folder as a ``prefix_tuning`` adapter: ``prompt_embeddings`` is the
-    folded prefix in graftkit's layout already (peft saves the MLP's output when projecting)."""
+    folded prefix in graftkit's layout already (peft saves the MLP's output when projecting);
+    any other tensor is a head trained whole (``train_also``)."""
     from ..io.native import AdapterFile
-    from ..io.peft import CONFIG_NAME, WEIGHTS_NAME, _meta, _number
+    from ..io.peft import CONFIG_NAME, WEIGHTS_NAME, _heads, _meta, _number
 
     if PEFT_KEY not in raw:
         raise FileFormatError(f"{path / WEIGHTS_NAME} has no {PEFT_KEY} tensor; it is not a complete peft prefix-tuning adapter")
-    extra = sorted(set(raw) - {PEFT_KEY})
-    if extra:
-        raise UnsupportedError(f"{path / WEIGHTS_NAME} holds {extra[0]} besides the prefix; graftkit reads peft prefix "
-                               "adapters without modules_to_save")
     prefix = raw[PEFT_KEY]
     n = _number(cfg, "num_virtual_tokens", None, path, integer=True, low=1)
     layers = _number(cfg, "num_layers", None, path, integer=True, low=1)
@@ -472,15 +474,18 @@ def peft_read(cfg: dict, raw: dict, path):
         raise FileFormatError(f"{path / WEIGHTS_NAME}: {PEFT_KEY} has shape {tuple(prefix.shape)}, but {CONFIG_NAME} "
                               f"({n} virtual tokens, {layers} layers, token_dim {token_dim}) needs {(n, layers * 2 * token_dim)}; "
                               "the file is corrupt")
+    trained, tensors = _heads(raw, {PEFT_KEY})
     projection = bool(cfg.get("prefix_projection", False))
     config: dict[str, Any] = {"num_virtual_tokens": n, "prefix_projection": projection, "num_layers": layers,
-                              "token_dim": token_dim, "num_attention_heads": heads}
+                              "token_dim": token_dim, "num_attention_heads": heads,
+                              "train_also": sorted({h.rsplit(".", 1)[0] for h in trained})}
     if projection and cfg.get("encoder_hidden_size"):
         config["encoder_hidden_size"] = int(cfg["encoder_hidden_size"])
     options = {PEFT_BASE: {"num_layers": layers, "heads": heads, "head_dim": token_dim // heads}}
-    meta = _meta("prefix_tuning", config, [PEFT_BASE], options, [], cfg, path)
+    meta = _meta("prefix_tuning", config, [PEFT_BASE], options, trained, cfg, path)
     meta["target_kinds"] = {PEFT_BASE: "module"}
-    return AdapterFile(meta, {f"{PEFT_BASE}.{SLOT}": prefix.contiguous()})
+    tensors[f"{PEFT_BASE}.{SLOT}"] = prefix.contiguous()
+    return AdapterFile(meta, tensors)
 
 
 def peft_write_site(site: PrefixSite, key: str, tensors: dict, acc: dict) -> None:
@@ -493,16 +498,36 @@ def peft_write_config(state, acc: dict) -> dict:
     g, c = acc["geom"], state.config
     token_dim = g["heads"] * g["head_dim"]
     return {
-        "target_modules": None, "num_virtual_tokens": acc["n"], "token_dim": token_dim, "num_transformer_submodules": 1,
+        "num_virtual_tokens": acc["n"], "token_dim": token_dim, "num_transformer_submodules": 1,
         "num_attention_heads": g["heads"], "num_layers": g["num_layers"], "prefix_projection": c.prefix_projection,
         "encoder_hidden_size": c.encoder_hidden_size or token_dim, "init_weights": "zero" if c.init_weights == "zero" else None,
     }
 
 
+def peft_write_model(model: nn.Module, state) -> tuple[dict, dict]:
+    """peft's tensors and config entries of the model's prefix (and heads trained whole)."""
+    from ..adapter import sites
+
+    tensors: dict[str, torch.Tensor] = {}
+    acc: dict[str, Any] = {}
+    heads = set(state.train_also)
+    for name, site in sites(model).items():
+        if name in heads:
+            tensors[PEFT_HEAD_PREFIX + name] = site.slot_tensors()["value"].detach().cpu().contiguous()
+        else:
+            peft_write_site(site, name, tensors, acc)
+    modules = sorted({h.rsplit(".", 1)[0] for h in heads}) or None
+    return tensors, {**peft_write_config(state, acc), "modules_to_save": modules}
+
+
 @dataclass(frozen=True)
 class PrefixPeftConverter(PeftConverter):
-    """peft's PREFIX_TUNING: one site on the base module, written as ``prompt_embeddings``.
-    Both prefix methods write it; a peft folder is always read as ``prefix_tuning``."""
+    """peft's PREFIX_TUNING: written from the whole model (one ``prompt_embeddings`` tensor, keyed
+    by no module; io/peft.py's ``write_model``), heads under ``base_model.``. Both prefix methods
+    write it; a peft folder is always read as ``prefix_tuning``."""
+
+    write_model: Any = None
+    prefix: str = PEFT_HEAD_PREFIX
 
 
-PEFT = PrefixPeftConverter("PREFIX_TUNING", peft_read, peft_write_site, peft_write_config)
+PEFT = PrefixPeftConverter("PREFIX_TUNING", peft_read, peft_write_site, peft_write_config, write_model=peft_write_model)
