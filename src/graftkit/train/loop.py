@@ -49,11 +49,12 @@ class WithLoss(nn.Module):
     largest activation of a small LM and most of it would be thrown away.
     """
 
-    def __init__(self, model: nn.Module, task: str, balanced: bool):
+    def __init__(self, model: nn.Module, task: str, balanced: bool, kernels: str = "torch"):
         super().__init__()
         self.model = model
         self.task = task
         self.balanced = balanced
+        self.kernels = kernels  # "liger": the fused linear cross-entropy of liger-kernel (CUDA), see .kernels
         self.augment = None  # classification: mixup / contrastive loss in training (train.augment.SentenceAugment), set by Run.setup
         self.distill = None  # PANDA: the teacher's KD term in training (train.distill.Distiller), set by Run.setup
         cfg = model.config
@@ -100,11 +101,20 @@ class WithLoss(nn.Module):
         keep = targets != IGNORE
         head = self.model.get_output_embeddings() if self.sparse_head else None
         frozen_head = head is not None and not any(p.requires_grad for p in head.parameters())
+        inputs = _model_inputs(batch)
         logits = None
         if self.sparse_head:
-            hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = self.model.base_model(**inputs).last_hidden_state
             hidden = hidden[:, :-1][keep]
-        if self.training and frozen_head and torch.is_grad_enabled():
+        summed = None  # liger's summed loss: the plain mean needs no per-row losses (whose backward liger recomputes)
+        if self.training and self.sparse_head and self.kernels == "liger" and torch.is_grad_enabled():
+            from .kernels import fused_linear_cross_entropy
+
+            if self.balanced and task is not None:
+                tok, correct = fused_linear_cross_entropy(hidden, head, targets[keep], "none"), None
+            else:
+                summed, correct = fused_linear_cross_entropy(hidden, head, targets[keep], "sum"), None
+        elif self.training and frozen_head and torch.is_grad_enabled():
             # the accuracy is only reported by evaluate(); training needs the loss and its gradient,
             # which a chunked pass gives without the full logits (see linear_ce)
             from .linear_ce import frozen_linear_cross_entropy
@@ -114,11 +124,13 @@ class WithLoss(nn.Module):
             if self.sparse_head:
                 logits = head(hidden).float()
             else:
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep].float()
+                logits = self.model(**inputs).logits[:, :-1][keep].float()
             tok = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
             correct = (logits.argmax(-1) == targets[keep]).sum() if not self.training else None
         n = keep.sum()
-        if self.balanced and task is not None:
+        if summed is not None:
+            loss = summed / n.clamp(min=1)
+        elif self.balanced and task is not None:
             from .multitask import balanced_loss
 
             full = torch.zeros(keep.shape, dtype=tok.dtype, device=tok.device)
@@ -129,6 +141,18 @@ class WithLoss(nn.Module):
         if teacher is not None:  # the student's logits at the same target positions as the teacher's
             loss = loss + self.distill.term(logits if logits is not None else head(hidden).float(), teacher)
         return loss, n, correct
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed batch (``data.pack_examples``) passes its per-example position ids and no
+    attention mask: transformers then masks attention block-diagonally, one block per example
+    (``masking_utils.find_packed_sequence_indices``; varlen flash attention on GPUs). Its
+    ``attention_mask`` only marks the padding, for counting tokens. No cache: transformers skips
+    the packed-sequence mask when a (default, empty) KV cache is passed, and examples would then
+    attend across each other."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 # -- set-up -------------------------------------------------------------------------------------
@@ -215,7 +239,6 @@ class Run:
         self.final = self.out  # output.dir itself
         self.staged = None  # an --overwrite run's new folder, swapped in for the old run by finish()
         self.progress = progress
-        from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
         # accelerate keeps one global state per process; a second run in the same process (a
@@ -370,6 +393,20 @@ class Run:
         if problem[0] is not None:
             raise FileFormatError(problem[0])
 
+    def _check_packing(self, model: nn.Module) -> None:
+        """data.pack_examples needs a model that keeps packed examples apart; decided on process 0
+        (the only one holding the weights under FSDP's RAM-efficient loading), raised on all."""
+        from .data import packing_problem
+
+        problem: list[str | None] = [packing_problem(model) if self.main else None]
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(problem)
+        if problem[0] is not None:
+            raise ConfigError(f"data.pack_examples: {self.recipe.model} with method {self.recipe.method.get('method')} does not keep "
+                              f"packed examples apart ({problem[0]}); set data.pack_examples=false")
+
     def setup(self) -> None:
         import random
 
@@ -388,6 +425,11 @@ class Run:
                                        ("distill teacher", r.distill and r.distill.teacher),
                                        ("distill reference", r.distill and r.distill.reference)], clean=self.main)
         self.existing = self.check_output()
+        from . import kernels
+
+        # before loading the model: a "liger" that cannot run here is one line, not a load first
+        self.kernels = kernels.choose(r.optim.kernels, self.acc.device.type,
+                                      self.acc.device.type == "cuda" and kernels.liger_importable())
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # per-tensor bars would interleave with ours
         seed = r.optim.seed
@@ -434,6 +476,13 @@ class Run:
             method.pop("modules_to_save", None)
             method["train_also"] = also + [h for h in heads if h not in also]
         gk.inject(model, method)
+        if r.data.pack_examples:
+            self._check_packing(model)
+        if self.kernels == "liger":
+            warning = kernels.apply_liger(model, explicit=r.optim.kernels == "liger")
+            if warning:
+                self.warnings.append(warning)
+                self.kernels = "torch"
         from .inputs import data_record
 
         self.inputs = {"data": data_record(r.data_files(), {"train": len(self.data.train), "validation": len(self.data.validation)}),
@@ -461,6 +510,8 @@ class Run:
             from .dropout import use_fast_dropout
 
             use_fast_dropout(model)
+        if r.optim.compile:
+            kernels.compile_blocks(model)
         self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
@@ -470,7 +521,7 @@ class Run:
         if r.optim.precision == "bf16" and tuning is not None and tuning.frozen_base_in_bf16(method) and not self.fsdp:
             self.frozen_in_bf16 = hold_frozen_linears_in_bf16(model)
         o = r.optim
-        module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance))
+        module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance), self.kernels)
         if r.augment and (r.augment.mixup or r.augment.contrastive):
             from .augment import SentenceAugment
 
@@ -549,6 +600,10 @@ class Run:
 
     # -- steps ----------------------------------------------------------------------------------
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        return self.to_device(self.host_batch(index))
+
+    def host_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``index`` of this process, still on the CPU."""
         idx = self.order.micro_batch(index)
         batch = collate([self.data.train[i] for i in idx], self.tokenizer.pad_token_id)
         if self.mask_id is not None:
@@ -560,7 +615,13 @@ class Run:
             from .augment import mixup_draw
 
             batch.update(mixup_draw(self.recipe.augment.mixup.alpha, len(idx), self.recipe.optim.seed, index, self.rank))
-        return {k: v.to(self.acc.device) for k, v in batch.items()}
+        return batch
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.acc.device.type != "cuda":
+            return {k: v.to(self.acc.device) for k, v in batch.items()}
+        # from pinned memory the copy is queued behind the running kernels instead of waiting for them
+        return {k: v.pin_memory().to(self.acc.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self, step: int) -> tuple[float, int]:
         o = self.recipe.optim
@@ -568,8 +629,9 @@ class Run:
         loss_sum = torch.zeros((), device=self.acc.device)
         tokens = 0
         for k in range(o.grad_accum):
-            batch = self.micro_batch(step * o.grad_accum + k)
-            tokens += int(batch["attention_mask"].sum())
+            host = self.host_batch(step * o.grad_accum + k)
+            tokens += int(host["attention_mask"].sum())  # counted on the CPU: no wait for the device
+            batch = self.to_device(host)
             if k == o.grad_accum - 1:
                 sync = contextlib.nullcontext()
             else:
@@ -579,7 +641,7 @@ class Run:
                 self.acc.backward(loss / o.grad_accum)
             loss_sum += loss.detach().float()
         loss = self.acc.reduce(loss_sum / o.grad_accum, reduction="mean") if self.world > 1 else loss_sum / o.grad_accum
-        value = float(loss)
+        value = float(loss)  # the step's one wait for the device: a non-finite loss must stop it before the update
         if not math.isfinite(value):
             last = latest_checkpoint(self.out)  # run.json records the failure: see Run.ended
             keep = f"the last good checkpoint is {last} (resume with --resume after fixing the cause)" if last else "no checkpoint was written yet"
@@ -693,7 +755,7 @@ class Run:
         elapsed = time.perf_counter() - t0
         summary = {"steps": self.total, "resumed_from": self.start or None, "first_loss": first_loss, "final_loss": last_loss,
                    **{f"start_{k}": v for k, v in getattr(self, "baseline", {}).items()}, **evals, "tokens_per_s": round(tokens_run / elapsed) if elapsed > 0 else None, "seconds": round(elapsed, 2),
-                   "trainable_parameters": trainable}
+                   "trainable_parameters": trainable, "kernels": self.kernels}
         self.finish(summary)
         return summary
 
@@ -782,11 +844,20 @@ def _offload_theta0(model: nn.Module, folder: Path) -> int:
         t = getattr(site, "theta0", None)
         if not isinstance(site, DeltaSite) or site.absolute or t is None or t.device.type != "cpu" or t.numel() < 4096:
             continue
+        sharded = fsdp.is_sharded(t)  # FSDP: this process's cut of it (see fsdp.shard), mapped the same way
+        whole, t = t, (t.to_local() if sharded else t).contiguous()
+        if not t.numel():  # more processes than rows: an empty cut
+            continue
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{i}.bin"
-        t = t.contiguous()
         t.view(-1).view(torch.uint8).numpy().tofile(path)
-        site.theta0 = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        mapped = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        if sharded:
+            from torch.distributed.tensor import DTensor
+
+            mapped = DTensor.from_local(mapped, whole.device_mesh, whole.placements, run_check=False, shape=whole.shape,
+                                        stride=whole.stride())
+        site.theta0 = mapped
         moved += t.numel() * t.element_size()
     return moved
 
