@@ -124,6 +124,25 @@ def test_decoder_classifier_pools_the_last_real_token():
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
 
 
+def test_deepcopy_and_bf16_base():
+    import copy
+
+    model = adapted("gpt2", "p_tuning")
+    out = logits(model, IDS)
+    clone = copy.deepcopy(model)
+    assert torch.equal(logits(clone, IDS), out)
+    with torch.no_grad():
+        site(clone).prompt_encoder.embedding.weight.mul_(-2.0)
+    assert not torch.equal(logits(clone, IDS), out) and torch.equal(logits(model, IDS), out)
+    gk.unload(clone, merge=False)
+    assert torch.equal(logits(model, IDS), out) and gk.get_state(model) is not None
+    half = tiny_llama().to(torch.bfloat16)  # a bf16 base, a float32 prompt (cast to the embeddings' dtype)
+    torch.manual_seed(0)
+    gk.inject(half, METHODS["prompt_tuning"])
+    assert site(half).prompt_embeddings.dtype == torch.float32
+    assert logits(half, IDS).dtype == torch.bfloat16
+
+
 # -- generation -------------------------------------------------------------------------------------
 
 def _generate(model, cache: bool, beams: int = 1):
@@ -159,6 +178,30 @@ def test_prompt_enters_the_cache_once():
     # hooks run in registration order: the prompt's pre-hook replaced input_ids by embeddings first
     assert calls == [True, False, False]
     assert out.past_key_values.get_seq_length() == P + 5 + 2
+
+
+def test_graftkit_generation_wrapper(assets):
+    """graft eval's generation (eval/generate.py: left-padded batches, the KV cache) gives the
+    texts of a full recompute, and the prompt changes them."""
+    from graftkit.eval.config import Decoding
+    from graftkit.eval.generate import generate
+
+    tok = gk.load_tokenizer(assets / "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(assets / "llama").eval()
+    prompts = [tok("repeat good")["input_ids"], tok("repeat bad bad bad")["input_ids"]]
+    base = generate(model, tok, prompts, max_new_tokens=5, decoding=Decoding(), pad=tok.pad_token_id)
+    torch.manual_seed(0)
+    gk.inject(model, {"method": "prompt_tuning", "num_virtual_tokens": P, "init": "vocab"})
+    with torch.no_grad():
+        site(model).prompt_embeddings.mul_(20.0)  # a strong prompt, so the greedy texts move
+    ours = generate(model, tok, prompts, max_new_tokens=5, decoding=Decoding(), pad=tok.pad_token_id)
+    recomputed = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, use_cache=False,
+                                 pad_token_id=tok.pad_token_id)
+        recomputed.append([tok.decode(out[0, len(ids):], skip_special_tokens=True)])
+    assert ours == recomputed and ours != base
 
 
 # -- peft interop (real peft) ------------------------------------------------------------------------
@@ -411,6 +454,18 @@ def test_graft_train_chat_sft_then_generate(assets, tmp_path, method):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape == (2, ids["input_ids"].shape[1] + 4)
+
+
+def test_graft_train_bf16_with_gradient_checkpointing(assets, tmp_path):
+    """The prompt is float32 and the base bf16; gradient checkpointing re-runs the blocks, not the
+    prompt's hooks on the base module: the run trains and saves a float32 prompt."""
+    from graftkit.train import parse_recipe, train
+
+    r = chat_recipe(assets, tmp_path / "run", method={"method": "prompt_tuning", "num_virtual_tokens": 4},
+                    optim={"max_steps": 3, "precision": "bf16", "gradient_checkpointing": True}, eval={"every": None})
+    assert train(parse_recipe(r), progress=False)["steps"] == 3
+    saved = gk.read_adapter(tmp_path / "run" / "adapter").tensors["model.prompt_embeddings"]
+    assert saved.dtype == torch.float32 and bool(torch.isfinite(saved).all())
 
 
 def test_graft_train_refuses_max_length_past_the_positions(assets, tmp_path, capsys):
