@@ -308,6 +308,17 @@ def test_peft_folder_of_another_task_or_width_is_refused(tmp_path):
     assert gk.get_state(wide) is None
 
 
+def test_peft_folder_whose_prompt_disagrees_with_its_config(tmp_path):
+    from graftkit.errors import FileFormatError
+
+    make_peft("llama", "PROMPT_TUNING").save_pretrained(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, "num_virtual_tokens": 5}))
+    with pytest.raises(FileFormatError, match=r"prompt_embeddings has shape \(4, 32\) but num_virtual_tokens is 5") as exc:
+        gk.load_adapter(tiny_llama(), tmp_path / "p")
+    assert "\n" not in str(exc.value)
+
+
 def test_graft_import_peft_cli(tmp_path, capsys):
     from graftkit.cli import main
 
