@@ -210,6 +210,39 @@ def test_reshard_settings_come_back_after_gathering(assets, one_process_group):
     assert fsdp.is_sharded(model.model.layers[1].mlp.up_proj.weight)  # a block resharded after its forward again
 
 
+def test_full_finetuning_starting_values_are_cut_like_their_parameters(assets, tmp_path, one_process_group):
+    """theta0 (full fine-tuning's starting values, for ``delta = theta - theta0``) is cut like its
+    parameter - whole, it would be a second copy of the model on every GPU - memory-mapped on
+    CPU, and whole again only inside ``unsharded``, where the saved delta is computed."""
+    import graftkit as gk
+    from graftkit.adapter import sites as adapter_sites
+    from graftkit.methods.inplace import DeltaSite
+    from graftkit.train.loop import WithLoss, _offload_theta0
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(assets / "llama")
+    gk.inject(model, {"method": "full"})
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    module = fsdp.shard(WithLoss(model, "causal-lm", False), model, torch.device("cpu"))
+    sites = [m for m in model.modules() if isinstance(m, DeltaSite)]
+    assert len(sites) == len(start) > 10
+    for site in sites:
+        assert fsdp.is_sharded(site.theta0) and site.theta0.placements == site.base.placements, site.pname
+    assert _offload_theta0(model, tmp_path / "theta0") > 0
+    assert all(fsdp.is_sharded(site.theta0) for site in sites)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)  # a training step, as far as the delta can tell
+    with fsdp.unsharded(module):
+        assert not any(fsdp.is_sharded(site.theta0) for site in sites)
+        got = {name: site.delta()[site.pname] for name, site in adapter_sites(model).items()}
+    assert all(fsdp.is_sharded(site.theta0) for site in sites)
+    assert set(got) == set(start)
+    for name, delta in got.items():
+        if name == "model.layers.0.mlp.up_proj.weight":
+            assert torch.allclose(delta, torch.ones_like(delta), atol=1e-6), name
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), name
+
+
 # -- several processes --------------------------------------------------------------------------
 
 def test_fsdp_two_processes_match_one(assets, tmp_path):

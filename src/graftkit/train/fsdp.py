@@ -171,7 +171,31 @@ def shard(root: nn.Module, model: nn.Module, device: torch.device) -> nn.Module:
     setattr(root, RESHARD, False)
     for module in root.modules():
         setattr(module, GATHERED, True)
+    _shard_starting_values(root)
     return root
+
+
+def _starting_values(module: nn.Module) -> list[nn.Module]:
+    """The in-place sites (full fine-tuning, BitFit, ``train_also``) of ``module``: each keeps its
+    parameter's starting value ``theta0`` as a buffer, which FSDP moves but does not cut."""
+    from ..methods.inplace import DeltaSite
+
+    return [m for m in module.modules() if isinstance(m, DeltaSite) and m.theta0.numel()]
+
+
+def _shard_starting_values(module: nn.Module) -> None:
+    """Cut each ``theta0`` the way its parameter is cut: whole, it is a copy of every trained
+    tensor on every device (full fine-tuning: the model once more per GPU). Only
+    :func:`unsharded` reads it (the delta ``theta - theta0`` of a saved adapter), and gathers it."""
+    from torch.distributed.tensor import DTensor
+
+    for site in _starting_values(module):
+        if is_sharded(site.theta0) or not is_sharded(site.base):
+            continue
+        cut = shard_like(site.theta0, site.base)
+        # a slice of the whole tensor would keep all of it alive: the local part is copied
+        site.theta0 = DTensor.from_local(cut.to_local().clone(), cut.device_mesh, cut.placements, run_check=False,
+                                         shape=cut.shape, stride=cut.stride())
 
 
 def units(model: nn.Module, blocks: set[type]) -> list[list[nn.Module]]:
@@ -242,9 +266,15 @@ def unsharded(module: nn.Module) -> Iterator[None]:
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
+    starting = [site for site in _starting_values(module) if is_sharded(site.theta0)]
+    cut = [site.theta0 for site in starting]
+    for site in starting:  # theta - theta0 of a gathered theta needs the whole theta0 (same order on every process)
+        site.theta0 = site.theta0.full_tensor()
     try:
         yield
     finally:
+        for site, t in zip(starting, cut):
+            site.theta0 = t
         for unit, flag in zip(units, after):
             unit.reshard()
             unit.set_reshard_after_forward(flag, recurse=False)
