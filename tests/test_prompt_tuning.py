@@ -479,6 +479,15 @@ def test_graft_train_bf16_with_gradient_checkpointing(assets, tmp_path):
     assert saved.dtype == torch.float32 and bool(torch.isfinite(saved).all())
 
 
+def test_graft_train_refuses_packed_examples(assets, tmp_path, capsys):
+    """Packed examples restart their positions inside a row; only the first would follow the
+    prompt, so data.pack_examples is refused (the loop's packing check finds it)."""
+    r = chat_recipe(assets, tmp_path / "run", method={"method": "prompt_tuning", "num_virtual_tokens": 4},
+                    data={"pack_examples": True}, optim={"max_steps": 1})
+    code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", r))
+    assert_one_line_error(code, err, "data.pack_examples", "prompt_tuning", "pack_examples=false")
+
+
 def test_graft_train_refuses_max_length_past_the_positions(assets, tmp_path, capsys):
     r = cls_recipe(assets, tmp_path / "run", method={"method": "prompt_tuning", "num_virtual_tokens": 8}, data={"max_length": 60})
     code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", r))
