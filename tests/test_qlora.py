@@ -295,11 +295,23 @@ def test_bad_quantize_recipes_are_one_line(assets, tmp_path, capsys, method, qua
     assert not (tmp_path / "out").exists()
 
 
-def test_quantize_without_bitsandbytes_says_how_to_install(assets, tmp_path, capsys, monkeypatch):
+def test_quantize_without_bitsandbytes_says_how_to_install(assets, base, tmp_path, capsys, monkeypatch):
+    q = gk.load_model(base, head="causal-lm", quantize=QLORA)
+    gk.inject(q, LORA)
+    gk.save_adapter(q, tmp_path / "a")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     f = _recipe_file(tmp_path / "r.yaml", chat_recipe(assets, tmp_path / "out", method=LORA, quantize=QLORA))
     code, _, err = run_cli(capsys, f)
     assert_one_line_error(code, err, "needs bitsandbytes", "pip install 'graftkit[gpu]'", "pip install bitsandbytes")
+    # a QLoRA adapter on the full-precision base (its fingerprint check quantizes), and as a merge input
+    with pytest.raises(UnsupportedError, match="QLoRA adapter .* needs bitsandbytes.*pip install") as exc:
+        gk.load_adapter(gk.load_model(base, head="causal-lm"), tmp_path / "a")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(UnsupportedError, match="needs bitsandbytes"):
+        gk.merge({"merge_method": "linear", "base_model": str(base), "dtype": "float32",
+                  "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]}, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_quantize_with_fsdp_is_refused(assets, tmp_path, capsys, monkeypatch):

@@ -49,12 +49,13 @@ def recorded(quantization: dict[str, Any]) -> QuantizeConfig:
         raise ConfigError(f"adapter.json: its quantization entry is not one graftkit reads ({exc}); re-save the adapter") from None
 
 
-def bnb():
+def bnb(what: str = "quantize (QLoRA)"):
     """The bitsandbytes module, or one line saying how to install it."""
     try:
         import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
     except ImportError:
-        raise UnsupportedError(f"quantize (QLoRA) needs bitsandbytes, which is not installed: {INSTALL_HINT}") from None
+        raise UnsupportedError(f"{what} needs bitsandbytes, which is not installed: {INSTALL_HINT}") from None
     return bitsandbytes
 
 
@@ -120,7 +121,7 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def dequantize(param: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' own dequantization of a 4-bit weight, in the dtype it was quantized from."""
-    import bitsandbytes.functional as F
+    F = bnb("a 4-bit (QLoRA) base").functional
 
     state = param.quant_state
     data = param.data
@@ -132,7 +133,7 @@ def dequantize(param: torch.Tensor) -> torch.Tensor:
 def requantize(weight: torch.Tensor, how: dict[str, Any]) -> torch.Tensor:
     """``dequant(quant(weight))`` as bitsandbytes computes it for a layer loaded with ``how``
     (quant_type, double_quant, blocksize), in float32."""
-    import bitsandbytes.functional as F
+    F = bnb("a QLoRA adapter (trained on a 4-bit base)").functional
 
     data, state = F.quantize_4bit(weight.detach().float(), blocksize=int(how.get("blocksize", 64)),
                                   compress_statistics=bool(how.get("double_quant", True)), quant_type=how.get("quant_type", "nf4"))

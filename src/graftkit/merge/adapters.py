@@ -119,8 +119,10 @@ class AdapterSource(OnBase):
         self.quantization = meta.get("quantization") or None
         self.requantized = set(self.quantization.get("quantized") or []) if self.quantization else set()
         if self.quantization:
-            from ..io.quantize import NOTE
+            from ..io.quantize import NOTE, bnb
             from ..outputs import _note
+
+            bnb("a QLoRA adapter (trained on a 4-bit base)")  # before the merge starts, not inside it
 
             _note(NOTE.format(what=f"adapter {path}", quant=self.quantization.get("quant_type", "nf4").upper())
                   .replace(", and written in bfloat16", ""))
