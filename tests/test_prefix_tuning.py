@@ -140,7 +140,7 @@ def test_peft_seq_cls_prefix_folder_with_its_head(tmp_path):
     torch.testing.assert_close(out(again, ids, mask), out(model, ids, mask), atol=0, rtol=0)
 
 
-def bert_by_hand(model, prefix: torch.Tensor, ids, mask):
+def bert_by_hand(model, prefix: torch.Tensor, ids, mask, types):
     """BERT classification logits with the prefix put into a DynamicCache by hand (no graftkit)."""
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     D = model.config.hidden_size // H
@@ -151,7 +151,7 @@ def bert_by_hand(model, prefix: torch.Tensor, ids, mask):
         config=model.config)
     full = torch.cat([torch.ones(ids.shape[0], N, dtype=mask.dtype), mask], dim=1)
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=full, cache=cache).logits
+        return model(input_ids=ids, attention_mask=full, token_type_ids=types, cache=cache).logits
 
 
 def test_bert_prefix_matches_a_hand_built_cache_and_pools_cls():
@@ -159,13 +159,19 @@ def test_bert_prefix_matches_a_hand_built_cache_and_pools_cls():
     ids = tiny_inputs(seed=4, batch=2, length=6)
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0  # right padding, as a BERT tokenizer pads
+    types = torch.zeros_like(ids)
+    types[:, 3:] = 1  # a sentence pair: token types belong to the real tokens and are not extended
     prefix = gk.sites(model)["bert"].prefix.detach()
     got = out(model, ids, mask)
     with gk.disabled(model):
-        want = bert_by_hand(model, prefix, ids, mask)
+        want = bert_by_hand(model, prefix, ids, mask, None)
         plain = out(model, ids, mask)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert (got - plain).abs().max() > 1e-3
+    got_pair = out(model, ids, mask, token_type_ids=types)
+    with gk.disabled(model):
+        torch.testing.assert_close(got_pair, bert_by_hand(model, prefix, ids, mask, types), atol=1e-6, rtol=0)
+    assert (got_pair - got).abs().max() > 1e-4
     # the encoder output holds the real tokens only: the pooler reads [CLS], the first real one
     with torch.no_grad():
         enc = model.bert(input_ids=ids, attention_mask=mask)
@@ -320,6 +326,42 @@ def test_peft_folder_of_another_geometry_is_refused(tmp_path):
             gk.load_adapter(other, tmp_path / "peft")
         one_line(exc.value, "2 layers of 2 key/value heads x 8", what, "another base model")
         assert get_state(other) is None
+
+
+def test_cli_import_peft_onto_another_geometry_exits_2(tmp_path, capsys):
+    from graftkit.cli import main as graft_main
+
+    peft_model("llama", False).save_pretrained(tmp_path / "peft")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64)).save_pretrained(tmp_path / "three")
+    capsys.readouterr()
+    transformers.utils.logging.disable_progress_bar()  # the base's loading bar is not the error
+    try:
+        code = graft_main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "out"), "--base", str(tmp_path / "three")])
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+    assert_one_line_error(code, capsys.readouterr().err, "2 layers of 2 key/value heads x 8", "3 layers")
+    assert not (tmp_path / "out").exists()
+    # without a base the folder converts; it binds to the model's base module when loaded
+    assert graft_main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "native")]) == 0
+    ids, mask = padded_batch()
+    torch.testing.assert_close(out(gk.load_adapter(tiny_llama(), tmp_path / "native"), ids, mask),
+                               out(peft_model("llama", False), ids, mask), atol=ATOL, rtol=0)
+
+
+def test_cli_train_on_a_model_without_a_cache_exits_2(assets, tmp_path, capsys):  # noqa: F811
+    tok = gk.load_tokenizer(assets / "bert")
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    transformers.DistilBertModel(cfg).save_pretrained(tmp_path / "distil")
+    tok.save_pretrained(tmp_path / "distil")
+    recipe = cls_recipe(assets, tmp_path / "run", model=str(tmp_path / "distil"), method={"method": "p_tuning_v2"})
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", recipe))
+    assert_one_line_error(code, err, "DistilBertForSequenceClassification", "takes no key/value cache")
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_corrupt_peft_prefix_is_refused(tmp_path):
