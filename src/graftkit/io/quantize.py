@@ -16,14 +16,14 @@ it. bitsandbytes (0.50.2 tested) runs 4-bit on CPU (quantize, forward, backward)
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import parse_config
 from ..errors import ConfigError, UnsupportedError
-from ..layers import is_quantized, logical_shape  # noqa: F401  (part of this module's interface)
+from ..layers import is_conv1d, is_quantized
 from ..train.recipe import QuantizeConfig
 
 INSTALL_HINT = "pip install 'graftkit[gpu]' (or pip install bitsandbytes)"
@@ -85,8 +85,6 @@ def load_kwargs(cls, config, quantize: QuantizeConfig, keep: list[str] | tuple[s
 
     with torch.device("meta"):  # transformers' own choice of what stays unquantized, read from a model without weights
         meta = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
-    from ..layers import is_conv1d
-
     conv1d = next((n for n, m in meta.named_modules() if is_conv1d(m)), None)
     if conv1d is not None:
         # bitsandbytes would turn GPT-2's transposed Conv1D into Linear4bit, so the adapter, its
