@@ -85,6 +85,8 @@ def test_synonym_replacement_and_insertion_exact():
     assert out == "the great picture show had a great secret plan".split()
     # the chosen word is replaced everywhere: candidates movie, great -> reversed: great -> "outstanding"
     assert synonym_replacement("movie great great".split(), 1, Scripted(ints=[1]), thesaurus) == "movie outstanding outstanding".split()
+    # case and punctuation around a word: looked up without them, kept around the synonym
+    assert synonym_replacement('A "Great" movie.'.split(), 2, Scripted(ints=[0, 1]), thesaurus) == 'A "outstanding" film.'.split()
     # words without synonyms are skipped
     assert synonym_replacement("zz movie".split(), 1, Scripted(ints=[0]), thesaurus) == "zz film".split()
     # insertion: content words [great, movie, great, plot]; movie (1) -> "film" (0) at position 7 (the end)

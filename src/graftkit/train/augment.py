@@ -10,7 +10,8 @@ field, or the prompt of chat SFT (never the response, which is the target). For 
 ``l`` whitespace-separated words, each augmented copy applies ONE operation:
 
 * synonym replacement: ``n = max(1, int(alpha_sr * l))`` distinct non-stop words (in random
-  order, skipping words without synonyms) are each replaced everywhere by a random synonym;
+  order, skipping words without synonyms) are each replaced everywhere by a random synonym
+  (words compared without case and surrounding punctuation, which stays: "plot." -> "scheme.");
 * random insertion: ``n = max(1, int(alpha_ri * l))`` times, a random synonym of a random
   non-stop word is inserted at a random position (up to 10 tries to find a word with synonyms);
 * random swap: ``n = max(1, int(alpha_rs * l))`` times, two distinct random positions swap;
@@ -22,7 +23,7 @@ As in EDA's code, each operation with a non-zero rate makes ``num_aug // k + 1``
 original. Synonyms are WordNet's lemma names (through nltk), sorted, so the augmented set is a
 pure function of (``optim.seed``, the data): ``--resume`` sees the same examples. Words are
 split on whitespace and kept as written (EDA lower-cases and strips punctuation; a tokenizer
-here sees the text as the user wrote it).
+here sees the text as the user wrote it, and synonyms are looked up without them).
 
 **Mixup of sentence representations** (senMixup, Guo, Mao & Zhang 2019, the variant the paper
 applies): with ``z_i`` the sentence representation that enters the classification head (BERT:
@@ -53,6 +54,7 @@ and contrastive forms above are those of the works it builds on (senMixup; Gunel
 from __future__ import annotations
 
 import random
+import string
 from typing import Any, Callable
 
 import torch
@@ -104,8 +106,26 @@ def wordnet_synonyms() -> Synonyms:
     return synonyms
 
 
+PUNCT = string.punctuation + "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2026"
+
+
+def _parts(token: str) -> tuple[str, str, str]:
+    """A token as (leading punctuation, word, trailing punctuation): "(great," -> ("(", "great", ",")."""
+    core = token.strip(PUNCT)
+    if not core:
+        return token, "", ""
+    i = token.index(core)
+    return token[:i], core, token[i + len(core):]
+
+
+def _content(token: str) -> str | None:
+    """The word a token holds, lower-cased, unless it is a stop word or only punctuation."""
+    core = _parts(token)[1].lower()
+    return core if core and core not in STOP_WORDS else None
+
+
 def synonym_replacement(words: list[str], n: int, rng: random.Random, synonyms: Synonyms) -> list[str]:
-    candidates = list(dict.fromkeys(w for w in words if w.lower() not in STOP_WORDS))
+    candidates = list(dict.fromkeys(c for c in map(_content, words) if c))
     rng.shuffle(candidates)
     out = list(words)
     replaced = 0
@@ -113,7 +133,8 @@ def synonym_replacement(words: list[str], n: int, rng: random.Random, synonyms: 
         options = synonyms(word)
         if options:
             pick = rng.choice(options)
-            out = [pick if w == word else w for w in out]
+            # "plot." -> "secret plan.": the punctuation around the word stays
+            out = [(lambda pre, _, post: pre + pick + post)(*_parts(w)) if _content(w) == word else w for w in out]
             replaced += 1
             if replaced >= n:
                 break
@@ -123,7 +144,7 @@ def synonym_replacement(words: list[str], n: int, rng: random.Random, synonyms: 
 def random_insertion(words: list[str], n: int, rng: random.Random, synonyms: Synonyms) -> list[str]:
     out = list(words)
     for _ in range(n):
-        content = [w for w in out if w.lower() not in STOP_WORDS]
+        content = [c for c in map(_content, out) if c]
         if not content:
             break
         for _ in range(10):
