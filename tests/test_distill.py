@@ -266,8 +266,12 @@ def test_resume_refuses_a_changed_teacher(assets, sources, tmp_path, capsys):
     f = _recipe_file(tmp_path / "r.yaml", r)
     code, _, err = run_cli(capsys, f)
     assert code == 0, err
-    code, _, err = run_cli(capsys, f, "--resume")  # unchanged: resumes
+    first = gk.read_adapter(tmp_path / "run" / "adapter").tensors
+    code, out, err = run_cli(capsys, f, "--resume")  # unchanged: resumes from step 2 and redoes step 3 bit for bit
     assert code == 0, err
+    assert "resuming from" in out
+    again = gk.read_adapter(tmp_path / "run" / "adapter").tensors
+    assert all(torch.equal(first[k], again[k]) for k in first)
     tensors = gk.read_adapter(teacher).tensors
     key = next(k for k in tensors if k.endswith("lora_B"))
     tensors[key] = tensors[key] + 1.0
