@@ -234,7 +234,6 @@ def pack(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]
     return out
 
 
-
 def _messages(prompt: Any, response: Any | None, system: str | None) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": str(prompt)})
@@ -293,14 +292,16 @@ def packing_problem(model) -> str | None:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(0, vocab, (1, 5), generator=g), torch.randint(0, vocab, (1, 4), generator=g)
-    ids = torch.cat([a, b], dim=1)
-    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    # two rows: flash attention reads packing from position ids only for a batch of one row
+    ids = torch.cat([torch.cat([a, b], dim=1), torch.cat([b, a], dim=1)])
+    positions = torch.stack([torch.cat([torch.arange(5), torch.arange(4)]), torch.cat([torch.arange(4), torch.arange(5)])])
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
-            alone = torch.cat([model(input_ids=a, use_cache=False).logits, model(input_ids=b, use_cache=False).logits], dim=1).float()
+            la, lb = model(input_ids=a, use_cache=False).logits, model(input_ids=b, use_cache=False).logits
+            alone = torch.cat([torch.cat([la, lb], dim=1), torch.cat([lb, la], dim=1)]).float()
     except Exception as exc:  # noqa: BLE001 - any failure means packing is not supported
         return f"a packed forward fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     finally:
