@@ -16,7 +16,7 @@ from graftkit.train.data import IGNORE, collate
 from graftkit.train.distill import SeparateTeacher, SharedTeacher, auto_weight, kd_loss, task_embedding, transferability
 from graftkit.train.lineage import setup_lineage
 from graftkit.train.loop import Run
-from test_init_from import HOULSBY, LORA, PREFIX, PROMPT, other_base, quick_cls, sources  # noqa: F401  (fixtures)
+from test_init_from import HOULSBY, LORA, PREFIX, PROMPT, PTUNING, other_base, quick_cls, sources  # noqa: F401  (fixtures)
 from test_train import _recipe_file, assert_one_line_error, assets, chat_recipe, cls_recipe, run_cli  # noqa: F401  (fixture)
 
 
@@ -29,13 +29,13 @@ def make_run(recipe: dict) -> Run:
 
 
 def recipe_for(assets: Path, sources, tmp_path: Path, which: str, **distill) -> dict:
-    src = sources[which if which in ("chat", "prompt", "chat_prefix") else "lora"][0] / "adapter"
+    src = sources[which if which in ("chat", "prompt", "ptuning", "chat_prefix") else "lora"][0] / "adapter"
     if which.startswith("chat"):
         r = chat_recipe(assets, tmp_path / "run", optim={"max_steps": 3}, eval={"every": None})
         if which == "chat_prefix":
             r["method"] = PREFIX
     else:
-        r = quick_cls(assets, tmp_path / "run", PROMPT if which == "prompt" else LORA)
+        r = quick_cls(assets, tmp_path / "run", {"prompt": PROMPT, "ptuning": PTUNING}.get(which, LORA))
         r["optim"] = {**r["optim"], "max_steps": 3}
     r["init_from"] = str(src)
     if distill:
@@ -68,7 +68,7 @@ def test_weight_zero_equals_plain_init_from(assets, sources, tmp_path, which):
         assert meta["distill"]["teacher_shares_base"] is True and meta["distill"]["teacher"]["sha256"] == meta["init_from"]["sha256"]
 
 
-@pytest.mark.parametrize("which", ["cls-shared", "cls-separate", "prompt-shared", "chat-shared", "chat_prefix-shared"])
+@pytest.mark.parametrize("which", ["cls-shared", "cls-separate", "prompt-shared", "ptuning-shared", "chat-shared", "chat_prefix-shared"])
 def test_kd_gradient_flows_only_into_the_student(assets, sources, tmp_path, which):
     """d(w * KD)/d(student) equals the hand-computed chain rule
     ``J^T . w T (softmax(z_s/T) - softmax(z_t/T)) / rows``; teacher and base get no gradient."""

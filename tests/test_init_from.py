@@ -17,6 +17,7 @@ from test_train import _recipe_file, assert_one_line_error, assets, chat_recipe,
 LORA = {"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["query", "value"]}
 HOULSBY = {"method": "houlsby", "reduction_factor": 4}
 PROMPT = {"method": "prompt_tuning", "num_virtual_tokens": 4}
+PTUNING = {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16}
 PREFIX = {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True, "encoder_hidden_size": 16}
 QUICK = {"optim": {"lr": 1e-2, "batch_size": 8, "max_steps": 4}, "eval": {"every": None}}
 
@@ -32,7 +33,7 @@ def sources(assets, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """Trained source adapters: (run folder, summary) for LoRA and Houlsby on the tiny BERT and LoRA on the tiny Llama."""
     root = tmp_path_factory.mktemp("sources")
     out = {}
-    for name, method in (("lora", LORA), ("houlsby", HOULSBY), ("prompt", PROMPT)):
+    for name, method in (("lora", LORA), ("houlsby", HOULSBY), ("prompt", PROMPT), ("ptuning", PTUNING)):
         run = root / name
         out[name] = run, train(quick_cls(assets, run, method), progress=False)
     for name, method in (("chat", None), ("chat_prompt", PROMPT), ("chat_prefix", PREFIX)):
@@ -48,7 +49,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("which", ["lora", "houlsby", "prompt", "chat", "chat_prompt", "chat_prefix"])
+@pytest.mark.parametrize("which", ["lora", "houlsby", "prompt", "ptuning", "chat", "chat_prompt", "chat_prefix"])
 def test_init_from_reproduces_the_source_at_step_0(assets, sources, tmp_path, which):
     src, summary = sources[which]
     out = tmp_path / "run"
@@ -57,7 +58,7 @@ def test_init_from_reproduces_the_source_at_step_0(assets, sources, tmp_path, wh
         if which != "chat":
             r["method"] = PROMPT if which == "chat_prompt" else PREFIX
     else:
-        r = quick_cls(assets, out, {"lora": LORA, "houlsby": HOULSBY, "prompt": PROMPT}[which])
+        r = quick_cls(assets, out, {"lora": LORA, "houlsby": HOULSBY, "prompt": PROMPT, "ptuning": PTUNING}[which])
         r["eval"] = {"every": None, "at_start": True}
         r["optim"] = {**r["optim"], "max_steps": 1}
     r["init_from"] = str(src / "adapter")

@@ -123,7 +123,8 @@ def _live(site) -> list[torch.Tensor]:
     (full fine-tuning, a head trained whole) changes."""
     if getattr(site, "inplace", False):
         return [site.base]
-    return [getattr(site, s) for s in site.slots]
+    # a dotted slot names a tensor of a submodule (P-tuning's prompt encoder)
+    return [site.get_parameter(s) if "." in s else getattr(site, s) for s in site.slots]
 
 
 class SharedTeacher:
