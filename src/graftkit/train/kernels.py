@@ -79,7 +79,12 @@ def fused_linear_cross_entropy(hidden, linear: nn.Linear, targets, reduction: st
     backward pass, so only the task-balanced loss asks for it). The head may be frozen or trained."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    out = LigerFusedLinearCrossEntropyLoss(reduction=reduction)(linear.weight, hidden, targets, linear.bias)
+    from .fsdp import whole
+
+    # read outside linear's forward, so under FSDP2 the weight may still be a shard: gathered (a
+    # differentiable collective; every process calls it in the step), as linear_ce does
+    weight, bias = whole(linear.weight), None if linear.bias is None else whole(linear.bias)
+    out = LigerFusedLinearCrossEntropyLoss(reduction=reduction)(weight, hidden, targets, bias)
     return getattr(out, "loss", out)
 
 
