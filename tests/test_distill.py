@@ -314,3 +314,15 @@ def test_two_processes_match_one(assets, sources, tmp_path):
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
     a, b = (gk.read_adapter(Path(r["output"]["dir"]) / "adapter").tensors for r in (r1, r2))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_method_that_trains_weights_in_place(assets, tmp_path):
+    """BitFit changes the base's own tensors: once init_from has copied its source in, the
+    teacher's base check reads the base's values from the sites, not the changed weights."""
+    src = tmp_path / "src"
+    s = train(quick_cls(assets, src, {"method": "bitfit"}), progress=False)
+    r = quick_cls(assets, tmp_path / "run", {"method": "bitfit"}, init_from=str(src),
+                  distill={"teacher": str(src), "weight": 1.0, "temperature": 2.0})
+    r["eval"] = {"every": None, "at_start": True}
+    out = train(r, progress=False)
+    assert out["start_val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)

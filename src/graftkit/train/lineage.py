@@ -137,8 +137,18 @@ def check_source(model: nn.Module, source: Source, *, base_name: str | None = No
                           f"{role} needs an adapter of the same method (or change method: to {source.method})")
     fp = source.fingerprint
     if fp:
+        from ..adapter import sites
+        from ..fingerprint import check_probes
+        from ..methods.inplace import DeltaSite
+        from ..targets import iter_params
+
+        # methods that train weights in place (full, BitFit, LN tuning) have changed the live
+        # weights once init_from copied its source in: the base's values are the sites' theta0
+        pristine = {name: site.theta0 for name, site in sites(model).items() if isinstance(site, DeltaSite)}
+        params = {i.name: i.param for i in iter_params(model)}
         try:
-            check_fingerprint(model, fp, set(source.adapter.train_also), base_name)
+            check_fingerprint(model, {**fp, "probe": {}}, set(source.adapter.train_also), base_name)  # names and shapes
+            check_probes(lambda name: pristine.get(name, params.get(name)), fp, base_name)
         except AdapterError:
             raise AdapterError(f"{where} was trained on a different base model than {base_name or 'this model'} "
                                f"(its base fingerprint {fp.get('structure')} does not match this model's weights); "
