@@ -134,9 +134,37 @@ def test_bf16_runs_shard_in_process_and_save(assets, tmp_path, monkeypatch, caps
     assert (out / "merged" / "config.json").exists() and not (out / ".theta0").exists()
     saved = read_safetensors(out / "adapter" / "adapter.safetensors")
     assert saved and not any(fsdp.is_sharded(t) for t in saved.values())
+    if kind == "lora":  # the frozen base held in bf16 as in an unsharded run: the same losses
+        monkeypatch.delenv("ACCELERATE_USE_FSDP")
+        train(parse_recipe({**r, "output": {**r["output"], "dir": str(tmp_path / "plain")}}), progress=False)
+        assert "FSDP2" not in capsys.readouterr().out
+        assert losses(tmp_path / "plain") == losses(out)
     if kind == "full":
         assert saved["bert.encoder.layer.0.output.dense.weight.delta"].shape == (32, 64)
         assert float(saved["bert.encoder.layer.0.output.dense.weight.delta"].abs().max()) > 0
+
+
+def test_sharded_bf16_lora_holds_the_frozen_base_in_bf16(assets, tmp_path, monkeypatch):
+    """As unsharded bf16 LoRA runs do (the same matmul operands without a cast per use): FSDP2
+    gathers a unit whose frozen weights are bf16 and whose LoRA factors are float32, so the frozen
+    base is no longer kept in float32 (twice the bytes gathered and held) when sharded."""
+    from graftkit.train.loop import Run
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    r = chat_recipe(assets, tmp_path / "run", method={"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["q_proj", "v_proj"]},
+                    optim={"max_steps": 1, "precision": "bf16"})
+    run = Run(parse_recipe(r), progress=False)
+    try:
+        run.setup()
+        attn = run.model.model.layers[0].self_attn
+        assert fsdp.is_sharded(attn.q_proj.weight) and attn.q_proj.weight.dtype == torch.bfloat16
+        assert attn.o_proj.weight.dtype == torch.bfloat16  # frozen, no adapter
+        assert run.named and all(p.dtype == torch.float32 for _, p in run.named)
+        loss, _ = run.train_step(0)  # a step runs on the units of mixed dtype
+        assert loss == loss
+    finally:
+        fsdp.end_processes()
 
 
 # -- tensors that stay plain next to shards -----------------------------------------------------

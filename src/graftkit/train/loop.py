@@ -516,9 +516,9 @@ class Run:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ConfigError("nothing to train: the method and layerwise options leave no trainable parameter")
-        # FSDP2 needs one dtype per shard group, so the frozen weights stay float32 there
+        # under FSDP2 too (it gathers a unit whose tensors differ in dtype as bytes): half the bytes gathered and held
         tuning = method_named(method.get("method"))
-        if r.optim.precision == "bf16" and tuning is not None and tuning.frozen_base_in_bf16(method) and not self.fsdp:
+        if r.optim.precision == "bf16" and tuning is not None and tuning.frozen_base_in_bf16(method):
             self.frozen_in_bf16 = hold_frozen_linears_in_bf16(model)
         o = r.optim
         module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance), self.kernels)
