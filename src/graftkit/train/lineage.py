@@ -156,7 +156,7 @@ def check_source(model: nn.Module, source: Source, *, base_name: str | None = No
     else:
         source.warnings.append(f"{where} records no base fingerprint (a peft folder): only its shapes are checked against this model")
     heads_here, heads_there = set(state.train_also), set(source.adapter.train_also)
-    targets_here, targets_there = [t for t in state.targets], list(source.adapter.targets)
+    targets_here, targets_there = list(state.targets), list(source.adapter.targets)
     config_here = state.config.model_dump(mode="json")
     config_there = source.adapter.meta.get("config") or {}
     if set(targets_here) != set(targets_there):
