@@ -295,6 +295,9 @@ def packing_problem(model) -> str | None:
     # two rows: flash attention reads packing from position ids only for a batch of one row
     ids = torch.cat([torch.cat([a, b], dim=1), torch.cat([b, a], dim=1)])
     positions = torch.stack([torch.cat([torch.arange(5), torch.arange(4)]), torch.cat([torch.arange(4), torch.arange(5)])])
+    param = next(model.parameters(), None)
+    if param is not None:  # the model may already sit on its GPU
+        a, b, ids, positions = (t.to(param.device) for t in (a, b, ids, positions))
     was_training = model.training
     model.eval()
     try:
@@ -302,13 +305,16 @@ def packing_problem(model) -> str | None:
             packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
             la, lb = model(input_ids=a, use_cache=False).logits, model(input_ids=b, use_cache=False).logits
             alone = torch.cat([torch.cat([la, lb], dim=1), torch.cat([lb, la], dim=1)]).float()
+            # other shapes round differently: in bf16 / fp16 that alone moves logits by ~1%; one
+            # example seeing another moves them by far more
+            tolerance = 1e-4 if la.dtype == torch.float32 else 3e-2
     except Exception as exc:  # noqa: BLE001 - any failure means packing is not supported
         return f"a packed forward fails ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     finally:
         model.train(was_training)
     if packed.shape != alone.shape:
         return "its output has another length than its input"
-    if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-4):
+    if (packed - alone).abs().max() > tolerance * alone.abs().max().clamp(min=1.0):
         return "an example's outputs change when another example is packed before it"
     return None
 
