@@ -76,6 +76,10 @@ class WithLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, number of targets, number of correct predictions - ``None`` in training mode)."""
         task = batch.get("task")
+        if self.task != "classification":  # iapt: a row's instruction is its prompt (labels IGNORE before the response)
+            from ..methods.iapt import note_instruction
+
+            note_instruction(batch)
         # the teacher runs first: a shared teacher swaps its tensors into this model (train.distill)
         teacher = self.distill.teacher_logits(batch) if self.distill is not None and self.training else None
         if self.task == "classification":
