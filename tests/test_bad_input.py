@@ -185,15 +185,15 @@ def test_unknown_config_key(adapter, tmp_path):
 
 # -- methods graftkit does not have -----------------------------------------------------------
 
-def test_peft_prefix_tuning_config(tmp_path):
-    folder = tmp_path / "prefix"
+def test_peft_multitask_prompt_tuning_config(tmp_path):
+    folder = tmp_path / "mpt"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 8, "token_dim": 32}))
+        {"peft_type": "MULTITASK_PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 8, "token_dim": 32}))
     with pytest.raises(UnsupportedError) as ei:
         gk.load_adapter(tiny_llama(), folder)
-    check_error(ei, UnsupportedError, "PREFIX_TUNING", "LORA", "IA3")
-    check_cli_error(tmp_path, "import-peft", folder, tmp_path / "native", needles=("PREFIX_TUNING", "LORA"))
+    check_error(ei, UnsupportedError, "MULTITASK_PROMPT_TUNING", "LORA", "IA3")
+    check_cli_error(tmp_path, "import-peft", folder, tmp_path / "native", needles=("MULTITASK_PROMPT_TUNING", "LORA"))
 
 
 def test_peft_lokr_adapter(tmp_path):
