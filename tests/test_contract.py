@@ -143,6 +143,8 @@ MATRIX: dict[str, Case] = {
     # sequence space: per-layer key/value prefixes in the cache (random start: N(0, 1) prefixes)
     "prefix_tuning": Case("prefix_tuning", {"num_virtual_tokens": 3}, random={}),
     "p_tuning_v2": Case("p_tuning_v2", {"num_virtual_tokens": 4, "prefix_dropout": 0.0}, random={}, models=("bert", "llama")),
+    # per-layer prompts generated from the instruction, entering as key/value prefixes
+    "iapt": Case("iapt", {"num_virtual_tokens": 2, "bottleneck": 4}, random={}),
 }
 
 MODELS = list(TINY_MODELS)
