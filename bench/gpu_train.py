@@ -56,16 +56,21 @@ from train_throughput import TARGETS, matmul_params  # noqa: E402
 # the issue's model and run; --smoke swaps in a tiny model and a few steps
 CONFIGS = {
     "gpu": {"hidden": 1536, "layers": 16, "heads": 12, "kv_heads": 4, "intermediate": 4096,
-            "seq": 1024, "batch": 8, "steps": 20, "warmup": 5, "cli_steps": 8, "matmul_n": 8192},
-    "smoke": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128,
-              "seq": 128, "batch": 2, "steps": 2, "warmup": 1, "cli_steps": 4, "matmul_n": 256},
+            "seq": 1024, "batch": 8, "steps": 20, "warmup": 5, "cli_steps": 8, "matmul_n": 8192, "precision": "bf16"},
+    # fp32: a CPU without bf16 matmul units (no AVX512-BF16/AMX) runs bf16 matmuls ~6x slower than fp32
+    # the CLI checks (train, kill + resume, export) are about correctness: on CUDA a small model keeps
+    # their 14 launches to a few minutes (--cli-size full uses the benchmark's model)
+    "cli": {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 512,
+            "seq": 256, "batch": 4, "cli_steps": 8, "precision": "bf16"},
+    "smoke": {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 64,
+              "seq": 128, "batch": 2, "steps": 2, "warmup": 1, "cli_steps": 6, "matmul_n": 256, "precision": "fp32"},
 }
 VOCAB = 49152  # SmolLM2's
 LORA = {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "targets": TARGETS}
-QUANTIZE = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
+QUANTIZE = {"bits": 4, "quant_type": "nf4", "double_quant": True}  # compute_dtype: the run's precision
 K_FLOPS = {"lora": 4, "qlora": 4, "full": 6}
-TITLES = {"lora": "LoRA r=16 alpha 32, 7 projections, bf16", "full": "full fine-tuning, fp32 weights under bf16 autocast",
-          "qlora": "QLoRA: NF4 base (double quant, bf16 compute) + LoRA r=16"}
+TITLES = {"lora": "LoRA r=16 alpha 32, 7 projections, {p}", "full": "full fine-tuning, fp32 weights under {p} autocast",
+          "qlora": "QLoRA: NF4 base (double quant, {p} compute) + LoRA r=16"}
 # targets of issue 13 (tokens/s ratios; memory at most the liger run's)
 TARGETS_RATIO = {"lora": (1.5, 1.2), "full": (1.3, 1.1)}
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -159,10 +164,10 @@ def graftkit_recipe(spec: dict, out: Path, steps: int) -> dict:
          "data": {"train": spec["data"], "prompt_field": "prompt", "response_field": "response", "max_length": spec["seq"]},
          "method": {"method": "full"} if method == "full" else dict(LORA),
          "optim": {"lr": 1e-4, "batch_size": spec["batch"], "max_steps": steps, "schedule": "constant", "max_grad_norm": 1.0,
-                   "seed": 0, "precision": "bf16"},
+                   "seed": 0, "precision": spec["precision"]},
          "output": {"dir": str(out)}}
     if method == "qlora":
-        r["quantize"] = dict(QUANTIZE)
+        r["quantize"] = {**QUANTIZE, "compute_dtype": spec["precision"]}
     return r
 
 
@@ -174,7 +179,8 @@ def graftkit_worker(spec: dict) -> dict:
     from graftkit.train.recipe import apply_overrides
 
     total = spec["steps"] + spec["warmup"]
-    recipe = parse_recipe(apply_overrides(graftkit_recipe(spec, Path(tempfile.mkdtemp()) / "run", total), spec.get("set", [])))
+    out = Path(spec["work"]) / ("run-" + "".join(c if c.isalnum() else "-" for c in spec["id"]))  # the same on every process
+    recipe = parse_recipe(apply_overrides(graftkit_recipe(spec, out, total), spec.get("set", [])))
     _reset_memory()
     run = Run(recipe, console=Console(quiet=True), progress=False)
     run.setup()
@@ -219,11 +225,15 @@ def trainer_worker(spec: dict) -> dict:
     recipe = parse_recipe(graftkit_recipe({**spec, "method": "lora" if method == "qlora" else method}, Path("unused"), total))
     rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
             for e in prepare(recipe, tok, spec["seq"]).train]
+    short = sum(len(r["input_ids"]) != spec["seq"] for r in rows)
+    if short:  # the tokens/s below count batch x seq per step
+        raise ValueError(f"{short} of {len(rows)} rows are not {spec['seq']} tokens long; make the data with --prepare")
     _reset_memory()
-    kw: dict = {"dtype": torch.float32 if method == "full" else torch.bfloat16}  # LoRA: the base weights in bf16
+    bf16 = spec["precision"] == "bf16"
+    kw: dict = {"dtype": torch.bfloat16 if bf16 and method != "full" else torch.float32}  # LoRA: the base weights in bf16
     if method == "qlora":
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=kw["dtype"])
         kw["device_map"] = {"": 0 if cuda else "cpu"}
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], **kw)
@@ -256,9 +266,9 @@ def trainer_worker(spec: dict) -> dict:
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     args = transformers.TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=spec["batch"], max_steps=total, learning_rate=1e-4,
+        output_dir=tempfile.mkdtemp(dir=spec["work"]), per_device_train_batch_size=spec["batch"], max_steps=total, learning_rate=1e-4,
         lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
-        dataloader_num_workers=0, seed=0, use_cpu=not cuda, disable_tqdm=True, bf16=True, use_liger_kernel=spec["liger"])
+        dataloader_num_workers=0, seed=0, use_cpu=not cuda, disable_tqdm=True, bf16=bf16, use_liger_kernel=spec["liger"])
     trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
                       callbacks=[Timer()])
     trainer.train()
@@ -280,9 +290,13 @@ def worker(specs: list[dict]) -> None:
             AcceleratorState._reset_state()  # the Trainer and graftkit's Run each set up accelerate in this process
             res = graftkit_worker(spec) if spec["side"] == "graftkit" else trainer_worker(spec)
         except Exception as exc:  # reported in the table, and the test fails on it
-            res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
-            if int(os.environ.get("RANK", 0)) != 0:
-                res = None
+            rank = int(os.environ.get("RANK", 0))
+            res = {"error": f"{type(exc).__name__}{f' (process {rank})' if rank else ''}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
+            print("RESULT " + json.dumps({"id": spec["id"], **res}), flush=True)
+            if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the other processes would wait at a collective: end the launch
+                sys.stdout.flush()
+                os._exit(1)
+            res = None
         if res is not None:
             print("RESULT " + json.dumps({"id": spec["id"], **res}), flush=True)
         gc.collect()
@@ -290,16 +304,16 @@ def worker(specs: list[dict]) -> None:
 
 # -- the parent: sections, subprocesses, CLI checks ----------------------------------------------
 
-def launch_fsdp(processes: int, tail: list[str], port: int) -> list[str]:
+def launch_fsdp(processes: int, tail: list[str], port: int, precision: str) -> list[str]:
     """The user's command: ``accelerate launch --use_fsdp --fsdp_version 2`` (graftkit reads accelerate's FSDP config)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(port), *tail]
+            "--num_machines", "1", "--mixed_precision", "bf16" if precision == "bf16" else "no", "--dynamo_backend", "no", "--main_process_port", str(port), *tail]
 
 
 def run_workers(specs: list[dict], processes: int | None, env: dict, timeout: int) -> dict[str, dict]:
     """Run ``specs`` in one fresh worker process (or an FSDP2 launch of ``processes``)."""
     tail = [str(Path(__file__).resolve()), "--worker", json.dumps(specs)]
-    cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port())
+    cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port(), specs[0]["precision"])
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
@@ -309,7 +323,7 @@ def run_workers(specs: list[dict], processes: int | None, env: dict, timeout: in
     for line in out.splitlines():
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
-            got[r.pop("id")] = r
+            got.setdefault(r.pop("id"), r)  # a launch's first word on a run (an error from any process) stands
     for s in specs:
         if s["id"] not in got:
             last = [ln for ln in (err or "").splitlines() if ln.strip()][-1:] or [f"exit status {rc}"]
@@ -317,12 +331,20 @@ def run_workers(specs: list[dict], processes: int | None, env: dict, timeout: in
     return got
 
 
+_PORTS: set[int] = set()
+
+
 def free_port() -> int:
+    """A port for a launch's rendezvous; never one handed out before (launches may overlap)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS:
+            _PORTS.add(port)
+            return port
 
 
 def descendants(pid: int) -> list[int]:
@@ -358,8 +380,8 @@ def cli_check(name: str, method: str, processes: int | None, a: argparse.Namespa
 
     out = paths["work"] / f"cli-{name}"
     steps = cfg["cli_steps"]
-    spec = {"model": str(paths["model"]), "data": str(paths["data"]), "seq": cfg["seq"],
-            "batch": cfg["batch"], "method": method}
+    spec = {"model": str(paths.get("cli_model", paths["model"])), "data": str(paths["data"]), "seq": cfg["seq"],
+            "batch": cfg["batch"], "method": method, "precision": cfg["precision"]}
     r = graftkit_recipe(spec, out, steps)
     r["output"].update(checkpoint_every=2, export=["merged"] if method == "full" else ["peft", "merged"])
     from graftkit.train.recipe import apply_overrides
@@ -368,7 +390,7 @@ def cli_check(name: str, method: str, processes: int | None, a: argparse.Namespa
     path = paths["work"] / f"cli-{name}.yaml"
     path.write_text(yaml.safe_dump(r))
     tail = ["-m", "graftkit.cli", "train", str(path), "--no-progress"]
-    cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port())
+    cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port(), cfg["precision"])
     res = {"command": " ".join(["python", *tail] if processes is None else ["accelerate launch --use_fsdp --fsdp_version 2",
                                                                             f"--num_processes {processes}", *tail])}
     first = out / "checkpoints" / "step-000002"
@@ -480,13 +502,17 @@ def main() -> None:
     p.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer folder (default: from the packaged GGUF)")
     p.add_argument("--data", metavar="FILE", help="chat SFT rows, JSONL with prompt/response (default: made from reasoning-gym)")
     p.add_argument("--sections", default="lora,full,qlora,fsdp,cli", help="comma-separated subset of lora,full,qlora,fsdp,cli")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="both sides (default bf16; smoke fp32)")
     p.add_argument("--steps", type=int, help="timed steps per run (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5; smoke 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a graftkit recipe override for every graftkit run, e.g. --set optim.compile=true (repeatable)")
+    p.add_argument("--cli-size", choices=["small", "full"], default="small",
+                   help="model of the CLI checks on CUDA: small (hidden 256, 4 layers, 256 tokens; default) or the benchmark's")
     p.add_argument("--step-sleep", type=float, default=0.5, help="seconds added per step to the run that is killed, so the kill lands mid-run")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per subprocess")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the working folder (model, runs, CLI logs) instead of deleting it")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -494,6 +520,7 @@ def main() -> None:
         return
     cfg = dict(CONFIGS["smoke" if a.smoke else "gpu"])
     cfg["steps"] = a.steps or cfg["steps"]
+    cfg["precision"] = a.precision or cfg["precision"]
     cfg["warmup"] = a.warmup if a.warmup is not None else cfg["warmup"]
     env = {**os.environ, **ENV}
     if a.prepare:
@@ -514,6 +541,18 @@ def main() -> None:
     if unknown:
         sys.exit(f"gpu_train: error: unknown section(s) {sorted(unknown)}; choose from lora, full, qlora, fsdp, cli")
     work = Path(tempfile.mkdtemp(prefix="gpu_train_"))
+    try:
+        measure(a, cfg, env, sections, work, cuda, device)
+    finally:
+        if a.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(a: argparse.Namespace, cfg: dict, env: dict, sections: list[str], work: Path, cuda: bool, device: str) -> None:
+    import torch
+
     tok_dir = Path(a.tokenizer) if a.tokenizer else Path(a.assets) / "tokenizer" if a.assets else save_tokenizer(work / "tokenizer")
     if a.data:
         data = Path(a.data)
@@ -526,7 +565,12 @@ def main() -> None:
             sys.exit(f"gpu_train: error: {what} {path} does not exist; write it with --prepare DIR and pass --assets DIR")
     n_params = build_model(work / "model", tok_dir, cfg, device)
     paths = {"work": work, "model": work / "model", "tokenizer": tok_dir, "data": data}
-    rate = matmul_rate(device, cfg["matmul_n"])
+    cli_cfg = cfg
+    if cuda and a.cli_size == "small" and "cli" in sections:
+        cli_cfg = {**cfg, **CONFIGS["cli"], "precision": cfg["precision"]}
+        build_model(work / "cli-model", tok_dir, cli_cfg, device)
+        paths["cli_model"] = work / "cli-model"
+    rate = matmul_rate(device, cfg["matmul_n"]) if cuda else None  # MFU is for CUDA: a tiny CPU model's step is overhead
     gpus = torch.cuda.device_count() if cuda else 0
     machine = (f"{torch.cuda.get_device_name(0)} x {gpus}" if cuda else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU smoke)")
@@ -535,9 +579,9 @@ def main() -> None:
         versions[dist] = _dist_version(dist) if importlib.util.find_spec(m) else None
     print(f"machine: {machine}; " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
     print(f"model: random-init Llama, hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads / {cfg['kv_heads']} KV heads, "
-          f"intermediate {cfg['intermediate']}, vocabulary {VOCAB}, tied embeddings, bf16: {n_params / 1e6:.1f}M matmul weights per token (N)")
+          f"intermediate {cfg['intermediate']}, vocabulary {VOCAB}, tied embeddings, saved in bf16: {n_params / 1e6:.1f}M matmul weights per token (N)")
     print(f"data: chat SFT rows of {cfg['seq']} tokens, batch {cfg['batch']}; {cfg['warmup']} warm-up + {cfg['steps']} timed steps; "
-          f"bf16 matmul rate measured here: {rate / 1e12:.3g} TFLOP/s")
+          f"precision {cfg['precision']}; " + (f"bf16 matmul rate measured here: {rate / 1e12:.0f} TFLOP/s" if rate else "MFU: CUDA only"))
     if a.set:
         print(f"graftkit overrides: {' '.join(a.set)}")
 
@@ -545,12 +589,15 @@ def main() -> None:
                   "skipped: liger-kernel runs on CUDA only (Triton kernels)" if not cuda else
                   "skipped: liger-kernel is not installed (carry its wheel: bench/RESULTS.md)")
     bnb_skip = None if importlib.util.find_spec("bitsandbytes") else "skipped: bitsandbytes is not installed"
-    results: dict = {"machine": machine, "versions": versions, "n_params": n_params, "matmul_tflops": rate / 1e12,
+    results: dict = {"machine": machine, "versions": versions, "n_params": n_params, "matmul_tflops": rate and rate / 1e12,
                      "config": cfg, "sections": {}, "cli": {}}
-    base = {"model": str(paths["model"]), "data": str(data), "seq": cfg["seq"], "batch": cfg["batch"],
-            "steps": cfg["steps"], "warmup": cfg["warmup"], "set": a.set}
+    base = {"work": str(work), "model": str(paths["model"]), "data": str(data), "seq": cfg["seq"], "batch": cfg["batch"],
+            "steps": cfg["steps"], "warmup": cfg["warmup"], "set": a.set, "precision": cfg["precision"]}
 
-    # the single-process sections: each run a fresh process on CUDA; the smoke puts them all in one (time)
+    # What runs where. On CUDA every measured run is a fresh process and everything runs one after
+    # the other. The smoke (CPU, numbers not judged) saves process start-ups, which are most of its
+    # time: the single-process runs share one worker, the FSDP2 runs one launch per process count,
+    # and two jobs run at a time.
     plan: dict[str, dict[str, dict | str]] = {}
     for method in ("lora", "full", "qlora"):
         if method not in sections:
@@ -563,56 +610,63 @@ def main() -> None:
         runs["peft + Trainer + liger"] = (liger_skip or (bnb_skip if method == "qlora" and bnb_skip else None)
                                           or {**base, "side": "trainer", "method": method, "liger": True})
         plan[method] = runs
-    specs = []
-    for method, runs in plan.items():
-        for label, s in runs.items():
-            if isinstance(s, dict):
-                s["id"] = f"{method}/{label}"
-                specs.append(s)
-    got: dict[str, dict] = {}
-    groups = [specs] if a.smoke else [[s] for s in specs]
-    for group in groups:
-        if group:
-            got.update(run_workers(group, None, env, a.timeout))
-    for method, runs in plan.items():
-        table = {label: (got[s["id"]] if isinstance(s, dict) else {"skipped": s[len("skipped: "):]}) for label, s in runs.items()}
-        results["sections"][method] = table
-        print_section(TITLES[method], method, table, n_params, rate, cuda)
-
     if "fsdp" in sections:
-        table = {}
+        runs = {}
         for method in ("lora", "full"):
-            for n, label in ((1, f"graftkit FSDP2 {method}, 1 process"), (gpus if cuda else 2, f"graftkit FSDP2 {method}, all GPUs" if cuda
-                                                                         else f"graftkit FSDP2 {method}, 2 CPU processes")):
-                if n < 2 and label.endswith("all GPUs"):
-                    table[label] = {"skipped": "one GPU only"}
-                    continue
-                spec = {**base, "side": "graftkit", "method": method, "id": label}
-                table[label] = {**run_workers([spec], n, env, a.timeout)[label], "processes": n}
-        results["sections"]["fsdp"] = table
-        print_section("FSDP2 (graftkit's fully_shard; accelerate launch --use_fsdp --fsdp_version 2)", "fsdp", table, n_params, rate, cuda)
+            for n, label in ((1, f"graftkit FSDP2 {method}, 1 process"),
+                             (gpus if cuda else 2, f"graftkit FSDP2 {method}, all GPUs ({gpus})" if cuda else f"graftkit FSDP2 {method}, 2 CPU processes")):
+                runs[label] = ("skipped: one GPU only" if n < 2 and "all GPUs" in label else
+                               {**base, "side": "graftkit", "method": method, "processes": n})
+        plan["fsdp"] = runs
+    groups: dict[tuple, list[dict]] = {}  # (processes, group) -> specs run in one process / launch
+    for method, runs in plan.items():
+        for label, spec in runs.items():
+            if isinstance(spec, dict):
+                spec["id"] = f"{method}/{label}"
+                key = (spec.get("processes"), 0 if a.smoke else spec["id"])
+                groups.setdefault(key, []).append(spec)
+    jobs = [(lambda g=g, n=n: run_workers(g, n, env, a.timeout)) for (n, _), g in groups.items()]
 
+    checks = []
     if "cli" in sections:
         checks = [("lora", "lora", None), ("full", "full", None), ("qlora", "qlora", None),
                   ("fsdp2-1-lora", "lora", 1), ("fsdp2-1-full", "full", 1), ("fsdp2-all-lora", "lora", gpus if cuda else 2),
                   ("fsdp2-all-full", "full", gpus if cuda else 2)]
-        if a.smoke:  # time: the smoke checks one single-process and one 2-process run, each through kill, resume and export
+        if a.smoke:  # time: one single-process and one 2-process run, each through kill, resume and export
             checks = [("lora", "lora", None), ("fsdp2-2-lora", "lora", 2)]
+    cli: dict[str, dict] = {}
+    for name, method, n in checks:
+        if method == "qlora" and (bnb_skip or not graftkit_supports("", "quantize")):
+            cli[name] = {"skipped": bnb_skip[9:] if bnb_skip else "quantize not supported by this graftkit"}
+        elif n is not None and n < 2 and name.startswith("fsdp2-all"):
+            cli[name] = {"skipped": "one GPU only"}
+        else:
+            jobs.append(lambda name=name, method=method, n=n: {name: cli_check(name, method, n, a, cli_cfg, paths, env)})
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    got: dict[str, dict] = {}
+    with ThreadPoolExecutor(max_workers=2 if a.smoke else 1) as pool:
+        for part in pool.map(lambda job: job(), jobs):
+            got.update(part)
+
+    for method, runs in plan.items():
+        table = {label: (got[spec["id"]] if isinstance(spec, dict) else {"skipped": spec[len("skipped: "):]}) for label, spec in runs.items()}
+        results["sections"][method] = table
+        title = TITLES[method].format(p=cfg["precision"]) if method in TITLES else ("FSDP2 (graftkit's fully_shard; accelerate launch --use_fsdp --fsdp_version 2)")
+        print_section(title, method, table, n_params, rate, cuda)
+    if checks:
         print("\n== CLI: graft train, SIGKILL after the first checkpoint, --resume, export ==")
-        for name, method, n in checks:
-            if method == "qlora" and (bnb_skip or not graftkit_supports("", "quantize")):
-                res = {"skipped": bnb_skip[9:] if bnb_skip else "quantize not supported by this graftkit"}
-            elif n is not None and n < 2 and name.startswith("fsdp2-all"):
-                res = {"skipped": "one GPU only"}
-            else:
-                res = cli_check(name, method, n, a, cfg, paths, env)
-            results["cli"][name] = res
-            if "skipped" in res:
-                print(f"  {name:16} skipped: {res['skipped']}")
-            else:
-                print(f"  {name:16} train {res['train']}; resume {res['resume']}; export {res['export']}"
-                      + (f"; {res['tokens_per_s']:,} tokens/s (resumed part)" if res.get("tokens_per_s") else ""))
-                print(f"  {'':16} {res['command']}")
+        print(f"  model: hidden {cli_cfg['hidden']}, {cli_cfg['layers']} layers, {cli_cfg['seq']} tokens, batch {cli_cfg['batch']}, "
+              f"{cli_cfg['cli_steps']} steps, a checkpoint every 2")
+    for name, _, _ in checks:
+        res = results["cli"][name] = cli.get(name) or got[name]
+        if "skipped" in res:
+            print(f"  {name:16} skipped: {res['skipped']}")
+        else:
+            print(f"  {name:16} train {res['train']}; resume {res['resume']}; export {res['export']}"
+                  + (f"; {res['tokens_per_s']:,} tokens/s (resumed part)" if res.get("tokens_per_s") else ""))
+            print(f"  {'':16} {res['command']}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     print("\nRESULTS " + json.dumps(results))
@@ -648,8 +702,9 @@ def print_section(title: str, method: str, table: dict, n_params: int, rate: flo
                 kernels = "liger" if label.endswith("liger") else "torch"
             print(f"  {label:42} {r['tokens_per_s']:10,.0f} {r[mem_key]:14.2f} {mfu}  {kernels}")
     if method != "fsdp":
-        print(f"  MFU = {K_FLOPS[method]} x N x tokens/s / measured bf16 matmul rate"
-              f" ({'the issue' + chr(39) + 's 4 x N: frozen weights need no weight gradient' if K_FLOPS[method] == 4 else '6 x N: full fine-tuning'})")
+        if cuda:
+            print(f"  MFU = {K_FLOPS[method]} x N x tokens/s / measured bf16 matmul rate"
+                  f" ({'the issue' + chr(39) + 's 4 x N: frozen weights need no weight gradient' if K_FLOPS[method] == 4 else '6 x N: full fine-tuning'})")
         g = table.get("graftkit", {})
         for other in ("peft + Trainer", "peft + Trainer + liger"):
             o = table.get(other, {})
@@ -669,7 +724,7 @@ def print_section(title: str, method: str, table: dict, n_params: int, rate: flo
                 why = g.get("skipped") or g.get("error") or o.get("skipped") or o.get("error") or "not measured"
                 print(f"  {name}: skipped: {why}")
     else:
-        print("  MFU = 4 x N (LoRA) or 6 x N (full) x tokens/s / measured bf16 matmul rate; tokens/s counts every process")
+        print("  tokens/s counts every process" + ("; MFU = 4 x N (LoRA) or 6 x N (full) x tokens/s / measured bf16 matmul rate" if cuda else ""))
 
 
 if __name__ == "__main__":
