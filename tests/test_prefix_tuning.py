@@ -222,6 +222,30 @@ def test_prefix_enters_the_cache_once_and_beam_search_matches_recompute(monkeypa
     assert not torch.equal(beams_c, plain), "the prefix had no effect on beam search"
 
 
+def test_graft_eval_generation_wrapper(assets):  # noqa: F811
+    """graft eval's generation (eval/generate.py: left-padded batches, the KV cache) gives the
+    texts of one-prompt full recomputes, and the prefix changes them."""
+    from graftkit.eval.config import Decoding
+    from graftkit.eval.generate import generate
+
+    tok = gk.load_tokenizer(assets / "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(assets / "llama").eval()
+    prompts = [tok("repeat good")["input_ids"], tok("repeat bad bad bad")["input_ids"]]
+    base = generate(model, tok, prompts, max_new_tokens=5, decoding=Decoding(), pad=tok.pad_token_id)
+    torch.manual_seed(0)
+    gk.inject(model, {"method": "prefix_tuning", "num_virtual_tokens": N})
+    with torch.no_grad():
+        gk.sites(model)["model"].prefix.mul_(5.0)  # a strong prefix, so the greedy texts move
+    ours = generate(model, tok, prompts, max_new_tokens=5, decoding=Decoding(), pad=tok.pad_token_id)
+    recomputed = []
+    for ids in prompts:
+        with torch.no_grad():
+            o = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, use_cache=False,
+                               pad_token_id=tok.pad_token_id)
+        recomputed.append([tok.decode(o[0, len(ids):], skip_special_tokens=True)])
+    assert ours == recomputed and ours != base
+
+
 def test_manual_incremental_decoding_extends_the_mask_only():
     model = gk.inject(tiny_gpt2(), {"method": "prefix_tuning", "num_virtual_tokens": N})
     ids, mask = padded_batch()
