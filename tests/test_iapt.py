@@ -106,6 +106,9 @@ def test_training_instruction_is_the_prompt_before_the_response():
             pinned = model(input_ids=ids.clone(), attention_mask=mask).logits
     torch.testing.assert_close(noted, pinned, atol=1e-6, rtol=0)
     assert not torch.allclose(noted, other), "the response fed its own prompts"
+    with torch.no_grad():  # labels given to the model itself mark the prompt too
+        with_labels = model(input_ids=ids.clone(), attention_mask=mask, labels=labels).logits
+    torch.testing.assert_close(with_labels, pinned, atol=1e-6, rtol=0)
 
 
 def test_gradients_reach_the_generator_and_the_rational_coefficients_only():

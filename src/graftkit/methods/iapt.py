@@ -50,8 +50,10 @@ summarises is known at the start of generation:
 
 * ``graft train`` on chat / prompt-response data: the positions before the first target token of
   each row (the labels are ``-100`` on the prompt): the response never feeds its own prompts.
-  The training loop registers the batch (:func:`note_instruction`); the site recognises it by the
-  identity of the ``input_ids`` tensor, so a stale registration never applies to another call;
+  The training loop registers the batch (:func:`note_instruction`), and so does a call of the
+  whole model with token-aligned ``labels`` (``model(input_ids=..., labels=...)``); the site
+  recognises the batch by the identity of the ``input_ids`` tensor, so a stale registration
+  never applies to another call;
 * classification, and any call without a registration: every real token of the input (the
   attention mask) - at generation time that is the prompt, at the prefill;
 * a caller may pin it: ``with instruction(model, k)`` (the first ``k`` columns) or
@@ -211,6 +213,7 @@ class IAPTSite(PrefixSite):
         kv = 2 * geom["heads"] * geom["head_dim"]
         self.hidden = d
         object.__setattr__(self, "_layers", list(layers))
+        object.__setattr__(self, "_root", root if root is not info.module else None)
 
         def linear(out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
             ws, bs = [], []
@@ -281,6 +284,15 @@ class IAPTSite(PrefixSite):
         super().attach()
         for layer in self._layers:
             self.on_input(self._layer, layer)
+        if self._root is not None:
+            self.on_input(self._labels, self._root)
+
+    def _labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # a caller computing the LM loss itself (``model(input_ids=..., labels=...)``) marks its prompt the same way
+        labels, ids = kwargs.get("labels"), kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(labels, torch.Tensor) and isinstance(ids, torch.Tensor) and labels.shape == ids.shape:
+            note_instruction({"input_ids": ids, "labels": labels, "attention_mask": kwargs.get("attention_mask")})
+        return None
 
     def _instruction(self, kwargs: dict, source: torch.Tensor) -> torch.Tensor:
         batch, length = source.shape[0], source.shape[1]
