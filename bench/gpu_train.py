@@ -69,7 +69,7 @@ VOCAB = 49152  # SmolLM2's
 LORA = {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "targets": TARGETS}
 QUANTIZE = {"bits": 4, "quant_type": "nf4", "double_quant": True}  # compute_dtype: the run's precision
 K_FLOPS = {"lora": 4, "qlora": 4, "full": 6}
-TITLES = {"lora": "LoRA r=16 alpha 32, 7 projections, {p}", "full": "full fine-tuning, fp32 weights under {p} autocast",
+TITLES = {"lora": "LoRA r=16 alpha 32, 7 projections, {p}", "full": "full fine-tuning, fp32 weights{autocast}",
           "qlora": "QLoRA: NF4 base (double quant, {p} compute) + LoRA r=16"}
 # targets of issue 13 (tokens/s ratios; memory at most the liger run's)
 TARGETS_RATIO = {"lora": (1.5, 1.2), "full": (1.3, 1.1)}
@@ -653,7 +653,7 @@ def measure(a: argparse.Namespace, cfg: dict, env: dict, sections: list[str], wo
     for method, runs in plan.items():
         table = {label: (got[spec["id"]] if isinstance(spec, dict) else {"skipped": spec[len("skipped: "):]}) for label, spec in runs.items()}
         results["sections"][method] = table
-        title = TITLES[method].format(p=cfg["precision"]) if method in TITLES else ("FSDP2 (graftkit's fully_shard; accelerate launch --use_fsdp --fsdp_version 2)")
+        title = TITLES[method].format(p=cfg["precision"], autocast=" under bf16 autocast" if cfg["precision"] == "bf16" else "") if method in TITLES else ("FSDP2 (graftkit's fully_shard; accelerate launch --use_fsdp --fsdp_version 2)")
         print_section(title, method, table, n_params, rate, cuda)
     if checks:
         print("\n== CLI: graft train, SIGKILL after the first checkpoint, --resume, export ==")
