@@ -53,10 +53,11 @@ def test_smoke_cli_checks_succeed(smoke):
     results, out, _ = smoke
     assert set(results["cli"]) == {"lora", "fsdp2-2-lora"}
     for name, r in results["cli"].items():
-        assert r["train"] == "ok" and r["resume"] == "ok (from step 2 of 6)" and r["export"] == "ok", (name, r)
+        # killed after its step-2 checkpoint (or, on a machine slow to notice, the step-4 one): never started over
+        assert r["train"] == "ok" and r["resume"] in ("ok (from step 2 of 6)", "ok (from step 4 of 6)") and r["export"] == "ok", (name, r)
         assert r["tokens_per_s"] > 0
     assert "--num_processes 2 -m graftkit.cli train" in results["cli"]["fsdp2-2-lora"]["command"]
-    assert "train ok; resume ok (from step 2 of 6); export ok" in out
+    assert out.count("train ok; resume ok (from step ") == 2
 
 
 def test_smoke_skips_what_cpu_cannot_run(smoke):
