@@ -313,6 +313,8 @@ def launch_fsdp(processes: int, tail: list[str], port: int, precision: str) -> l
 def run_workers(specs: list[dict], processes: int | None, env: dict, timeout: int) -> dict[str, dict]:
     """Run ``specs`` in one fresh worker process (or an FSDP2 launch of ``processes``)."""
     tail = [str(Path(__file__).resolve()), "--worker", json.dumps(specs)]
+    if processes is None:  # one GPU: the Trainer would otherwise spread a plain process over every GPU (DataParallel)
+        env = {**env, "CUDA_VISIBLE_DEVICES": (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]}
     cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port(), specs[0]["precision"])
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -571,6 +573,8 @@ def measure(a: argparse.Namespace, cfg: dict, env: dict, sections: list[str], wo
         build_model(work / "cli-model", tok_dir, cli_cfg, device)
         paths["cli_model"] = work / "cli-model"
     rate = matmul_rate(device, cfg["matmul_n"]) if cuda else None  # MFU is for CUDA: a tiny CPU model's step is overhead
+    if cuda:
+        torch.cuda.empty_cache()  # the workers get the whole GPU
     gpus = torch.cuda.device_count() if cuda else 0
     machine = (f"{torch.cuda.get_device_name(0)} x {gpus}" if cuda else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU smoke)")
