@@ -24,7 +24,20 @@ composition (parallel adapter + LoRA r=4 on query/value), and full fine-tuning a
 Learning rates: ``--lr`` (adapters and LoRA, default 2e-3), full fine-tuning 5e-5, LN tuning
 ``--ln-lr`` (default 1e-2); ``--sweep`` also runs each adapter method at ``--lr2``.
 
+Soft prompts and prefixes (issue 14) on the same task and budget: prompt tuning, P-tuning,
+prefix tuning, P-tuning v2 (``--virtual-tokens`` each, default 20) and IAPT (its paper's 4 tokens
+per layer), each at its own learning rate from the papers and peft's guides (``SOFT_LR``; the new
+head trains at that rate too). A method not registered in this build prints "not available in
+this build". For the three methods peft has (prompt tuning, P-tuning, prefix tuning) the same
+invocation also runs real peft (``PeftModelForSequenceClassification``) with the same settings:
+the same examples in the same order, head initialisation, AdamW groups, schedule, clipping,
+recomputed-mask dropout, loss and evaluation (``graft train``'s own functions, in a plain loop),
+and prints graftkit/peft step-time and peak-RSS ratios; where peft fails, its row is
+"skipped: <peft's error>" and carries no number. ``--jobs 2`` runs two workers at a time (a
+method's graftkit and peft runs side by side, under the same load).
+
     python bench/adapters.py                  # 100 steps, batch 8, 128 tokens (2 epochs; 2-4 minutes a method on 2 cores)
+    python bench/adapters.py --threads 1 --jobs 2 --no-overhead --methods prompt_tuning p_tuning prefix_tuning p_tuning_v2 iapt
     python bench/adapters.py --quick          # 10 steps on 40/40 articles, 64 tokens: a check that it runs
 """
 from __future__ import annotations
@@ -38,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from _measure import peak_rss_mb
@@ -55,10 +69,32 @@ METHODS = {
     "mam": {"method": "compose", "methods": [{"method": "parallel_adapter", **BOTTLENECK},
                                              {"method": "lora", "r": 4, "lora_alpha": 8, "targets": ["query", "value"]}]},
     "full": {"method": "full"},
+    # soft prompts and prefixes (num_virtual_tokens from --virtual-tokens, see method_config); prompt
+    # tuning starts from sampled vocabulary embeddings (Lester et al.'s better start than random, and
+    # one peft has: SAMPLE_VOCAB, so both sides start alike)
+    "prompt_tuning": {"method": "prompt_tuning", "init": "vocab"},
+    "p_tuning": {"method": "p_tuning"},  # peft's default MLP prompt encoder, hidden width = d on both sides
+    "prefix_tuning": {"method": "prefix_tuning"},  # no MLP, as peft's default
+    "p_tuning_v2": {"method": "p_tuning_v2", "preset": "simple"},  # the paper's classification options: dropout 0.1 on the prefix
+    "iapt": {"method": "iapt", "num_virtual_tokens": 4, "bottleneck": 16},  # the paper's 4 tokens per layer (not --virtual-tokens)
 }
+#: the soft-prompt rows (their own learning rates, and the peft comparison where peft has the method)
+SOFT = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "iapt")
+#: peft 0.21's config class and options for the same method (PeftModelForSequenceClassification)
+PEFT = {"prompt_tuning": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
+        "p_tuning": ("PromptEncoderConfig", {"encoder_reparameterization_type": "MLP"}),
+        "prefix_tuning": ("PrefixTuningConfig", {"prefix_projection": False})}
+
+
+def method_config(m: str, a) -> dict:
+    """The recipe's ``method:`` for ``m``; a soft-prompt method gets ``--virtual-tokens`` (peft the same number)."""
+    return {**METHODS[m], "num_virtual_tokens": a.virtual_tokens} if m in SOFT and m != "iapt" else METHODS[m]
 LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (q/k/v/dense)", "houlsby": "Houlsby (rf 16)", "pfeiffer": "Pfeiffer (rf 16)",
           "parallel_adapter": "parallel adapter (rf 16, s=4)", "compacter": "Compacter (rf 16, n=4)",
-          "compacter_pp": "Compacter++ (rf 16, n=4)", "ln_tuning": "LN tuning", "mam": "MAM: parallel adapter + LoRA r=4 (q/v)"}
+          "compacter_pp": "Compacter++ (rf 16, n=4)", "ln_tuning": "LN tuning", "mam": "MAM: parallel adapter + LoRA r=4 (q/v)",
+          "prompt_tuning": "prompt tuning (vocab init)", "p_tuning": "P-tuning (MLP encoder)",
+          "prefix_tuning": "prefix tuning (no MLP)", "p_tuning_v2": "P-tuning v2 (prefix dropout 0.1)",
+          "iapt": "IAPT (4 tokens per layer, bottleneck 16)"}
 
 
 def cpu_name() -> str:
@@ -109,6 +145,87 @@ def train_worker(spec: dict) -> dict:
             "step_s": statistics.median(times[1:] or times), "peak_rss_mb": peak_rss_mb(), "seconds": summary["seconds"]}
 
 
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def peft_worker(spec: dict) -> dict:
+    """The same run with real peft's method instead of graftkit's: the same examples, order,
+    padding, head initialisation, AdamW groups, schedule, clipping, dropout kernel, loss and
+    evaluation as ``graft train`` (its own functions), in a plain loop around peft's model."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import peft
+    from rich.console import Console
+
+    import graftkit as gk
+    from graftkit.train import parse_recipe
+    from graftkit.train.data import Order, collate, prepare
+    from graftkit.train.dropout import use_fast_dropout
+    from graftkit.train.loop import _adamw, _schedule, param_groups
+
+    Console(stderr=True).print(f"peft {peft.__version__}: {spec['peft'][0]}({spec['peft'][1]})")
+    r = parse_recipe(spec["recipe"])
+    o = r.optim
+    tok = gk.load_tokenizer(r.model)
+    torch.manual_seed(o.seed)  # graft train's order: seed, load the model with its new head, then the method
+    data = prepare(r, tok, None)  # data.max_length (128) is within MiniLM's 512 positions, prompt included
+    torch.manual_seed(o.seed)
+    labels = data.labels
+    model = gk.load_model(r.model, head="classification", num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={l: i for i, l in enumerate(labels)})
+    cls, options = spec["peft"]
+    try:
+        model = peft.get_peft_model(model, getattr(peft, cls)(task_type="SEQ_CLS", **options))
+    except Exception as exc:  # peft's own failure is the result: reported, never replaced by a number
+        return {"skipped": one_line(exc)}
+    use_fast_dropout(model)  # graft train's CPU dropout on both sides: the methods differ, not the dropout kernel
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = _adamw(param_groups(r, model, named), o)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(r, o.max_steps))
+    order = Order(len(data.train), o.batch_size, 1, 0, o.seed)
+    torch.manual_seed(o.seed)  # the dropout stream, as graft train reseeds before its first step
+    pad = tok.pad_token_id
+    times, losses = [], []
+    t_run = time.perf_counter()
+    for step in range(o.max_steps):
+        t = time.perf_counter()
+        model.train()
+        batch = collate([data.train[i] for i in order.micro_batch(step)], pad)
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        except Exception as exc:
+            if step:
+                raise
+            return {"skipped": one_line(exc)}
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        loss.backward()
+        value = float(loss)
+        if o.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], o.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(value)
+    seconds = time.perf_counter() - t_run
+    model.eval()
+    loss_sum = correct = n = 0
+    with torch.no_grad():
+        for i in range(0, len(data.validation), r.eval.batch_size):
+            batch = collate(data.validation[i:i + r.eval.batch_size], pad)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            n += len(batch["labels"])
+    total = sum(p.numel() for p in gk.load_model(r.model).parameters())
+    return {"trainable": sum(p.numel() for _, p in named), "base_params": total, "accuracy": correct / max(n, 1),
+            "val_loss": loss_sum / max(n, 1), "first_loss": losses[0], "final_loss": losses[-1],
+            "step_s": statistics.median(times[1:] or times), "peak_rss_mb": peak_rss_mb(), "seconds": round(seconds, 2)}
+
+
 def overhead_worker(spec: dict) -> dict:
     """Median forward time of the bare model and of the model with each unmerged adapter."""
     import torch
@@ -152,6 +269,28 @@ def run_worker(kind: str, spec: dict) -> dict:
     return json.loads(line[-1][len("RESULT "):])
 
 
+#: the soft prompts' learning rates (AdamW, both sides; the new head trains at the same rate), from
+#: the papers and peft's guides, not tuned here: prompt tuning 3e-2 (Lester et al. train prompts at
+#: 0.3 with Adafactor; peft's prompt-tuning guide uses 3e-2 with AdamW), P-tuning 1e-3 (peft's
+#: P-tuning sequence-classification guide), prefix tuning and P-tuning v2 1e-2 (peft's prefix-tuning
+#: guide; P-tuning v2's scripts use 5e-3 to 1e-2 on BERT-size encoders), IAPT 2e-3 (the adapters'
+#: rate: its generator is a bottleneck network; the paper's rate is not in the text available here)
+SOFT_LR = {"prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2, "p_tuning_v2": 1e-2, "iapt": 2e-3}
+PEFT_HEADER = ("| method | graftkit: held-out acc. / step (s) / peak RSS (MB) | peft: trainable / held-out acc. / step (s) / peak RSS (MB) "
+               "| step time graftkit/peft | peak RSS graftkit/peft |\n|---|---|---|---|---|")
+
+
+def peft_row(m: str, g: dict, q: dict) -> str:
+    """One method side by side; a peft failure prints as peft's one-line error, with no numbers."""
+    gk = "failed" if "error" in g else f"{g['accuracy']:.3f} / {g['step_s']:.3f} / {g['peak_rss_mb']:.0f}"
+    if "skipped" in q or "error" in q:
+        return f"| {LABELS[m]} | {gk} | skipped: {q.get('skipped') or q['error']} | | |"
+    pq = f"{q['trainable']:,} / {q['accuracy']:.3f} / {q['step_s']:.3f} / {q['peak_rss_mb']:.0f}"
+    if "error" in g:
+        return f"| {LABELS[m]} | {gk} | {pq} | | |"
+    return f"| {LABELS[m]} | {gk} | {pq} | {g['step_s'] / q['step_s']:.2f} | {g['peak_rss_mb'] / q['peak_rss_mb']:.2f} |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
@@ -165,6 +304,11 @@ def main() -> None:
     p.add_argument("--ln-lr", type=float, default=1e-2, help="learning rate of LN tuning")
     p.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full fine-tuning")
     p.add_argument("--sweep", action="store_true", help="also run every adapter method at --lr2 and keep the better held-out accuracy")
+    p.add_argument("--virtual-tokens", type=int, default=20, help="num_virtual_tokens of every soft-prompt method (graftkit and peft)")
+    for m in SOFT:
+        p.add_argument(f"--{m.replace('_', '-')}-lr", type=float, default=SOFT_LR[m], help=f"learning rate of {m} (peft too)")
+    p.add_argument("--jobs", type=int, default=1, help="workers run at a time (each with --threads torch threads)")
+    p.add_argument("--no-peft", action="store_true", help="skip the peft side of prompt tuning, P-tuning and prefix tuning")
     p.add_argument("--reps", type=int, default=7, help="timed forwards per overhead measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved bare/adapted rounds of the overhead measurement")
     p.add_argument("--no-overhead", action="store_true")
@@ -174,7 +318,7 @@ def main() -> None:
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        fn = train_worker if a.worker[0] == "train" else overhead_worker
+        fn = {"train": train_worker, "peft": peft_worker, "overhead": overhead_worker}[a.worker[0]]
         print("RESULT " + json.dumps(fn(json.loads(a.worker[1]))), flush=True)
         return
     if a.quick:
@@ -190,42 +334,76 @@ def main() -> None:
           f"transformers {transformers.__version__}; load average before: {os.getloadavg()[0]:.1f}")
     print(f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}")
     print(f"budget per method: {a.steps} steps x batch {a.batch} x {a.max_len} tokens; BBC News {a.train} train / {a.heldout} held out; "
-          f"lr {a.lr:g} (LN tuning {a.ln_lr:g}, full {a.full_lr:g}){f', sweep also {a.lr2:g}' if a.sweep else ''}\n", flush=True)
+          f"lr {a.lr:g} (LN tuning {a.ln_lr:g}, full {a.full_lr:g}){f', sweep also {a.lr2:g}' if a.sweep else ''}", flush=True)
+    if any(m in SOFT for m in a.methods):
+        print(f"soft prompts: num_virtual_tokens {a.virtual_tokens} (IAPT: {METHODS['iapt']}, the paper's 4 per layer); lr "
+              + ", ".join(f"{m} {getattr(a, m + '_lr'):g}" for m in SOFT) + "; the head trains at the method's lr; seed 0; "
+              f"fp32; graft train's recomputed-mask CPU dropout on both sides; "
+              f"{a.threads} torch thread(s); peft: {'off' if a.no_peft else 'the same settings, options ' + json.dumps(PEFT)}; "
+              "BERT's pooler reads [CLS] in graftkit (pool: real, its default) and the first virtual token in peft", flush=True)
+    print(flush=True)
     folder = Path(tempfile.mkdtemp())
     train_path, held_path = write_data(folder, a.train, a.heldout)
     need = lambda m: METHODS[m]["method"] if METHODS[m]["method"] != "compose" else "compose"  # noqa: E731
     missing = [m for m in a.methods if need(m) not in REGISTERED]
+    peft_rows: dict[str, dict] = {}
     rows = {}
     header = ("| method | trainable params | % of base | held-out accuracy | lr | step time (s) | peak RSS (MB) |\n"
               "|---|---|---|---|---|---|---|")
 
-    def row(m: str, r: dict) -> str:
-        if "error" in r:
-            return f"| {LABELS[m]} | failed ({r['error']}) | | | | | |"
-        return (f"| {LABELS[m]} | {r['trainable']:,} | {100 * r['trainable'] / r['base_params']:.3f}% | {r['accuracy']:.3f} | {r['lr']:g} | "
+    def row(m: str, r: dict, side: str = "") -> str:
+        if "error" in r or "skipped" in r:
+            return f"| {side}{LABELS[m]} | {'failed (' + r['error'] + ')' if 'error' in r else 'skipped: ' + r['skipped']} | | | | | |"
+        return (f"| {side}{LABELS[m]} | {r['trainable']:,} | {100 * r['trainable'] / r['base_params']:.3f}% | {r['accuracy']:.3f} | {r['lr']:g} | "
                 f"{r['step_s']:.3f} | {r['peak_rss_mb']:.0f} |")
 
     print(header, flush=True)
+    jobs = []  # (method, lr or "peft", worker kind, spec), in the order they start
     for m in [m for m in a.methods if m not in missing]:
-        lr = a.full_lr if m == "full" else a.ln_lr if m == "ln_tuning" else a.lr
-        lrs = [lr] + ([a.lr2] if a.sweep and m not in ("full", "ln_tuning") else [])
-        best = None
-        for lr_ in lrs:
-            print(f"== {LABELS[m]}, lr {lr_:g}", file=sys.stderr, flush=True)
-            spec = {"recipe": recipe(METHODS[m], lr_, a, train_path, held_path, folder / f"{m}-{lr_:g}"), "progress": True,
-                    "threads": a.threads}
-            res = {**run_worker("train", spec), "lr": lr_}
-            if "error" not in res and (best is None or "error" in best or (res["accuracy"] or 0) > (best["accuracy"] or 0)):
-                best = res
-            best = best or res
-        rows[m] = best
-        print(row(m, best), flush=True)  # as each method ends: a long run stopped early keeps its rows
+        lr = {"full": a.full_lr, "ln_tuning": a.ln_lr, **{k: getattr(a, k + "_lr") for k in SOFT}}.get(m, a.lr)
+        for lr_ in [lr] + ([a.lr2] if a.sweep and m not in ("full", "ln_tuning", *SOFT) else []):
+            jobs.append((m, lr_, "train", {"recipe": recipe(method_config(m, a), lr_, a, train_path, held_path, folder / f"{m}-{lr_:g}"),
+                                           "progress": a.jobs == 1, "threads": a.threads}))
+        if m in PEFT and not a.no_peft:  # the same recipe (lr, steps, batch, seed, threads, tokens) through peft
+            cls, options = PEFT[m]
+            jobs.append((m, "peft", "peft", {"recipe": recipe(method_config(m, a), lr, a, train_path, held_path, folder / f"{m}-peft"),
+                                             "threads": a.threads, "peft": [cls, {**options, "num_virtual_tokens": a.virtual_tokens}]}))
+    results: dict[tuple, dict] = {}
+
+    def start(job: tuple) -> dict:
+        m, lr_, kind, spec = job
+        print(f"== {'peft ' if kind == 'peft' else ''}{LABELS[m]}, lr {spec['recipe']['optim']['lr']:g}", file=sys.stderr, flush=True)
+        return {**run_worker(kind, spec), "lr": spec["recipe"]["optim"]["lr"]}
+
+    # --jobs 2: two workers at a time (each with --threads), so a method's graftkit and peft runs share the machine alike
+    with ThreadPoolExecutor(a.jobs) as pool:
+        running = {pool.submit(start, job): job for job in jobs}
+        for done in as_completed(running):
+            m, lr_, kind, _ = running[done]
+            results[(m, lr_)] = done.result()
+            # as each run ends: a long run stopped early keeps its rows
+            print(row(m, results[(m, lr_)], "" if kind == "train" else "peft: "), flush=True)
+    for m, lr_, kind, _ in jobs:
+        res = results[(m, lr_)]
+        if kind == "peft":
+            peft_rows[m] = res
+            continue
+        best = rows.get(m)  # --sweep: the better held-out accuracy of the two rates
+        if best is None or ("error" in best and "error" not in res) or (
+                "error" not in res and (res["accuracy"] or 0) > (best["accuracy"] or 0)):
+            rows[m] = res
     print("\n" + header)
     for m, r in rows.items():
         print(row(m, r))
     for m in missing:
-        print(f"| {LABELS[m]} | not registered | | | | | |")
-    result = {"rows": rows, "missing": missing}
+        print(f"| {LABELS[m]} | {'not available in this build' if m in SOFT else 'not registered'} | | | | | |")
+    if peft_rows:
+        from importlib.metadata import version
+
+        print(f"\ngraftkit vs peft {version('peft')}, same settings:\n{PEFT_HEADER}")
+        for m, r in peft_rows.items():
+            print(peft_row(m, rows[m], r))
+    result = {"rows": rows, "missing": missing, "peft": peft_rows}
     if not a.no_overhead:
         names = [n for n in ("pfeiffer", "houlsby", "parallel_adapter") if n in REGISTERED]
         print(f"\nforward overhead of unmerged adapters (batch {a.batch} x {a.max_len}, median of {a.reps} forwards, {a.rounds} rounds):",
