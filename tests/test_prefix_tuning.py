@@ -306,6 +306,12 @@ def test_weight_merge_refused_and_soup_averages(tmp_path):
     torch.testing.assert_close(got.tensors["model.prefix"], (a + b) / 2, atol=1e-7, rtol=0)
     ids, mask = padded_batch()
     assert out(gk.load_adapter(tiny_llama(), soup), ids, mask).isfinite().all()
+    # a merge that trims or elects signs of weight deltas is refused for them
+    with pytest.raises(GraftError) as exc:
+        gk.merge({"merge_method": "ties", "base_model": str(paths[0]), "parameters": {"density": 0.5},
+                  "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}, tmp_path / "ties")
+    one_line(exc.value, "ties cannot merge prefix_tuning adapters", "adapter soup")
+    assert not (tmp_path / "ties").exists()
 
 
 # -- bad input ------------------------------------------------------------------------------------
