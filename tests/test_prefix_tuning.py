@@ -246,6 +246,15 @@ def test_graft_eval_generation_wrapper(assets):  # noqa: F811
     assert ours == recomputed and ours != base
 
 
+def test_static_cache_is_refused():
+    model = gk.inject(tiny_llama(), {"method": "prefix_tuning", "num_virtual_tokens": N})
+    ids, mask = padded_batch()
+    with pytest.raises(UnsupportedError) as exc, torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    one_line(exc.value, "StaticCache cannot carry the prefix", "cache_implementation")
+
+
 def test_manual_incremental_decoding_extends_the_mask_only():
     model = gk.inject(tiny_gpt2(), {"method": "prefix_tuning", "num_virtual_tokens": N})
     ids, mask = padded_batch()
@@ -341,6 +350,17 @@ def test_prefix_plus_input_past_the_positions_is_refused(arch):
     with pytest.raises(ConfigError) as exc:
         out(model, tiny_inputs(length=55))
     one_line(exc.value, "10 virtual tokens + 55 input tokens = 65 positions", "has 64")
+
+
+def test_prefix_past_a_sliding_window_is_refused():
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)
+    model = gk.inject(transformers.MistralForCausalLM(cfg).eval(), {"method": "prefix_tuning", "num_virtual_tokens": N})
+    assert out(model, tiny_inputs(length=5)).isfinite().all()  # 3 + 5 = 8: the whole window
+    with pytest.raises(UnsupportedError) as exc:
+        out(model, tiny_inputs(length=6))
+    one_line(exc.value, "9 positions with the prefix exceed MistralForCausalLM's sliding window of 8")
 
 
 def test_peft_folder_of_another_geometry_is_refused(tmp_path):

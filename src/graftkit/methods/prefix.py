@@ -147,8 +147,29 @@ def max_positions(root: nn.Module) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def sliding_window(root: nn.Module) -> int | None:
+    """The attention window of a model with sliding-window layers (their cache keeps only the last
+    ``window`` positions, so a prefix would fall out of it), else None."""
+    cfg = getattr(root, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not isinstance(window, int) or window <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return window
+
+
 def describe(g: dict[str, int]) -> str:
     return f"{g['num_layers']} layers of {g['heads']} key/value heads x {g['head_dim']}"
+
+
+def _dynamic_cache() -> type:
+    from transformers import DynamicCache
+
+    return DynamicCache
 
 
 # -- the site -------------------------------------------------------------------------------------
@@ -167,6 +188,7 @@ class PrefixSite(ModuleSite):
         self.model_class = type(root).__name__
         self.cache_arg = cache_argument(info.module)
         self.limit = max_positions(root)
+        self.window = sliding_window(root)
         self.arg_names = [n for n, p in inspect.signature(info.module.forward).parameters.items()
                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         object.__setattr__(self, "_model_config", getattr(root, "config", None))
@@ -268,6 +290,9 @@ class PrefixSite(ModuleSite):
         if cache is not None and not hasattr(cache, "get_seq_length"):
             raise UnsupportedError(f"{self.method}: a key/value cache given as {type(cache).__name__} (a legacy tuple "
                                    "cache) cannot carry the prefix; pass a transformers Cache (e.g. DynamicCache) or none")
+        if cache is not None and not isinstance(cache, _dynamic_cache()):
+            raise UnsupportedError(f"{self.method}: a {type(cache).__name__} cannot carry the prefix (a fixed-size cache comes with "
+                                   "a prepared 4-D mask); generate with the default dynamic cache (drop cache_implementation)")
         past = cache.get_seq_length() if cache is not None else 0
         fill = past == 0
         total = (self.n if fill else past) + length
@@ -275,6 +300,9 @@ class PrefixSite(ModuleSite):
             raise ConfigError(f"{self.method}: {self.n} virtual tokens + {total - self.n} input tokens = {total} positions, but "
                               f"{self.model_class} has {self.limit} (max_position_embeddings); shorten the input (data.max_length) "
                               "or use fewer num_virtual_tokens")
+        if self.window is not None and total > self.window:
+            raise UnsupportedError(f"{self.method}: {total} positions with the prefix exceed {self.model_class}'s sliding "
+                                   f"window of {self.window}, whose cache would drop the prefix; shorten the input")
         positions = kwargs.get("position_ids")
         mask = kwargs.get("attention_mask")
         if positions is not None and mask is None and positions.dim() == 2 and positions.shape[-1] > 1 \
