@@ -290,3 +290,22 @@ def test_minilm_classification(tmp_path):
     s = train(parse_recipe(r), progress=False)
     assert s["val_loss"] < s["start_val_loss"] - 0.05, s
     assert s["val_accuracy"] > 0.2, s  # 5 topics, 2 articles each: the majority class is 20%
+
+
+def test_deepcopy_is_independent_and_unload_restores_the_base():
+    import copy
+
+    base = tiny_llama()
+    ids = tiny_inputs(length=6)
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    model = gk.inject(base, {"method": "iapt", "num_virtual_tokens": N})
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        gk.sites(twin)["model"].up_b.add_(1.0)  # the copy's generators and hooks are its own
+        assert not torch.allclose(twin(input_ids=ids).logits, ours)
+        torch.testing.assert_close(model(input_ids=ids).logits, ours, atol=0, rtol=0)
+        gk.unload(model, merge=False)
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
+    assert all(not layer._forward_pre_hooks for layer in model.model.layers)
