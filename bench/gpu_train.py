@@ -316,11 +316,14 @@ def run_workers(specs: list[dict], processes: int | None, env: dict, timeout: in
     if processes is None:  # one GPU: the Trainer would otherwise spread a plain process over every GPU (DataParallel)
         env = {**env, "CUDA_VISIBLE_DEVICES": (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]}
     cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port(), specs[0]["precision"])
+    t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
-        out, err, rc = (exc.stdout or b"").decode(errors="replace"), f"timed out after {timeout} s", "timeout"
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        err, rc = f"timed out after {timeout} s", "timeout"
+    seconds = round(time.perf_counter() - t0, 1)  # the whole process or launch (start-up, loading, every run in it)
     got = {}
     for line in out.splitlines():
         if line.startswith("RESULT "):
@@ -330,6 +333,7 @@ def run_workers(specs: list[dict], processes: int | None, env: dict, timeout: in
         if s["id"] not in got:
             last = [ln for ln in (err or "").splitlines() if ln.strip()][-1:] or [f"exit status {rc}"]
             got[s["id"]] = {"error": f"worker failed (exit status {rc}): {last[0][:300]}"}
+        got[s["id"]]["process_seconds"] = seconds
     return got
 
 
@@ -393,6 +397,7 @@ def cli_check(name: str, method: str, processes: int | None, a: argparse.Namespa
     path.write_text(yaml.safe_dump(r))
     tail = ["-m", "graftkit.cli", "train", str(path), "--no-progress"]
     cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port(), cfg["precision"])
+    started = time.perf_counter()
     res = {"command": " ".join(["python", *tail] if processes is None else ["accelerate launch --use_fsdp --fsdp_version 2",
                                                                             f"--num_processes {processes}", *tail])}
     first = out / "checkpoints" / "step-000002"
@@ -429,6 +434,7 @@ def cli_check(name: str, method: str, processes: int | None, a: argparse.Namespa
         res["resume"] = f"ok (from step {summary['resumed_from']} of {steps})"
     res["export"] = check_exports(out, method)
     res["tokens_per_s"] = summary.get("tokens_per_s")
+    res["seconds"] = round(time.perf_counter() - started, 1)
     return res
 
 
@@ -555,6 +561,7 @@ def main() -> None:
 def measure(a: argparse.Namespace, cfg: dict, env: dict, sections: list[str], work: Path, cuda: bool, device: str) -> None:
     import torch
 
+    begun = time.perf_counter()
     tok_dir = Path(a.tokenizer) if a.tokenizer else Path(a.assets) / "tokenizer" if a.assets else save_tokenizer(work / "tokenizer")
     if a.data:
         data = Path(a.data)
@@ -671,9 +678,19 @@ def measure(a: argparse.Namespace, cfg: dict, env: dict, sections: list[str], wo
             print(f"  {name:16} train {res['train']}; resume {res['resume']}; export {res['export']}"
                   + (f"; {res['tokens_per_s']:,} tokens/s (resumed part)" if res.get("tokens_per_s") else ""))
             print(f"  {'':16} {res['command']}")
+    results["seconds"] = round(time.perf_counter() - begun, 1)
+    print(f"\ntook {results['seconds']:.0f} s (per process or launch: process_seconds / seconds in the JSON)")
+    failed = [f"{m}/{label}" for m, t in results["sections"].items() for label, r in t.items() if "error" in r]
+    failed += [f"cli/{name}" for name, r in results["cli"].items()
+               if "skipped" not in r and not all(str(r[k]).startswith("ok") for k in ("train", "resume", "export"))]
+    results["failed"] = failed
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     print("\nRESULTS " + json.dumps(results))
+    if failed:
+        sys.exit(1)
 
 
 def _dist_version(dist: str) -> str | None:
@@ -724,9 +741,10 @@ def print_section(title: str, method: str, table: dict, n_params: int, rate: flo
                 elif target:
                     verdict = f"  (target on CUDA >= {target}x; not judged on CPU)"
                 print(f"  {name}: tokens/s {ratio:.2f}x, memory {mem:.2f}x{verdict}")
+            elif "error" in g or "error" in o:
+                print(f"  {name}: not measured: {'graftkit' if 'error' in g else other} FAILED (above)")
             else:
-                why = g.get("skipped") or g.get("error") or o.get("skipped") or o.get("error") or "not measured"
-                print(f"  {name}: skipped: {why}")
+                print(f"  {name}: skipped: {g.get('skipped') or o.get('skipped')}")
     else:
         print("  tokens/s counts every process" + ("; MFU = 4 x N (LoRA) or 6 x N (full) x tokens/s / measured bf16 matmul rate" if cuda else ""))
 

@@ -23,8 +23,10 @@ def smoke(tmp_path_factory):
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run([sys.executable, str(BENCH / "gpu_train.py"), "--smoke", "--json", str(tmp / "r.json")],
                          env=env, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads((tmp / "r.json").read_text()), res.stdout, tmp
+    assert (tmp / "r.json").exists(), res.stderr[-3000:]
+    results = json.loads((tmp / "r.json").read_text())
+    assert res.returncode == (1 if results["failed"] else 0), res.stderr[-3000:]  # a failed run or check is exit status 1
+    return results, res.stdout, tmp
 
 
 def test_smoke_every_section_measures(smoke):
@@ -45,6 +47,7 @@ def test_smoke_every_section_measures(smoke):
     fsdp = results["sections"]["fsdp"]
     assert fsdp["graftkit FSDP2 lora, 2 CPU processes"]["processes"] == 2 and fsdp["graftkit FSDP2 lora, 2 CPU processes"]["sharded"]
     assert fsdp["graftkit FSDP2 full, 1 process"]["sharded"]
+    assert results["failed"] == []
     ratios = results["sections"]["lora"]["graftkit"]["ratios"]["peft + Trainer"]
     assert ratios["tokens_per_s"] > 0 and ratios["memory"] > 0
 
