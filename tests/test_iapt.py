@@ -205,6 +205,19 @@ def test_cli_train_past_the_positions_exits_2(assets, tmp_path, capsys):  # noqa
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_cli_train_on_a_model_without_a_cache_exits_2(assets, tmp_path, capsys):  # noqa: F811
+    tok = gk.load_tokenizer(assets / "bert")
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    transformers.DistilBertModel(cfg).save_pretrained(tmp_path / "distil")
+    tok.save_pretrained(tmp_path / "distil")
+    recipe = cls_recipe(assets, tmp_path / "run", model=str(tmp_path / "distil"), method={"method": "iapt"})
+    capsys.readouterr()  # the model's save progress bar
+    code, _, err = run_cli(capsys, _recipe_file(tmp_path / "r.yaml", recipe))
+    assert_one_line_error(code, err, "iapt", "takes no key/value cache")
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 # -- graft train -----------------------------------------------------------------------------------------
 
 def test_train_chat_sft_then_generate(assets, tmp_path):  # noqa: F811
