@@ -174,6 +174,24 @@ def test_other_architectures_run_and_differ_from_the_base(build):
     assert got.shape == base.shape and not torch.allclose(got, base)
 
 
+def test_llama_classification_ignores_padding_and_pools_the_last_real_token():
+    """A right-padded row scores as the same row alone: the generators pool the real tokens only
+    (padding is no instruction) and the head reads the last real token."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0)
+    model = gk.inject(transformers.LlamaForSequenceClassification(cfg).eval(), {"method": "iapt", "num_virtual_tokens": N})
+    ids = tiny_inputs(seed=6, batch=1, length=5).clamp(min=1)
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = (padded != 0).long()
+    with torch.no_grad():
+        alone = model(input_ids=ids).logits
+        got = model(input_ids=padded, attention_mask=mask).logits
+        unmasked = model(input_ids=padded, attention_mask=torch.ones_like(padded)).logits
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(unmasked, alone, atol=1e-5), "padding pooled as instruction went unnoticed"
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 
 def test_prompts_plus_input_past_the_positions_is_refused():
