@@ -107,3 +107,31 @@ def test_compile_option_compiles_each_block(assets, tmp_path):
     plain = Run(parse_recipe(chat_recipe(assets, tmp_path / "plain", method=LORA)), progress=False)
     plain.setup()
     assert not hasattr(plain.model.model.layers[0].forward, "_torchdynamo_orig_callable")
+
+
+@pytest.mark.parametrize("frozen_head, balanced", [(True, False), (False, False), (False, True)])
+def test_target_index_gives_the_boolean_masks_rows_bit_for_bit(frozen_head, balanced):
+    """The step selects the target rows by an index computed on the CPU batch (no wait for the
+    device, which a boolean mask costs on a GPU); loss, count and gradients equal the mask's."""
+    from graftkit.train.data import IGNORE, collate
+    from graftkit.train.loop import WithLoss, target_index
+
+    model = tiny_llama().float()
+    model.lm_head.weight.requires_grad_(not frozen_head)
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n, p in ((9, 3), (5, 1), (12, 0), (7, 6)):
+        ids = torch.randint(1, 96, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE] * p + ids[p:], "task": n % 2})
+    batch = collate(examples, 0)
+    module = WithLoss(model, "causal-lm", balanced).train()
+    results = []
+    for b in (batch, {**batch, "target_index": target_index(batch["labels"])}):
+        model.zero_grad(set_to_none=True)
+        loss, n, _ = module(b)
+        loss.backward()
+        results.append((loss.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (l1, n1, g1), (l2, n2, g2) = results
+    assert n1 == n2 == sum(sum(t != IGNORE for t in e["labels"][1:]) for e in examples)
+    assert torch.equal(l1, l2) and g1.keys() == g2.keys()
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)

@@ -103,48 +103,81 @@ class WithLoss(nn.Module):
             return loss, torch.tensor(len(ce), device=ce.device), correct
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
+        at = _TargetRows(batch, keep)
         head = self.model.get_output_embeddings() if self.sparse_head else None
         frozen_head = head is not None and not any(p.requires_grad for p in head.parameters())
         inputs = _model_inputs(batch)
         logits = None
         if self.sparse_head:
-            hidden = self.model.base_model(**inputs).last_hidden_state
-            hidden = hidden[:, :-1][keep]
+            hidden = at(self.model.base_model(**inputs).last_hidden_state)
         summed = None  # liger's summed loss: the plain mean needs no per-row losses (whose backward liger recomputes)
         if self.training and self.sparse_head and self.kernels == "liger" and torch.is_grad_enabled():
             from .kernels import fused_linear_cross_entropy
 
             if self.balanced and task is not None:
-                tok, correct = fused_linear_cross_entropy(hidden, head, targets[keep], "none"), None
+                tok, correct = fused_linear_cross_entropy(hidden, head, at.targets, "none"), None
             else:
-                summed, correct = fused_linear_cross_entropy(hidden, head, targets[keep], "sum"), None
+                summed, correct = fused_linear_cross_entropy(hidden, head, at.targets, "sum"), None
         elif self.training and frozen_head and torch.is_grad_enabled():
             # the accuracy is only reported by evaluate(); training needs the loss and its gradient,
             # which a chunked pass gives without the full logits (see linear_ce)
             from .linear_ce import frozen_linear_cross_entropy
 
-            tok, correct = frozen_linear_cross_entropy(hidden, head, targets[keep]), None
+            tok, correct = frozen_linear_cross_entropy(hidden, head, at.targets), None
         else:
             if self.sparse_head:
                 logits = head(hidden).float()
             else:
-                logits = self.model(**inputs).logits[:, :-1][keep].float()
-            tok = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
-            correct = (logits.argmax(-1) == targets[keep]).sum() if not self.training else None
+                logits = at(self.model(**inputs).logits).float()
+            tok = nn.functional.cross_entropy(logits, at.targets, reduction="none")
+            correct = (logits.argmax(-1) == at.targets).sum() if not self.training else None
         n = keep.sum()
         if summed is not None:
             loss = summed / n.clamp(min=1)
         elif self.balanced and task is not None:
             from .multitask import balanced_loss
 
-            full = torch.zeros(keep.shape, dtype=tok.dtype, device=tok.device)
-            full[keep] = tok
+            full = at.scatter(tok)
             loss, _ = balanced_loss(full, keep, task)
         else:
             loss = tok.sum() / n.clamp(min=1)
         if teacher is not None:  # the student's logits at the same target positions as the teacher's
             loss = loss + self.distill.term(logits if logits is not None else head(hidden).float(), teacher)
         return loss, n, correct
+
+
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions ``b * length + t`` of the tokens that have a target (``labels[b, t + 1]``
+    is not IGNORE), computed on the CPU copy of a batch. On a GPU, selecting rows with a boolean
+    mask waits for the device to learn how many there are; by this index it does not."""
+    b, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return b * labels.shape[1] + t
+
+
+class _TargetRows:
+    """The rows of a ``(batch, length, ...)`` output at the target positions, in the order of
+    ``keep``'s nonzeros: through ``batch["target_index"]`` (no wait for the device) when the
+    step computed it, else through the boolean mask."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], keep: torch.Tensor):
+        self.keep, self.index = keep, batch.get("target_index")
+        labels = batch["labels"]
+        self.targets = labels[:, 1:][keep] if self.index is None else labels.reshape(-1)[self.index + 1]
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return t[:, :-1][self.keep]
+        return t.reshape(-1, *t.shape[2:]).index_select(0, self.index)
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row values back into a zero ``keep``-shaped tensor."""
+        full = torch.zeros(self.keep.shape, dtype=rows.dtype, device=rows.device)
+        if self.index is None:
+            full[self.keep] = rows
+        else:
+            length = self.keep.shape[1] + 1
+            full.view(-1)[self.index - self.index // length] = rows  # b * length + t -> b * (length - 1) + t
+        return full
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -635,6 +668,8 @@ class Run:
         for k in range(o.grad_accum):
             host = self.host_batch(step * o.grad_accum + k)
             tokens += int(host["attention_mask"].sum())  # counted on the CPU: no wait for the device
+            if self.recipe.task == "causal-lm":
+                host["target_index"] = target_index(host["labels"])
             batch = self.to_device(host)
             if k == o.grad_accum - 1:
                 sync = contextlib.nullcontext()
