@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import graftkit as gk
-from conftest import logits, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
+from conftest import tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
 from graftkit.adapter import get_state
 from graftkit.errors import AdapterError, ConfigError, GraftError, UnsupportedError
 from test_train import assets, chat_recipe, cls_recipe, losses, run_cli, _recipe_file, assert_one_line_error  # noqa: F401

@@ -42,10 +42,12 @@ saved adapter holds the prefix the MLP produces (what peft saves too), and loadi
 folded site that trains the prefix directly.
 
 Refusals (one line each): a model whose base module takes no cache (DistilBERT, for example),
-the prefix plus the input past the model's position table, packed batches (position ids that
-restart within a row: the per-example attention blocks cannot hold a shared prefix), gradient
-checkpointing (transformers drops the cache in a checkpointed layer, and the prefix with it),
-and a saved prefix whose layer count or head sizes differ from the model's.
+the prefix plus the input past the model's position table or past a sliding attention window
+(that cache keeps the last ``window`` positions only), a fixed-size (static) cache, packed
+batches (position ids that restart within a row: the per-example attention blocks cannot hold a
+shared prefix), gradient checkpointing (transformers drops the cache in a checkpointed layer,
+and the prefix with it), and a saved prefix whose layer count or head sizes differ from the
+model's.
 """
 from __future__ import annotations
 
