@@ -19,6 +19,7 @@ from graftkit.adapter import count_parameters, sites
 from graftkit.errors import AdapterError, ConfigError
 from graftkit.io.native import read_native
 from graftkit.methods import method_named
+from graftkit.methods.activation import article
 from graftkit.methods.compacter import CompacterSite, phm_weight
 from graftkit.train.params import t5_base_share
 
@@ -302,7 +303,7 @@ def test_weight_only_operations_refused(method):
         with pytest.raises(AdapterError) as ei:
             op(model)
         msg = str(ei.value)
-        assert "\n" not in msg and what in msg and f"a {method} adapter has none" in msg
+        assert "\n" not in msg and what in msg and f"{article(method)} {method} adapter has none" in msg
 
 
 def test_learns():

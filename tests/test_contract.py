@@ -39,6 +39,7 @@ import graftkit.methods  # noqa: F401  (registers every method)
 from graftkit.adapter import get_state, method_for
 from graftkit.io.native import adapter_from_model
 from graftkit.errors import AdapterError, TargetError
+from graftkit.methods.activation import article, refusal
 from graftkit.registry import METHODS
 
 from conftest import TINY_MODELS, logits, tiny_inputs
@@ -543,7 +544,7 @@ def test_weight_only_operations_refused(row, model_name, tmp_path):
     messages.append(("export --merged", str(exc.value)))
     for what, msg in messages:
         assert "\n" not in msg, msg
-        assert msg.startswith(f"{what} needs a weight delta, and a {method.name} adapter has none: "
+        assert msg.startswith(f"{what} needs a weight delta, and {article(method.name)} {method.name} adapter has none: "
                               f"it changes the model's {method.space}s"), msg
     # a refused operation leaves the adapter attached and the model as it was
     assert get_state(model) is not None
@@ -913,3 +914,8 @@ def test_fingerprint_probe_of_a_tensor_past_2_24_elements_stays_in_bounds():
     t = torch.arange(2**24 + 4, dtype=torch.int32)
     values = _probe(t)
     assert len(values) == 16 and values[0] == 0 and values[-1] == float(t[-1].float())  # the last element
+
+
+def test_refusal_reads_as_english():
+    assert "and an iapt adapter has none" in refusal("iapt", "merge_adapter", "sequence")
+    assert "and a houlsby adapter has none" in refusal("houlsby", "merge_adapter")

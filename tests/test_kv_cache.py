@@ -9,10 +9,13 @@ start from the contract matrix's rows (tests/test_contract.py), on the tiny Llam
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import graftkit as gk
+from graftkit.methods.iapt import IAPTSite, instruction
 from graftkit.registry import METHODS
 
 from conftest import tiny_inputs
@@ -51,7 +54,12 @@ def generate(model, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
     ids = tiny_inputs(seed=3, batch=2, length=5)
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0
-    with torch.no_grad():
+    pin = contextlib.nullcontext()
+    if not cache and any(isinstance(m, IAPTSite) for m in model.modules()):
+        # without a cache every step re-reads the whole sequence, and IAPT would take the generated
+        # tokens for part of the instruction: the caller pins it (see methods/iapt.py)
+        pin = instruction(model, ids.shape[1])
+    with torch.no_grad(), pin:
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                              min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=cache, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)

@@ -15,7 +15,7 @@ import graftkit as gk
 from graftkit.adapter import get_state, method_for
 from graftkit.errors import AdapterError, TargetError
 from graftkit.io.native import adapter_from_model
-from graftkit.methods.activation import ModuleSite
+from graftkit.methods.activation import ModuleSite, article
 from graftkit.methods.blocks import transformer_blocks
 from graftkit.registry import METHODS
 
@@ -136,7 +136,7 @@ def test_t5_inject_forward_save_load_disable_unload(row, tmp_path):
         gk.unload(fresh, merge=True)
         assert torch.allclose(logits(fresh), out, atol=1e-5, rtol=0), "unload(merge=True)"
     else:
-        with pytest.raises(AdapterError, match=f"a {method.name} adapter has none"):
+        with pytest.raises(AdapterError, match=f"{article(method.name)} {method.name} adapter has none"):
             gk.merge_adapter(fresh)
 
     gk.unload(model, merge=False)

@@ -141,9 +141,14 @@ class ModuleSite(Site):
         pass
 
 
+def article(word: str) -> str:
+    """``an`` before a vowel (an ia3 adapter, an iapt adapter), else ``a``."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def refusal(method: str, what: str, space: str = "activation") -> str:
     changes = "(hidden states)" if space == "activation" else "(the soft tokens or key/value prefixes it reads)"
-    return (f"{what} needs a weight delta, and a {method} adapter has none: it changes the model's {space}s "
+    return (f"{what} needs a weight delta, and {article(method)} {method} adapter has none: it changes the model's {space}s "
             f"{changes}, not its weights. Use it unmerged (gk.load_adapter, or `adapter:` in graft eval), "
             "or merge adapters of one architecture as an adapter soup (linear)")
 
