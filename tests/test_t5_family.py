@@ -48,6 +48,8 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
 }
 #: T5 has no bias terms: these methods have nothing to adapt and must say so
 NOTHING_TO_ADAPT = {"bitfit": {"method": "bitfit"}}
+#: key/value prefixes are built for one stack's cache: refused on an encoder-decoder model
+NOT_ON_ENCODER_DECODER = {name: {"method": name, "num_virtual_tokens": 2} for name in ("prefix_tuning", "p_tuning_v2", "iapt")}
 
 
 def config(row: str, random: bool = False) -> dict:
@@ -88,7 +90,7 @@ def has_delta(row: str) -> bool:
 
 
 def test_every_registered_method_runs_on_t5():
-    covered = {config(r)["method"] for r in ROWS} | set(NOTHING_TO_ADAPT)
+    covered = {config(r)["method"] for r in ROWS} | set(NOTHING_TO_ADAPT) | set(NOT_ON_ENCODER_DECODER)
     assert not sorted(set(METHODS.names()) - covered), f"methods without a T5 row: {sorted(set(METHODS.names()) - covered)}"
 
 
@@ -100,6 +102,16 @@ def test_method_with_nothing_to_adapt_on_t5_says_so(method):
     # not a hint at the tied embedding (T5's '*' also matches its aliases)
     msg = str(exc.value)
     assert "no parameter" in msg and "tied" not in msg and "\n" not in msg, msg
+    assert get_state(model) is None and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", list(NOT_ON_ENCODER_DECODER))
+def test_prefix_methods_refuse_t5_in_one_line(method):
+    model = tiny_t5()
+    with pytest.raises(TargetError) as exc:
+        gk.inject(model, NOT_ON_ENCODER_DECODER[method])
+    msg = str(exc.value)
+    assert "encoder-decoder" in msg and "prompt_tuning" in msg and "\n" not in msg, msg
     assert get_state(model) is None and all(p.requires_grad for p in model.parameters())
 
 

@@ -103,6 +103,11 @@ class PrefixConfig(MethodConfig):
 def base_module(model: nn.Module) -> tuple[str, nn.Module]:
     """(name, module) of the model's base module (LlamaModel, GPT2Model, BertModel)."""
     base = getattr(model, "base_model", None)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # the encoder and the decoder keep separate caches (self- and cross-attention); a prefix
+        # would need one per stack, which this machinery does not build
+        raise TargetError(f"{type(model).__name__} is an encoder-decoder model: key/value prefixes are built for decoder-only "
+                          "and encoder-only models; use prompt_tuning or p_tuning on it")
     if not isinstance(base, nn.Module) or base is model:
         raise TargetError(f"{type(model).__name__} has no separate base module to carry a prefix; load the model with its "
                           "head (AutoModelForCausalLM, AutoModelForSequenceClassification)")
