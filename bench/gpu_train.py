@@ -73,6 +73,8 @@ TITLES = {"lora": "LoRA r=16 alpha 32, 7 projections, {p}", "full": "full fine-t
           "qlora": "QLoRA: NF4 base (double quant, {p} compute) + LoRA r=16"}
 # targets of issue 13 (tokens/s ratios; memory at most the liger run's)
 TARGETS_RATIO = {"lora": (1.5, 1.2), "full": (1.3, 1.1)}
+# fsdp2-2-*: the smoke's 2 CPU processes; fsdp2-all-*: every GPU
+CLI_CHECKS = ["lora", "full", "qlora", "fsdp2-1-lora", "fsdp2-1-full", "fsdp2-all-lora", "fsdp2-all-full", "fsdp2-2-lora"]
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -515,6 +517,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5; smoke 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a graftkit recipe override for every graftkit run, e.g. --set optim.compile=true (repeatable)")
+    p.add_argument("--cli-checks", metavar="NAMES", help="only these CLI checks (comma-separated names as printed, e.g. fsdp2-2-lora)")
     p.add_argument("--cli-size", choices=["small", "full"], default="small",
                    help="model of the CLI checks on CUDA: small (hidden 256, 4 layers, 256 tokens; default) or the benchmark's")
     p.add_argument("--step-sleep", type=float, default=0.5, help="seconds added per step to the run that is killed, so the kill lands mid-run")
@@ -548,6 +551,9 @@ def main() -> None:
     unknown = set(sections) - {"lora", "full", "qlora", "fsdp", "cli"}
     if unknown:
         sys.exit(f"gpu_train: error: unknown section(s) {sorted(unknown)}; choose from lora, full, qlora, fsdp, cli")
+    unknown = [c for c in (a.cli_checks or "").split(",") if c and c not in CLI_CHECKS]
+    if unknown:
+        sys.exit(f"gpu_train: error: unknown CLI check(s) {unknown}; choose from {', '.join(CLI_CHECKS)}")
     work = Path(tempfile.mkdtemp(prefix="gpu_train_"))
     try:
         measure(a, cfg, env, sections, work, cuda, device)
@@ -645,6 +651,8 @@ def measure(a: argparse.Namespace, cfg: dict, env: dict, sections: list[str], wo
                   ("fsdp2-all-full", "full", gpus if cuda else 2)]
         if a.smoke:  # time: one single-process and one 2-process run, each through kill, resume and export
             checks = [("lora", "lora", None), ("fsdp2-2-lora", "lora", 2)]
+        if a.cli_checks:
+            checks = [c for c in checks if c[0] in a.cli_checks.split(",")]
     cli: dict[str, dict] = {}
     for name, method, n in checks:
         if method == "qlora" and (bnb_skip or not graftkit_supports("", "quantize")):
