@@ -285,6 +285,8 @@ def worker(specs: list[dict]) -> None:
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
+    else:  # this process's GPU before any CUDA call (else every process of a launch opens a context on GPU 0)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     for spec in specs:
         try:
             from accelerate.state import AcceleratorState
