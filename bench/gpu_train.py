@@ -375,12 +375,25 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    for pid in [proc.pid, *descendants(proc.pid)]:
+    """SIGKILL ``proc`` and every process below it, and wait until they are gone (the resumed
+    launch must not meet the killed one's sockets or GPU memory)."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in pids[1:]):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (state Z) is dead: its parent, killed too, will never reap it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def cli_check(name: str, method: str, processes: int | None, a: argparse.Namespace, cfg: dict, paths: dict, env: dict) -> dict:
@@ -425,6 +438,7 @@ def cli_check(name: str, method: str, processes: int | None, a: argparse.Namespa
     if (out / "adapter").exists():
         return {**res, "resume": "failed: the run finished before the kill", "export": "not run"}
     t = time.perf_counter()
+    cmd = [sys.executable, *tail] if processes is None else launch_fsdp(processes, tail, free_port(), cfg["precision"])
     proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=a.timeout)
     res["resume_seconds"] = round(time.perf_counter() - t, 1)
     record = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
