@@ -336,8 +336,8 @@ case("inspect-adapter-unknown-key", "unknown keys", ["inspect", "{w}/lora"],
      "'lora_alpah'", "lora_alpha", out=None)
 case("inspect-peft-r-four", "config value", ["inspect", "{w}/peft"], model_copy("peft", "peft", peft_config_edit(r="four")),
      "adapter_config.json", "four", out=None)
-case("inspect-peft-prefix", "unsupported", ["inspect", "{w}/peft"],
-     model_copy("peft", "peft", peft_config_edit(peft_type="PREFIX_TUNING", num_virtual_tokens=8)), "PREFIX_TUNING", out=None)
+case("inspect-peft-multitask-prompt", "unsupported", ["inspect", "{w}/peft"],
+     model_copy("peft", "peft", peft_config_edit(peft_type="MULTITASK_PROMPT_TUNING", num_virtual_tokens=8)), "MULTITASK_PROMPT_TUNING", out=None)
 case("inspect-peft-config-empty", "empty files", ["inspect", "{w}/peft"], model_copy("peft", "peft", put("adapter_config.json", b"")),
      "adapter_config.json", "empty", out=None)
 case("inspect-adapter-no-weights", "missing files", ["inspect", "{w}/lora"], model_copy("lora", "lora", rm("adapter.safetensors")),
@@ -418,7 +418,7 @@ case("import-config-not-utf8", "file encoding", IMP, model_copy("peft", "peft", 
 case("import-config-empty", "empty files", IMP, model_copy("peft", "peft", put("adapter_config.json", b"")), "adapter_config.json", "empty")
 case("import-r-four", "config value", IMP, model_copy("peft", "peft", peft_config_edit(r="four")), "adapter_config.json", "four")
 case("import-alpha-list", "config value", IMP, model_copy("peft", "peft", peft_config_edit(lora_alpha=[8])), "lora_alpha")
-case("import-prefix-tuning", "unsupported", IMP, model_copy("peft", "peft", peft_config_edit(peft_type="PREFIX_TUNING")), "PREFIX_TUNING", "LORA")
+case("import-adaption-prompt", "unsupported", IMP, model_copy("peft", "peft", peft_config_edit(peft_type="ADAPTION_PROMPT")), "ADAPTION_PROMPT", "LORA")
 case("import-truncated", "corrupt weights", IMP,
      model_copy("peft", "peft", lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:300])),
      "adapter_model.safetensors")
