@@ -96,7 +96,7 @@ def read_peft(path: str | Path, allow_pickle: bool = False) -> AdapterFile:
         raw = read_pickle_checkpoint(path / PICKLE_NAME, allow_pickle)
     else:
         raise FileFormatError(f"{path} has no {WEIGHTS_NAME}")
-    prefix = getattr(known[peft_type], "prefix", PREFIX)  # prompt learning wraps the model one level less deep
+    prefix = getattr(known[peft_type], "prefix", None) or PREFIX  # prompt learning wraps the model one level less deep
     raw = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()}
     adapter = known[peft_type].read(cfg, raw, path)
     adapter.path = path

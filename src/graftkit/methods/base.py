@@ -143,12 +143,23 @@ class PeftConverter:
     """peft's format of a method. ``read(cfg, raw, path)`` turns an adapter_config.json and its
     tensors (prefix stripped) into an AdapterFile; ``write_site(site, key, tensors, acc)`` adds one
     site's tensors under peft key prefix ``key`` (``acc``: a dict shared across sites);
-    ``write_config(state, acc)`` returns the method's entries of adapter_config.json."""
+    ``write_config(state, acc)`` returns the method's entries of adapter_config.json.
+
+    Prompt learning (soft prompts, prefixes) is written from the whole model instead:
+    ``write_model(model, state) -> (tensors, config entries)``, and its keys carry ``prefix``
+    (:data:`PEFT_PROMPT_PREFIX`: peft wraps such a model one level less deep than LoRA's)."""
 
     peft_type: str
     read: Callable[[dict, dict, Any], Any]
-    write_site: Callable[[Any, str, dict, dict], None]
-    write_config: Callable[[Any, dict], dict]
+    write_site: Callable[[Any, str, dict, dict], None] | None = None
+    write_config: Callable[[Any, dict], dict] | None = None
+    write_model: Callable[[nn.Module, Any], tuple[dict, dict]] | None = None
+    prefix: str | None = None  # the key prefix peft's files carry; None: io/peft.py's PREFIX
+
+
+#: peft's prompt-learning model wraps the base one level less deep than LoRA's: its heads trained
+#: whole (modules_to_save, e.g. a classifier) are saved as ``base_model.<module>.<parameter>``
+PEFT_PROMPT_PREFIX = "base_model."
 
 
 class TuningMethod:

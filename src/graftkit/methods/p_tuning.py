@@ -31,7 +31,8 @@ from torch import nn
 
 from ..registry import METHODS
 from .activation import ModuleInfo
-from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, SoftPromptPeftConverter, SoftPromptSite, embedding_of,
+from .base import PEFT_PROMPT_PREFIX, PeftConverter
+from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, SoftPromptSite, embedding_of,
                           read_peft_prompt, write_peft_prompt)
 
 
@@ -139,15 +140,11 @@ def _peft_write(model: nn.Module, state) -> tuple[dict, dict]:
     return tensors, cfg
 
 
-def _no_sites(*_):
-    raise AssertionError("a soft prompt is written from the whole model (write_model)")
-
-
 @METHODS.register("p_tuning")
 class PTuning(SoftPromptMethod):
     name = "p_tuning"
     config_cls = PTuningConfig
-    peft = SoftPromptPeftConverter("P_TUNING", _peft_read, _no_sites, _no_sites, write_model=_peft_write)
+    peft = PeftConverter("P_TUNING", _peft_read, write_model=_peft_write, prefix=PEFT_PROMPT_PREFIX)
 
     @classmethod
     def make_site(cls, info: ModuleInfo, config: PTuningConfig, options: dict[str, Any]):  # type: ignore[override]

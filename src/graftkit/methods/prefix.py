@@ -52,7 +52,6 @@ model's.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -61,7 +60,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, FileFormatError, TargetError, UnsupportedError
 from .activation import ModuleInfo, ModuleSite
-from .base import MethodConfig, PeftConverter
+from .base import PEFT_PROMPT_PREFIX, MethodConfig, PeftConverter
 
 #: the one slot a saved prefix adapter holds: peft's ``prompt_embeddings``
 SLOT = "prefix"
@@ -481,11 +480,6 @@ def check_saved(adapter, name: str, options: dict, where: str) -> None:
 PEFT_KEY = "prompt_embeddings"
 
 
-#: peft's prompt-learning model wraps the base one level less deep: heads trained whole
-#: (modules_to_save, e.g. a classifier) are saved as ``base_model.<module>.<parameter>``
-PEFT_HEAD_PREFIX = "base_model."
-
-
 def peft_read(cfg: dict, raw: dict, path):
     """peft's PREFIX_TUNING folder as a ``prefix_tuning`` adapter: ``prompt_embeddings`` is the
     folded prefix in graftkit's layout already (peft saves the MLP's output when projecting);
@@ -548,21 +542,14 @@ def peft_write_model(model: nn.Module, state) -> tuple[dict, dict]:
     heads = set(state.train_also)
     for name, site in sites(model).items():
         if name in heads:
-            tensors[PEFT_HEAD_PREFIX + name] = site.slot_tensors()["value"].detach().cpu().contiguous()
+            tensors[PEFT_PROMPT_PREFIX + name] = site.slot_tensors()["value"].detach().cpu().contiguous()
         else:
             peft_write_site(site, name, tensors, acc)
     modules = sorted({h.rsplit(".", 1)[0] for h in heads}) or None
     return tensors, {**peft_write_config(state, acc), "modules_to_save": modules}
 
 
-@dataclass(frozen=True)
-class PrefixPeftConverter(PeftConverter):
-    """peft's PREFIX_TUNING: written from the whole model (one ``prompt_embeddings`` tensor, keyed
-    by no module; io/peft.py's ``write_model``), heads under ``base_model.``. Both prefix methods
-    write it; a peft folder is always read as ``prefix_tuning``."""
-
-    write_model: Any = None
-    prefix: str = PEFT_HEAD_PREFIX
-
-
-PEFT = PrefixPeftConverter("PREFIX_TUNING", peft_read, peft_write_site, peft_write_config, write_model=peft_write_model)
+#: peft's PREFIX_TUNING: written from the whole model (one ``prompt_embeddings`` tensor, keyed by no
+#: module), heads under ``base_model.``. Both prefix methods write it; a peft folder is always read
+#: as ``prefix_tuning``.
+PEFT = PeftConverter("PREFIX_TUNING", peft_read, write_model=peft_write_model, prefix=PEFT_PROMPT_PREFIX)

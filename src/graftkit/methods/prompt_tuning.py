@@ -33,7 +33,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import METHODS
 from .activation import ModuleInfo
-from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, SoftPromptPeftConverter, SoftPromptSite, embedding_of,
+from .base import PEFT_PROMPT_PREFIX, PeftConverter
+from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, SoftPromptSite, embedding_of,
                           read_peft_prompt, write_peft_prompt)
 
 #: peft's PromptTuningInit names
@@ -122,15 +123,11 @@ def _peft_write(model: nn.Module, state) -> tuple[dict, dict]:
                                             "tokenizer_name_or_path": tokenizer if init == "TEXT" else None, "tokenizer_kwargs": None})
 
 
-def _no_sites(*_):
-    raise AssertionError("a soft prompt is written from the whole model (write_model)")
-
-
 @METHODS.register("prompt_tuning")
 class PromptTuning(SoftPromptMethod):
     name = "prompt_tuning"
     config_cls = PromptTuningConfig
-    peft = SoftPromptPeftConverter("PROMPT_TUNING", _peft_read, _no_sites, _no_sites, write_model=_peft_write)
+    peft = PeftConverter("PROMPT_TUNING", _peft_read, write_model=_peft_write, prefix=PEFT_PROMPT_PREFIX)
 
     @classmethod
     def make_site(cls, info: ModuleInfo, config: PromptTuningConfig, options: dict[str, Any]):  # type: ignore[override]

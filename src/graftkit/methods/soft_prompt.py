@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, TargetError, UnsupportedError
 from .activation import ModuleInfo, ModuleMethod, ModuleSite, find_target
-from .base import MethodConfig, PeftConverter
+from .base import PEFT_PROMPT_PREFIX, MethodConfig
 
 #: the target name of a soft prompt read from a peft folder, which names no module: bound to
 #: the model's base module when the adapter is applied (:meth:`SoftPromptMethod.bind_saved`)
@@ -332,17 +332,6 @@ __all__ = ["SoftPromptConfig", "SoftPromptSite", "SoftPromptMethod", "PEFT_BASE"
 # under ``base_model.<name>`` (prompt learning wraps the model one level less deep than LoRA).
 
 PEFT_KEY = "prompt_embeddings"
-PEFT_HEAD_PREFIX = "base_model."
-
-
-@dataclass(frozen=True)
-class SoftPromptPeftConverter(PeftConverter):
-    """A soft prompt is written from the whole model (``write_model(model, state) -> (tensors,
-    config entries)``), not site by site; its head keys carry ``prefix``, not LoRA's."""
-
-    write_model: Callable[[nn.Module, Any], tuple[dict, dict]] | None = None
-    prefix: str = PEFT_HEAD_PREFIX
-
 
 def read_peft_prompt(method: str, cfg: dict, raw: dict, path, config: dict) -> Any:
     """A peft prompt-learning folder as an adapter of ``method`` whose target is :data:`PEFT_BASE`
@@ -394,7 +383,7 @@ def write_peft_prompt(model: nn.Module, state, entries: dict) -> tuple[dict, dic
         prompt = torch.cat([prompt, torch.zeros_like(prompt)])
     tensors = {PEFT_KEY: prompt}
     for name in state.train_also:
-        tensors[PEFT_HEAD_PREFIX + name] = sites(model)[name].slot_tensors()["value"].detach().cpu().contiguous()
+        tensors[PEFT_PROMPT_PREFIX + name] = sites(model)[name].slot_tensors()["value"].detach().cpu().contiguous()
     cfg = getattr(model, "config", None)
     heads = sorted({h.rsplit(".", 1)[0] for h in state.train_also}) or None
     out = {
