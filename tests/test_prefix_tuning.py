@@ -510,13 +510,14 @@ def test_smollm2_chat_sft_prefix_tuning_then_generation(real_data, tmp_path):  #
 
 
 @pytest.mark.real
-def test_minilm_classification_p_tuning_v2(real_data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("method", ["p_tuning_v2", "prefix_tuning"])
+def test_minilm_classification_with_a_prefix(method, real_data, tmp_path):  # noqa: F811
     from graftkit.train import parse_recipe, train
 
     out_dir = tmp_path / "run"
     r = {"model": "minilm", "task": "classification",
          "data": {"train": str(real_data / "bbc.jsonl"), "validation": str(real_data / "bbc.jsonl"), "max_length": 48},
-         "method": {"method": "p_tuning_v2", "num_virtual_tokens": 16}, "optim": {"lr": 1e-2, "batch_size": 5, "max_steps": 8, "warmup_steps": 0},
+         "method": {"method": method, "num_virtual_tokens": 16}, "optim": {"lr": 1e-2, "batch_size": 5, "max_steps": 8, "warmup_steps": 0},
          "eval": {"every": None, "at_start": True}, "output": {"dir": str(out_dir)}}
     s = train(parse_recipe(r), progress=False)
     assert s["val_loss"] < s["start_val_loss"] - 0.05, s

@@ -498,8 +498,11 @@ def test_graft_train_refuses_max_length_past_the_positions(assets, tmp_path, cap
 # -- real models ----------------------------------------------------------------------------------------
 
 @pytest.mark.real
-def test_minilm_prompt_tuning_classification(tmp_path):
-    """MiniLM on a packaged task (BBC News, 5 topics, 2 per topic): prompt tuning (with the new
+@pytest.mark.parametrize("method", [{"method": "prompt_tuning", "num_virtual_tokens": 8, "init": "vocab"},
+                                    {"method": "p_tuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64}],
+                         ids=lambda m: m["method"])
+def test_minilm_soft_prompt_classification(method, tmp_path):
+    """MiniLM on a packaged task (BBC News, 5 topics, 2 per topic): a soft prompt (with the new
     head trained whole) lowers the loss and beats the majority class on the training texts."""
     from graftkit.data import bbc_news
     from graftkit.train import parse_recipe, train
@@ -512,8 +515,7 @@ def test_minilm_prompt_tuning_classification(tmp_path):
     (tmp_path / "bbc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = {"model": "minilm", "task": "classification",
          "data": {"train": str(tmp_path / "bbc.jsonl"), "validation": str(tmp_path / "bbc.jsonl"), "max_length": 48},
-         "method": {"method": "prompt_tuning", "num_virtual_tokens": 8, "init": "vocab"},
-         "optim": {"lr": 3e-2, "batch_size": 10, "max_steps": 6, "warmup_steps": 0},
+         "method": method, "optim": {"lr": 3e-2, "batch_size": 10, "max_steps": 6, "warmup_steps": 0},
          "eval": {"every": None, "at_start": True}, "output": {"dir": str(tmp_path / "run")}}
     s = train(parse_recipe(r), progress=False)
     assert s["val_loss"] < s["start_val_loss"] - 0.05
