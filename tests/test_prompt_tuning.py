@@ -548,3 +548,34 @@ def test_smollm2_prompt_tuning_chat_sft_then_generation(tmp_path):
         cached = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         full = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(cached, full) and cached.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_p_tuning_encoder_gradients_equal_pefts():
+    """Training parity, not only logits: with peft's encoder weights copied in, the loss and the
+    gradient of every prompt-encoder tensor equal peft's (BERT classification, peft's pooling)."""
+    import copy
+
+    import peft
+
+    torch.manual_seed(0)
+    base = tiny_bert().eval()
+    ids = tiny_inputs(seed=4, batch=4, length=7)
+    labels = torch.tensor([0, 1, 2, 1])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4,
+                                                                                encoder_hidden_size=16)).eval()
+    ours = copy.deepcopy(base)
+    gk.inject(ours, {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16, "pool": "virtual"})
+    encoder = next(m for m in ours.modules() if hasattr(m, "prompt_encoder")).prompt_encoder
+    peft_encoder = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            p.copy_(peft_encoder[f"prompt_encoder.default.{name}"])
+    losses = []
+    for model in (theirs, ours):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, labels)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for name, p in encoder.named_parameters():
+        want = peft_encoder[f"prompt_encoder.default.{name}"].grad
+        assert want.abs().max() > 0 and torch.allclose(p.grad, want, atol=1e-7, rtol=1e-5), name
