@@ -18,12 +18,12 @@ from graftkit.cli import main as graft_main
 from graftkit.errors import ConfigError
 from graftkit.tensors import read_safetensors
 from graftkit.train import parse_recipe, train
+from test_train import WORDS, _rows, write_jsonl
 from graftkit.train.augment import (SentenceAugment, augment_rows, eda, mixup_draw, random_deletion, random_insertion, random_swap,
                                     supervised_contrastive, synonym_replacement)
 from graftkit.train.data import IGNORE, collate, prepare
 from graftkit.train.recipe import EDAConfig
 
-WORDS = {"pos": "good great fine happy nice lovely".split(), "neg": "bad awful sad poor ugly grim".split()}
 CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [SEP] {% endfor %}"
                  "{% if add_generation_prompt %}[assistant] {% endif %}")
 
@@ -277,20 +277,6 @@ def test_mixup_draw_is_a_pure_function_of_its_position():
 
 # -- recipes and runs -------------------------------------------------------------------------
 
-def _rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        y = rng.choice(["pos", "neg"])
-        out.append({"text": " ".join(rng.choice(WORDS[y]) for _ in range(6)), "label": y})
-    return out
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("augment_assets")
@@ -301,9 +287,9 @@ def assets(tmp_path_factory) -> Path:
                                   attention_probs_dropout_prob=0.0)
     transformers.BertModel(cfg).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
-    _write(root / "train.jsonl", _rows(32, 0))
-    _write(root / "val.jsonl", _rows(16, 1))
-    _write(root / "chat.jsonl", [{"prompt": f"say {w} now please", "response": f"{w} {w}"} for w in WORDS["pos"] * 2])
+    write_jsonl(root / "train.jsonl", _rows(32, 0))
+    write_jsonl(root / "val.jsonl", _rows(16, 1))
+    write_jsonl(root / "chat.jsonl", [{"prompt": f"say {w} now please", "response": f"{w} {w}"} for w in WORDS["pos"] * 2])
     return root
 
 
