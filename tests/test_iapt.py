@@ -340,3 +340,35 @@ def test_deepcopy_is_independent_and_unload_restores_the_base():
         gk.unload(model, merge=False)
         torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
     assert all(not layer._forward_pre_hooks for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("config", [{"method": "iapt", "num_virtual_tokens": N, "bottleneck": 8},
+                                    {"method": "compose", "methods": [{"method": "iapt", "num_virtual_tokens": N, "bottleneck": 8},
+                                                                      {"method": "lora", "r": 2, "targets": ["q_proj"]}]}],
+                         ids=["iapt", "compose"])
+def test_training_loss_reads_the_prompt_as_the_instruction(config):
+    """The loop's loss module hands each chat batch to the method (TuningMethod.batch_hook), so the
+    generators pool the prompt only: the loss equals the one computed with the prompt pinned."""
+    from graftkit.methods import method_named
+    from graftkit.train.loop import WithLoss
+
+    model = gk.inject(tiny_llama(), config)
+    with torch.no_grad():
+        for p in gk.trainable_parameters(model):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    ids = tiny_inputs(seed=5, batch=2, length=8)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a 3-token prompt, then the response
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    module = WithLoss(model, "causal-lm", False).eval()
+    module.batch_hook = method_named(config["method"]).batch_hook({k: v for k, v in config.items() if k != "method"})
+    assert module.batch_hook is not None
+    with torch.no_grad():
+        got = module(batch)[0]
+        with instruction(model, 3):
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        want = torch.nn.functional.cross_entropy(logits[:, 2:-1].reshape(-1, logits.shape[-1]), ids[:, 3:].reshape(-1))
+        module.batch_hook = None
+        unhooked = module(dict(batch, input_ids=ids.clone()))[0]  # a fresh tensor: no instruction noted for it
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    assert not torch.allclose(unhooked, want, atol=1e-4), "the whole row as instruction gave the same loss: the check proves nothing"

@@ -209,6 +209,12 @@ class TuningMethod:
         return False
 
     @classmethod
+    def batch_hook(cls, config: Any) -> "Callable[[dict], None] | None":
+        """A function the training loop calls with each causal-LM batch before its forward pass (the
+        method reads something only the batch knows, e.g. IAPT's instruction span), or None."""
+        return None
+
+    @classmethod
     def weight_delta(cls, config: Any) -> bool:
         """Whether an adapter of this method with ``config`` (a MethodConfig or its dict) has a
         dense per-weight delta; a composition answers for its parts."""

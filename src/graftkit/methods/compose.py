@@ -172,6 +172,18 @@ class Compose(TuningMethod):
         return all(m.identity_at_init for m, _ in _config(config).parts())
 
     @classmethod
+    def batch_hook(cls, config: Any):
+        hooks = [h for h in (m.batch_hook(c) for m, c in _config(config).parts()) if h is not None]
+        if not hooks:
+            return None
+
+        def every_part(batch: dict) -> None:
+            for hook in hooks:
+                hook(batch)
+
+        return every_part
+
+    @classmethod
     def frozen_base_in_bf16(cls, config: dict[str, Any]) -> bool:
         return all(m.frozen_base_in_bf16(c.model_dump(mode="json")) for m, c in _config(config).parts())
 

@@ -374,6 +374,10 @@ class IAPT(PrefixMethod, ModuleMethod):
     peft = None
 
     @classmethod
+    def batch_hook(cls, config: Any):
+        return note_instruction  # a chat row's instruction is its prompt (labels IGNORE before the response)
+
+    @classmethod
     def resolve(cls, model: nn.Module, config: IAPTConfig, skip=()):
         name, module = base_module(model)
         refuse_no_cache(cls.name, model, module)

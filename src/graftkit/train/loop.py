@@ -57,6 +57,7 @@ class WithLoss(nn.Module):
         self.kernels = kernels  # "liger": the fused linear cross-entropy of liger-kernel (CUDA), see .kernels
         self.augment = None  # classification: mixup / contrastive loss in training (train.augment.SentenceAugment), set by Run.setup
         self.distill = None  # PANDA: the teacher's KD term in training (train.distill.Distiller), set by Run.setup
+        self.batch_hook = None  # the method's look at each causal-LM batch (TuningMethod.batch_hook), set by Run.setup
         cfg = model.config
         self.sparse_head = (task == "causal-lm" and isinstance(model.get_output_embeddings(), nn.Linear)
                             and getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
@@ -76,10 +77,8 @@ class WithLoss(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, number of targets, number of correct predictions - ``None`` in training mode)."""
         task = batch.get("task")
-        if self.task != "classification":  # iapt: a row's instruction is its prompt (labels IGNORE before the response)
-            from ..methods.iapt import note_instruction
-
-            note_instruction(batch)
+        if self.task != "classification" and self.batch_hook is not None:
+            self.batch_hook(batch)
         # the teacher runs first: a shared teacher swaps its tensors into this model (train.distill)
         teacher = self.distill.teacher_logits(batch) if self.distill is not None and self.training else None
         if self.task == "classification":
@@ -559,6 +558,8 @@ class Run:
             self.frozen_in_bf16 = hold_frozen_linears_in_bf16(model)
         o = r.optim
         module = WithLoss(model, r.task, bool(r.multitask and r.multitask.balance), self.kernels)
+        if tuning is not None:
+            module.batch_hook = tuning.batch_hook({k: v for k, v in method.items() if k != "method"})
         if r.augment and (r.augment.mixup or r.augment.contrastive):
             from .augment import SentenceAugment
 
