@@ -107,7 +107,8 @@ class AdapterSource(OnBase):
                 check_fits(self.adapter, _name, kind, _shape, f"the base model {base.path}", feedforward=feedforward, where=str(path))
 
             self.deltas.update(method.merge_deltas(SavedTarget(
-                name, slots, config, options.get(name) or {}, kinds.get(name), shape, base.files, str(path), fits)))
+                name, slots, config, options.get(name) or {}, kinds.get(name), shape, base.files, str(path), fits,
+                self.adapter.tensors)))
         # the factors of each target, for outputs that re-factor the deltas (merge output: adapter)
         self.targets: dict[str, tuple] = {k: (d.kind, *d.factors) for k, d in self.deltas.items() if d.factors}
         self.whole = {name: self.adapter.tensors[f"{name}.value"] for name in self.adapter.train_also

@@ -21,8 +21,8 @@ no-op.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 from pydantic import AliasChoices, Field
@@ -125,6 +125,8 @@ class SavedTarget:
     where: str  # the adapter's path, for messages
     #: ``check_fits(kind, feedforward=False)``: refuse slots that do not fit the base weight
     check_fits: Callable[..., None]
+    #: every tensor of the adapter by key (a method's tensors shared across targets are saved once)
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,47 @@ class PeftConverter:
 #: peft's prompt-learning model wraps the base one level less deep than LoRA's: its heads trained
 #: whole (modules_to_save, e.g. a classifier) are saved as ``base_model.<module>.<parameter>``
 PEFT_PROMPT_PREFIX = "base_model."
+
+
+class MethodTraining:
+    """A method's part in the training loop (``TuningMethod.training``). Every hook is optional; the
+    loop (graftkit.train.loop) calls them in this order:
+
+    * ``start(model, forward, batches, total_steps)`` once, after injection and before the optimizer
+      is built: a data-driven start (EVA's SVD of layer inputs), a selection of what trains
+      (GreenTrainer), a first training phase of its own. ``forward(batch) -> loss`` runs the model on a
+      batch of ``batches`` (the first few training micro-batches, on the run's device) with the loop's
+      loss; the hook may change ``requires_grad`` and the sites' tensors.
+    * ``extra_loss(model)`` per micro-batch, after the forward: a scalar added to the task loss before
+      backward (diff pruning's L0 penalty, DEFT's density loss, AdaLoRA's orthogonality), or None. The
+      logged ``loss`` stays the task loss; the extra loss is logged as ``method_loss``.
+    * ``before_update(model, step)`` after backward and clipping, before ``optimizer.step()``: the
+      gradients are there (AdaLoRA's sensitivities, a gradient mask).
+    * ``after_update(model, step) -> bool`` after ``optimizer.step()``: pruning, rank allocation, a
+      phase change. True means the set or the shapes of the trainable tensors changed: the loop
+      builds the optimizer anew (the schedule goes on where it was).
+    * ``report(model) -> dict`` at the end: numbers for the run's summary and run.json (sparsity
+      reached, activation density, FLOPs saved, parameters pruned), JSON-able.
+
+    ``resumable`` False: a checkpoint cannot restore the method's own state (e.g. pruned shapes), so
+    ``graft train --resume`` refuses in one line instead of resuming wrongly."""
+
+    resumable: bool = True
+
+    def start(self, model: nn.Module, forward: Callable[[dict], torch.Tensor], batches: list[dict], total_steps: int) -> None:
+        pass
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def before_update(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_update(self, model: nn.Module, step: int) -> bool:
+        return False
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        return {}
 
 
 class TuningMethod:
@@ -207,6 +250,13 @@ class TuningMethod:
         """Whether an adapter with ``config`` (a dict) can train on a 4-bit base (QLoRA): its
         forward adds to the base layer's output and neither it nor its delta reads the base weights."""
         return False
+
+    @classmethod
+    def training(cls, config: Any) -> "MethodTraining | None":
+        """What the method does during ``graft train`` beyond its forward pass (an extra loss, a
+        data-driven start, pruning or rank allocation between steps), or None; ``config`` is the
+        method's config dict (without ``method``)."""
+        return None
 
     @classmethod
     def batch_hook(cls, config: Any) -> "Callable[[dict], None] | None":

@@ -253,6 +253,8 @@ def param_groups(recipe: Recipe, model: nn.Module, named: list[tuple[str, nn.Par
         from .layerwise import find_blocks, layer_lrs
 
         lrs = layer_lrs(named, o.lr, recipe.layerwise.lr_decay, len(find_blocks(model)[1]))
+    if o.loraplus_ratio is not None:
+        lrs = loraplus_lrs(model, named, lrs, o.loraplus_ratio, o.loraplus_lr_embedding)
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for n, p in named:
         wd = 0.0 if p.ndim < 2 else o.weight_decay
@@ -260,6 +262,24 @@ def param_groups(recipe: Recipe, model: nn.Module, named: list[tuple[str, nn.Par
         g["params"].append(p)
         g["names"].append(n)
     return list(groups.values())
+
+
+def loraplus_lrs(model: nn.Module, named: list[tuple[str, nn.Parameter]], lrs: dict[str, float], ratio: float,
+                 lr_embedding: float) -> dict[str, float]:
+    """LoRA+'s learning rates (Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of Large
+    Models"): B learns ``ratio`` times faster than A. Grouped as peft's ``create_loraplus_optimizer``
+    does: the LoRA tensors of an embedding at ``lr_embedding``, every ``lora_B`` and every other 1-D
+    tensor at lr x ratio, the rest at lr."""
+    from ..methods.base import HOLDER
+
+    out = dict(lrs)
+    for n, p in named:
+        owner = n.split(f".{HOLDER}.")[0] if f".{HOLDER}." in n else None
+        if owner is not None and isinstance(model.get_submodule(owner), nn.Embedding):
+            out[n] = lr_embedding
+        elif n.endswith(".lora_B") or p.ndim == 1:
+            out[n] = lrs[n] * ratio
+    return out
 
 
 class Run:
@@ -564,6 +584,27 @@ class Run:
             from .augment import SentenceAugment
 
             module.augment = SentenceAugment(model, _head_names(model)[0], r.augment)
+        self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
+        self.steps_per_epoch = self.order.per_epoch // o.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"an epoch of {self.order.per_epoch} micro-batches is shorter than optim.grad_accum={o.grad_accum}")
+        self.total = o.max_steps or o.epochs * self.steps_per_epoch
+        # the method's own part in training (TuningMethod.training): its start runs before the optimizer
+        # exists, since it may choose what trains
+        self.method_training = tuning.training({k: v for k, v in method.items() if k != "method"}) if tuning is not None else None
+        if self.method_training is not None:
+            if self.resume and not self.method_training.resumable:
+                raise ConfigError(f"a {method.get('method')} run cannot be resumed from a checkpoint (its own state, such as "
+                                  "what it pruned, is not in the checkpoint); start it again without --resume")
+            if self.fsdp:
+                raise ConfigError(f"method {method.get('method')} changes what trains during training, which a sharded (FSDP2) "
+                                  "model cannot follow; train it without --use_fsdp")
+            wanted = min(getattr(self.method_training, "batches_needed", 0), self.order.per_epoch)
+            self.method_training.start(model, lambda batch: module(batch)[0], [self.prepared_batch(i) for i in range(wanted)],
+                                       self.total)
+            self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            if not self.named:
+                raise ConfigError(f"nothing to train: method {method.get('method')} left no trainable parameter")
         if self.fsdp:  # shard first (on the run's device, process 0's weights): the optimizer must hold the shards
             module = fsdp.shard(module, model, self.acc.device)
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -573,11 +614,6 @@ class Run:
         self.module = module
         if self.distiller is not None:
             self.distiller.attach(self.acc.unwrap_model(module), self.acc.device)
-        self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
-        self.steps_per_epoch = self.order.per_epoch // o.grad_accum
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"an epoch of {self.order.per_epoch} micro-batches is shorter than optim.grad_accum={o.grad_accum}")
-        self.total = o.max_steps or o.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(r, self.total))
         self.hft = None
         if r.hft:
@@ -655,6 +691,26 @@ class Run:
             batch.update(mixup_draw(self.recipe.augment.mixup.alpha, len(idx), self.recipe.optim.seed, index, self.rank))
         return batch
 
+    def prepared_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``index`` as train_step feeds it to the model (on the device)."""
+        host = self.host_batch(index)
+        if self.recipe.task == "causal-lm":
+            host["target_index"] = target_index(host["labels"])
+        return self.to_device(host)
+
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer over what trains now (the method changed it); the schedule goes on from its step."""
+        r = self.recipe
+        done = self.scheduler.last_epoch
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizer = _adamw(param_groups(r, self.model, self.named), r.optim)
+        factor = _schedule(r, self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scheduler.last_epoch = done
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(done)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.acc.device.type != "cuda":
             return {k: v.to(self.acc.device) for k, v in batch.items()}
@@ -665,7 +721,9 @@ class Run:
         o = self.recipe.optim
         self.module.train()
         loss_sum = torch.zeros((), device=self.acc.device)
+        method_sum = torch.zeros((), device=self.acc.device)  # the method's extra loss (MethodTraining.extra_loss)
         tokens = 0
+        hooks = self.method_training
         for k in range(o.grad_accum):
             host = self.host_batch(step * o.grad_accum + k)
             tokens += int(host["attention_mask"].sum())  # counted on the CPU: no wait for the device
@@ -678,10 +736,15 @@ class Run:
                 sync = fsdp.no_sync(self.module) if self.fsdp else self.acc.no_sync(self.module)
             with sync, self.acc.autocast():
                 loss, _, _ = self.module(batch)
-                self.acc.backward(loss / o.grad_accum)
+                extra = hooks.extra_loss(self.model) if hooks is not None else None
+                self.acc.backward((loss if extra is None else loss + extra) / o.grad_accum)
             loss_sum += loss.detach().float()
+            if extra is not None:
+                method_sum += extra.detach().float()
         loss = self.acc.reduce(loss_sum / o.grad_accum, reduction="mean") if self.world > 1 else loss_sum / o.grad_accum
-        value = float(loss)  # the step's one wait for the device: a non-finite loss must stop it before the update
+        # the step's one wait for the device: a non-finite loss must stop it before the update
+        value, method_value = torch.stack([loss, method_sum / o.grad_accum]).tolist()
+        self.method_loss = method_value if hooks is not None else None
         if not math.isfinite(value):
             last = latest_checkpoint(self.out)  # run.json records the failure: see Run.ended
             keep = f"the last good checkpoint is {last} (resume with --resume after fixing the cause)" if last else "no checkpoint was written yet"
@@ -693,9 +756,13 @@ class Run:
             self.hft.drop_frozen_grads(step)
         if o.max_grad_norm is not None:
             self.acc.clip_grad_norm_([p for _, p in self.named], o.max_grad_norm)
+        if hooks is not None:
+            hooks.before_update(self.model, step)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if hooks is not None and hooks.after_update(self.model, step):
+            self.rebuild_optimizer()
         return value, tokens * self.world
 
     @torch.no_grad()
@@ -782,6 +849,8 @@ class Run:
                 done = step + 1
                 record = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "loss": loss, "lr": lr,
                           "tokens": tokens, "tokens_per_s": round(tokens / dt, 1)}
+                if self.method_loss is not None:
+                    record["method_loss"] = self.method_loss
                 if done % r.output.log_every == 0 or done == self.total:
                     self.log(record)
                 if (every and done % every == 0) or done == self.total:
@@ -796,6 +865,11 @@ class Run:
         summary = {"steps": self.total, "resumed_from": self.start or None, "first_loss": first_loss, "final_loss": last_loss,
                    **{f"start_{k}": v for k, v in getattr(self, "baseline", {}).items()}, **evals, "tokens_per_s": round(tokens_run / elapsed) if elapsed > 0 else None, "seconds": round(elapsed, 2),
                    "trainable_parameters": trainable, "kernels": self.kernels}
+        if self.method_training is not None:
+            with self.whole_model():
+                report = self.method_training.report(self.model)
+            if report:
+                summary["method_report"] = report
         self.finish(summary)
         return summary
 

@@ -65,6 +65,11 @@ class OptimConfig(StrictModel):
     # auto: liger-kernel's fused Triton kernels on CUDA when installed, else torch's (graftkit.train.kernels)
     kernels: Literal["auto", "liger", "torch"] = "auto"
     compile: bool = False  # torch.compile each transformer block's forward
+    # LoRA+ (Hayou et al., 2024): LoRA's B matrices (and, as peft's create_loraplus_optimizer, every
+    # 1-D trainable tensor) learn at lr x loraplus_ratio; LoRA tensors of an embedding at
+    # loraplus_lr_embedding. None: one learning rate for all
+    loraplus_ratio: float | None = Field(None, gt=0)
+    loraplus_lr_embedding: float = Field(1e-6, gt=0)
 
 
 class EvalConfig(StrictModel):
