@@ -188,6 +188,10 @@ class MethodTraining:
     ``graft train --resume`` refuses in one line instead of resuming wrongly."""
 
     resumable: bool = True
+    #: how many training micro-batches ``start`` wants (0: none)
+    batches_needed: int = 0
+    #: the recipe's peak learning rate, set by the loop before ``start`` (a method that probes an update)
+    lr: float | None = None
 
     def start(self, model: nn.Module, forward: Callable[[dict], torch.Tensor], batches: list[dict], total_steps: int) -> None:
         pass

@@ -599,7 +599,8 @@ class Run:
             if self.fsdp:
                 raise ConfigError(f"method {method.get('method')} changes what trains during training, which a sharded (FSDP2) "
                                   "model cannot follow; train it without --use_fsdp")
-            wanted = min(getattr(self.method_training, "batches_needed", 0), self.order.per_epoch)
+            self.method_training.lr = o.lr
+            wanted = min(self.method_training.batches_needed, self.order.per_epoch)
             self.method_training.start(model, lambda batch: module(batch)[0], [self.prepared_batch(i) for i in range(wanted)],
                                        self.total)
             self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
