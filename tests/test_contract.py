@@ -146,6 +146,8 @@ MATRIX: dict[str, Case] = {
     "p_tuning_v2": Case("p_tuning_v2", {"num_virtual_tokens": 4, "prefix_dropout": 0.0}, random={}, models=("bert", "llama")),
     # per-layer prompts generated from the instruction, entering as key/value prefixes
     "iapt": Case("iapt", {"num_virtual_tokens": 2, "bottleneck": 4}, random={}),
+    # lead: GreenTrainer trains a FLOPs-budgeted subset in place (the selection runs in graft train)
+    "greentrainer": Case("greentrainer", {"flops_budget": 0.4}, models=("bert",)),
 }
 
 MODELS = list(TINY_MODELS)

@@ -584,6 +584,11 @@ class Run:
             from .augment import SentenceAugment
 
             module.augment = SentenceAugment(model, _head_names(model)[0], r.augment)
+        self.mask_id = None
+        if r.masked_thought:
+            from .masked_thought import mask_token_id
+
+            self.mask_id = mask_token_id(self.tokenizer, r.masked_thought.mask_token)
         self.order = Order(len(self.data.train), o.batch_size, self.world, self.rank, seed)
         self.steps_per_epoch = self.order.per_epoch // o.grad_accum
         if self.steps_per_epoch == 0:
@@ -621,11 +626,6 @@ class Run:
             from .hft import HalfFineTuning
 
             self.hft = HalfFineTuning(self.named, r.hft.stage_steps, r.hft.fraction, seed)
-        self.mask_id = None
-        if r.masked_thought:
-            from .masked_thought import mask_token_id
-
-            self.mask_id = mask_token_id(self.tokenizer, r.masked_thought.mask_token)
         # different dropout streams per process (model init above used the same seed everywhere)
         torch.manual_seed(seed + self.rank)
         if self.resume:
