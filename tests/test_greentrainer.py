@@ -149,3 +149,23 @@ def test_bad_budget_is_one_line(assets, tmp_path, budget, needle):
     with pytest.raises(ConfigError, match=needle) as info:
         train(parse_recipe(rec), progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_reselection_rebuilds_the_optimizer_on_the_same_schedule(assets, tmp_path):
+    """Selecting again every step: the loop rebuilds the optimizer when the selection changes, and the
+    learning rate of every step still follows the recipe's schedule (as a run that never reselects)."""
+    from graftkit.train import parse_recipe, train
+
+    def lrs(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["lr"] for r in rows if "loss" in r]
+
+    method = {"method": "greentrainer", "flops_budget": 0.3, "importance_batches": 2}
+    optim = {"lr": 3e-3, "max_steps": 8, "warmup_steps": 2}
+    once = train(parse_recipe(cls_recipe(assets, tmp_path / "once", method=method, optim=optim)), progress=False)
+    again = train(parse_recipe(cls_recipe(assets, tmp_path / "again", method={**method, "reselect_every": 1}, optim=optim)),
+                  progress=False)
+    assert once["method_report"]["selections"] == 1
+    assert again["method_report"]["selections"] == 8 - 1 + 1  # the start, then after every step but the last
+    assert lrs(tmp_path / "again") == pytest.approx(lrs(tmp_path / "once"))
+    assert lrs(tmp_path / "once")[:4] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3 * (1 - 1 / 6)])
