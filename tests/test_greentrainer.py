@@ -167,5 +167,6 @@ def test_reselection_rebuilds_the_optimizer_on_the_same_schedule(assets, tmp_pat
                   progress=False)
     assert once["method_report"]["selections"] == 1
     assert again["method_report"]["selections"] == 8 - 1 + 1  # the start, then after every step but the last
+    assert again["method_report"]["selection_changes"] > 0  # so the optimizer really was rebuilt
     assert lrs(tmp_path / "again") == pytest.approx(lrs(tmp_path / "once"))
     assert lrs(tmp_path / "once")[:4] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3 * (1 - 1 / 6)])

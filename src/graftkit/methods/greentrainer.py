@@ -206,7 +206,7 @@ class GreenTrainerTraining(MethodTraining):
         self.order: list[str] = []
         self.t_dy = self.t_dw = np.zeros(0)
         self.selected = np.zeros(0, bool)
-        self.selections = 0
+        self.selections = self.changes = 0
         self.steps = self.total = 0
         self.saved = 0.0  # backward FLOPs not spent so far, against full fine-tuning on the same batches
 
@@ -288,7 +288,9 @@ class GreenTrainerTraining(MethodTraining):
         if every and self.steps % every == 0 and self.steps < self.total:
             before = self.selected.copy()
             self.select(model)
-            return not np.array_equal(before, self.selected)  # the same tensors: the optimizer keeps its state
+            changed = not np.array_equal(before, self.selected)  # the same tensors: the optimizer keeps its state
+            self.changes += changed
+            return changed
         return False
 
     def report(self, model) -> dict[str, Any]:
@@ -297,7 +299,7 @@ class GreenTrainerTraining(MethodTraining):
         return {"flops_budget": self.config.flops_budget, "tensors_trained": int(self.selected.sum()),
                 "tensors": len(self.order), "backward_gflops_full": round(full / 1e9, 4),
                 "backward_gflops_selected": round(used / 1e9, 4), "backward_flops_saved": round(1 - used / full, 4) if full else 0.0,
-                "selections": self.selections, "backward_gflops_saved_in_run": round(self.saved / 1e9, 4)}
+                "selections": self.selections, "selection_changes": self.changes, "backward_gflops_saved_in_run": round(self.saved / 1e9, 4)}
 
 
 @METHODS.register("greentrainer")
