@@ -77,6 +77,8 @@ METHODS = {
     "prefix_tuning": {"method": "prefix_tuning"},  # no MLP, as peft's default
     "p_tuning_v2": {"method": "p_tuning_v2", "preset": "simple"},  # the paper's classification options: dropout 0.1 on the prefix
     "iapt": {"method": "iapt", "num_virtual_tokens": 4, "bottleneck": 16},  # the paper's 4 tokens per layer (not --virtual-tokens)
+    # weight-space methods (issue 15); GreenTrainer in place at full fine-tuning's rate, half the backward FLOPs
+    "greentrainer": {"method": "greentrainer", "flops_budget": 0.5},
 }
 #: the soft-prompt rows (their own learning rates, and the peft comparison where peft has the method)
 SOFT = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "iapt")
@@ -94,7 +96,7 @@ LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (q/k/v/dense)", "houlsby
           "compacter_pp": "Compacter++ (rf 16, n=4)", "ln_tuning": "LN tuning", "mam": "MAM: parallel adapter + LoRA r=4 (q/v)",
           "prompt_tuning": "prompt tuning (vocab init)", "p_tuning": "P-tuning (MLP encoder)",
           "prefix_tuning": "prefix tuning (no MLP)", "p_tuning_v2": "P-tuning v2 (prefix dropout 0.1)",
-          "iapt": "IAPT (4 tokens per layer, bottleneck 16)"}
+          "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "greentrainer": "GreenTrainer (50% of the backward FLOPs)"}
 
 
 def cpu_name() -> str:
@@ -142,7 +144,8 @@ def train_worker(spec: dict) -> dict:
     total = sum(p.numel() for p in gk.load_model("minilm").parameters())  # the base encoder, no head
     return {"trainable": summary["trainable_parameters"], "base_params": total, "accuracy": summary.get("val_accuracy"),
             "val_loss": summary.get("val_loss"), "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
-            "step_s": statistics.median(times[1:] or times), "peak_rss_mb": peak_rss_mb(), "seconds": summary["seconds"]}
+            "step_s": statistics.median(times[1:] or times), "peak_rss_mb": peak_rss_mb(), "seconds": summary["seconds"],
+            "method_report": summary.get("method_report")}
 
 
 def one_line(exc: BaseException) -> str:
@@ -275,6 +278,9 @@ def run_worker(kind: str, spec: dict) -> dict:
 #: P-tuning sequence-classification guide), prefix tuning and P-tuning v2 1e-2 (peft's prefix-tuning
 #: guide; P-tuning v2's scripts use 5e-3 to 1e-2 on BERT-size encoders), IAPT 2e-3 (the adapters'
 #: rate: its generator is a bottleneck network; the paper's rate is not in the text available here)
+#: a weight-space method's own learning rate where --lr (the adapters' 2e-3) does not suit it, from its
+#: paper or peft's docs (each entry says where); the peft side runs at the same rate
+METHOD_LR: dict[str, float] = {}
 SOFT_LR = {"prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2, "p_tuning_v2": 1e-2, "iapt": 2e-3}
 PEFT_HEADER = ("| method | graftkit: held-out acc. / step (s) / peak RSS (MB) | peft: trainable / held-out acc. / step (s) / peak RSS (MB) "
                "| step time graftkit/peft | peak RSS graftkit/peft |\n|---|---|---|---|---|")
@@ -308,7 +314,7 @@ def main() -> None:
     for m in SOFT:
         p.add_argument(f"--{m.replace('_', '-')}-lr", type=float, default=SOFT_LR[m], help=f"learning rate of {m} (peft too)")
     p.add_argument("--jobs", type=int, default=1, help="workers run at a time (each with --threads torch threads)")
-    p.add_argument("--no-peft", action="store_true", help="skip the peft side of prompt tuning, P-tuning and prefix tuning")
+    p.add_argument("--no-peft", action="store_true", help="skip the peft side of the methods peft has")
     p.add_argument("--reps", type=int, default=7, help="timed forwards per overhead measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved bare/adapted rounds of the overhead measurement")
     p.add_argument("--no-overhead", action="store_true")
@@ -360,14 +366,16 @@ def main() -> None:
     print(header, flush=True)
     jobs = []  # (method, lr or "peft", worker kind, spec), in the order they start
     for m in [m for m in a.methods if m not in missing]:
-        lr = {"full": a.full_lr, "ln_tuning": a.ln_lr, **{k: getattr(a, k + "_lr") for k in SOFT}}.get(m, a.lr)
+        lr = {"full": a.full_lr, "greentrainer": a.full_lr, "ln_tuning": a.ln_lr, **METHOD_LR,
+              **{k: getattr(a, k + "_lr") for k in SOFT}}.get(m, a.lr)
         for lr_ in [lr] + ([a.lr2] if a.sweep and m not in ("full", "ln_tuning", *SOFT) else []):
             jobs.append((m, lr_, "train", {"recipe": recipe(method_config(m, a), lr_, a, train_path, held_path, folder / f"{m}-{lr_:g}"),
                                            "progress": a.jobs == 1, "threads": a.threads}))
         if m in PEFT and not a.no_peft:  # the same recipe (lr, steps, batch, seed, threads, tokens) through peft
             cls, options = PEFT[m]
             jobs.append((m, "peft", "peft", {"recipe": recipe(method_config(m, a), lr, a, train_path, held_path, folder / f"{m}-peft"),
-                                             "threads": a.threads, "peft": [cls, {**options, "num_virtual_tokens": a.virtual_tokens}]}))
+                                             "threads": a.threads,
+                                             "peft": [cls, {**options, **({"num_virtual_tokens": a.virtual_tokens} if m in SOFT else {})}]}))
     results: dict[tuple, dict] = {}
 
     def start(job: tuple) -> dict:
@@ -397,6 +405,9 @@ def main() -> None:
         print(row(m, r))
     for m in missing:
         print(f"| {LABELS[m]} | {'not available in this build' if m in SOFT else 'not registered'} | | | | | |")
+    for m, r in rows.items():  # what a method reports of its own run (sparsity, FLOPs or parameters saved, ...)
+        if r.get("method_report"):
+            print(f"{LABELS[m]}: {json.dumps(r['method_report'])}")
     if peft_rows:
         from importlib.metadata import version
 
