@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from ..errors import AdapterError
 from ..layers import layer_kind
 from ..targets import ParamInfo
-from .base import MethodConfig, Site, TuningMethod
+from .base import MergeDelta, MethodConfig, SavedTarget, Site, TuningMethod
 
 
 class DeltaSite(Site):
@@ -81,10 +82,28 @@ class DeltaSite(Site):
         self.base.copy_(self.theta0)
 
 
+def saved_inplace_deltas(t: SavedTarget, kind: str | None = None) -> dict[str, MergeDelta]:
+    """A saved in-place target as a merge input: its ``delta`` as it is, or its ``value`` (a tensor
+    saved whole) minus the base's."""
+    slot = "value" if t.options.get("absolute") else "delta"
+    saved = t.slots.get(slot)
+    if saved is None:
+        raise AdapterError(f"{t.where}: the adapter file has no tensor {t.name}.{slot}; it is incomplete - re-save it")
+    if tuple(saved.shape) != tuple(t.base_shape):
+        raise AdapterError(f"{t.where}: adapter tensor {t.name}.{slot} has shape {tuple(saved.shape)} but the base's {t.name} is "
+                           f"{tuple(t.base_shape)}; the adapter was made for another base model (or is corrupt)")
+    kind = kind or t.kind or "param"
+    if slot == "value":
+        return {t.name: MergeDelta(kind, lambda w: saved.float() - w.float())}
+    return {t.name: MergeDelta(kind, lambda w: saved.float())}
+
+
 class InplaceMethod(TuningMethod):
-    """A method whose sites train the selected base tensors directly."""
+    """A method whose sites train the selected base tensors directly; its saved deltas are merge inputs
+    as they are (dense ``theta - theta0``)."""
 
     kinds = ("any",)
+    merge_deltas = staticmethod(saved_inplace_deltas)
 
     @classmethod
     def make_site(cls, info: ParamInfo, config: MethodConfig, options: dict[str, Any]) -> Site:

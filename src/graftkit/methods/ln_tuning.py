@@ -33,11 +33,11 @@ import torch
 from pydantic import AliasChoices, Field
 from torch import nn
 
-from ..errors import AdapterError, FileFormatError
+from ..errors import FileFormatError
 from ..registry import METHODS
 from ..targets import ParamInfo
 from .base import HOLDER, MergeDelta, MethodConfig, PeftConverter, SavedTarget, Site
-from .inplace import DeltaSite, InplaceMethod
+from .inplace import DeltaSite, InplaceMethod, saved_inplace_deltas
 
 #: class-name endings that mark a normalisation layer (checked along the class's MRO)
 NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -60,16 +60,7 @@ def _slot(options: dict) -> str:
 
 
 def _merge_deltas(t: SavedTarget) -> dict[str, MergeDelta]:
-    slot = _slot(t.options)
-    saved = t.slots.get(slot)
-    if saved is None:
-        raise AdapterError(f"{t.where}: the adapter file has no tensor {t.name}.{slot}; it is incomplete - re-save it")
-    if tuple(saved.shape) != tuple(t.base_shape):
-        raise AdapterError(f"{t.where}: adapter tensor {t.name}.{slot} has shape {tuple(saved.shape)} but the base's {t.name} is "
-                           f"{tuple(t.base_shape)}; the adapter was made for another base model (or is corrupt)")
-    if slot == "value":
-        return {t.name: MergeDelta(KIND, lambda w: saved.float() - w.float())}
-    return {t.name: MergeDelta(KIND, lambda w: saved.float())}
+    return saved_inplace_deltas(t, KIND)  # a norm's kind: no layout to re-factor
 
 
 def _check_saved(adapter, name: str, options: dict, where: str) -> None:
