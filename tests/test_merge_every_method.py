@@ -21,17 +21,17 @@ MODELS = ("llama", "bert")
 
 
 def merge_rows(model_name: str) -> list[str]:
-    """The first contract row of each method that runs on ``model_name`` and is a weight-space merge input."""
-    rows, seen = [], set()
+    """Every contract row that runs on ``model_name`` and is a weight-space merge input (variants too:
+    rsLoRA and DoRA, whose merges peft gets wrong - peft issue 3761 - next to plain LoRA of another rank)."""
+    rows = []
     for row, case in MATRIX.items():
         method, _ = capabilities(row, model_name)
-        if method.name in seen or case.targets.get(model_name, ()) is None:
+        if case.targets.get(model_name, ()) is None:
             continue
         if case.models is not None and model_name not in case.models:
             continue
         if method.merge_deltas is None or not weight_delta(row, model_name):
             continue
-        seen.add(method.name)
         rows.append(row)
     return rows
 
