@@ -86,6 +86,7 @@ IA3_FEEDFORWARD = {
     "gpt2": {"feedforward": ["mlp.c_proj"]},
 }
 
+FLORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}
 COMPOSE_LORA = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
 #: each part's non-identity start (a composition's random start is its parts')
 PART_RANDOM = {"lora": {"init_lora_weights": False}, "parallel_adapter": {"init_weights": False}}
@@ -148,6 +149,9 @@ MATRIX: dict[str, Case] = {
     "iapt": Case("iapt", {"num_virtual_tokens": 2, "bottleneck": 4}, random={}),
     # lead: GreenTrainer trains a FLOPs-budgeted subset in place (the selection runs in graft train)
     "greentrainer": Case("greentrainer", {"flops_budget": 0.4}, models=("bert",)),
+    # P6 (issue 15): FLoRA (Tucker delta) and DSEE (low-rank + sparse delta), on methods/weight_delta.py
+    "flora": Case("flora", {"r": 2}, FLORA_TARGETS, {"init_weights": False}),
+    "flora-ranks": Case("flora", {"r": [3, 2], "scale": 2.0}, FLORA_TARGETS, {"init_weights": False}, models=("llama",)),
 }
 
 MODELS = list(TINY_MODELS)
