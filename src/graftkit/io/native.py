@@ -91,7 +91,10 @@ def adapter_from_model(model: nn.Module) -> AdapterFile:
     quantization = model_quantization(model)
     if quantization is not None:  # QLoRA: what the adapter was trained against (a merged export redoes it)
         meta["quantization"] = quantization
-    return AdapterFile(meta, tensors)
+    saved = getattr(METHODS.get(state.method), "saved_adapter", None)
+    adapter = AdapterFile(meta, tensors)
+    # a method whose live form differs from its saved one (LoRA's PiSSA/OLoRA against a residual base)
+    return saved(model, adapter) if saved is not None else adapter
 
 
 def write_native(adapter: AdapterFile, path: str | Path, overwrite: bool = False) -> Path:

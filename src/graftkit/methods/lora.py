@@ -29,13 +29,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from torch import nn
 
-from ..errors import UnsupportedError
+from ..errors import ConfigError, UnsupportedError
 from ..layers import from_matrix, is_quantized, logical_shape, matrix_shape, to_matrix
 from ..registry import METHODS
 from ..targets import ParamInfo
+from . import lora_init
 from .base import MergeDelta, MethodConfig, PeftConverter, SavedTarget, Site, TuningMethod, first_input, install_property, layer_kind, remove_property
 
 
@@ -46,11 +47,28 @@ class LoRAConfig(MethodConfig):
     use_rslora: bool = False
     use_dora: bool = False
     # peft's meaning: True = A random, B zero (identity at init); "gaussian" = A ~ N(0, 1/r);
-    # False = A and B both random (not an identity; for tests and debugging).
-    init_lora_weights: bool | Literal["gaussian"] = True
+    # False = A and B both random (not an identity; for tests and debugging). "pissa",
+    # "pissa_niter_<N>", "olora" (the base becomes a residual) and "eva" (data-driven):
+    # methods/lora_init.py.
+    init_lora_weights: bool | str = Field(True, validation_alias=AliasChoices("init_lora_weights", "init"))
+    eva_config: lora_init.EvaConfig | None = None
     # Per-module rank / alpha, keyed by a regex matched against the end of the module name (peft).
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _init_name(cls, value):
+        return lora_init.check_init(value)
+
+    @model_validator(mode="after")
+    def _eva_options(self):
+        if self.eva_config is not None and self.init_lora_weights != "eva":
+            raise ValueError(f"eva_config is set but init_lora_weights is {self.init_lora_weights!r}; set init_lora_weights: eva or drop eva_config")
+        if self.eva_config is not None and self.eva_config.tau != 0.99:
+            raise ValueError("eva_config.tau is not supported: graftkit computes the exact SVD of the inputs of eva_config.batches "
+                             "batches (no incremental convergence test); drop tau and set batches")
+        return self
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default):
@@ -100,10 +118,25 @@ class LoRASite(Site):
         dtype = torch.float32 if quantized or weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         self.r, self.alpha, self.dora, self.quantized = r, alpha, dora, quantized
         self.scaling = lora_scaling(alpha, r, rslora)
+        self.scaling_is_rs = rslora
         self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=dtype, device=weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._init_weights(init)
+        # PiSSA / OLoRA: the starting factors, kept to run the original model while disabled, to restore
+        # the base on unload and to save against the original base (lora_init.saved_adapter)
+        self.register_buffer("initial_A", None, persistent=False)
+        self.register_buffer("initial_B", None, persistent=False)
+        self.residual_applied = False
+        self.eva_pending = init == "eva"  # EVA's start (lora_init.eva_init) has not run yet
+        if isinstance(init, str) and init != "gaussian":
+            lora_init.refuse_unsupported(info.name, init, kind, dora, quantized)
+        if lora_init.is_residual(init) and weight.device.type != "meta":  # on meta (parameter counts) there is nothing to decompose
+            a, b = lora_init.residual_factors(init, to_matrix(kind, weight.detach()), r, self.scaling)
+            with torch.no_grad():
+                self.lora_A.copy_(a)
+                self.lora_B.copy_(b)
+            self.initial_A, self.initial_B = a.to(dtype).clone(), b.to(dtype).clone()
         if dora:
             self.slots = ("lora_A", "lora_B", "lora_magnitude_vector")
             with torch.no_grad():
@@ -128,6 +161,19 @@ class LoRASite(Site):
         else:
             nn.init.zeros_(self.lora_B)
 
+    def initial_matrix(self) -> torch.Tensor:
+        """s * B0 A0 (PiSSA/OLoRA: the part taken out of the base) in the stored layout, float32."""
+        return from_matrix(self.kind, (self.initial_B.float() @ self.initial_A.float()) * self.scaling, self.base.shape)
+
+    @torch.no_grad()
+    def set_rank(self, r: int, alpha: float, lora_a: torch.Tensor) -> None:
+        """New factors of rank ``r`` (EVA's redistribution): A from ``lora_a``, B zero."""
+        dtype, device = self.lora_A.dtype, self.lora_A.device
+        self.r, self.alpha = r, alpha
+        self.scaling = lora_scaling(alpha, r, self.scaling_is_rs)
+        self.lora_A = nn.Parameter(lora_a.to(device=device, dtype=dtype).contiguous())
+        self.lora_B = nn.Parameter(torch.zeros(self.lora_B.shape[0], r, dtype=dtype, device=device))
+
     # -- math -----------------------------------------------------------------------------
     def lora_matrix(self) -> torch.Tensor:
         """s * B A in the canonical (out, in) view, float32."""
@@ -148,6 +194,11 @@ class LoRASite(Site):
 
     # -- forward --------------------------------------------------------------------------
     def attach(self) -> None:
+        if self.initial_A is not None and not self.residual_applied:
+            # applied here, not in __init__: a refused injection builds every site before touching the model
+            with torch.no_grad():
+                self.base.sub_(self.initial_matrix().to(self.base.dtype))
+            self.residual_applied = True
         if self.kind == "param":
             install_property(self.owner, self.pname)
         else:
@@ -183,8 +234,16 @@ class LoRASite(Site):
         return F.linear(x, to_matrix(self.kind, w).to(x.dtype))
 
     def _hook(self, module, args, kwargs, output):
-        if not self.enabled or self.merged:
+        if self.merged:
             return None
+        if not self.enabled:
+            if not self.residual_applied:
+                return None
+            # disabled: the original model, residual base plus the part taken out of it
+            x = first_input(args, kwargs).to(self.initial_A.dtype)
+            return output + (F.linear(F.linear(x, self.initial_A), self.initial_B) * self.scaling).to(output.dtype)
+        if self.eva_pending:
+            raise ConfigError(lora_init.EVA_NEEDS_DATA)
         x = first_input(args, kwargs)
         if self.kind != "embedding":
             x = self.dropout(x.to(self.lora_A.dtype))
@@ -244,8 +303,17 @@ class LoRASite(Site):
             w.sub_(self.dense_delta(w).to(w.dtype))
         self.merged = False
 
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        super().restore_base()
+        if self.residual_applied:
+            self.base.add_(self.initial_matrix().to(self.base.dtype))
+            self.residual_applied = False
+
     def delta(self) -> dict[str, torch.Tensor]:
         w = self.base
+        if self.residual_applied:  # against the original base: s (B A - B0 A0)
+            return {self.pname: (self.dense_delta(w) - self.initial_matrix()).detach()}
         if self.merged and self.dora:
             orig = from_matrix(self.kind, to_matrix(self.kind, w).float() / self.merge_factor[:, None] - self.lora_matrix(), w.shape)
             return {self.pname: w.float() - orig}
@@ -288,9 +356,20 @@ def _peft_read(cfg, raw, path):
 
 
 def _peft_write_site(site, key, tensors, acc):
-    from ..io.peft import lora_site_to_peft
+    from ..io.peft import PREFIX, lora_site_to_peft
 
-    lora_site_to_peft(site, key, tensors, acc)
+    if getattr(site, "eva_pending", False):
+        raise ConfigError(lora_init.EVA_NEEDS_DATA)
+    if site.initial_A is None:
+        lora_site_to_peft(site, key, tensors, acc)
+        return
+    # PiSSA / OLoRA: a plain LoRA of rank 2r against the original base, as peft's
+    # save_pretrained(path_initial_model_for_weight_conversion=...) writes it
+    module = key[len(PREFIX):]
+    a, b = lora_init.converted_factors(site)  # (2r, in), (out, 2r): peft's layout for Linear and Conv1D alike
+    tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+    acc.setdefault("ranks", {})[module] = 2 * site.r
+    acc.setdefault("alphas", {})[module] = lora_init.converted_alpha(site.alpha, site.scaling_is_rs)
 
 
 def _peft_write_config(state, acc):
@@ -342,6 +421,16 @@ class LoRA(TuningMethod):
     saved_shapes = staticmethod(_saved_shapes)
     peft = PeftConverter("LORA", _peft_read, _peft_write_site, _peft_write_config)
     low_rank_factors = True
+
+    @classmethod
+    def training(cls, config: Any):
+        from ..config import parse_config
+
+        c = parse_config(LoRAConfig, dict(config))
+        return lora_init.EvaTraining(c.eva_config or lora_init.EvaConfig()) if c.init_lora_weights == "eva" else None
+
+    #: the adapter file as saved (adapter_from_model): PiSSA/OLoRA converted against the original base
+    saved_adapter = staticmethod(lora_init.saved_adapter)
 
     @classmethod
     def frozen_base_in_bf16(cls, config: dict[str, Any]) -> bool:
