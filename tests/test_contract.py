@@ -149,6 +149,9 @@ MATRIX: dict[str, Case] = {
     "iapt": Case("iapt", {"num_virtual_tokens": 2, "bottleneck": 4}, random={}),
     # lead: GreenTrainer trains a FLOPs-budgeted subset in place (the selection runs in graft train)
     "greentrainer": Case("greentrainer", {"flops_budget": 0.4}, models=("bert",)),
+    # P8 (issue 15): random-subspace tuning, theta0 + P z over every parameter (GPT-2's tied wte left out)
+    "subspace": Case("subspace", {"d": 8}, random={"init_weights": False}, per_model={"gpt2": {"exclude": ["wte"]}}),
+    "subspace-fastfood": Case("subspace", {"d": 12, "projection": "fastfood"}, random={"init_weights": False}, models=("bert",)),
     # P6 (issue 15): FLoRA (Tucker delta) and DSEE (low-rank + sparse delta), on methods/weight_delta.py
     "flora": Case("flora", {"r": 2}, FLORA_TARGETS, {"init_weights": False}),
     "flora-ranks": Case("flora", {"r": [3, 2], "scale": 2.0}, FLORA_TARGETS, {"init_weights": False}, models=("llama",)),

@@ -287,6 +287,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 2 if summary["failures"] else 0
 
 
+def cmd_probe_intrinsic_dim(args: argparse.Namespace) -> int:
+    from .config import read_yaml
+
+    read_yaml(args.recipe, "recipe file")  # a bad file fails in a second, before torch is imported
+    from .train import load_recipe
+    from .train.probe import probe_intrinsic_dim
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.out or f"{recipe.output.dir.rstrip('/')}-probe"
+    probe_intrinsic_dim(recipe, args.dims, out, full_score=args.full_score, full_lr=args.full_lr, subspace_lr=args.subspace_lr,
+                        overwrite=args.overwrite, progress=not args.no_progress, source=str(args.recipe))
+    return 0
+
+
+def _dims(text: str) -> list[int]:
+    from .errors import ConfigError
+    from .train.probe import parse_dims
+
+    try:
+        return parse_dims(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--dims: ", "")) from None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .eval.compare import compare_runs, format_comparison, parse_experts
 
@@ -409,6 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run code tasks even without bubblewrap, with in-process checks only (unsafe for untrusted models)")
     s.set_defaults(func=cmd_eval)
 
+    s = sub.add_parser("probe", help="measure a task: intrinsic-dim (d_int90 by random-subspace tuning); docs/methods.md")
+    probes = s.add_subparsers(dest="probe", metavar="PROBE", parser_class=_Parser, required=True)
+    s = probes.add_parser("intrinsic-dim", help="train full fine-tuning and a random subspace of each --dims size; report d_int90")
+    s.add_argument("recipe", help="training recipe (YAML): its model, data and budget are used for every run")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. optim.max_steps=200")
+    s.add_argument("--dims", required=True, type=_dims, metavar="D1,D2,...", help="subspace dimensions, e.g. 10,100,1000")
+    s.add_argument("--out", default=None, help="output folder (default: the recipe's output.dir + '-probe')")
+    s.add_argument("--full-score", type=float, default=None, help="full fine-tuning's score, if known (skips that run)")
+    s.add_argument("--full-lr", type=float, default=None, help="full fine-tuning's learning rate (default: the recipe's if its "
+                   "method is full, else 5e-5)")
+    s.add_argument("--subspace-lr", type=float, default=None, help="z's learning rate (default: the recipe's if its method is "
+                   "subspace, else 1e-2)")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_probe_intrinsic_dim)
+
     s = sub.add_parser("compare", help="compare two graft eval model folders: per-task scores, bootstrap CI, verdict, flips")
     s.add_argument("a", metavar="A", help="reference model folder written by graft eval (OUT/<model>)")
     s.add_argument("b", metavar="B", help="model folder compared against A (diff = B - A)")
@@ -441,7 +481,7 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "command", None) == "train" and not any(x.startswith("-") for x in extra):
+    if extra and getattr(args, "command", None) in ("train", "probe") and not any(x.startswith("-") for x in extra):
         # argparse fills the KEY=VALUE list only before the first flag; `train r.yaml --resume a=1` means the same
         args.overrides = [*args.overrides, *extra]
         extra = []

@@ -6,6 +6,7 @@ from . import prefix_tuning  # noqa: F401  (registration)
 from . import p_tuning_v2  # noqa: F401  (registration)
 from . import iapt  # noqa: F401  (registration)
 from . import greentrainer  # noqa: F401  (registration)
+from . import subspace  # noqa: F401  (registration)
 from . import flora  # noqa: F401  (registration)
 from .bitfit import BitFitConfig
 from .full import FullConfig
