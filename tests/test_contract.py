@@ -87,6 +87,7 @@ IA3_FEEDFORWARD = {
 }
 
 FLORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}
+LYCORIS_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}
 COMPOSE_LORA = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
 #: each part's non-identity start (a composition's random start is its parts')
 PART_RANDOM = {"lora": {"init_lora_weights": False}, "parallel_adapter": {"init_weights": False}}
@@ -147,6 +148,11 @@ MATRIX: dict[str, Case] = {
     "p_tuning_v2": Case("p_tuning_v2", {"num_virtual_tokens": 4, "prefix_dropout": 0.0}, random={}, models=("bert", "llama")),
     # per-layer prompts generated from the instruction, entering as key/value prefixes
     "iapt": Case("iapt", {"num_virtual_tokens": 2, "bottleneck": 4}, random={}),
+    # P1 (issue 15): LoHa, LoKr, FourierFT - weight deltas from methods/weight_delta.py; GPT-2's Conv1D too
+    "loha": Case("loha", {"r": 2, "alpha": 4}, LYCORIS_TARGETS, {"init_weights": False}),
+    "lokr": Case("lokr", {"r": 2, "alpha": 4, "decompose_both": True}, LYCORIS_TARGETS, {"init_weights": False}),
+    "lokr-full": Case("lokr", {"r": 8, "decompose_factor": 4, "init_weights": "lycoris"}, LYCORIS_TARGETS, {"init_weights": False},
+                      models=("bert",)),
     # lead: GreenTrainer trains a FLOPs-budgeted subset in place (the selection runs in graft train)
     "greentrainer": Case("greentrainer", {"flops_budget": 0.4}, models=("bert",)),
     # P8 (issue 15): random-subspace tuning, theta0 + P z over every parameter (GPT-2's tied wte left out)

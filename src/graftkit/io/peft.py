@@ -295,7 +295,8 @@ def write_peft(model: nn.Module, path: str | Path, overwrite: bool = False) -> P
         "modules_to_save": head_modules, "inference_mode": True,
         "base_model_name_or_path": state.base.get("name_or_path"), "revision": None,
     }
-    if kinds & {"linear", "conv1d", "conv2d", "embedding"}:  # a key of peft's weight-matrix methods only (LN tuning warns on it)
+    # a key of most of peft's weight-matrix methods (LN tuning, LoHa and LoKr warn on it: their converters say so)
+    if kinds & {"linear", "conv1d", "conv2d", "embedding"} and getattr(conv, "fan_in_fan_out", True):
         cfg["fan_in_fan_out"] = "conv1d" in kinds
     cfg.update(conv.write_config(state, acc))
     with atomic_dir(path, overwrite) as tmp:
