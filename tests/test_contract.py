@@ -164,6 +164,10 @@ MATRIX: dict[str, Case] = {
     # P4 (issue 15): AdaLoRA, the SVD-form delta P diag(E) Q (its rank allocation runs in graft train)
     "adalora": Case("adalora", {"init_r": 3, "target_r": 2, "lora_alpha": 4}, {"llama": ["q_proj", "v_proj", "down_proj"],
                     "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}, {"init_lora_weights": False}),
+    # P2 (issue 15): VeRA (one shared frozen random pair, trained vectors; GPT-2's Conv1D too)
+    "vera": Case("vera", {"r": 4}, LYCORIS_TARGETS, {"init_weights": False}),
+    "vera-unsaved": Case("vera", {"r": 3, "save_projection": False, "projection_prng_key": 5}, LYCORIS_TARGETS,
+                         {"init_weights": False}, models=("gpt2",)),
 }
 
 MODELS = list(TINY_MODELS)
@@ -481,10 +485,13 @@ def test_only_adapter_parameters_train(row, model_name):
         assert set(state.targets) == set(sites), "every saved target is a site and every site a saved target"
         hooked = [s for s in sites.values() if not s.inplace]
         assert hooked, "no module carries the adapter"
-        # every slot is a trainable parameter, counted once (shared tensors have one slot)
-        assert len(adapter_params) == sum(len(s.slots) for s in hooked)
-        for s in hooked:
-            assert all(isinstance(t, nn.Parameter) and t.requires_grad for t in s.slot_tensors().values())
+        # every slot is a trainable parameter, counted once (shared tensors have one slot), except the
+        # ones a site declares frozen (saved, never trained: VeRA's shared random pair)
+        frozen = [(s, set(getattr(s, "frozen_slots", ()))) for s in hooked]
+        assert len(adapter_params) == sum(len(set(s.slots) - f) for s, f in frozen)
+        for s, f in frozen:
+            assert all(isinstance(t, nn.Parameter) and t.requires_grad for k, t in s.slot_tensors().items() if k not in f)
+            assert not any(t.requires_grad for k, t in s.slot_tensors().items() if k in f)
         if MATRIX[row].method in ("lora", "ia3"):
             slots_per_site = 3 if MATRIX[row].config.get("use_dora") else (2 if MATRIX[row].method == "lora" else 1)
             assert len(trainable) == slots_per_site * len(state.targets)
