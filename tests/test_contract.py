@@ -88,6 +88,7 @@ IA3_FEEDFORWARD = {
 
 FLORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}
 LYCORIS_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}
+OFT_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}  # P3
 COMPOSE_LORA = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
 #: each part's non-identity start (a composition's random start is its parts')
 PART_RANDOM = {"lora": {"init_lora_weights": False}, "parallel_adapter": {"init_weights": False}}
@@ -148,6 +149,11 @@ MATRIX: dict[str, Case] = {
     "p_tuning_v2": Case("p_tuning_v2", {"num_virtual_tokens": 4, "prefix_dropout": 0.0}, random={}, models=("bert", "llama")),
     # per-layer prompts generated from the instruction, entering as key/value prefixes
     "iapt": Case("iapt", {"num_virtual_tokens": 2, "bottleneck": 4}, random={}),
+    # P3 (issue 15): OFT and BOFT, rotations of each weight's inputs (W R^T), on methods/weight_delta.py; Conv1D too
+    "oft": Case("oft", {"oft_block_size": 8}, OFT_TARGETS, {"init_weights": False}),
+    "oft-cayley-share": Case("oft", {"r": 2, "use_cayley_neumann": False, "block_share": True}, OFT_TARGETS,
+                             {"init_weights": False}, models=("gpt2",)),
+    "boft": Case("boft", {"boft_block_size": 4, "boft_n_butterfly_factor": 2}, OFT_TARGETS, {"init_weights": False}),
     # P1 (issue 15): LoHa, LoKr, FourierFT - weight deltas from methods/weight_delta.py; GPT-2's Conv1D too
     "loha": Case("loha", {"r": 2, "alpha": 4}, LYCORIS_TARGETS, {"init_weights": False}),
     "lokr": Case("lokr", {"r": 2, "alpha": 4, "decompose_both": True}, LYCORIS_TARGETS, {"init_weights": False}),
