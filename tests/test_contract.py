@@ -159,6 +159,7 @@ MATRIX: dict[str, Case] = {
     "lokr": Case("lokr", {"r": 2, "alpha": 4, "decompose_both": True}, LYCORIS_TARGETS, {"init_weights": False}),
     "lokr-full": Case("lokr", {"r": 8, "decompose_factor": 4, "init_weights": "lycoris"}, LYCORIS_TARGETS, {"init_weights": False},
                       models=("bert",)),
+    "fourierft": Case("fourierft", {"n_frequency": 64, "scaling": 10.0, "init_weights": True}, LYCORIS_TARGETS, {"init_weights": False}),
     # lead: GreenTrainer trains a FLOPs-budgeted subset in place (the selection runs in graft train)
     "greentrainer": Case("greentrainer", {"flops_budget": 0.4}, models=("bert",)),
     # P8 (issue 15): random-subspace tuning, theta0 + P z over every parameter (GPT-2's tied wte left out)
