@@ -168,6 +168,11 @@ MATRIX: dict[str, Case] = {
     # P6 (issue 15): FLoRA (Tucker delta) and DSEE (low-rank + sparse delta), on methods/weight_delta.py
     "flora": Case("flora", {"r": 2}, FLORA_TARGETS, {"init_weights": False}),
     "flora-ranks": Case("flora", {"r": [3, 2], "scale": 2.0}, FLORA_TARGETS, {"init_weights": False}, models=("llama",)),
+    "dsee": Case("dsee", {"r": 2, "num_sparse": 16}, FLORA_TARGETS, {"init_weights": False}),
+    "dsee-rows-pruned": Case("dsee", {"r": 2, "structure": "rows", "num_sparse": 3, "sparse_select": "decomposition",
+                                      "decompose_rank": 2, "prune": 0.3}, FLORA_TARGETS, {"init_weights": False}, models=("bert", "gpt2")),
+    "dsee-heads": Case("dsee", {"r": 2, "structure": "heads", "head_dim": 8, "sparse_fraction": 0.5, "sparse_select": "random"},
+                       {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}, {"init_weights": False}, models=("llama", "bert")),
     # P4 (issue 15): AdaLoRA, the SVD-form delta P diag(E) Q (its rank allocation runs in graft train)
     "adalora": Case("adalora", {"init_r": 3, "target_r": 2, "lora_alpha": 4}, {"llama": ["q_proj", "v_proj", "down_proj"],
                     "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}, {"init_lora_weights": False}),
