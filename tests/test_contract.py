@@ -180,6 +180,9 @@ MATRIX: dict[str, Case] = {
     "vera": Case("vera", {"r": 4}, LYCORIS_TARGETS, {"init_weights": False}),
     "vera-unsaved": Case("vera", {"r": 3, "save_projection": False, "projection_prng_key": 5}, LYCORIS_TARGETS,
                          {"init_weights": False}, models=("gpt2",)),
+    # P2: DEFT is a LoRA trained with a density loss (training only): LoRA's contract on its own config
+    "deft": Case("deft", {"r": 4, "lora_alpha": 8, "density_weight": 0.5}, LORA_TARGETS, {"init_lora_weights": False},
+                 models=("bert", "gpt2")),
 }
 
 MODELS = list(TINY_MODELS)

@@ -14,6 +14,7 @@ from . import subspace  # noqa: F401  (registration)
 from . import flora  # noqa: F401  (registration)
 from . import adalora  # noqa: F401  (registration)
 from . import vera  # noqa: F401  (registration)
+from . import deft  # noqa: F401  (registration)
 from . import oft, boft  # noqa: F401  (registration)
 from .bitfit import BitFitConfig
 from .full import FullConfig
