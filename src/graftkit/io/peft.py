@@ -145,6 +145,12 @@ def lora_from_peft(cfg: dict, raw: dict, path: Path) -> AdapterFile:
         value = cfg.get(key, harmless)
         if value not in (harmless, None, False, {}, []):
             raise UnsupportedError(f"this peft LoRA uses {key}={value!r}, which graftkit does not support; supported: plain LoRA, rsLoRA, DoRA")
+    residual = cfg.get("init_lora_weights")
+    if isinstance(residual, str) and (residual in ("olora", "corda", "loftq") or residual.startswith("pissa")):
+        # peft changed the base weights at init: these factors fit only its residual base
+        raise UnsupportedError(f"this peft LoRA was saved with init_lora_weights={residual!r}: its factors apply to peft's residual "
+                               "base, not to the original model; save it in peft with path_initial_model_for_weight_conversion "
+                               "(a plain LoRA against the original base) and load that")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     known: set[str] = set()
     for key, value in raw.items():
