@@ -79,13 +79,19 @@ METHODS = {
     "iapt": {"method": "iapt", "num_virtual_tokens": 4, "bottleneck": 16},  # the paper's 4 tokens per layer (not --virtual-tokens)
     # weight-space methods (issue 15); GreenTrainer in place at full fine-tuning's rate, half the backward FLOPs
     "greentrainer": {"method": "greentrainer", "flops_budget": 0.5},
+    # OFT / BOFT at peft's defaults (OFT: blocks of 32, Cayley-Neumann; BOFT: blocks of 4, one butterfly factor, which is
+    # all peft builds without its CUDA extension) on LoRA's targets, at the adapters' --lr
+    "oft": {"method": "oft", "oft_block_size": 32, "targets": ["query", "key", "value", "dense"]},
+    "boft": {"method": "boft", "boft_block_size": 4, "targets": ["query", "key", "value", "dense"]},
 }
 #: the soft-prompt rows (their own learning rates, and the peft comparison where peft has the method)
 SOFT = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "iapt")
 #: peft 0.21's config class and options for the same method (PeftModelForSequenceClassification)
 PEFT = {"prompt_tuning": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
         "p_tuning": ("PromptEncoderConfig", {"encoder_reparameterization_type": "MLP"}),
-        "prefix_tuning": ("PrefixTuningConfig", {"prefix_projection": False})}
+        "prefix_tuning": ("PrefixTuningConfig", {"prefix_projection": False}),
+        "oft": ("OFTConfig", {"oft_block_size": 32, "target_modules": ["query", "key", "value", "dense"]}),
+        "boft": ("BOFTConfig", {"boft_block_size": 4, "target_modules": ["query", "key", "value", "dense"]})}
 
 
 def method_config(m: str, a) -> dict:
@@ -96,7 +102,8 @@ LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (q/k/v/dense)", "houlsby
           "compacter_pp": "Compacter++ (rf 16, n=4)", "ln_tuning": "LN tuning", "mam": "MAM: parallel adapter + LoRA r=4 (q/v)",
           "prompt_tuning": "prompt tuning (vocab init)", "p_tuning": "P-tuning (MLP encoder)",
           "prefix_tuning": "prefix tuning (no MLP)", "p_tuning_v2": "P-tuning v2 (prefix dropout 0.1)",
-          "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "greentrainer": "GreenTrainer (50% of the backward FLOPs)"}
+          "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "greentrainer": "GreenTrainer (50% of the backward FLOPs)",
+          "oft": "OFT b=32 (q/k/v/dense, Cayley-Neumann)", "boft": "BOFT b=4 (q/k/v/dense)"}
 
 
 def cpu_name() -> str:

@@ -42,8 +42,8 @@ class _BlockDiag:
 
 @pytest.fixture(autouse=True)
 def peft_boft_without_cuda(monkeypatch):
-    # peft tries (and fails, in seconds) to compile its CUDA extension for every BOFT layer on a CPU
-    # machine and then uses one butterfly factor: the tests build it as peft does there, quickly
+    # peft tries to build its CUDA extension for every BOFT layer (a compiler run each) and without it uses
+    # one butterfly factor: the tests take that CPU path directly, whatever the machine has
     monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: None)
 
 
@@ -264,6 +264,24 @@ def test_merged_equals_unmerged_and_unmerge_restores(method, cfg):
     gk.unmerge_adapter(model)
     for k, v in before.items():
         torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method, cfg", [
+    ("oft", {"oft_block_size": 4, "module_dropout": 0.5}),
+    ("boft", {"boft_block_size": 4, "boft_n_butterfly_factor": 2, "boft_dropout": 0.5}),
+])
+def test_block_dropout_sets_blocks_to_identity_in_training_only(method, cfg):
+    model = gk.inject(tiny_llama(), {"method": method, "init_weights": False, "targets": ["q_proj"], **cfg})
+    site = next(iter(gk.sites(model).values()))
+    eye = torch.eye(4)
+    get = site.rotation if method == "oft" else site.rotation_blocks
+    with torch.no_grad():
+        model.eval()
+        assert not any(torch.equal(b, eye) for b in get().reshape(-1, 4, 4))
+        model.train()
+        blocks = get().reshape(-1, 8, 4, 4)  # (factors, 8 blocks of 4 over 32 inputs)
+    identity = [[torch.equal(b, eye) for b in f] for f in blocks]
+    assert [sum(f) for f in identity] in ([4], [4, 0], [0, 4])  # int(0.5 x 8) blocks, of one factor
 
 
 def test_oft_rotation_preserves_neuron_angles():

@@ -243,7 +243,10 @@ def _check_saved(adapter, name: str, options: dict, where: str) -> None:
 def _saved_shapes(adapter, name: str, kind: str, base_shape: tuple, feedforward: bool = False) -> dict[str, tuple]:
     options = (adapter.meta.get("target_options") or {}).get(name) or {}
     out_f, in_f = matrix_shape(kind, base_shape)
-    m, d, h = (int(options[k]) for k in ("factors", "block_num", "block_size"))
+    m, d, h = (options.get(k) for k in ("factors", "block_num", "block_size"))
+    if not all(isinstance(v, int) and v >= 1 for v in (m, d, h)):
+        raise AdapterError(f"the BOFT adapter's adapter.json gives (factors, block_num, block_size) = {(m, d, h)} for {name}; "
+                           "the file is corrupt - re-save it")
     if d * h != in_f:
         raise AdapterError(f"the BOFT adapter's {d} blocks of {h} for {name} do not cover its {in_f} inputs in this base "
                            f"{tuple(base_shape)}; the adapter was made for another base model")

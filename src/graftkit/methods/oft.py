@@ -257,8 +257,10 @@ def _check_saved(adapter, name: str, options: dict, where: str) -> None:
 
 def _saved_shapes(adapter, name: str, kind: str, base_shape: tuple, feedforward: bool = False) -> dict[str, tuple]:
     options = (adapter.meta.get("target_options") or {}).get(name) or {}
-    b = int(options["block_size"])
+    b = options.get("block_size")
     _, in_f = matrix_shape(kind, base_shape)
+    if not isinstance(b, int) or b < 1:
+        raise AdapterError(f"the OFT adapter's adapter.json gives no block_size for {name} (got {b!r}); the file is corrupt - re-save it")
     if in_f % b:
         raise AdapterError(f"the OFT adapter's block size {b} for {name} does not divide its {in_f} inputs in this base "
                            f"{tuple(base_shape)}; the adapter was made for another base model")
