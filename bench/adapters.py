@@ -83,11 +83,15 @@ METHODS = {
     # all peft builds without its CUDA extension) on LoRA's targets, at the adapters' --lr
     "oft": {"method": "oft", "oft_block_size": 32, "targets": ["query", "key", "value", "dense"]},
     "boft": {"method": "boft", "boft_block_size": 4, "targets": ["query", "key", "value", "dense"]},
+    # P2: VeRA at peft's default r (256) on the paper's query/value; DEFT = LoRA's row + the authors' density loss (weight 1, eps 1e-7)
+    "vera": {"method": "vera", "r": 256, "targets": ["query", "value"]},
+    "deft": {**LORA, "method": "deft", "density_weight": 1.0},
 }
 #: the soft-prompt rows (their own learning rates, and the peft comparison where peft has the method)
 SOFT = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "iapt")
 #: peft 0.21's config class and options for the same method (PeftModelForSequenceClassification)
-PEFT = {"prompt_tuning": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
+PEFT = {"vera": ("VeraConfig", {"r": 256, "target_modules": ["query", "value"]}),
+        "prompt_tuning": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
         "p_tuning": ("PromptEncoderConfig", {"encoder_reparameterization_type": "MLP"}),
         "prefix_tuning": ("PrefixTuningConfig", {"prefix_projection": False}),
         "oft": ("OFTConfig", {"oft_block_size": 32, "target_modules": ["query", "key", "value", "dense"]}),
@@ -97,7 +101,8 @@ PEFT = {"prompt_tuning": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_V
 def method_config(m: str, a) -> dict:
     """The recipe's ``method:`` for ``m``; a soft-prompt method gets ``--virtual-tokens`` (peft the same number)."""
     return {**METHODS[m], "num_virtual_tokens": a.virtual_tokens} if m in SOFT and m != "iapt" else METHODS[m]
-LABELS = {"full": "full fine-tuning", "lora": "LoRA r=8 (q/k/v/dense)", "houlsby": "Houlsby (rf 16)", "pfeiffer": "Pfeiffer (rf 16)",
+LABELS = {"vera": "VeRA r=256 (q/v)", "deft": "DEFT: LoRA r=8 + density loss (w=1)",
+          "full": "full fine-tuning", "lora": "LoRA r=8 (q/k/v/dense)", "houlsby": "Houlsby (rf 16)", "pfeiffer": "Pfeiffer (rf 16)",
           "parallel_adapter": "parallel adapter (rf 16, s=4)", "compacter": "Compacter (rf 16, n=4)",
           "compacter_pp": "Compacter++ (rf 16, n=4)", "ln_tuning": "LN tuning", "mam": "MAM: parallel adapter + LoRA r=4 (q/v)",
           "prompt_tuning": "prompt tuning (vocab init)", "p_tuning": "P-tuning (MLP encoder)",
@@ -287,7 +292,11 @@ def run_worker(kind: str, spec: dict) -> dict:
 #: rate: its generator is a bottleneck network; the paper's rate is not in the text available here)
 #: a weight-space method's own learning rate where --lr (the adapters' 2e-3) does not suit it, from its
 #: paper or peft's docs (each entry says where); the peft side runs at the same rate
-METHOD_LR: dict[str, float] = {}
+METHOD_LR: dict[str, float] = {
+    # VeRA 2e-2: the vectors' rate of peft's VeRA sequence-classification example (examples/sequence_classification/VeRA.ipynb,
+    # vera_lr; its head trains at 1e-2, here it shares 2e-2)
+    "vera": 2e-2,
+}
 SOFT_LR = {"prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2, "p_tuning_v2": 1e-2, "iapt": 2e-3}
 PEFT_HEADER = ("| method | graftkit: held-out acc. / step (s) / peak RSS (MB) | peft: trainable / held-out acc. / step (s) / peak RSS (MB) "
                "| step time graftkit/peft | peak RSS graftkit/peft |\n|---|---|---|---|---|")
