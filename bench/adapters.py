@@ -79,6 +79,12 @@ METHODS = {
     "iapt": {"method": "iapt", "num_virtual_tokens": 4, "bottleneck": 16},  # the paper's 4 tokens per layer (not --virtual-tokens)
     # weight-space methods (issue 15); GreenTrainer in place at full fine-tuning's rate, half the backward FLOPs
     "greentrainer": {"method": "greentrainer", "flops_budget": 0.5},
+    # FLoRA r 8 per mode on LoRA's targets, the authors' example scale 4; DSEE as LoRA (r 8, alpha 16) plus the authors'
+    # 64 sparse entries per weight (--num_sparse 64) at magnitude-chosen places, and with the README's pruning ratio 0.5
+    "flora": {"method": "flora", "r": 8, "scale": 4.0, "targets": ["query", "key", "value", "dense"]},
+    "dsee": {"method": "dsee", "r": 8, "lora_alpha": 16, "num_sparse": 64, "targets": ["query", "key", "value", "dense"]},
+    "dsee_pruned": {"method": "dsee", "r": 8, "lora_alpha": 16, "num_sparse": 64, "prune": 0.5,
+                    "targets": ["query", "key", "value", "dense"]},
     # OFT / BOFT at peft's defaults (OFT: blocks of 32, Cayley-Neumann; BOFT: blocks of 4, one butterfly factor, which is
     # all peft builds without its CUDA extension) on LoRA's targets, at the adapters' --lr
     "oft": {"method": "oft", "oft_block_size": 32, "targets": ["query", "key", "value", "dense"]},
@@ -107,7 +113,8 @@ LABELS = {"vera": "VeRA r=256 (q/v)", "deft": "DEFT: LoRA r=8 + density loss (w=
           "compacter_pp": "Compacter++ (rf 16, n=4)", "ln_tuning": "LN tuning", "mam": "MAM: parallel adapter + LoRA r=4 (q/v)",
           "prompt_tuning": "prompt tuning (vocab init)", "p_tuning": "P-tuning (MLP encoder)",
           "prefix_tuning": "prefix tuning (no MLP)", "p_tuning_v2": "P-tuning v2 (prefix dropout 0.1)",
-          "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "greentrainer": "GreenTrainer (50% of the backward FLOPs)",
+          "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "flora": "FLoRA r=8 per mode (q/k/v/dense, scale 4)", "dsee": "DSEE r=8 + 64 sparse (q/k/v/dense)",
+          "dsee_pruned": "DSEE r=8 + 64 sparse, final weight 50% pruned", "greentrainer": "GreenTrainer (50% of the backward FLOPs)",
           "oft": "OFT b=32 (q/k/v/dense, Cayley-Neumann)", "boft": "BOFT b=4 (q/k/v/dense)"}
 
 
