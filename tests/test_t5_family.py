@@ -45,6 +45,9 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     # soft tokens in front of the encoder's input (the decoder cross-attends to them too)
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 4}, {}),
     "p_tuning": ({"method": "p_tuning", "num_virtual_tokens": 3, "encoder_hidden_size": 16}, {}),
+    # P6 (issue 15): a Tucker delta and a low-rank + sparse delta on q, v and the FFN output
+    "flora": ({"method": "flora", "r": 2, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    "dsee": ({"method": "dsee", "r": 2, "num_sparse": 8, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
     # P3 (issue 15): rotations of q, v and the FFN output's inputs (BOFT with one factor: what peft builds on a CPU)
     "oft": ({"method": "oft", "oft_block_size": 8, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
     "boft": ({"method": "boft", "boft_block_size": 4, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
