@@ -168,6 +168,12 @@ MATRIX: dict[str, Case] = {
     # P8 (issue 15): random-subspace tuning, theta0 + P z over every parameter (GPT-2's tied wte left out)
     "subspace": Case("subspace", {"d": 8}, random={"init_weights": False}, per_model={"gpt2": {"exclude": ["wte"]}}),
     "subspace-fastfood": Case("subspace", {"d": 12, "projection": "fastfood"}, random={"init_weights": False}, models=("bert",)),
+    # P7 (issue 15): sparse fine-tuning - in-place sparse sites (LT-SFT, APET) and diff pruning's gated delta, all saved
+    # as indices + values (methods/sparse.py)
+    "lt_sft": Case("lt_sft", {"fraction": 0.05}),
+    "apet": Case("apet", {"num_trainable": 500, "targets": ["all-linear"]}),
+    "apet-rows": Case("apet", {"fraction": 0.1, "structure": "rows"}, models=("bert",)),
+    "diff_pruning": Case("diff_pruning", {}, random={"init_weights": False}, per_model={"gpt2": {"exclude": ["wte"]}}),
     # P6 (issue 15): FLoRA (Tucker delta) and DSEE (low-rank + sparse delta), on methods/weight_delta.py
     "flora": Case("flora", {"r": 2}, FLORA_TARGETS, {"init_weights": False}),
     "flora-ranks": Case("flora", {"r": [3, 2], "scale": 2.0}, FLORA_TARGETS, {"init_weights": False}, models=("llama",)),
@@ -520,9 +526,15 @@ def test_only_adapter_parameters_train(row, model_name):
         # every slot is a trainable parameter, counted once (shared tensors have one slot), except the
         # ones a site declares frozen (saved, never trained: VeRA's shared random pair)
         frozen = [(s, set(getattr(s, "frozen_slots", ()))) for s in hooked]
-        assert len(adapter_params) == sum(len(set(s.slots) - f) for s, f in frozen)
+
+        def trained(s, f):  # a site saved in another form than it trains names its trained tensors (diff pruning)
+            if hasattr(s, "trained_slots"):
+                return {n: getattr(s, n) for n in s.trained_slots}
+            return {k: t for k, t in s.slot_tensors().items() if k not in f}
+
+        assert len(adapter_params) == sum(len(trained(s, f)) for s, f in frozen)
         for s, f in frozen:
-            assert all(isinstance(t, nn.Parameter) and t.requires_grad for k, t in s.slot_tensors().items() if k not in f)
+            assert all(isinstance(t, nn.Parameter) and t.requires_grad for t in trained(s, f).values())
             assert not any(t.requires_grad for k, t in s.slot_tensors().items() if k in f)
         if MATRIX[row].method in ("lora", "ia3"):
             slots_per_site = 3 if MATRIX[row].config.get("use_dora") else (2 if MATRIX[row].method == "lora" else 1)

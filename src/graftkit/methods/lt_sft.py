@@ -13,8 +13,10 @@ Ansell et al., 2022, "Composable Sparse Fine-Tuning for Cross-Lingual Transfer" 
 ``phi`` is saved compactly (indices and values, methods/sparse.py). Two of them compose by addition,
 ``theta0 + phi_task + phi_lang``, which ``graft merge`` with ``task_arithmetic`` (weights 1) does.
 
-Deviations: the run has one learning-rate schedule spanning both phases (the paper restarts it for
-phase 2); heads trained whole (``train_also``) keep their phase-1 values instead of being reset. The
+Phase 2 runs the recipe's learning-rate schedule again (warmup and decay) over the steps left, as the
+paper's second fine-tuning does (``restart_schedule``, read by the training loop when it rebuilds the
+optimizer). Deviation: heads trained whole (``train_also``) keep their phase-1 values instead of being
+reset. The
 selection needs training, so ``gk.inject`` alone trains every selected entry (as ``full``) and saves
 those that changed.
 """
@@ -52,6 +54,7 @@ class LTSFTTraining(MethodTraining):
         self.phase1 = 0
         self.kept = self.entries = 0
         self.switched = False
+        self.restart_schedule = False  # True while the loop rebuilds the optimizer for phase 2
 
     def start(self, model, forward, batches, total_steps) -> None:
         c = self.config
@@ -79,9 +82,11 @@ class LTSFTTraining(MethodTraining):
         self.switched = True
 
     def after_update(self, model, step) -> bool:
+        self.restart_schedule = False
         if step + 1 == self.phase1:
             self.select(model)
-            return True  # phase 2 starts with a fresh optimizer (no phase-1 moments)
+            self.restart_schedule = True
+            return True  # phase 2 starts with a fresh optimizer (no phase-1 moments) and schedule
         if self.switched:
             for s in sparse_sites(model).values():
                 s.enforce()

@@ -116,11 +116,18 @@ def bind_saved(model: nn.Module, adapter):
     sites are built with slots of the saved length before the tensors are loaded."""
     from ..io.native import AdapterFile
 
+    from ..errors import GraftError
+    from ..targets import find_param
+
     options = {k: dict(v or {}) for k, v in (adapter.meta.get("target_options") or {}).items()}
     where = str(adapter.path or "the adapter")
     for name in adapter.targets:
+        try:
+            numel = find_param(model, name).param.numel()
+        except GraftError:  # a missing parameter is named by apply_adapter's own check
+            numel = None
         indices = adapter.tensors.get(f"{name}.indices")
-        check_sparse(indices, adapter.tensors.get(f"{name}.values"), name, where)
+        check_sparse(indices, adapter.tensors.get(f"{name}.values"), name, where, numel)
         options.setdefault(name, {})[STORED] = int(indices.numel())
     return AdapterFile({**adapter.meta, "target_options": options}, adapter.tensors, adapter.path)
 

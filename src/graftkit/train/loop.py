@@ -706,6 +706,9 @@ class Run:
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = _adamw(param_groups(r, self.model, self.named), r.optim)
         factor = _schedule(r, self.total)
+        if getattr(self.method_training, "restart_schedule", False):
+            # the method starts a new training phase (LT-SFT's phase 2): the recipe's schedule again over the steps left
+            factor = (lambda step, _phase=_schedule(r, self.total - done), _at=done: _phase(max(0, step - _at)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.scheduler.last_epoch = done
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
