@@ -294,3 +294,16 @@ def test_classification_run_learns(method, assets, tmp_path):
     assert summary["final_loss"] < summary["first_loss"]
     assert (out / "adapter-peft" / "adapter_config.json").exists()
     assert json.loads((out / "adapter-peft" / "adapter_config.json").read_text())["peft_type"] == method.upper()
+
+
+@pytest.mark.parametrize("method,extra", [("loha", {"r": 3}), ("lokr", {"r": 2, "decompose_both": True}), ("lokr", {"r": 8})])
+def test_factored_forward_equals_the_dense_delta(method, extra):
+    """The cheaper forward (Khatri-Rao factors for LoHa, vec(W1 X W2^T) for LoKr) is the dense delta's product."""
+    import torch.nn.functional as F
+
+    model = gk.inject(tiny_llama(), {"method": method, "targets": ["q_proj", "down_proj"], "init_weights": False, **extra})
+    x = {32: torch.randn(2, 5, 32), 64: torch.randn(2, 5, 64)}
+    for site in gk.sites(model).values():
+        got = site.factored_output(x[site.in_features])
+        assert got is not None
+        torch.testing.assert_close(got, F.linear(x[site.in_features], site.delta_matrix(site.base)), atol=1e-5, rtol=1e-5)

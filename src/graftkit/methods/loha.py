@@ -173,6 +173,21 @@ class LoHaSite(LycorisSite):
     formula = staticmethod(loha_formula)
     shapes = staticmethod(loha_shapes)
 
+    def factored_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``delta x`` through rank-r² factors, without the dense (out, in) delta: the Hadamard product of
+        two rank-r products is the product of their row-wise Khatri-Rao factors,
+        ``(W1a W1b) ⊙ (W2a W2b) = (W1a ⊙r W2a)(W1b ⊙c W2b)`` with ``(W1a ⊙r W2a)[o, p r + q] = W1a[o, p] W2a[o, q]``.
+        Used for matrices when it costs fewer multiplications than forming the delta (small r, few tokens)."""
+        if self.kind not in ("linear", "conv1d") or "hada_t1" in self.slots:
+            return None
+        r, out_f, in_f = self.hada_w1_b.shape[0], self.out_features, self.in_features
+        tokens = x.numel() // in_f
+        if tokens * r * r * (in_f + out_f) >= out_f * in_f * (tokens + 2 * r):
+            return None
+        ka = (self.hada_w1_a.float()[:, :, None] * self.hada_w2_a.float()[:, None, :]).reshape(out_f, r * r)
+        kb = (self.hada_w1_b.float()[:, None, :] * self.hada_w2_b.float()[None, :, :]).reshape(r * r, in_f)
+        return F.linear(F.linear(x.float(), kb), ka) * scale(self.settings)
+
     def init_slots(self, init) -> None:
         # peft's (FedPara's He) init: every factor random but W2b, which starts at zero (identity at init);
         # init_weights=False leaves W2b random too (a non-identity start, for tests)

@@ -117,6 +117,20 @@ class LoKrSite(LycorisSite):
     formula = staticmethod(lokr_formula)
     shapes = staticmethod(lokr_shapes)
 
+    def factored_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``delta x`` without the dense delta, for matrices: ``kron(W1, W2) vec(X) = vec(W1 X W2^T)`` with the
+        input viewed as (c, d) per token (row-major, as the Kronecker product's column index p d + q), so a
+        token costs c d b + a c b multiplications instead of (a b)(c d)."""
+        if self.kind not in ("linear", "conv1d"):
+            return None
+        s = self.slot_tensors()
+        w1 = s["lokr_w1"].float() if "lokr_w1" in s else s["lokr_w1_a"].float() @ s["lokr_w1_b"].float()
+        w2 = s["lokr_w2"].float() if "lokr_w2" in s else s["lokr_w2_a"].float() @ s["lokr_w2_b"].float()
+        (a, c), (b, d) = w1.shape, w2.shape
+        lead = x.shape[:-1]
+        z = x.float().reshape(-1, c, d) @ w2.t()  # (tokens, c, b)
+        return (torch.matmul(w1, z).reshape(*lead, a * b)) * scale(self.settings)
+
     def init_slots(self, init) -> None:
         for slot in self.slots:
             self.kaiming(getattr(self, slot))
