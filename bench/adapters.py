@@ -79,6 +79,11 @@ METHODS = {
     "iapt": {"method": "iapt", "num_virtual_tokens": 4, "bottleneck": 16},  # the paper's 4 tokens per layer (not --virtual-tokens)
     # weight-space methods (issue 15); GreenTrainer in place at full fine-tuning's rate, half the backward FLOPs
     "greentrainer": {"method": "greentrainer", "flops_budget": 0.5},
+    # LoHa / LoKr at peft's defaults (r 8, alpha 8) on LoRA's targets; FourierFT as the paper's GLUE runs
+    # (n 1000 on query/value, peft's default scaling 150)
+    "loha": {"method": "loha", "r": 8, "alpha": 8, "targets": ["query", "key", "value", "dense"]},
+    "lokr": {"method": "lokr", "r": 8, "alpha": 8, "targets": ["query", "key", "value", "dense"]},
+    "fourierft": {"method": "fourierft", "n_frequency": 1000, "scaling": 150.0, "targets": ["query", "value"]},
     # FLoRA r 8 per mode on LoRA's targets, the authors' example scale 4; DSEE as LoRA (r 8, alpha 16) plus the authors'
     # 64 sparse entries per weight (--num_sparse 64) at magnitude-chosen places, and with the README's pruning ratio 0.5
     "flora": {"method": "flora", "r": 8, "scale": 4.0, "targets": ["query", "key", "value", "dense"]},
@@ -100,6 +105,9 @@ PEFT = {"vera": ("VeraConfig", {"r": 256, "target_modules": ["query", "value"]})
         "prompt_tuning": ("PromptTuningConfig", {"prompt_tuning_init": "SAMPLE_VOCAB"}),
         "p_tuning": ("PromptEncoderConfig", {"encoder_reparameterization_type": "MLP"}),
         "prefix_tuning": ("PrefixTuningConfig", {"prefix_projection": False}),
+        "loha": ("LoHaConfig", {"r": 8, "alpha": 8, "target_modules": ["query", "key", "value", "dense"]}),
+        "lokr": ("LoKrConfig", {"r": 8, "alpha": 8, "target_modules": ["query", "key", "value", "dense"]}),
+        "fourierft": ("FourierFTConfig", {"n_frequency": 1000, "scaling": 150.0, "target_modules": ["query", "value"]}),
         "oft": ("OFTConfig", {"oft_block_size": 32, "target_modules": ["query", "key", "value", "dense"]}),
         "boft": ("BOFTConfig", {"boft_block_size": 4, "target_modules": ["query", "key", "value", "dense"]})}
 
@@ -115,7 +123,8 @@ LABELS = {"vera": "VeRA r=256 (q/v)", "deft": "DEFT: LoRA r=8 + density loss (w=
           "prefix_tuning": "prefix tuning (no MLP)", "p_tuning_v2": "P-tuning v2 (prefix dropout 0.1)",
           "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "flora": "FLoRA r=8 per mode (q/k/v/dense, scale 4)", "dsee": "DSEE r=8 + 64 sparse (q/k/v/dense)",
           "dsee_pruned": "DSEE r=8 + 64 sparse, final weight 50% pruned", "greentrainer": "GreenTrainer (50% of the backward FLOPs)",
-          "oft": "OFT b=32 (q/k/v/dense, Cayley-Neumann)", "boft": "BOFT b=4 (q/k/v/dense)"}
+          "oft": "OFT b=32 (q/k/v/dense, Cayley-Neumann)", "boft": "BOFT b=4 (q/k/v/dense)",
+          "loha": "LoHa r=8 (q/k/v/dense)", "lokr": "LoKr r=8 (q/k/v/dense)", "fourierft": "FourierFT n=1000 (q/v, scaling 150)"}
 
 
 def cpu_name() -> str:
@@ -303,6 +312,9 @@ METHOD_LR: dict[str, float] = {
     # VeRA 2e-2: the vectors' rate of peft's VeRA sequence-classification example (examples/sequence_classification/VeRA.ipynb,
     # vera_lr; its head trains at 1e-2, here it shares 2e-2)
     "vera": 2e-2,
+    # FourierFT 5e-2: the spectrum's rate of the paper's RoBERTa-base SST-2 / MRPC runs (its repository's
+    # experiments/GLUE/sst2-base-best.sh; the paper trains the head at 6e-3, here it shares the 5e-2)
+    "fourierft": 5e-2,
 }
 SOFT_LR = {"prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2, "p_tuning_v2": 1e-2, "iapt": 2e-3}
 PEFT_HEADER = ("| method | graftkit: held-out acc. / step (s) / peak RSS (MB) | peft: trainable / held-out acc. / step (s) / peak RSS (MB) "
