@@ -18,6 +18,7 @@ import graftkit as gk
 from graftkit.adapter import get_state
 from graftkit.cli import main as graft_main
 from graftkit.errors import ConfigError
+from graftkit.methods import subspace
 from graftkit.methods.subspace import SLOT, Projection, block_size, fwht
 from graftkit.train import parse_recipe, train
 from graftkit.train.probe import d_int90, parse_dims, probe_intrinsic_dim
@@ -32,7 +33,7 @@ def hadamard(n: int) -> torch.Tensor:
 
 # -- the transforms ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 2, 4, 32, 256])
+@pytest.mark.parametrize("n", [1, 2, 4, 32, 64, 256, 2048])  # one factor, two, three (32 x 32 x 2)
 def test_fwht_equals_the_dense_hadamard_matrix(n):
     x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     assert torch.allclose(fwht(x), x @ hadamard(n), atol=1e-10)
@@ -62,13 +63,19 @@ def fastfood_dense(p: Projection) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("total,d", [(100, 5), (64, 16), (37, 37), (1000, 1)])
-def test_fastfood_equals_its_dense_equivalent(total, d):
+def test_fastfood_equals_its_dense_equivalent(total, d, monkeypatch):
+    monkeypatch.setattr(subspace, "CHUNK", 32)  # several chunks of blocks (or one block each) per projection
     p = Projection("fastfood", total, d, seed=3)
     assert p.signs.shape[1] == block_size(d) >= d
     dense = fastfood_dense(p)
     z = torch.randn(d, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(p(z).double(), dense @ z.double(), atol=1e-5)
     assert torch.allclose(p.dense_matrix().double(), dense, atol=1e-5)
+    # the backward pass (the inverse permutation, H again): d/dz <w, P z> = P^T w
+    z.requires_grad_(True)
+    w = torch.randn(total, generator=torch.Generator().manual_seed(2))
+    (p(z) * w).sum().backward()
+    assert torch.allclose(z.grad.double(), dense.t() @ w.double(), atol=1e-5)
 
 
 def test_fastfood_columns_have_unit_norm():

@@ -64,23 +64,44 @@ class SubspaceConfig(MethodConfig):
 
 # -- the transforms -------------------------------------------------------------------------------
 
-@torch.no_grad()
-def fwht_(x: torch.Tensor) -> torch.Tensor:
-    """The unnormalised Walsh-Hadamard transform of the last dimension (a power of two), in place:
-    ``x @ H`` with ``H`` in Sylvester order (``scipy.linalg.hadamard``), as log2(L) butterflies."""
+#: the largest Hadamard factor applied as one matrix product: the transform of length L = 2^k runs as
+#: ceil(k / 5) products with H_32 (or a smaller H), each a GEMM over every block at once - the radix-32
+#: form of the butterfly (H_{ab} = H_a (x) H_b in Sylvester order), O(L log L) like the radix-2 one but
+#: far fewer passes over memory, which is what a CPU pays for
+RADIX = 32
+#: Fastfood runs over about this many values at a time (4 MB of float32)
+CHUNK = 1 << 20
+_HADAMARD: dict[tuple, torch.Tensor] = {}
+
+
+def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The n x n Walsh-Hadamard matrix in Sylvester order (entries +-1), n a power of two."""
+    key = (n, dtype, str(device))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = torch.ones(1, 1, dtype=dtype, device=device)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = h
+    return h
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
-    if n & (n - 1):
+    if n & (n - 1) or n == 0:
         raise ValueError(f"the Walsh-Hadamard transform needs a power-of-two length, not {n}")
     flat = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        v = flat.view(flat.shape[0], n // (2 * h), 2, h)
-        a, b = v[:, :, 0], v[:, :, 1]
-        t = a.clone()
-        a.add_(b)
-        b.neg_().add_(t)
-        h *= 2
-    return x
+    rows, lead, rest = flat.shape[0], 1, n
+    while rest > 1:
+        r = min(rest, RADIX)
+        rest //= r
+        h = hadamard_matrix(r, flat.dtype, flat.device)
+        if rest == 1:  # the last factor: one GEMM over every row (H is symmetric)
+            flat = (flat.reshape(-1, r) @ h).reshape(rows, n)
+        else:  # H_r on the axis of size r, the processed factors before it and the rest after
+            flat = torch.matmul(h, flat.reshape(rows * lead, r, rest)).reshape(rows, n)
+        lead *= r
+    return flat.reshape(x.shape)
 
 
 class _FWHT(torch.autograd.Function):
@@ -88,16 +109,32 @@ class _FWHT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return fwht_(x.contiguous().clone())
+        return _fwht(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return fwht_(grad.contiguous().clone())
+        return _fwht(grad)
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable Walsh-Hadamard transform of the last dimension (unnormalised)."""
+    """Differentiable, unnormalised Walsh-Hadamard transform of the last dimension (a power of two):
+    ``x @ H`` with ``H`` in Sylvester order (``scipy.linalg.hadamard``)."""
     return _FWHT.apply(x)
+
+
+class _Permute(torch.autograd.Function):
+    """``x[b, perm[b, i]]`` per row; the backward pass gathers with the inverse permutation
+    (a gather, not the scatter-add autograd would use)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return torch.gather(x, 1, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return torch.gather(grad, 1, inverse), None, None
 
 
 def block_size(d: int) -> int:
@@ -126,11 +163,13 @@ class Projection(nn.Module):
             nb = -(-total // L)
             signs = torch.randint(0, 2, (nb, L), generator=g).float().mul_(2).sub_(1)
             perm = torch.argsort(torch.rand(nb, L, generator=g), dim=1)
+            inverse = torch.argsort(perm, dim=1)
             gauss = torch.randn(nb, L, generator=g)
             gauss.mul_(1.0 / torch.sqrt(gauss.pow(2).sum(dim=1, keepdim=True) * total))  # see the module docstring
             self.L = L
             self.register_buffer("signs", signs.to(device), persistent=False)
             self.register_buffer("perm", perm.to(device), persistent=False)
+            self.register_buffer("inverse", inverse.to(device), persistent=False)
             self.register_buffer("gauss", gauss.to(device), persistent=False)
         else:
             raise ConfigError(f"subspace projection {kind!r} is not one of dense, fastfood, auto")
@@ -140,10 +179,16 @@ class Projection(nn.Module):
         if self.kind == "dense":
             return self.matrix @ z
         nb, L = self.signs.shape
-        x = self.signs * nn.functional.pad(z, (0, L - z.shape[0])).unsqueeze(0)  # B z, every block
-        x = fwht(x)
-        x = torch.gather(x, 1, self.perm) * self.gauss  # G Pi (H B z); the scale is in G
-        return fwht(x).reshape(-1)[: self.total]
+        zp = nn.functional.pad(z, (0, L - z.shape[0])).unsqueeze(0)
+        rows = max(1, CHUNK // L)
+        parts = []
+        # a few blocks at a time: each intermediate stays small enough for the allocator to reuse
+        # (a D-long temporary per step is fresh pages from the kernel every time) and in cache
+        for i in range(0, nb, rows):
+            x = fwht(self.signs[i: i + rows] * zp)  # H B z
+            x = _Permute.apply(x, self.perm[i: i + rows], self.inverse[i: i + rows]) * self.gauss[i: i + rows]  # G Pi H B z
+            parts.append(fwht(x).reshape(-1))
+        return torch.cat(parts)[: self.total]
 
     def dense_matrix(self) -> torch.Tensor:
         """P itself (D x d), for tests and small checks: the image of each basis vector."""
@@ -195,7 +240,9 @@ class SubspaceSite(Site):
         object.__setattr__(self, "keeper", keeper)
 
     # -- P z, once per forward ------------------------------------------------------------
-    def vector(self) -> torch.Tensor:
+    def pieces(self) -> tuple[torch.Tensor, ...]:
+        """``P z`` cut into every site's piece by ONE split: its backward assembles one D-long
+        gradient, where a slice per site would each allocate (and sum) a D-long zero tensor."""
         k = self.keeper
         z = k.subspace_z
         grad = torch.is_grad_enabled() and z.requires_grad
@@ -203,10 +250,9 @@ class SubspaceSite(Site):
         cache = k.cache
         cached = cache.entry
         if cached is not None and cached[0] == key and (cached[2] or not grad):
-            return cached[1] if grad else cached[1].detach()
+            return cached[1] if grad else tuple(t.detach() for t in cached[1])
         v = k.projection(z)
         token = object()
-        cache.entry = (key, v, grad, token)
         if grad and v.requires_grad:
             # the next forward pass (another micro-batch with the same z) needs a fresh graph once
             # backward has gone through this one
@@ -214,11 +260,13 @@ class SubspaceSite(Site):
                 if _c.entry is not None and _c.entry[3] is _t:
                     _c.entry = None
             v.register_hook(clear)
-        return v
+        parts = torch.split(v, k.sizes)
+        cache.entry = (key, parts, grad, token)
+        return parts
 
     def dense_delta(self) -> torch.Tensor:
         """This parameter's delta in its stored layout, float32."""
-        return self.vector()[self.offset: self.offset + self.numel].view(self.shape)
+        return self.pieces()[self.index].view(self.shape)
 
     # -- forward: the owner reads W + delta through a property ------------------------------
     def attach(self) -> None:
@@ -377,7 +425,19 @@ class Subspace(TuningMethod):
         total = sites[0].total
         if config.d > total:
             raise ConfigError(f"subspace d = {config.d} is larger than the {total:,} parameters it would project onto; choose d <= {total}")
+        # the pieces of P z in order: they must tile 0..D exactly (a saved layout is checked here)
+        order = sorted(range(len(sites)), key=lambda i: sites[i].offset)
+        end = 0
+        for rank, i in enumerate(order):
+            if sites[i].offset != end:
+                raise AdapterError(f"subspace target {infos[i].name} starts at offset {sites[i].offset}, expected {end}: the "
+                                   "targets do not tile the projected vector; the adapter was made for another model")
+            sites[i].index = rank
+            end += sites[i].numel
+        if end != total:
+            raise AdapterError(f"the subspace targets hold {end} values but the adapter projects onto {total}; it was made for another model")
         sites[0].make_keeper(config, str(options[infos[0].name]["projection"]))
+        sites[0].sizes = [sites[i].numel for i in order]
         for s in sites[1:]:
             s.share(sites[0])
         return sites
