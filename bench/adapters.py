@@ -79,6 +79,9 @@ METHODS = {
     "iapt": {"method": "iapt", "num_virtual_tokens": 4, "bottleneck": 16},  # the paper's 4 tokens per layer (not --virtual-tokens)
     # weight-space methods (issue 15); GreenTrainer in place at full fine-tuning's rate, half the backward FLOPs
     "greentrainer": {"method": "greentrainer", "flops_budget": 0.5},
+    # P8: random-subspace tuning, z of d = 1000 through a Fastfood projection of every encoder parameter (SAID's setup;
+    # the new head trains whole at z's rate here, the probe freezes it: graft probe intrinsic-dim)
+    "subspace": {"method": "subspace", "d": 1000},
     # LoHa / LoKr at peft's defaults (r 8, alpha 8) on LoRA's targets; FourierFT as the paper's GLUE runs
     # (n 1000 on query/value, peft's default scaling 150)
     "loha": {"method": "loha", "r": 8, "alpha": 8, "targets": ["query", "key", "value", "dense"]},
@@ -115,7 +118,8 @@ PEFT = {"vera": ("VeraConfig", {"r": 256, "target_modules": ["query", "value"]})
 def method_config(m: str, a) -> dict:
     """The recipe's ``method:`` for ``m``; a soft-prompt method gets ``--virtual-tokens`` (peft the same number)."""
     return {**METHODS[m], "num_virtual_tokens": a.virtual_tokens} if m in SOFT and m != "iapt" else METHODS[m]
-LABELS = {"vera": "VeRA r=256 (q/v)", "deft": "DEFT: LoRA r=8 + density loss (w=1)",
+LABELS = {"subspace": "random subspace d=1000 (Fastfood, all parameters)",
+          "vera": "VeRA r=256 (q/v)", "deft": "DEFT: LoRA r=8 + density loss (w=1)",
           "full": "full fine-tuning", "lora": "LoRA r=8 (q/k/v/dense)", "houlsby": "Houlsby (rf 16)", "pfeiffer": "Pfeiffer (rf 16)",
           "parallel_adapter": "parallel adapter (rf 16, s=4)", "compacter": "Compacter (rf 16, n=4)",
           "compacter_pp": "Compacter++ (rf 16, n=4)", "ln_tuning": "LN tuning", "mam": "MAM: parallel adapter + LoRA r=4 (q/v)",
@@ -315,6 +319,9 @@ METHOD_LR: dict[str, float] = {
     # FourierFT 5e-2: the spectrum's rate of the paper's RoBERTa-base SST-2 / MRPC runs (its repository's
     # experiments/GLUE/sst2-base-best.sh; the paper trains the head at 6e-3, here it shares the 5e-2)
     "fourierft": 5e-2,
+    # subspace 1e-2: graftkit.train.probe.SUBSPACE_LR (an Adam step moves theta by about lr*sqrt(d): at d = 1000 about as
+    # far as full fine-tuning's 5e-5 on MiniLM's 22.7M parameters); neither paper gives an AdamW rate
+    "subspace": 1e-2,
 }
 SOFT_LR = {"prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2, "p_tuning_v2": 1e-2, "iapt": 2e-3}
 PEFT_HEADER = ("| method | graftkit: held-out acc. / step (s) / peak RSS (MB) | peft: trainable / held-out acc. / step (s) / peak RSS (MB) "
