@@ -100,6 +100,12 @@ METHODS = {
     # P2: VeRA at peft's default r (256) on the paper's query/value; DEFT = LoRA's row + the authors' density loss (weight 1, eps 1e-7)
     "vera": {"method": "vera", "r": 256, "targets": ["query", "value"]},
     "deft": {**LORA, "method": "deft", "density_weight": 1.0},
+    # P7: sparse fine-tuning over every tensor at the composable-sft code's default density (1% of the entries; its
+    # "Random" mask is APET's); LT-SFT's two halves at full fine-tuning's rate (that code trains both phases at it);
+    # diff pruning to the paper's 0.5% with the projection at mid-run, then the kept entries fine-tuned (the paper's stage 2)
+    "lt_sft": {"method": "lt_sft", "fraction": 0.01},
+    "apet": {"method": "apet", "fraction": 0.01},
+    "diff_pruning": {"method": "diff_pruning", "target_sparsity": 0.005, "project_at": 0.5},
 }
 #: the soft-prompt rows (their own learning rates, and the peft comparison where peft has the method)
 SOFT = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "iapt")
@@ -118,7 +124,8 @@ PEFT = {"vera": ("VeraConfig", {"r": 256, "target_modules": ["query", "value"]})
 def method_config(m: str, a) -> dict:
     """The recipe's ``method:`` for ``m``; a soft-prompt method gets ``--virtual-tokens`` (peft the same number)."""
     return {**METHODS[m], "num_virtual_tokens": a.virtual_tokens} if m in SOFT and m != "iapt" else METHODS[m]
-LABELS = {"subspace": "random subspace d=1000 (Fastfood, all parameters)",
+LABELS = {"lt_sft": "LT-SFT (1% of entries, half full FT)", "apet": "APET (random 1% of entries)",
+          "diff_pruning": "diff pruning (L0 gates, 0.5% kept)", "subspace": "random subspace d=1000 (Fastfood, all parameters)",
           "vera": "VeRA r=256 (q/v)", "deft": "DEFT: LoRA r=8 + density loss (w=1)",
           "full": "full fine-tuning", "lora": "LoRA r=8 (q/k/v/dense)", "houlsby": "Houlsby (rf 16)", "pfeiffer": "Pfeiffer (rf 16)",
           "parallel_adapter": "parallel adapter (rf 16, s=4)", "compacter": "Compacter (rf 16, n=4)",
@@ -408,7 +415,7 @@ def main() -> None:
     print(header, flush=True)
     jobs = []  # (method, lr or "peft", worker kind, spec), in the order they start
     for m in [m for m in a.methods if m not in missing]:
-        lr = {"full": a.full_lr, "greentrainer": a.full_lr, "ln_tuning": a.ln_lr, **METHOD_LR,
+        lr = {"full": a.full_lr, "greentrainer": a.full_lr, "lt_sft": a.full_lr, "ln_tuning": a.ln_lr, **METHOD_LR,
               **{k: getattr(a, k + "_lr") for k in SOFT}}.get(m, a.lr)
         for lr_ in [lr] + ([a.lr2] if a.sweep and m not in ("full", "ln_tuning", *SOFT) else []):
             jobs.append((m, lr_, "train", {"recipe": recipe(method_config(m, a), lr_, a, train_path, held_path, folder / f"{m}-{lr_:g}"),

@@ -33,6 +33,7 @@ import math
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from pydantic import AliasChoices, Field, model_validator
 from torch import nn
 
@@ -123,6 +124,20 @@ class DiffPruningSite(WeightDeltaSite):
 
     def delta_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return to_matrix(self.kind, self.dense_delta(weight))
+
+    def _delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "embedding":
+            return super()._delta_output(x)
+        # an embedding's delta is read by row: gate only the rows this batch looks up, not the whole vocabulary
+        m = self.owner
+        rows, inverse = torch.unique(x, return_inverse=True)
+        s = self.settings
+        d = hard_concrete(self.log_alpha[rows], s["beta"], s["gamma"], s["zeta"], sample=m.training) * self.w[rows].float()
+        pad = None
+        if m.padding_idx is not None:
+            hit = torch.nonzero(rows == m.padding_idx)
+            pad = int(hit[0, 0]) if hit.numel() else None
+        return F.embedding(inverse, d, pad, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
     def eval_delta(self) -> torch.Tensor:
         s = self.settings
