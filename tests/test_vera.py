@@ -97,6 +97,17 @@ def test_shared_pair_saved_exactly_once(model, tmp_path):
     assert torch.equal(logits(fresh, IDS), out)
 
 
+def test_inspect_counts_the_vectors_as_trainable(tmp_path, capsys):
+    from graftkit.cli import main as graft_main
+
+    m = gk.inject(tiny_llama(), vera("llama"))
+    gk.save_adapter(m, tmp_path / "a")
+    capsys.readouterr()
+    assert graft_main(["inspect", str(tmp_path / "a"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["trainable_parameters"] == sum(p.numel() for p in gk.trainable_parameters(m)) == 6 * 4 + 2 * (32 + 16 + 32)
+
+
 def test_unsaved_pair_is_regenerated_from_the_key(tmp_path):
     m = gk.inject(tiny_llama(), vera("llama", init_weights=False, save_projection=False, projection_prng_key=11))
     out = logits(m, IDS)

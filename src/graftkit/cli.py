@@ -90,7 +90,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         adapter = read_adapter(path, allow_pickle=args.allow_pickle)
         base = adapter.meta.get("base_model") or {}
         total = (base.get("fingerprint") or {}).get("num_parameters")
-        trainable = adapter.num_parameters()
+        from .methods import method_named
+
+        # a method's saved-but-frozen tensors (VeRA's shared random pair) are not trained
+        frozen = set(getattr(getattr(method_named(adapter.method), "site_cls", None), "frozen_slots", ()))
+        trainable = sum(t.numel() for k, t in adapter.tensors.items() if k.rsplit(".", 1)[-1] not in frozen)
         dtypes = Counter(str(t.dtype).replace("torch.", "") for t in adapter.tensors.values())
         from .errors import AdapterError
         from .validate import check_adapter
