@@ -100,6 +100,12 @@ METHODS = {
     # P2: VeRA at peft's default r (256) on the paper's query/value; DEFT = LoRA's row + the authors' density loss (weight 1, eps 1e-7)
     "vera": {"method": "vera", "r": 256, "targets": ["query", "value"]},
     "deft": {**LORA, "method": "deft", "density_weight": 1.0},
+    # P5: LoRA's row with PiSSA / OLoRA / EVA starts, at LoRA's rate as the papers compare them (EVA: its default start on
+    # the first 4 micro-batches; peft's side gets the same batches through initialize_lora_eva_weights). EVA leaves out the
+    # pooler: it sees one vector per sequence, too few rows for peft's incremental SVD, whose loop would then never end
+    "lora+pissa": {**LORA, "init_lora_weights": "pissa"},
+    "lora+olora": {**LORA, "init_lora_weights": "olora"},
+    "lora+eva": {**LORA, "targets": ["query", "key", "value", "output.dense", "intermediate.dense"], "init_lora_weights": "eva"},
     # P7: sparse fine-tuning over every tensor at the composable-sft code's default density (1% of the entries; its
     # "Random" mask is APET's); LT-SFT's two halves at full fine-tuning's rate (that code trains both phases at it);
     # diff pruning to the paper's 0.5% with the projection at mid-run, then the kept entries fine-tuned (the paper's stage 2)
@@ -118,7 +124,11 @@ PEFT = {"vera": ("VeraConfig", {"r": 256, "target_modules": ["query", "value"]})
         "lokr": ("LoKrConfig", {"r": 8, "alpha": 8, "target_modules": ["query", "key", "value", "dense"]}),
         "fourierft": ("FourierFTConfig", {"n_frequency": 1000, "scaling": 150.0, "target_modules": ["query", "value"]}),
         "oft": ("OFTConfig", {"oft_block_size": 32, "target_modules": ["query", "key", "value", "dense"]}),
-        "boft": ("BOFTConfig", {"boft_block_size": 4, "target_modules": ["query", "key", "value", "dense"]})}
+        "boft": ("BOFTConfig", {"boft_block_size": 4, "target_modules": ["query", "key", "value", "dense"]}),
+        **{f"lora+{init}": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": METHODS[f"lora+{init}"]["targets"],
+                                           "init_lora_weights": init}) for init in ("pissa", "olora", "eva")}}
+#: EVA's start (both sides): the first micro-batches of the run's order (graftkit's eva_config.batches default)
+EVA_BATCHES = 4
 
 
 def method_config(m: str, a) -> dict:
@@ -135,6 +145,8 @@ LABELS = {"lt_sft": "LT-SFT (1% of entries, half full FT)", "apet": "APET (rando
           "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "flora": "FLoRA r=8 per mode (q/k/v/dense, scale 4)", "dsee": "DSEE r=8 + 64 sparse (q/k/v/dense)",
           "dsee_pruned": "DSEE r=8 + 64 sparse, final weight 50% pruned", "greentrainer": "GreenTrainer (50% of the backward FLOPs)",
           "oft": "OFT b=32 (q/k/v/dense, Cayley-Neumann)", "boft": "BOFT b=4 (q/k/v/dense)",
+          "lora+pissa": "LoRA r=8 (q/k/v/dense), PiSSA start", "lora+olora": "LoRA r=8 (q/k/v/dense), OLoRA start",
+          "lora+eva": "LoRA r=8 (q/k/v/dense but the pooler), EVA start (4 batches)",
           "loha": "LoHa r=8 (q/k/v/dense)", "lokr": "LoKr r=8 (q/k/v/dense)", "fourierft": "FourierFT n=1000 (q/v, scaling 150)"}
 
 
@@ -219,17 +231,23 @@ def peft_worker(spec: dict) -> dict:
     model = gk.load_model(r.model, head="classification", num_labels=len(labels), id2label=dict(enumerate(labels)),
                           label2id={l: i for i, l in enumerate(labels)})
     cls, options = spec["peft"]
+    order = Order(len(data.train), o.batch_size, 1, 0, o.seed)
+    pad = tok.pad_token_id
     try:
         model = peft.get_peft_model(model, getattr(peft, cls)(task_type="SEQ_CLS", **options))
+        if options.get("init_lora_weights") == "eva":  # peft's data-driven start, on graft train's first micro-batches
+            from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+            starts = [collate([data.train[i] for i in order.micro_batch(k)], pad) for k in range(EVA_BATCHES)]
+            initialize_lora_eva_weights(model, [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in starts],
+                                        show_progress_bar=False)
     except Exception as exc:  # peft's own failure is the result: reported, never replaced by a number
         return {"skipped": one_line(exc)}
     use_fast_dropout(model)  # graft train's CPU dropout on both sides: the methods differ, not the dropout kernel
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = _adamw(param_groups(r, model, named), o)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(r, o.max_steps))
-    order = Order(len(data.train), o.batch_size, 1, 0, o.seed)
     torch.manual_seed(o.seed)  # the dropout stream, as graft train reseeds before its first step
-    pad = tok.pad_token_id
     times, losses = [], []
     t_run = time.perf_counter()
     for step in range(o.max_steps):
