@@ -408,3 +408,35 @@ def test_lt_sft_deltas_compose_by_graft_merge_exactly(assets, tmp_path):
         if deltas:  # and within float32 rounding of base + phi_1 + phi_2
             torch.testing.assert_close(merged[key] - w.float(), sum(deltas), atol=1e-6, rtol=0)
     assert touched == 2 * 8  # both deltas, on every target (4 kinds x 2 layers)
+
+
+@pytest.mark.parametrize("method", ["apet", "diff_pruning"])
+def test_export_merged_and_merge_input_equal_the_live_model(tmp_path, method):
+    """``graft export --merged`` of a sparse adapter and a one-input task-arithmetic merge both give
+    base + scatter(indices, values) - the live model's weights."""
+    from merge_helpers import load_folder
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = tiny_llama()
+    cfg = {"method": method, "targets": ["q_proj", "down_proj", "embed_tokens"]}
+    cfg.update({"fraction": 0.1} if method == "apet" else {"init_weights": False, "target_sparsity": 0.2})
+    gk.inject(model, cfg)
+    if method == "apet":
+        _adamw_steps(model, 2)
+    else:
+        training = DiffPruning.training(without_method(cfg))
+        training.start(model, None, [], total_steps=1)
+        training.after_update(model, 0)  # the projection to 20%
+    path = gk.save_adapter(model, tmp_path / "a")
+    ids = tiny_inputs()
+    want = logits(model.eval(), ids)
+    exported = gk.export_merged(path, tmp_path / "base", tmp_path / "merged")
+    import transformers
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    torch.testing.assert_close(logits(merged, ids), want, atol=1e-5, rtol=0)
+    config = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "dtype": "float32",
+              "models": [{"model": str(path), "parameters": {"weight": 1.0}}]}
+    out = load_folder(gk.merge(config, tmp_path / "ta"))
+    for k, t in load_folder(exported).items():
+        torch.testing.assert_close(out[k], t, atol=1e-6, rtol=0)
