@@ -285,6 +285,7 @@ def test_bad_config_is_one_line(cfg, needle):
 @pytest.mark.parametrize("cfg,needle", [
     ({"init": "pissa", "use_dora": True}, "with use_dora is not supported"),
     ({"init": "olora", "targets": ["embed_tokens"]}, "works on linear layers"),
+    ({"method": "deft", "init": "eva"}, "not supported by method deft"),
 ])
 def test_unsupported_combination_is_one_line_and_leaves_the_model(cfg, needle):
     model = tiny_llama()

@@ -456,6 +456,14 @@ class LoRA(TuningMethod):
         }
 
     @classmethod
+    def make_sites(cls, infos: list, config: LoRAConfig, options: dict[str, dict[str, Any]]) -> list[Site]:
+        if config.init_lora_weights == "eva" and cls.training.__func__ is not LoRA.training.__func__:
+            # a method built on LoRA with its own training (DEFT) would never run EVA's start
+            raise UnsupportedError(f"init_lora_weights 'eva' is not supported by method {cls.name} (its training does not run "
+                                   "EVA's data-driven start); use init_lora_weights true, pissa or olora, or method lora")
+        return super().make_sites(infos, config, options)
+
+    @classmethod
     def make_site(cls, info: ParamInfo, config: LoRAConfig, options: dict[str, Any]) -> Site:
         kind = layer_kind(info.module, info.pname)
         return LoRASite(info, kind, options["r"], options["lora_alpha"], config.lora_dropout,

@@ -49,8 +49,9 @@ from .base import MethodTraining, first_input
 RESIDUAL_INITS = ("pissa", "olora")  # (and pissa_niter_<N>) the base becomes a residual
 VALID_INITS = "true, false, gaussian, pissa, pissa_niter_<N> (N >= 1), olora, eva"
 EVA_NEEDS_DATA = ("this LoRA has init_lora_weights 'eva', which starts from the SVD of the layers' inputs on training "
-                  "batches: train it with graft train (the start runs on the first batches), or call "
-                  "graftkit.methods.lora_init.eva_init(model, batches) after gk.inject")
+                  "batches: train it with graft train as method lora (the start runs on the first batches; not inside "
+                  "compose, use init true, pissa or olora there), or call graftkit.methods.lora_init.eva_init(model, "
+                  "batches) after gk.inject")
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
 
