@@ -17,6 +17,8 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def _config(kind: str):
+    if kind == "hra":  # (LoHa and LoKr are read natively since issue 15: HRA is the folded method now)
+        return peft.HRAConfig(r=4, target_modules=TARGETS, init_weights=False)
     if kind == "loha":
         return peft.LoHaConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False, rank_pattern={"up_proj": 2})
     return peft.LoKrConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False, decompose_both=True,
@@ -40,7 +42,7 @@ def _adapter_and_reference(base_dir, out, kind: str):
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("kind", ["hra", "loha", "lokr"])
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_folded_peft_adapter_equals_peft_merge_and_unload(base_dir, tmp_path, kind, method):
     reference = _adapter_and_reference(base_dir, tmp_path / kind, kind)
@@ -79,8 +81,8 @@ def test_shared_state_methods_and_a_missing_peft_are_one_line_errors(base_dir, t
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
     import sys
 
-    _adapter_and_reference(base_dir, tmp_path / "lokr", "lokr")
+    _adapter_and_reference(base_dir, tmp_path / "hra", "hra")
     monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
-    cfg["models"] = [{"model": str(tmp_path / "lokr")}]
+    cfg["models"] = [{"model": str(tmp_path / "hra")}]
     with pytest.raises(GraftError, match="pip install peft"):
         gk.merge(cfg, tmp_path / "out")
