@@ -440,3 +440,30 @@ def test_export_merged_and_merge_input_equal_the_live_model(tmp_path, method):
     out = load_folder(gk.merge(config, tmp_path / "ta"))
     for k, t in load_folder(exported).items():
         torch.testing.assert_close(out[k], t, atol=1e-6, rtol=0)
+
+
+def test_gradient_mask_follows_copies_and_goes_with_unload():
+    """A deep copy masks its own parameter's gradient (and unloading it leaves the original's mask);
+    unloading removes the mask."""
+    import copy
+
+    def outside_mask(model) -> int:
+        for p in model.parameters():
+            p.grad = None
+        model.train()
+        model(input_ids=tiny_inputs()).logits.sum().backward()
+        return sum(int((torch.nonzero(s.base.grad.reshape(-1)).squeeze(1)[:, None] != s.mask[None]).all(1).sum())
+                   for s in sparse_sites(model).values())
+
+    model = gk.inject(tiny_bert(), {"method": "apet", "fraction": 0.1, "targets": ["query"]})
+    assert outside_mask(model) == 0
+    clone = copy.deepcopy(model)
+    assert outside_mask(clone) == 0
+    gk.unload(clone, merge=False)
+    assert outside_mask(model) == 0
+    sites = list(sparse_sites(model).values())
+    gk.unload(model, merge=False)
+    for p in model.parameters():
+        p.grad = None
+    model(input_ids=tiny_inputs()).logits.sum().backward()
+    assert all(int((s.base.grad != 0).sum()) > s.mask.numel() for s in sites if s.base.dim() == 2)

@@ -206,6 +206,13 @@ class SparseSite(DeltaSite):
         # first forward pass that can produce a gradient
         self.owner.register_forward_pre_hook(self._ensure_grad_hook)
 
+    def __getstate__(self):
+        # a copy (deepcopy, pickle) holds another parameter: it hooks that one on its first forward pass, and must
+        # not carry this handle (removing it would unhook the original)
+        state = dict(self.__dict__)
+        state["_grad_hook"] = None
+        return state
+
     def _ensure_grad_hook(self, module, args) -> None:
         if self._grad_hook is None and self.base.requires_grad:
             self._grad_hook = self.base.register_hook(self._mask_grad)
