@@ -200,26 +200,33 @@ def _eva_batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def test_eva_equals_peft():
-    from peft.tuners.lora.eva import get_eva_state_dict
+def test_eva_equals_peft(tmp_path):
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
 
     targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
     batch = _eva_batch()
     ours = gk.inject(tiny_llama(), {"method": "lora", "r": 4, "lora_alpha": 8, "targets": targets, "init": "eva"})
     ranks = lora_init.eva_init(ours, [batch])
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva"))
-    want = get_eva_state_dict(theirs, [batch], show_progress_bar=False)
-    want = {k.removeprefix("base_model.model."): v for k, v in want.items()}
+    initialize_lora_eva_weights(theirs, [batch], show_progress_bar=False)
+    modules = dict(theirs.named_modules())
     assert len(set(ranks.values())) > 1, "the redistribution moved ranks"
     state = gk.get_state(ours)
     for name, site in gk.sites(ours).items():
-        u = want[name.rsplit(".", 1)[0]]
+        layer = modules[_peft_module(name)]
+        u = layer.lora_A["default"].weight
         assert ranks[name] == u.shape[0] == site.r  # the same rank per layer
         cos = torch.nn.functional.cosine_similarity(site.lora_A, u, dim=1)
         assert cos.min() > 0.999, (name, cos)  # the same components, same signs (peft: randomized incremental PCA)
         assert not site.lora_B.any()
-        assert state.options[name]["lora_alpha"] == pytest.approx(8 * site.r / 4)  # adjust_scaling_factors
+        assert site.scaling == pytest.approx(layer.scaling["default"])  # adjust_scaling_factors: alpha follows the rank
+        assert state.options[name]["lora_alpha"] == pytest.approx(8 * site.r / 4)
     torch.testing.assert_close(logits(ours, IDS), logits(tiny_llama(), IDS), atol=0, rtol=0)  # B = 0: the base model
+    # trained, the redistributed ranks and alphas reach peft's rank_pattern / alpha_pattern
+    _train_noise(ours)
+    gk.save_adapter(ours, tmp_path / "peft", format="peft")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded, IDS), logits(ours, IDS), atol=ATOL, rtol=0)
 
 
 class TwoInputs(nn.Module):
