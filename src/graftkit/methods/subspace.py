@@ -32,7 +32,7 @@ probe, :mod:`graftkit.train.probe`, uses).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import AliasChoices, Field
