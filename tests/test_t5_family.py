@@ -51,6 +51,11 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     # P3 (issue 15): rotations of q, v and the FFN output's inputs (BOFT with one factor: what peft builds on a CPU)
     "oft": ({"method": "oft", "oft_block_size": 8, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
     "boft": ({"method": "boft", "boft_block_size": 4, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    # P1 (issue 15): Hadamard, Kronecker and spectral deltas on q, v and the FFN output
+    "loha": ({"method": "loha", "r": 2, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    "lokr": ({"method": "lokr", "r": 2, "decompose_both": True, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    "fourierft": ({"method": "fourierft", "n_frequency": 32, "scaling": 10.0, "init_weights": True, "targets": ["q", "v", "wo"]},
+                  {"init_weights": False}),
 }
 #: T5 has no bias terms: these methods have nothing to adapt and must say so
 NOTHING_TO_ADAPT = {"bitfit": {"method": "bitfit"}}
