@@ -93,6 +93,14 @@ METHODS = {
     "dsee": {"method": "dsee", "r": 8, "lora_alpha": 16, "num_sparse": 64, "targets": ["query", "key", "value", "dense"]},
     "dsee_pruned": {"method": "dsee", "r": 8, "lora_alpha": 16, "num_sparse": 64, "prune": 0.5,
                     "targets": ["query", "key", "value", "dense"]},
+    # AdaLoRA at peft's defaults (init_r 12 -> target_r 8, its docstring's lora_alpha 32) on LoRA's targets, with the
+    # schedule of peft's docstring example (tinit 10%, tfinal 20% of the steps: adalora_schedule); total_step = the run's steps
+    "adalora": {"method": "adalora", "init_r": 12, "target_r": 8, "lora_alpha": 32, "targets": ["query", "key", "value", "dense"]},
+    # Light-PEFT: LoRA's row, pruned after 10% of the steps: a quarter of the heads and half the FFN neurons (the paper
+    # reports over 40% of the foundation model pruned), a quarter of the LoRA modules and half of the remaining ranks
+    # (the paper: trainable parameters at 25% of the PEFT method's)
+    "light_peft": {**LORA, "method": "light_peft", "head_prune_ratio": 0.25, "ffn_prune_ratio": 0.5, "module_prune_ratio": 0.25,
+                   "rank_prune_ratio": 0.5, "prune_fraction": 0.1},
     # OFT / BOFT at peft's defaults (OFT: blocks of 32, Cayley-Neumann; BOFT: blocks of 4, one butterfly factor, which is
     # all peft builds without its CUDA extension) on LoRA's targets, at the adapters' --lr
     "oft": {"method": "oft", "oft_block_size": 32, "targets": ["query", "key", "value", "dense"]},
@@ -123,6 +131,9 @@ PEFT = {"vera": ("VeraConfig", {"r": 256, "target_modules": ["query", "value"]})
         "loha": ("LoHaConfig", {"r": 8, "alpha": 8, "target_modules": ["query", "key", "value", "dense"]}),
         "lokr": ("LoKrConfig", {"r": 8, "alpha": 8, "target_modules": ["query", "key", "value", "dense"]}),
         "fourierft": ("FourierFTConfig", {"n_frequency": 1000, "scaling": 150.0, "target_modules": ["query", "value"]}),
+        # total_step is added per run (the recipe's steps); the worker calls update_and_allocate and takes peft's
+        # loss (cross-entropy + orthogonality), as peft's AdaLoRA guide trains it
+        "adalora": ("AdaLoraConfig", {"init_r": 12, "target_r": 8, "lora_alpha": 32, "target_modules": ["query", "key", "value", "dense"]}),
         "oft": ("OFTConfig", {"oft_block_size": 32, "target_modules": ["query", "key", "value", "dense"]}),
         "boft": ("BOFTConfig", {"boft_block_size": 4, "target_modules": ["query", "key", "value", "dense"]}),
         **{f"lora+{init}": ("LoraConfig", {"r": 8, "lora_alpha": 16, "target_modules": METHODS[f"lora+{init}"]["targets"],
@@ -131,8 +142,15 @@ PEFT = {"vera": ("VeraConfig", {"r": 256, "target_modules": ["query", "value"]})
 EVA_BATCHES = 4
 
 
+def adalora_schedule(steps: int) -> dict:
+    """AdaLoRA's warm-up and final phases for a run of ``steps`` (peft's docstring example: 10 and 20 of 100)."""
+    return {"tinit": steps // 10, "tfinal": steps // 5}
+
+
 def method_config(m: str, a) -> dict:
     """The recipe's ``method:`` for ``m``; a soft-prompt method gets ``--virtual-tokens`` (peft the same number)."""
+    if m == "adalora":
+        return {**METHODS[m], **adalora_schedule(a.steps)}
     return {**METHODS[m], "num_virtual_tokens": a.virtual_tokens} if m in SOFT and m != "iapt" else METHODS[m]
 LABELS = {"lt_sft": "LT-SFT (1% of entries, half full FT)", "apet": "APET (random 1% of entries)",
           "diff_pruning": "diff pruning (L0 gates, 0.5% kept)", "subspace": "random subspace d=1000 (Fastfood, all parameters)",
@@ -145,6 +163,8 @@ LABELS = {"lt_sft": "LT-SFT (1% of entries, half full FT)", "apet": "APET (rando
           "iapt": "IAPT (4 tokens per layer, bottleneck 16)", "flora": "FLoRA r=8 per mode (q/k/v/dense, scale 4)", "dsee": "DSEE r=8 + 64 sparse (q/k/v/dense)",
           "dsee_pruned": "DSEE r=8 + 64 sparse, final weight 50% pruned", "greentrainer": "GreenTrainer (50% of the backward FLOPs)",
           "oft": "OFT b=32 (q/k/v/dense, Cayley-Neumann)", "boft": "BOFT b=4 (q/k/v/dense)",
+          "adalora": "AdaLoRA r 12->8 (q/k/v/dense)",
+          "light_peft": "Light-PEFT: LoRA r=8, heads -25%, FFN -50%, modules -25%, ranks -50% at 10%",
           "lora+pissa": "LoRA r=8 (q/k/v/dense), PiSSA start", "lora+olora": "LoRA r=8 (q/k/v/dense), OLoRA start",
           "lora+eva": "LoRA r=8 (q/k/v/dense but the pooler), EVA start (4 batches)",
           "loha": "LoHa r=8 (q/k/v/dense)", "lokr": "LoKr r=8 (q/k/v/dense)", "fourierft": "FourierFT n=1000 (q/v, scaling 150)"}
@@ -254,19 +274,23 @@ def peft_worker(spec: dict) -> dict:
         t = time.perf_counter()
         model.train()
         batch = collate([data.train[i] for i in order.micro_batch(step)], pad)
+        adaptive = cls == "AdaLoraConfig"  # peft adds AdaLoRA's orthogonality loss to the model's own loss
         try:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **({"labels": batch["labels"]} if adaptive else {}))
+            logits = out.logits.float()
         except Exception as exc:
             if step:
                 raise
             return {"skipped": one_line(exc)}
-        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        loss = out.loss if adaptive else torch.nn.functional.cross_entropy(logits, batch["labels"])
         loss.backward()
         value = float(loss)
         if o.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], o.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if adaptive:  # the rank allocation, after the step and before the gradients go (peft's AdaLoRA guide)
+            model.base_model.update_and_allocate(step + 1)
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(value)
@@ -442,7 +466,8 @@ def main() -> None:
             cls, options = PEFT[m]
             jobs.append((m, "peft", "peft", {"recipe": recipe(method_config(m, a), lr, a, train_path, held_path, folder / f"{m}-peft"),
                                              "threads": a.threads,
-                                             "peft": [cls, {**options, **({"num_virtual_tokens": a.virtual_tokens} if m in SOFT else {})}]}))
+                                             "peft": [cls, {**options, **({"num_virtual_tokens": a.virtual_tokens} if m in SOFT else {}),
+                                                            **({"total_step": a.steps, **adalora_schedule(a.steps)} if cls == "AdaLoraConfig" else {})}]}))
     results: dict[tuple, dict] = {}
 
     def start(job: tuple) -> dict:

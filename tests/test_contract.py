@@ -185,6 +185,9 @@ MATRIX: dict[str, Case] = {
     # P4 (issue 15): AdaLoRA, the SVD-form delta P diag(E) Q (its rank allocation runs in graft train)
     "adalora": Case("adalora", {"init_r": 3, "target_r": 2, "lora_alpha": 4}, {"llama": ["q_proj", "v_proj", "down_proj"],
                     "bert": ["query", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}, {"init_lora_weights": False}),
+    # P4: Light-PEFT, a LoRA on Linear layers whose early pruning runs in graft train (GPT-2 has no Linear but its tied head)
+    "light_peft": Case("light_peft", {"r": 4, "lora_alpha": 8}, {"llama": ["q_proj", "v_proj", "down_proj"],
+                       "bert": ["query", "value", "output.dense"]}, {"init_lora_weights": False}, models=("llama", "bert")),
     # P5 (issue 15): LoRA starts that rewrite the base into a residual, W - s B0 A0 (PiSSA, OLoRA; GPT-2's Conv1D too).
     # EVA's start needs training batches (graft train or lora_init.eva_init): tests/test_lora_init.py covers it
     "lora+pissa": Case("lora", {"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa"}, {"llama": ["q_proj", "v_proj", "down_proj"],

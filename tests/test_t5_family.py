@@ -51,6 +51,9 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     # P3 (issue 15): rotations of q, v and the FFN output's inputs (BOFT with one factor: what peft builds on a CPU)
     "oft": ({"method": "oft", "oft_block_size": 8, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
     "boft": ({"method": "boft", "boft_block_size": 4, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    # P4 (issue 15): AdaLoRA's SVD-form delta and Light-PEFT's LoRA (its pruning runs in graft train) on q, v, wo
+    "adalora": ({"method": "adalora", "init_r": 3, "target_r": 2, "targets": ["q", "v", "wo"]}, {"init_lora_weights": False, "lora_alpha": 0.1}),
+    "light_peft": ({"method": "light_peft", "r": 2, "targets": ["q", "v", "wo"]}, {"init_lora_weights": False}),
     # P1 (issue 15): Hadamard, Kronecker and spectral deltas on q, v and the FFN output
     "loha": ({"method": "loha", "r": 2, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
     "lokr": ({"method": "lokr", "r": 2, "decompose_both": True, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
