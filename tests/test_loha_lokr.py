@@ -228,18 +228,19 @@ def test_dropouts_act_in_training_only(method):
 
 # -- refusals ------------------------------------------------------------------------------------------
 
-def test_peft_folder_with_an_unknown_variant_option_is_one_line(tmp_path):
-    pm = peft_model("loha")
+@pytest.mark.parametrize("case,option", [("loha", "use_tucker"), ("lokr", "use_scalar")])
+def test_peft_folder_with_an_unknown_variant_option_is_one_line(case, option, tmp_path):
+    pm = peft_model(case)
     pm.save_pretrained(tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    cfg["use_tucker"] = True  # a LyCORIS variant peft's LoHa does not have
+    cfg[option] = True  # a LyCORIS variant peft 0.21's LoHa / LoKr do not have
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg))
     model = tiny_llama()
     with pytest.raises(UnsupportedError) as ei:
         gk.load_adapter(model, tmp_path / "peft")
-    check_error(ei, UnsupportedError, "LOHA", "use_tucker=True")
+    check_error(ei, UnsupportedError, case.upper(), f"{option}=True")
     assert gk.get_state(model) is None
-    check_cli_error(tmp_path, "import-peft", tmp_path / "peft", tmp_path / "native", needles=("use_tucker",))
+    check_cli_error(tmp_path, "import-peft", tmp_path / "peft", tmp_path / "native", needles=(option,))
 
 
 def test_peft_folder_whose_rank_disagrees_with_its_config_is_one_line(tmp_path):
@@ -307,3 +308,21 @@ def test_factored_forward_equals_the_dense_delta(method, extra):
         got = site.factored_output(x[site.in_features])
         assert got is not None
         torch.testing.assert_close(got, F.linear(x[site.in_features], site.delta_matrix(site.base)), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_pattern_regex_is_one_line(tmp_path):
+    from graftkit.errors import ConfigError, FileFormatError
+
+    model = tiny_llama()
+    with pytest.raises(ConfigError) as ei:
+        gk.inject(model, {"method": "lokr", "targets": ["q_proj"], "rank_pattern": {"q_(": 2}})
+    check_error(ei, ConfigError, "rank_pattern", "'q_('", "regular expression")
+    assert gk.get_state(model) is None
+    pm = peft_model("lokr")
+    pm.save_pretrained(tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"up_proj[": 3}
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileFormatError) as ei:
+        gk.load_adapter(tiny_llama(), tmp_path / "peft")
+    check_error(ei, FileFormatError, "alpha_pattern", "up_proj[")

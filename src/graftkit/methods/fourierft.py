@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import AdapterError, ConfigError, FileFormatError, UnsupportedError
@@ -36,7 +36,7 @@ from ..layers import matrix_shape
 from ..registry import METHODS
 from ..targets import ParamInfo
 from .base import MethodConfig, PeftConverter
-from .loha import PEFT_COMMON, refuse_unknown
+from .loha import PEFT_COMMON, bad_pattern_key, refuse_unknown
 from .weight_delta import WeightDeltaMethod, WeightDeltaSite
 
 SLOT = "fourierft_spectrum"
@@ -49,6 +49,14 @@ class FourierFTConfig(MethodConfig):
     init_weights: bool = False
     # per-module n_frequency, keyed by a regex matched against the end of the module name (peft's rule)
     n_frequency_pattern: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("n_frequency_pattern")
+    @classmethod
+    def _regex_keys(cls, value):
+        bad = bad_pattern_key(value)
+        if bad:
+            raise ValueError(f"{bad}; fix it")
+        return value
 
 
 def pattern_n(patterns: Mapping[str, int], module: str, default: int) -> int:
@@ -135,6 +143,8 @@ def _peft_read(cfg: dict, raw: dict, path: Path):
     pattern = cfg.get("n_frequency_pattern") or {}
     if not isinstance(pattern, dict):
         raise FileFormatError(f"{path / CONFIG_NAME}: n_frequency_pattern is {pattern!r}; it must map module patterns to integers")
+    if bad_pattern_key(pattern):
+        raise FileFormatError(f"{path / CONFIG_NAME}: n_frequency_pattern {bad_pattern_key(pattern)} - fix the file")
     targets, options, kinds = [], {}, {}
     for module, c in sorted(spectra.items()):
         n = pattern_n(pattern, module, n0)

@@ -30,6 +30,7 @@ Shared with :mod:`graftkit.methods.lokr`: the config keys, the dropouts and the 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import AdapterError, FileFormatError, UnsupportedError
@@ -47,6 +48,16 @@ from ..targets import ParamInfo
 from .base import MethodConfig, PeftConverter, SavedTarget, first_input
 from .lora import pattern_value
 from .weight_delta import WeightDeltaMethod, WeightDeltaSite
+
+
+def bad_pattern_key(patterns: Mapping[str, Any]) -> str | None:
+    """Why a key of a per-module pattern map (a regular expression) is unusable, or None."""
+    for key in patterns:
+        try:
+            re.compile(key)
+        except re.error as exc:
+            return f"key {key!r} is not a valid regular expression ({exc})"
+    return None
 
 
 class LycorisConfig(MethodConfig):
@@ -61,6 +72,14 @@ class LycorisConfig(MethodConfig):
     # per-module rank / alpha, keyed by a regex matched against the end of the module name (peft's rule)
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _regex_keys(cls, value):
+        bad = bad_pattern_key(value)
+        if bad:
+            raise ValueError(f"{bad}; fix it")
+        return value
 
 
 class LoHaConfig(LycorisConfig):
@@ -307,6 +326,10 @@ def lycoris_from_peft(method, cfg: dict, raw: dict, path: Path, extra_keys: set[
     alphas = cfg.get("alpha_pattern") or {}
     if not isinstance(alphas, dict) or not isinstance(cfg.get("rank_pattern") or {}, dict):
         raise FileFormatError(f"{path / 'adapter_config.json'}: rank_pattern and alpha_pattern must map module patterns to numbers")
+    for key in ("rank_pattern", "alpha_pattern"):
+        bad = bad_pattern_key(cfg.get(key) or {})
+        if bad:
+            raise FileFormatError(f"{path / 'adapter_config.json'}: {key} {bad} - fix the file")
     targets, options, kinds = [], {}, {}
     for module, slots in sorted(modules.items()):
         if not any(set(layout) <= set(slots) for layout in method.layouts):
