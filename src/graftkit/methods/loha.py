@@ -196,7 +196,8 @@ class LoHaSite(LycorisSite):
         """``delta x`` through rank-r² factors, without the dense (out, in) delta: the Hadamard product of
         two rank-r products is the product of their row-wise Khatri-Rao factors,
         ``(W1a W1b) ⊙ (W2a W2b) = (W1a ⊙r W2a)(W1b ⊙c W2b)`` with ``(W1a ⊙r W2a)[o, p r + q] = W1a[o, p] W2a[o, q]``.
-        Used for matrices when it costs fewer multiplications than forming the delta (small r, few tokens)."""
+        Used for matrices when it costs fewer multiplications than forming the delta: r² (in + out) < in out,
+        roughly (r = 8 on a 384-wide layer), or a batch of few tokens."""
         if self.kind not in ("linear", "conv1d") or "hada_t1" in self.slots:
             return None
         r, out_f, in_f = self.hada_w1_b.shape[0], self.out_features, self.in_features
