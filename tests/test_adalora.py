@@ -102,7 +102,7 @@ def test_rank_allocation_equals_peft(tmp_path):
     every step and the triplets kept at every step agree, and so do the tensors at the end."""
     T = 8
     cfg = peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=6, total_step=T, tinit=1, tfinal=2, deltaT=2,
-                             target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM", orth_reg_weight=0.3)
+                             target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM", orth_reg_weight=0.3, beta2=0.6)
     pm = peft.get_peft_model(tiny_llama(), cfg)
     pm.train()
     model = gk.inject(tiny_llama(), {"method": "adalora", "targets": ["q_proj", "v_proj", "up_proj"], "init_r": 4, "target_r": 2,
@@ -119,7 +119,7 @@ def test_rank_allocation_equals_peft(tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
                 getattr(site, slot).copy_(p)
     hooks = RankBudget(AdaLoRAConfig(targets=["x"], init_r=4, target_r=2, lora_alpha=6, total_step=T, tinit=1, tfinal=2,
-                                     deltaT=2, orth_reg_weight=0.3))
+                                     deltaT=2, orth_reg_weight=0.3, beta2=0.6))
     hooks.start(model, None, [], T)
     opt_p = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.05)
     opt_g = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
@@ -142,6 +142,13 @@ def test_rank_allocation_equals_peft(tmp_path):
         opt_p.zero_grad()
         assert hooks.after_update(model, step) is False
         assert hooks.budget(step + 1)[0] == budget
+        ipt = pm.base_model.rankallocator
+        for name in (ours if hooks.ema else ()):  # the sensitivity and uncertainty averages (reset at T - tfinal)
+            module = name.rsplit(".", 1)[0]
+            for slot in ("lora_A", "lora_B", "lora_E"):
+                n = f"{module}.{slot}.default"
+                torch.testing.assert_close(hooks.ema[f"{name}.{slot}"], ipt.exp_avg_ipt[n], atol=1e-7, rtol=1e-4)
+                torch.testing.assert_close(hooks.unc[f"{name}.{slot}"], ipt.exp_avg_unc[n], atol=1e-7, rtol=1e-4)
         theirs = {n.rsplit(".lora_E", 1)[0]: (p.view(-1) != 0) for n, p in peft_params.items() if ".lora_E." in n}
         mine = {n.rsplit(".", 1)[0]: (s.lora_E.view(-1) != 0) for n, s in ours.items()}
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), step
