@@ -13,7 +13,8 @@ from torch import nn
 import graftkit as gk
 from graftkit.errors import AdapterError, ConfigError, GraftError
 from graftkit.methods.dsee import dsee_formula, dsee_report, select_support
-from test_bad_input import check_cli_error, check_error
+from test_bad_input import check_error
+from test_flora import graft_one_line_error
 from test_train import assets, cls_recipe, losses  # noqa: F401  (assets is a fixture)
 
 SETTINGS = {"lora_alpha": 4.0, "sparse_select": "magnitude", "structure": "unstructured", "seed": 0, "decompose_rank": 1}
@@ -204,12 +205,9 @@ def test_bad_sizes_are_one_line_and_leave_the_model(extra, needles):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_sparse_fraction_out_of_range_in_graft_train_is_one_line(assets, tmp_path):
-    import yaml
-
+def test_sparse_fraction_out_of_range_in_graft_train_is_one_line(assets, tmp_path, capsys):
     rec = cls_recipe(assets, tmp_path / "run", method={"method": "dsee", "sparse_fraction": 1.2, "targets": ["query"]})
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
-    check_cli_error(tmp_path, "train", tmp_path / "r.yaml", needles=("sparse_fraction",))
+    graft_one_line_error(capsys, tmp_path, rec, "sparse_fraction")
 
 
 def test_corrupt_saved_index_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ from torch import nn
 import graftkit as gk
 from graftkit.errors import AdapterError, ConfigError, GraftError
 from graftkit.methods.flora import flora_formula, tucker
-from test_bad_input import check_cli_error, check_error
+from test_bad_input import check_error
 from test_train import assets, cls_recipe, losses  # noqa: F401  (assets is a fixture)
 
 
@@ -213,13 +213,26 @@ def _has_state(model) -> bool:
     return get_state(model) is not None
 
 
-def test_rank_larger_than_a_mode_in_graft_train_is_one_line(assets, tmp_path):
+def graft_one_line_error(capsys, tmp_path, recipe: dict, *needles: str) -> None:
+    """``graft train RECIPE`` in this process: exit status 2, one ``graft: error:`` line, no run folder."""
     import yaml
 
+    from graftkit.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graft: error:"), lines
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / "run").exists(), "a refused run wrote its folder"
+
+
+def test_rank_larger_than_a_mode_in_graft_train_is_one_line(assets, tmp_path, capsys):
     # the tiny BERT's query is 32 x 32
     rec = cls_recipe(assets, tmp_path / "run", method={"method": "flora", "r": 40, "targets": ["query"]})
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
-    check_cli_error(tmp_path, "train", tmp_path / "r.yaml", needles=("Tucker rank 40", "mode out", "size 32"))
+    graft_one_line_error(capsys, tmp_path, rec, "Tucker rank 40", "mode out", "size 32")
 
 
 def test_corrupt_saved_factor_is_one_line(tmp_path):
