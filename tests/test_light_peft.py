@@ -183,3 +183,27 @@ def test_bad_input_is_one_line():
         with pytest.raises(err, match=needle) as info:
             make()
         assert "\n" not in str(info.value)
+
+
+def test_estimation_trains_the_masks_and_sums_taylor_scores():
+    """Before pruning: the masks get the task's gradient plus the L1 penalty and move (their own
+    Adam), and each rank unit's score is |sum A_i. dL/dA_i. + sum B_.i dL/dB_.i| summed over steps."""
+    model = light(tiny_bert())
+    h = hooks_for(model, mask_l1=0.5)
+    h.lr = None
+    penalty = h.extra_loss(model)
+    assert torch.allclose(penalty, torch.tensor(0.5 * 2.0))  # mean |m| is 1 for heads and for neurons
+    want = {}
+    for step in range(2):
+        loss = model(input_ids=IDS).logits.float().pow(2).mean() + h.extra_loss(model)
+        loss.backward()
+        for n, s in gk.sites(model).items():
+            unit = ((s.lora_A * s.lora_A.grad).sum(1) + (s.lora_B * s.lora_B.grad).sum(0)).abs()
+            want[n] = want.get(n, 0) + unit.detach()
+        h.before_update(model, step)
+        for p in gk.trainable_parameters(model):
+            p.grad = None
+    for n in want:
+        torch.testing.assert_close(h.taylor[n], want[n])
+    heads, ffn = next(iter(h.masks.values()))
+    assert heads.grad is None and (heads - 1).abs().max() > 0 and (ffn - 1).abs().max() > 0
