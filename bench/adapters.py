@@ -115,8 +115,9 @@ METHODS = {
     "lora+olora": {**LORA, "init_lora_weights": "olora"},
     "lora+eva": {**LORA, "targets": ["query", "key", "value", "output.dense", "intermediate.dense"], "init_lora_weights": "eva"},
     # P7: sparse fine-tuning over every tensor at the composable-sft code's default density (1% of the entries; its
-    # "Random" mask is APET's); LT-SFT's two halves at full fine-tuning's rate (that code trains both phases at it);
-    # diff pruning to the paper's 0.5% with the projection at mid-run, then the kept entries fine-tuned (the paper's stage 2)
+    # "Random" mask is APET's, at the adapters' --lr); LT-SFT's two halves at full fine-tuning's rate (that code trains both
+    # phases at it); diff pruning to the paper's 0.5% with the projection at mid-run, then the kept entries fine-tuned (the
+    # paper's stage 3), at full fine-tuning's rate (the authors' scripts: 1e-5 for the gated stage, 5e-5 for the last)
     "lt_sft": {"method": "lt_sft", "fraction": 0.01},
     "apet": {"method": "apet", "fraction": 0.01},
     "diff_pruning": {"method": "diff_pruning", "target_sparsity": 0.005, "project_at": 0.5},
@@ -457,7 +458,7 @@ def main() -> None:
     print(header, flush=True)
     jobs = []  # (method, lr or "peft", worker kind, spec), in the order they start
     for m in [m for m in a.methods if m not in missing]:
-        lr = {"full": a.full_lr, "greentrainer": a.full_lr, "lt_sft": a.full_lr, "ln_tuning": a.ln_lr, **METHOD_LR,
+        lr = {"full": a.full_lr, "greentrainer": a.full_lr, "lt_sft": a.full_lr, "diff_pruning": a.full_lr, "ln_tuning": a.ln_lr, **METHOD_LR,
               **{k: getattr(a, k + "_lr") for k in SOFT}}.get(m, a.lr)
         for lr_ in [lr] + ([a.lr2] if a.sweep and m not in ("full", "ln_tuning", *SOFT) else []):
             jobs.append((m, lr_, "train", {"recipe": recipe(method_config(m, a), lr_, a, train_path, held_path, folder / f"{m}-{lr_:g}"),
