@@ -198,7 +198,7 @@ def _plot(result: dict[str, Any], path: Path) -> str | None:
     ax.set_xlabel("subspace dimension d")
     ax.set_ylabel(result["metric"])
     ax.set_title(f"intrinsic dimension: {result['model']}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
