@@ -239,10 +239,17 @@ def test_probe_on_the_tiny_bert(assets, tmp_path, capsys):  # noqa: F811
     assert result["threshold"] == pytest.approx(0.9 * result["full"]["score"])
     assert result["d_int90"] == d_int90(result["runs"], result["full"]["score"])
     assert (out / "probe.png").stat().st_size > 0
+    val = [json.loads(x)["label"] for x in (assets / "cls_val.jsonl").read_text().splitlines()]
+    assert result["chance"] == max(val.count(y) for y in set(val)) / len(val)  # the majority label's share
+    assert ("warning" in result) == (result["full"]["score"] < result["chance"] + 0.1 * (1 - result["chance"]))
     assert "d_int90" in text
     # a given full score skips that run; a non-empty output folder needs --overwrite
     with pytest.raises(ConfigError, match="not empty"):
         probe_intrinsic_dim(parse_recipe(yaml.safe_load(f.read_text())), [4], out, full_score=0.5)
     again = probe_intrinsic_dim(parse_recipe(yaml.safe_load(f.read_text())), [4], out, full_score=2.0, subspace_lr=5e-2,
                                 overwrite=True, progress=False)
-    assert again["full"] == {"score": 2.0, "source": "given"} and again["d_int90"] is None
+    assert again["full"] == {"score": 2.0, "source": "given"} and again["d_int90"] is None and "warning" not in again
+    near_chance = probe_intrinsic_dim(parse_recipe(yaml.safe_load(f.read_text())), [4], out, full_score=again["chance"],
+                                      subspace_lr=5e-2, overwrite=True, progress=False)
+    assert "not meaningful" in near_chance["warning"]
+    assert json.loads((out / "probe.json").read_text())["warning"] == near_chance["warning"]

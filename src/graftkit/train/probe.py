@@ -35,6 +35,8 @@ FULL_LR = 5e-5
 #: about lr * sqrt(d), so 1e-2 at d = 1000 moves it about as far as full fine-tuning at 5e-5 does on
 #: MiniLM's 22.7M parameters (lr * sqrt(D)); a choice made here, neither paper gives one for AdamW
 SUBSPACE_LR = 1e-2
+#: a full score within this share of the way from chance to 1 makes d_int90 meaningless (a warning)
+CHANCE_MARGIN = 0.1
 
 
 def parse_dims(text: str | Iterable[int]) -> list[int]:
@@ -149,6 +151,7 @@ def probe_intrinsic_dim(recipe, dims: Iterable[int] | str, out: str | Path, *, f
         run["of_full"] = None if run["score"] is None or not full else run["score"] / full
     result["threshold"] = FRACTION * full if full is not None else None
     result["d_int90"] = d_int90(result["runs"], full) if full is not None else None
+    result["chance"] = _chance(recipe) if metric == "val_accuracy" else None
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     plot = _plot(result, out / "probe.png")
     if plot:
@@ -169,8 +172,28 @@ def probe_intrinsic_dim(recipe, dims: Iterable[int] | str, out: str | Path, *, f
                       f"{_fmt(full)} ({_fmt(result['threshold'])}); the intrinsic dimension is above {max(dims):,}")
     else:
         console.print(f"d_int90 = {result['d_int90']:,} (the smallest d reaching {FRACTION:.0%} of full fine-tuning's {_fmt(full)})")
+    chance = result["chance"]
+    if chance is not None and full is not None and full < chance + CHANCE_MARGIN * (1 - chance):
+        # 90% of a score near chance is below chance: any d "reaches" it, and d_int90 says nothing
+        result["warning"] = (f"full fine-tuning's {_fmt(full)} is near chance ({_fmt(chance)}, the majority label's share of the "
+                             "validation data): d_int90 is not meaningful; train longer (optim.max_steps) or check the recipe")
+        (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"[yellow]warning:[/yellow] {result['warning']}")
     console.print(f"written to {out} (probe.json{', probe.png' if plot else ''}, one folder per run)")
     return result
+
+
+def _chance(recipe) -> float | None:
+    """The majority label's share of the validation rows: the accuracy of always answering it."""
+    from collections import Counter
+
+    from .data import read_rows
+
+    try:
+        labels = [str(r.get(recipe.data.label_field)) for r in read_rows(recipe.data.validation, recipe.data.format)]
+    except Exception:  # the runs read it already; a score without this reference is still a score
+        return None
+    return max(Counter(labels).values()) / len(labels) if labels else None
 
 
 def _fmt(x: float | None) -> str:
