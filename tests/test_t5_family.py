@@ -33,6 +33,7 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     "ia3": ({"method": "ia3", "targets": ["k", "v", "wo"], "feedforward": ["wo"]}, {"init_ia3_weights": False}),
     "full": ({"method": "full", "layers": "top:1"}, None),
     "ln_tuning": ({"method": "ln_tuning"}, None),
+    "greentrainer": ({"method": "greentrainer", "flops_budget": 0.5, "layers": "top:1"}, None),  # in place, like full
     "houlsby": ({"method": "houlsby", "reduction_factor": 4, "train_layer_norm": True}, {"init_weights": False}),
     "pfeiffer": ({"method": "pfeiffer", "bottleneck_size": 4}, {"init_weights": False}),
     "parallel_adapter": ({"method": "parallel_adapter", "reduction_factor": 4}, {"init_weights": False}),
