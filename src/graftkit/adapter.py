@@ -89,6 +89,7 @@ def _add_site(info: ParamInfo, site: Site) -> None:
         holder = nn.ModuleDict()
         info.module.add_module(HOLDER, holder)
     holder[info.pname] = site
+    site.train(info.module.training)  # a site added to a model in eval mode must not run its dropout
     site.attach()
     if site.inplace:
         info.param.requires_grad_(True)

@@ -94,7 +94,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         # a method's saved-but-frozen tensors (VeRA's shared random pair) are not trained
         frozen = set(getattr(getattr(method_named(adapter.method), "site_cls", None), "frozen_slots", ()))
-        trainable = sum(t.numel() for k, t in adapter.tensors.items() if k.rsplit(".", 1)[-1] not in frozen)
+        # integer tensors are positions (a sparse delta's indices), not parameters
+        trainable = sum(t.numel() for k, t in adapter.tensors.items()
+                        if k.rsplit(".", 1)[-1] not in frozen and t.is_floating_point())
         dtypes = Counter(str(t.dtype).replace("torch.", "") for t in adapter.tensors.values())
         from .errors import AdapterError
         from .validate import check_adapter

@@ -185,9 +185,15 @@ class MethodTraining:
       reached, activation density, FLOPs saved, parameters pruned), JSON-able.
 
     ``resumable`` False: a checkpoint cannot restore the method's own state (e.g. pruned shapes), so
-    ``graft train --resume`` refuses in one line instead of resuming wrongly."""
+    ``graft train --resume`` refuses in one line instead of resuming wrongly. ``changes_what_trains``
+    False (the method only adds a loss or reads the batches): an FSDP2-sharded run may use it.
+    ``restart_schedule`` True: when ``after_update`` reports a change, the recipe's learning-rate
+    schedule (warmup and decay) runs again over the steps left (a new training phase, LT-SFT's second);
+    otherwise it goes on where it was."""
 
     resumable: bool = True
+    changes_what_trains: bool = True
+    restart_schedule: bool = False
     #: how many training micro-batches ``start`` wants (0: none)
     batches_needed: int = 0
     #: the recipe's peak learning rate, set by the loop before ``start`` (a method that probes an update)

@@ -102,6 +102,8 @@ class DensityTraining(MethodTraining):
     """Hooks on the FFN activations: their outputs of each training forward feed the density loss; the
     same hooks count active entries when the density is measured (start: base model; report: adapted)."""
 
+    changes_what_trains = False  # a loss on the activations only: an FSDP2-sharded run may use it
+
     def __init__(self, config: DEFTConfig):
         self.weight = config.density_weight
         self.eps = config.density_eps

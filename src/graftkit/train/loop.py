@@ -601,7 +601,7 @@ class Run:
             if self.resume and not self.method_training.resumable:
                 raise ConfigError(f"a {method.get('method')} run cannot be resumed from a checkpoint (its own state, such as "
                                   "what it pruned, is not in the checkpoint); start it again without --resume")
-            if self.fsdp:
+            if self.fsdp and self.method_training.changes_what_trains:
                 raise ConfigError(f"method {method.get('method')} changes what trains during training, which a sharded (FSDP2) "
                                   "model cannot follow; train it without --use_fsdp")
             self.method_training.lr = o.lr
@@ -706,7 +706,7 @@ class Run:
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = _adamw(param_groups(r, self.model, self.named), r.optim)
         factor = _schedule(r, self.total)
-        if getattr(self.method_training, "restart_schedule", False):
+        if self.method_training.restart_schedule:
             # the method starts a new training phase (LT-SFT's phase 2): the recipe's schedule again over the steps left
             factor = (lambda step, _phase=_schedule(r, self.total - done), _at=done: _phase(max(0, step - _at)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
