@@ -131,18 +131,29 @@ def test_activation_part_refuses_weight_operations():
             op(model)
 
 
-def test_bitfit_part_is_no_merge_input(tmp_path):
-    """LoRA + BitFit has a weight delta, but BitFit adapters are no merge inputs: one line."""
+def test_bitfit_part_is_a_merge_input(tmp_path):
+    """LoRA + BitFit: each part enters graft merge through its own merge_deltas (BitFit's saved dense
+    delta as it is), so a weight-1 linear merge of the composed adapter is base + its materialized delta."""
     from conftest import tiny_gpt2
+    from merge_helpers import load_folder
 
-    model = gk.inject(tiny_gpt2(), {"method": "compose", "methods": [{"method": "lora", "targets": ["c_attn"], "r": 2},
+    model = gk.inject(tiny_gpt2(), {"method": "compose", "methods": [{"method": "lora", "targets": ["c_attn"], "r": 2,
+                                                                      "init_lora_weights": False},
                                                                      {"method": "bitfit", "targets": ["c_fc"]}]})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05)
     assert method_named("compose").weight_delta(gk.get_state(model).config)
+    delta = gk.materialize_delta(model)
+    assert any(k.endswith("c_fc.bias") for k in delta) and any(k.endswith("c_attn.weight") for k in delta)
     path = gk.save_adapter(model, tmp_path / "a")
     tiny_gpt2().save_pretrained(tmp_path / "base")
-    with pytest.raises(UnsupportedError, match="its bitfit part .* cannot be a merge input"):
-        gk.merge({"merge_method": "linear", "base_model": str(tmp_path / "base"), "models": [{"model": str(path)}]}, tmp_path / "m")
-    assert not (tmp_path / "m").exists()
+    gk.merge({"merge_method": "linear", "base_model": str(tmp_path / "base"), "dtype": "float32",
+              "models": [{"model": str(path), "parameters": {"weight": 1.0}}]}, tmp_path / "m")
+    merged, base = load_folder(tmp_path / "m"), load_folder(tmp_path / "base")
+    for key, d in delta.items():
+        assert torch.allclose(merged[key].float(), base[key].float() + d, atol=1e-6), key
 
 
 CONFLICTS = [
