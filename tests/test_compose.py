@@ -7,7 +7,7 @@ from torch import nn
 
 import graftkit as gk
 from conftest import TINY_MODELS, logits, tiny_inputs, tiny_llama, tiny_t5
-from graftkit.errors import AdapterError, ConfigError, TargetError, UnsupportedError
+from graftkit.errors import AdapterError, ConfigError, TargetError
 from graftkit.methods import method_named
 from test_train import assets, chat_recipe  # noqa: F401  (module fixture: a tiny Llama with a tokenizer, chat data)
 
