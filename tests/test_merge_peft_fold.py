@@ -72,10 +72,11 @@ def test_folded_input_mixes_with_models_and_keeps_the_rng(base_dir, tmp_path):
 
 
 def test_shared_state_methods_and_a_missing_peft_are_one_line_errors(base_dir, tmp_path, monkeypatch):
-    model = peft.get_peft_model(tiny_llama(0), peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    model.save_pretrained(tmp_path / "vera")
+    # VeRA is read natively now (a merge input of its own); VB-LoRA shares its vector bank across layers too
+    model = peft.get_peft_model(tiny_llama(0), peft.VBLoRAConfig(r=4, vector_length=16, num_vectors=32, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "vblora")
     cfg = {"merge_method": "task_arithmetic", "base_model": str(base_dir),
-           "models": [{"model": str(tmp_path / "vera")}]}
+           "models": [{"model": str(tmp_path / "vblora")}]}
     with pytest.raises(GraftError, match="shared across layers") as err:
         gk.merge(cfg, tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
