@@ -34,6 +34,12 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     "full": ({"method": "full", "layers": "top:1"}, None),
     "ln_tuning": ({"method": "ln_tuning"}, None),
     "greentrainer": ({"method": "greentrainer", "flops_budget": 0.5, "layers": "top:1"}, None),  # in place, like full
+    # issue 15: VeRA's shared pair across q, v and wo (three shapes), DEFT's LoRA, the sparse methods in place
+    "vera": ({"method": "vera", "r": 4, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    "deft": ({"method": "deft", "r": 2, "targets": ["q", "v"]}, {"init_lora_weights": False}),
+    "lt_sft": ({"method": "lt_sft", "fraction": 0.05, "layers": "top:1"}, None),
+    "apet": ({"method": "apet", "num_trainable": 300, "targets": ["q", "v", "wo"]}, None),
+    "diff_pruning": ({"method": "diff_pruning", "targets": ["q", "v", "wo"]}, {"init_weights": False}),
     "houlsby": ({"method": "houlsby", "reduction_factor": 4, "train_layer_norm": True}, {"init_weights": False}),
     "pfeiffer": ({"method": "pfeiffer", "bottleneck_size": 4}, {"init_weights": False}),
     "parallel_adapter": ({"method": "parallel_adapter", "reduction_factor": 4}, {"init_weights": False}),
