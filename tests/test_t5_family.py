@@ -40,6 +40,7 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     "lt_sft": ({"method": "lt_sft", "fraction": 0.05, "layers": "top:1"}, None),
     "apet": ({"method": "apet", "num_trainable": 300, "targets": ["q", "v", "wo"]}, None),
     "diff_pruning": ({"method": "diff_pruning", "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    "subspace": ({"method": "subspace", "d": 8, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
     "houlsby": ({"method": "houlsby", "reduction_factor": 4, "train_layer_norm": True}, {"init_weights": False}),
     "pfeiffer": ({"method": "pfeiffer", "bottleneck_size": 4}, {"init_weights": False}),
     "parallel_adapter": ({"method": "parallel_adapter", "reduction_factor": 4}, {"init_weights": False}),
