@@ -285,7 +285,7 @@ def peft_worker(spec: dict) -> dict:
             return {"skipped": one_line(exc)}
         loss = out.loss if adaptive else torch.nn.functional.cross_entropy(logits, batch["labels"])
         loss.backward()
-        value = float(loss)
+        value = float(loss.detach())
         if o.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], o.max_grad_norm)
         optimizer.step()
