@@ -318,7 +318,8 @@ def test_expert_learning_rate_is_chosen_on_validation(guarded):
     # and the test scores are the chosen expert's
     assert experts["full/topic"]["lr"] == 1e-2
     evaluated = json.loads((out / "eval" / "full" / "topic" / "results.json").read_text())
-    assert evaluated["model"]["path"].endswith(str(Path("full", "topic", "lr-0.01", "merged")))
+    # full fine-tuning's dense delta is a merge input: the expert is scored as base + its adapter, no merged export
+    assert evaluated["model"]["adapter"].endswith(str(Path("full", "topic", "lr-0.01", "adapter")))
     md = (out / "report.md").read_text()
     assert "full/topic: 2 trial(s), chosen lr=0.01" in md
     assert "| full/topic | topic | 0.01 (chosen on validation from 1e-05, 0.01) |" in md

@@ -181,14 +181,14 @@ def test_train_merge_export_and_study_through_the_registry(toy, tmp_path, tiny_b
     with pytest.raises(ConfigError, match=NAME):
         train(bad, progress=False)
 
-    # graft study: an expert family of the toy method merges from its adapters (no merged export),
-    # full fine-tuning (no merge_deltas) exports merged models
+    # graft study: an expert family of the toy method merges from its adapters (no merged export), as
+    # full fine-tuning's (its saved dense delta is a merge input); an activation-space method exports merged
     from types import SimpleNamespace
 
     from graftkit.eval.study import expert_recipe
 
     cfg = SimpleNamespace(seed=0, base=str(tiny_base))
-    for method, export in ((NAME, []), ("full", ["merged"])):
+    for method, export in ((NAME, []), ("full", []), ("houlsby", ["merged"])):
         family = SimpleNamespace(optim={}, method={"method": method})
         assert expert_recipe(cfg, family, {}, tmp_path / "e")["output"]["export"] == export
     study = study_recipe(tmp_path / "s", tiny_base, experts=[
