@@ -15,7 +15,7 @@ import yaml
 import graftkit as gk
 from graftkit.adapter import get_state
 from graftkit.errors import AdapterError, ConfigError
-from graftkit.methods.diff_pruning import DiffPruning, DiffPruningConfig, diff_sites, expected_l0, hard_concrete
+from graftkit.methods.diff_pruning import DiffPruning, diff_sites, expected_l0, hard_concrete
 from graftkit.methods.sparse import random_positions, scatter, sparse_sites, split_count, to_sparse
 
 from conftest import logits, tiny_bert, tiny_inputs, tiny_llama

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal, Mapping
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..layers import matrix_shape
