@@ -254,6 +254,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe(args: argparse.Namespace) -> int:
+    from .merge.moe import run_moe
+
+    out = run_moe(args.config, args.out, overwrite=args.overwrite, seed=args.random_seed,
+                  allow_all_same=args.i_understand_this_is_not_useful_without_training)
+    arch = json.loads((Path(out) / "config.json").read_text())["architectures"][0]
+    print(f"mixture of experts written to {out} ({arch})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import read_yaml
 
@@ -407,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="merge adapters even if their base fingerprint differs from base_model")
     s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("moe", help="assemble a Mixtral / Qwen2-MoE model from dense experts (mergekit-moe YAML); docs/merge.md")
+    s.add_argument("config", help="MoE config (YAML, mergekit-moe schema)")
+    s.add_argument("out", help="output folder (an HF model folder)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--random-seed", type=int, default=None, help="seed of random gates and expert noise (default 0)")
+    s.add_argument("--i-understand-this-is-not-useful-without-training", action="store_true",
+                   help="allow every expert to be the same model (for MoE training from a dense start)")
+    s.set_defaults(func=cmd_moe)
 
     s = sub.add_parser("train", help="fine-tune a model from a recipe (YAML); docs/train.md")
     s.add_argument("recipe", help="recipe YAML file")
