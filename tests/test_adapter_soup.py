@@ -90,7 +90,7 @@ def test_linear_soup_checks_a_model_base(three, tmp_path):
 
 
 def test_dry_run_describes_the_soup(three, tmp_path):
-    from graftkit.merge.executor import dry_run
+    from graftkit.merge.api import dry_run
 
     text = dry_run(soup_config(three), tmp_path / "out")
     assert "adapter soup: linear of 3 houlsby adapters" in text and not (tmp_path / "out").exists()

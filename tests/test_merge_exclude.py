@@ -43,12 +43,11 @@ def _cfg(root, inputs=("ft5", "ft2"), **extra):
 
 
 def test_heads_of_different_label_counts_merge_with_exclude(cls_models, tmp_path, ids, monkeypatch):
-    from graftkit.merge import executor
     from graftkit.tensors import Checkpoint
 
-    read, get, map_bytes = [], Checkpoint.get, executor.map_bytes
+    read, get, map_range = [], Checkpoint.get, Checkpoint.map_range
     monkeypatch.setattr(Checkpoint, "get", lambda self, key: read.append(key) or get(self, key))
-    monkeypatch.setattr(executor, "map_bytes", lambda ckpt, key, lo, hi: read.append(key) or map_bytes(ckpt, key, lo, hi))
+    monkeypatch.setattr(Checkpoint, "map_range", lambda self, key, *a: read.append(key) or map_range(self, key, *a))
     out = gk.merge(_cfg(cls_models, exclude=["classifier.*"]), tmp_path / "m")
     monkeypatch.undo()
     assert read and not any(k.startswith("classifier.") for k in read)  # excluded tensors are never read

@@ -186,7 +186,7 @@ def test_fused_merge_never_imports_torch(tmp_path):
         paths.append(str(folder))
     cfg = {"merge_method": "ties", "base_model": paths[0], "dtype": "float32",
            "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]}
-    code = ("import sys, json; from graftkit.merge.executor import run_merge; "
+    code = ("import sys, json; from graftkit.merge.api import run_merge; "
             f"out = run_merge({cfg!r}, {str(tmp_path / 'out')!r}, progress=False); "
             "print(json.dumps({'torch': 'torch' in sys.modules, "
             "'kernels': json.load(open(out / 'graft_provenance.json'))['stats']['kernels']}))")

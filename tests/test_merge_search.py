@@ -9,7 +9,7 @@ import torch
 
 import graftkit as gk
 from graftkit.errors import ConfigError
-from graftkit.merge.search import greedy_soup, run_search
+from graftkit.merge.api import greedy_soup, run_search
 from merge_helpers import load_folder, make_models
 
 KEY = "model.layers.0.mlp.up_proj.weight"

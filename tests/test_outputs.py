@@ -414,7 +414,7 @@ def test_failed_train_overwrite_keeps_the_old_run(assets, tmp_path, capsys):  # 
 # -- SIGKILL ----------------------------------------------------------------------------------------
 
 # each tensor takes 0.1 s to finish, and the first finished one creates a file the test waits for
-SLOW_MERGE = ("import os, time, graftkit.merge.writer as w\n"
+SLOW_MERGE = ("import os, time, graftkit.merge.write as w\n"
               "real = w.ShardWriter.finish\n"
               "def slow(self, key):\n"
               "    open(os.environ['GRAFT_TEST_SIGNAL'], 'a').close()\n"

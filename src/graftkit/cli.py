@@ -230,7 +230,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
-        from .merge.executor import dry_run
+        from .merge.api import dry_run
 
         print(dry_run(args.config, args.out, overwrite=args.overwrite, threads=args.threads, allow_pickle=args.allow_pickle,
                       force=args.force))

@@ -54,7 +54,7 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _note(text: str) -> None:
+def note(text: str) -> None:
     print(f"graft: note: {text}", file=sys.stderr, flush=True)
 
 
@@ -84,7 +84,7 @@ def clean_stale(target: str | Path) -> list[Path]:
         if m.group(1) == "old" and not os.path.lexists(target):
             try:  # killed between the two renames of a swap: this is the only copy of the old output
                 os.replace(path, target)
-                _note(f"restored {target} from {name}, left by process {pid} that was killed while replacing it")
+                note(f"restored {target} from {name}, left by process {pid} that was killed while replacing it")
                 done.append(path)
                 continue
             except OSError:
@@ -92,7 +92,7 @@ def clean_stale(target: str | Path) -> list[Path]:
         _remove(path)
         if not os.path.lexists(path):
             what = "unfinished output" if m.group(1) == "tmp" else "replaced output"
-            _note(f"removed {path}, the {what} of process {pid} that is no longer running")
+            note(f"removed {path}, the {what} of process {pid} that is no longer running")
             done.append(path)
     return done
 

@@ -26,6 +26,25 @@ if TYPE_CHECKING:  # torch loads on first use, so header-only work (graft merge 
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "adapter_model.bin")
+# safetensors dtype names: sizes, and the torch dtypes a tensor's raw bytes are viewed as
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+NAME_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+ST_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+def st_dtype(name: str) -> str:
+    """A safetensors dtype name for a header's (``BF16``) or a pickled tensor's (``bfloat16``) dtype."""
+    return TORCH_TO_ST.get(name, name)
+
+
+def nbytes(dtype: str, shape) -> int:
+    n = ITEMSIZE[dtype]
+    for d in shape:
+        n *= d
+    return n
 
 
 def check_safetensors_header(path: Path) -> dict:
@@ -128,6 +147,7 @@ class Checkpoint:
         else:
             raise FileFormatError(f"{self.path} is {kind}; give a model folder or a .safetensors file")
         self.headers: dict[Path, dict] = {}
+        self._data_starts: dict[Path, int] = {}
         for f in files:
             if f.suffix == SAFE_SUFFIX or (f == self.path and weights_kind(f) == "safetensors"):
                 header = check_safetensors_header(f)
@@ -194,6 +214,66 @@ class Checkpoint:
 
     def size_on_disk(self) -> int:
         return sum(f.stat().st_size for f in set(self.files.values()))
+
+    @property
+    def is_safetensors(self) -> bool:
+        """Every tensor lives in a safetensors file, so byte-range reads work."""
+        return self._pickled is None
+
+    def byte_range(self, key: str) -> tuple[Path, int, int]:
+        """The safetensors file holding ``key`` and the absolute byte range ``[lo, hi)`` of its data."""
+        f = self.files[key]
+        header = self.headers[f]
+        start = self._data_starts.get(f)
+        if start is None:  # the data follows the header; its length was checked against the file size on open
+            end = max((m["data_offsets"][1] for k, m in header.items() if k != "__metadata__"), default=0)
+            start = self._data_starts[f] = f.stat().st_size - end
+        lo, hi = header[key]["data_offsets"]
+        return f, start + lo, start + hi
+
+    def map_range(self, key: str, lo: int = 0, hi: int | None = None):
+        """Memory-map bytes ``[lo, hi)`` of ``key``'s data (offsets from the tensor's first byte; the
+        whole tensor by default): ``(mapping, offset of byte lo inside it)``. Only that range is mapped
+        (copy-on-write, the file is never changed); it is unmapped when the mapping and every array
+        viewing it are dropped."""
+        import mmap
+        import os
+
+        f, first, last = self.byte_range(key)
+        hi = last - first if hi is None else hi
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                offset = first + lo
+                aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+                return mmap.mmap(fd, hi - lo + offset - aligned, offset=aligned, access=mmap.ACCESS_COPY), offset - aligned
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:
+            raise FileFormatError(f"{f}: tensor {key} could not be read ({exc})") from None
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``key`` (or its rows ``[r0, r1)``) as a torch tensor over a memory map of just those
+        bytes: reading one row chunk of a large matrix touches only that chunk of the file."""
+        import torch
+
+        meta = self.headers[self.files[key]][key] if self.is_safetensors else None
+        dtype = None if meta is None else ST_TO_TORCH.get(meta["dtype"])
+        if dtype is None:
+            t = self.get(key)
+            return t if rows is None else t[rows[0]:rows[1]]
+        dtype = getattr(torch, dtype)
+        shape = list(meta["shape"])
+        lo, hi = 0, meta["data_offsets"][1] - meta["data_offsets"][0]
+        if rows is not None and shape:
+            row_bytes = hi // max(1, shape[0])
+            lo, hi = rows[0] * row_bytes, rows[1] * row_bytes
+            shape[0] = rows[1] - rows[0]
+        if hi <= lo:
+            return torch.empty(shape, dtype=dtype)
+        mapped, start = self.map_range(key, lo, hi)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mapped, dtype=dtype, count=(hi - lo) // itemsize, offset=start).view(shape)
 
 
 def dir_size(path: Path) -> int:

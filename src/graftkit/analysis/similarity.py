@@ -12,7 +12,7 @@ tensor that is not excluded,
   Models") shows that such opposite-sign entries cancel each other in a plain sum and motivates
   electing one sign per parameter; a high share predicts interference in a merge.
 
-Inputs are opened exactly as the merge executor opens them (:func:`graftkit.merge.executor._open`):
+Inputs are opened exactly as the merge executor opens them (:func:`graftkit.merge.plan.open_input`):
 an HF model folder (sharded safetensors + index) or a LoRA/IA3 adapter folder (native or peft),
 which becomes ``base + materialized delta`` one tensor at a time. Memory stays
 O(experts x largest tensor) in float32; the Gram and count matrices are accumulated in float64
@@ -106,7 +106,7 @@ def _excluded(key: str, patterns: list[str]) -> bool:
 
 
 def _st(name: str) -> str:
-    from ..merge.writer import st_dtype
+    from ..tensors import st_dtype
 
     return st_dtype(name)
 
@@ -121,7 +121,7 @@ def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], 
     import torch
 
     from ..merge.adapters import is_adapter
-    from ..merge.executor import _open
+    from ..merge.plan import open_input
 
     if isinstance(exclude, str):
         exclude = [exclude]
@@ -135,10 +135,10 @@ def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], 
             raise FileFormatError(f"{label} {p} does not exist; pass an HF model folder, a safetensors file or an adapter folder")
     if is_adapter(base_path):
         raise ConfigError(f"the base {base_path} is an adapter folder; pass the model it was trained on as base and the adapters as experts")
-    base_ckpt = _open(base_path, require_config=False)
+    base_ckpt = open_input(base_path, require_config=False)
     # an adapter must not even check what is excluded (a head trained whole for another label count)
     skip = {"exclude": lambda key: _excluded(key, patterns)} if patterns else {}
-    ckpts = {name: _open(str(experts[name]), base_ckpt, require_config=False, **skip) for name in names}
+    ckpts = {name: open_input(str(experts[name]), base_ckpt, require_config=False, **skip) for name in names}
 
     keys = [k for k in base_ckpt.keys() if not _excluded(k, patterns)]
     keys = [k for k in keys if _st(base_ckpt.dtype(k)) in FLOAT_DTYPES]

@@ -676,8 +676,7 @@ class Study:
                 self.fail("similarity", family, exc)
 
     def merges(self, base_dir: Path, exclude: list[str]) -> None:
-        from ..merge import search as merge_search
-        from ..merge.executor import run_merge
+        from ..merge.api import run_merge, run_search
 
         for family, experts in self.experts.items():
             self.merged[family] = {}
@@ -695,7 +694,7 @@ class Study:
                     cfg = merge_config(run, str(base_dir), inputs, exclude=exclude, grid=True)
                     if run.search:  # overwrite=True: the previous merge stays until the new one is complete
                         evaluate = lambda d, f=family: self.validation_score(Path(d), f)  # noqa: E731
-                        merge_search.run_search(cfg, folder, evaluate, overwrite=True)
+                        run_search(cfg, folder, evaluate, overwrite=True)
                         trials = json.loads((folder / "search_results.json").read_text())
                         best = next(t for t in trials if t.get("best"))
                         params = {**run.parameters, **best["parameters"]}

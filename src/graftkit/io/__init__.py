@@ -101,14 +101,14 @@ def export_merged(adapter_path: str | Path, base: str | Path, out: str | Path, *
     if quantization:  # QLoRA: fold onto dequant(quant(W)), what the adapter was trained against
         import torch
 
-        from ..outputs import _note
+        from ..outputs import note
         from .quantize import NOTE, dequantize_model, recorded
 
         q = recorded(quantization)
         # float32 as graft train loads it: the same weights quantize to the same codes and scales
         model = load_base_for(adapter, base, dtype=torch.float32, allow_pickle=allow_pickle, quantize=q)
         dequantize_model(model)
-        _note(NOTE.format(what=f"adapter {adapter_path}", quant=q.describe()))
+        note(NOTE.format(what=f"adapter {adapter_path}", quant=q.describe()))
     else:
         model = load_base_for(adapter, base, allow_pickle=allow_pickle)
     apply_adapter(model, adapter, force=force)

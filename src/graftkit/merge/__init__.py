@@ -1,5 +1,6 @@
 """Merging fine-tuned models: per-tensor merge functions (one file per family), the mergekit-YAML
-merge config, and the streaming executor behind ``graft merge`` / :func:`merge`.
+merge config, and the streaming engine behind ``graft merge`` / :func:`merge` (plan -> compute -> write,
+fronted by :mod:`.api`).
 
 Every function ``f(base, deltas, **params) -> tensor`` is registered in
 :data:`graftkit.registry.MERGES`; see each module's docstring for its exact semantics and paper.
@@ -19,7 +20,7 @@ from .ties import ties as ties_merge  # noqa: F401
 
 def merge(config, out=None, **kwargs):
     """Run a merge described by a mergekit-style config (dict, YAML path or MergeConfig); return the output path."""
-    from .executor import run_merge
+    from .api import run_merge
 
     return run_merge(config, out, **kwargs)
 

@@ -48,7 +48,7 @@ class OnBase:
     def base_dtype(self, key: str):
         import torch
 
-        from .writer import ST_TO_TORCH, st_dtype
+        from ..tensors import ST_TO_TORCH, st_dtype
 
         return getattr(torch, ST_TO_TORCH[st_dtype(self.base.dtype(key))])
 
@@ -121,11 +121,11 @@ class AdapterSource(OnBase):
         self.requantized = set(self.quantization.get("quantized") or []) if self.quantization else set()
         if self.quantization:
             from ..io.quantize import NOTE, bnb
-            from ..outputs import _note
+            from ..outputs import note
 
             bnb("a QLoRA adapter (trained on a 4-bit base)")  # before the merge starts, not inside it
 
-            _note(NOTE.format(what=f"adapter {path}", quant=self.quantization.get("quant_type", "nf4").upper())
+            note(NOTE.format(what=f"adapter {path}", quant=self.quantization.get("quant_type", "nf4").upper())
                   .replace(", and written in bfloat16", ""))
 
     def adapter_keys(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""The executor's fast path: merge a tensor with the fused kernels of :mod:`.kernels`.
+"""The engine's fast path: merge a tensor with the fused kernels of :mod:`.kernels`.
 
 Used when the method declares a kernel (``MergeMethod.fused``: linear, task_arithmetic, ties with
 per-tensor trimming, dare_linear and dare_ties do) and every input is a safetensors file whose tensors are bf16 or float32,
@@ -35,12 +35,12 @@ def unsupported(plan) -> str | None:
     used = [p for p in dict.fromkeys([plan.base, *plan.inputs]) if p]
     for p in used:
         ckpt = plan.ckpts[p]
-        if type(ckpt) is not Checkpoint or ckpt._pickled is not None:
+        if type(ckpt) is not Checkpoint or not ckpt.is_safetensors:
             return f"{p} is not a safetensors model"
     for key in plan.keys:
         if not plan.merged(key):
             continue
-        dtypes = {plan.ckpts[p].headers[plan.ckpts[p].files[key]][key]["dtype"] for p in used}
+        dtypes = {plan.ckpts[p].dtype(key) for p in used}
         if len(dtypes) != 1 or not dtypes <= RAW.keys() or plan.out_dtypes[key] not in RAW:
             return f"{key}: dtypes {sorted(dtypes)} -> {plan.out_dtypes[key]} (the kernels take bf16/float32, one per tensor)"
     return None
@@ -64,13 +64,10 @@ class _Mapped:
     """One input tensor as a flat array of raw bits over a memory map of its bytes."""
 
     def __init__(self, ckpt: Checkpoint, key: str):
-        from .executor import map_bytes
-
-        meta = ckpt.headers[ckpt.files[key]][key]
-        lo, hi = meta["data_offsets"]
-        self.map, start = map_bytes(ckpt, key, lo, hi)
+        _, lo, hi = ckpt.byte_range(key)
+        self.map, start = ckpt.map_range(key)
         self.start = start
-        dtype = np.dtype(RAW[meta["dtype"]])
+        dtype = np.dtype(RAW[ckpt.dtype(key)])
         self.array = np.frombuffer(self.map, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=start)
 
     def release(self, lo: int = 0, hi: int | None = None) -> None:
@@ -91,12 +88,10 @@ class _Mapped:
 
 def copy_key(plan, key: str, writer) -> None:
     """A tensor that is not merged (integer buffers): the reference input's bytes, as they are."""
-    from .executor import map_bytes
-
     ckpt = plan.ckpts[plan.reference]
-    lo, hi = ckpt.headers[ckpt.files[key]][key]["data_offsets"]
+    _, lo, hi = ckpt.byte_range(key)
     if hi > lo:
-        mapped, start = map_bytes(ckpt, key, lo, hi)
+        mapped, start = ckpt.map_range(key)
         try:
             writer.write_part(key, memoryview(mapped)[start:start + hi - lo], 0)
         finally:

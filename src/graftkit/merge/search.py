@@ -90,11 +90,12 @@ def _finish(best_dir: Path, out: Path, trials: list, overwrite: bool) -> Path:
     return swap_in(best_dir, out)  # the old output stays until the new one is in place
 
 
-def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *, overwrite: bool = False,
+def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *, merge: Callable, overwrite: bool = False,
                threads: int | None = None, force: bool = False) -> Path:
-    """Merge every grid point, score each with ``evaluate`` (or ``search.command``), keep the best."""
+    """Merge every grid point with ``merge`` (the front door's ``run_merge``), score each with
+    ``evaluate`` (or ``search.command``), keep the best."""
     from ..outputs import check_output, stage_path
-    from .executor import merge_inputs, run_merge
+    from .plan import merge_inputs
 
     cfg = load_config(config)
     check_search(cfg, evaluate)
@@ -111,7 +112,7 @@ def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *
     try:
         for i, combo in enumerate(itertools.product(*(cfg.search.grid[n] for n in names))):
             values = dict(zip(names, combo))
-            folder = run_merge(_with_params(cfg, values), work / f"trial{i}", threads=threads, progress=False, force=force)
+            folder = merge(_with_params(cfg, values), work / f"trial{i}", threads=threads, progress=False, force=force)
             score = float(evaluate(folder))
             trials.append({"parameters": values, "score": score})
             if best is None or score > best[0]:
@@ -127,11 +128,11 @@ def run_search(config: Any, out: str | Path, evaluate: Evaluate | None = None, *
         shutil.rmtree(work, ignore_errors=True)
 
 
-def greedy_soup(models: list[str | Path], evaluate: Evaluate, out: str | Path, *, overwrite: bool = False,
+def greedy_soup(models: list[str | Path], evaluate: Evaluate, out: str | Path, *, merge: Callable, overwrite: bool = False,
                 dtype: str | None = None, threads: int | None = None) -> Path:
-    """Greedy soup: add candidates in order of their own score while the uniform soup's score does not drop."""
+    """Greedy soup: add candidates in order of their own score while the uniform soup's score does
+    not drop; each soup is a linear merge made with ``merge`` (the front door's ``run_merge``)."""
     from ..outputs import check_output, stage_path
-    from .executor import run_merge
 
     if len(models) < 1:
         raise ConfigError("greedy_soup needs at least one candidate model")
@@ -150,7 +151,7 @@ def greedy_soup(models: list[str | Path], evaluate: Evaluate, out: str | Path, *
             cfg = {"merge_method": "linear", "models": [{"model": x, "parameters": {"weight": 1.0}} for x in [*soup, m]]}
             if dtype:
                 cfg["dtype"] = dtype
-            folder = run_merge(cfg, work / f"soup{i}", threads=threads, progress=False)
+            folder = merge(cfg, work / f"soup{i}", threads=threads, progress=False)
             score = float(evaluate(folder))
             trials[i]["soup_score"] = score
             trials[i]["added"] = score >= soup_score
@@ -165,7 +166,7 @@ def greedy_soup(models: list[str | Path], evaluate: Evaluate, out: str | Path, *
             cfg = {"merge_method": "linear", "models": [{"model": soup[0], "parameters": {"weight": 1.0}}]}
             if dtype:
                 cfg["dtype"] = dtype
-            soup_dir = run_merge(cfg, work / "soup0", threads=threads, progress=False)
+            soup_dir = merge(cfg, work / "soup0", threads=threads, progress=False)
         result = {"soup": soup, "score": soup_score, "trials": trials}
         return _finish(soup_dir, out, [result], overwrite)
     finally:

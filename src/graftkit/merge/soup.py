@@ -164,14 +164,14 @@ class Soup:
     def params(self, key: str) -> dict:
         """The method's parameters for one tensor, resolved as a model merge resolves them
         (per-model values, filter lists, per-layer gradients)."""
-        from .executor import resolve_params
+        from .plan import resolve_params
 
         return resolve_params(self.cfg, self.spec, self.inputs, key, self.layer_t(key))
 
     def tensors(self) -> dict:
         import torch
 
-        from .writer import NAME_TO_ST, ST_TO_TORCH
+        from ..tensors import NAME_TO_ST, ST_TO_TORCH
 
         want = self.cfg.out_dtype or self.cfg.dtype
         out = {}
@@ -280,7 +280,7 @@ def adapter_soup(adapters: list, out: str | Path, *, merge_method: str = "linear
     (checked against their fingerprints); ``parameters``: the method's global parameters
     (``normalize``, ``lambda``)."""
     from ..outputs import check_output
-    from .executor import merge_inputs
+    from .plan import merge_inputs
 
     adapters = [str(a) for a in adapters]
     if weights is not None and len(weights) != len(adapters):

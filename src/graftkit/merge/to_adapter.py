@@ -47,7 +47,8 @@ def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
 
     from ..io.native import AdapterFile, versions, write_native
     from ..layers import matrix_shape, to_matrix
-    from .executor import _merge_rows, key_params
+    from .compute import merge_rows
+    from .plan import key_params
 
     kinds = check_plan(plan)
     cfg = plan.config
@@ -58,7 +59,7 @@ def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
     for name in sorted(kinds):
         kind = kinds[name]
         base = plan.ckpts[plan.base].get(name).float()
-        merged = _merge_rows(plan, name, torch, key_params(plan, name), None)
+        merged = merge_rows(plan, name, key_params(plan, name))
         delta = to_matrix(kind, merged - base).double()
         r = min(rank, *delta.shape)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
