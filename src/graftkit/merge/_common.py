@@ -336,7 +336,11 @@ class MergeMethod:
       means it accepts a list of the raw tensors and widens them itself (linear: no stack);
     * ``nan_propagating``: a NaN/Inf input always reaches the output (masks multiply, never
       select), so the output check alone finds it (default: the inputs are checked first);
-    * ``fused``: the fused kernel that computes it bit for bit, if any (:class:`Fused`).
+    * ``fused``: the fused kernel that computes it bit for bit, if any (:class:`Fused`);
+    * ``data``: the method needs a statistics pre-pass of this kind over examples (``"gram"``,
+      ``"fisher"``, see :mod:`graftkit.merge.data`); the config must then carry a ``data:`` block,
+      and the per-key merge passes the per-model statistics of that key as a keyword
+      (``grams=[...]``, ``fishers=[...]``, or ``None`` for a key without statistics).
     """
 
     name: str
@@ -354,6 +358,7 @@ class MergeMethod:
     needs_all_inputs_at_once: bool = True
     nan_propagating: bool = False
     fused: Fused | None = None
+    data: str | None = None
 
     @property
     def model_params(self) -> dict:
@@ -412,7 +417,8 @@ def _params(name: str, fn: Callable, declared, per_model: bool) -> list[Param]:
 def register(name: str, *, needs_base: bool = True, inputs: str = "delta", model_params=(), global_params=(),
              min_models: int = 1, max_models: int | None = None, random: bool = False, paper: str = "",
              chunkable: bool = False, thresholded: bool = False, base_as_input: bool = False,
-             needs_all_inputs_at_once: bool = True, nan_propagating: bool = False, fused: Fused | None = None):
+             needs_all_inputs_at_once: bool = True, nan_propagating: bool = False, fused: Fused | None = None,
+             data: str | None = None):
     """Register ``fn`` in :data:`graftkit.registry.MERGES` under ``name`` with its capabilities
     (see :class:`MergeMethod`). ``model_params`` / ``global_params``: the per-model and global
     parameters, as keyword names of ``fn`` (kind and default read from its signature) or a dict
@@ -425,7 +431,7 @@ def register(name: str, *, needs_base: bool = True, inputs: str = "delta", model
         params += [p for p in _params(name, fn, global_params, False) if p.name not in taken]
         MERGES.register(name)(MergeMethod(name, fn, needs_base, inputs, tuple(params), min_models, max_models, random,
                                           paper, chunkable, thresholded, base_as_input, needs_all_inputs_at_once,
-                                          nan_propagating, fused))
+                                          nan_propagating, fused, data=data))
         return fn
 
     return decorate

@@ -45,9 +45,29 @@ class FilterValue(StrictModel):
 ParamValue = Union[bool, int, float, str, list[float], list[FilterValue], None]
 
 
+class DataBlock(StrictModel):
+    """The examples a data-aware method (fisher, regmean, ...) runs each input model on: ``task`` is a
+    task as ``graft eval`` takes it (a mapping: name, kind, file, fields...) or the path of a task
+    file (its kind then follows the model: classification for a sequence classifier, perplexity
+    text for a causal LM); the first ``examples`` rows are used. Given at the top level for every
+    input, or on one input (``models[i].data``), whose keys then replace the top-level ones."""
+
+    task: Optional[Union[str, dict[str, Any]]] = None
+    examples: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)
+    fisher: Optional[Literal["expected", "empirical"]] = None
+
+    def over(self, other: Optional["DataBlock"]) -> "DataBlock":
+        """This block's keys over ``other``'s (a model's own block over the top-level one)."""
+        if other is None:
+            return self
+        return DataBlock(**{**other.model_dump(exclude_unset=True), **self.model_dump(exclude_unset=True)})
+
+
 class InputModel(StrictModel):
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    data: Optional[DataBlock] = None
 
 
 class SearchConfig(StrictModel):
@@ -72,6 +92,12 @@ class MergeConfig(StrictModel):
     rank: Optional[int] = Field(None, ge=1)
     search: Optional[SearchConfig] = None
     exclude: list[str] = Field(default_factory=list)
+    data: Optional[DataBlock] = None  # data-aware methods only: see DataBlock
+
+    def data_for(self, model: str) -> Optional[DataBlock]:
+        """The data block of one input: its own keys over the top-level ones (None when neither)."""
+        own = next((m.data for m in self.models if m.model == model and m.data is not None), None)
+        return own.over(self.data) if own is not None else self.data
 
     # -- resolution helpers ---------------------------------------------------------------
     def method(self):
@@ -197,6 +223,7 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     non_base = [m for m in cfg.models if spec.inputs == "model" or m.model != cfg.base_model]
     if len(non_base) < spec.min_models:
         raise ConfigError(f"merge_method {spec.name} needs at least {spec.min_models} model(s) besides the base; got {len(non_base)}")
+    _check_data(cfg, spec, non_base)
     for i, m in enumerate(cfg.models):
         for name, value in m.parameters.items():
             if name not in accepted_model:
@@ -225,6 +252,64 @@ def validate(cfg: MergeConfig) -> MergeConfig:
         if "weight" in spec.model_params and 0 in cfg.search.grid.get("weight", []):
             raise ConfigError("search.grid.weight has 0, which sets every model's weight to 0 and would write base_model as a trial; "
                               "drop it (the base model needs no merge)")
+    return cfg
+
+
+def _check_data(cfg: MergeConfig, spec, non_base) -> None:
+    """A data-aware method needs a task for every input; any other method takes no data."""
+    kind = getattr(spec, "data", None)
+    given = cfg.data is not None or any(m.data is not None for m in cfg.models)
+    if kind is None:
+        if given:
+            raise ConfigError(f"merge_method {spec.name} uses no data, but the config has a data: block; remove it "
+                              "(data-aware methods: fisher, regmean, ...; see docs/merge.md)")
+        return
+    alpha = cfg.parameters.get("alpha")
+    if kind == "gram" and isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and not 0 <= alpha <= 1:
+        raise ConfigError(f"parameters.alpha is {alpha}; it scales the Gram matrices' off-diagonal entries and must be in [0, 1] "
+                          "(1: the exact closed form, 0: per-feature weighted averaging)")
+    for m in non_base:
+        block = cfg.data_for(m.model)
+        if block is None or block.task is None:
+            raise ConfigError(f"merge_method {spec.name} computes {kind} statistics of each model on examples, but "
+                              f"{'no data: block is given' if not given else f'{m.model} has no data task'}; add "
+                              "'data: {task: TASK_FILE_OR_SPEC, examples: N}' (docs/merge.md, data-aware merges)")
+
+
+def _validate_slices(cfg: MergeConfig, spec) -> MergeConfig:
+    """A ``slices:`` config: the slices' structure (merge/slices.py; the layer ranges are checked
+    against the models' layer counts when the plan opens them), then every parameter block of it -
+    top level, per slice and per source - against the method, as for ``models:``."""
+    from .slices import check_slices
+
+    check_slices(cfg, spec)
+    if getattr(spec, "data", None) or cfg.data is not None:
+        raise ConfigError(f"merge_method {spec.name} with a data: block does not take slices:; merge whole models (models:) instead")
+    accepted_model = set(spec.model_params)
+    accepted_global = set(spec.global_params) | accepted_model
+    blocks = [("parameters", cfg.parameters)] + [(f"slices[{i}].parameters", s.parameters) for i, s in enumerate(cfg.slices)]
+    for where, params in blocks:
+        for name, value in params.items():
+            if name not in accepted_global:
+                raise ConfigError(f"{where}: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_global)) or 'none'}")
+            _check_value(where, name, value, _like(spec, name))
+    for i, sl in enumerate(cfg.slices):
+        for j, src in enumerate(sl.sources):
+            where = f"slices[{i}].sources[{j}] ({src.model})"
+            for name, value in src.parameters.items():
+                if name not in accepted_model:
+                    raise ConfigError(f"{where}: unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_model)) or 'none'}")
+                _check_value(where, name, value, _like(spec, name))
+        for p in spec.params:
+            if p.required and not p.per_model and p.name not in cfg.parameters and p.name not in sl.parameters:
+                raise ConfigError(f"merge_method {spec.name} needs parameters.{p.name} (it has no default); add it to parameters "
+                                  f"or to slices[{i}].parameters")
+    parse_size(cfg.max_shard_size)
+    exclude_matcher(cfg.exclude)
+    if cfg.output == "adapter" or cfg.search is not None:
+        what = "output: adapter" if cfg.output == "adapter" else "search"
+        raise ConfigError(f"{what} does not take slices: (a layer-stacked model has no single base to take a delta from); "
+                          "merge with slices first, then use the output as a model")
     return cfg
 
 
