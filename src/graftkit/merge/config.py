@@ -139,6 +139,9 @@ def _check_value(where: str, name: str, value, default=_MISSING) -> None:
             raise ConfigError(f"{where}: {name} {v} is out of range; it must be in [0, 1]")
         if name == "epsilon" and not 0 <= float(v) < 1:
             raise ConfigError(f"{where}: epsilon {v} is out of range; it must be in [0, 1)")
+        if name == "select_topk" and not 0 < float(v) <= 1:
+            raise ConfigError(f"{where}: select_topk {v} is out of range; it must be in (0, 1] (the share of entries kept, "
+                              "ranked by their variance across the models)")
 
 
 def _suffixes(name: str):
@@ -239,6 +242,8 @@ def validate(cfg: MergeConfig) -> MergeConfig:
                           "nonzero weight (to copy the base, use it directly)")
     if "gamma" in spec.model_params:
         _check_crumbs(cfg, spec, non_base)
+    if "epsilon" in spec.model_params:
+        _check_magprune(cfg, spec, non_base)
     parse_size(cfg.max_shard_size)
     exclude_matcher(cfg.exclude)  # bad regexes fail here, before any file is opened
     if cfg.output == "adapter" and cfg.rank is None:
@@ -329,6 +334,25 @@ def _check_crumbs(cfg: MergeConfig, spec, non_base) -> None:
         if density < 1 and gamma + density > 1 + 1e-9:
             raise ConfigError(f"{m.model}: gamma {gamma} + density {density} = {gamma + density:g} > 1; breadcrumbs drops the top gamma "
                               "share and keeps the next density share, so the two must sum to at most 1 - lower one of them")
+
+
+def _check_magprune(cfg: MergeConfig, spec, non_base) -> None:
+    """della's keep probabilities run from density - epsilon to density + epsilon: both ends must
+    be probabilities strictly inside (0, 1) wherever a delta is pruned (density < 1)."""
+    def numbers(value, default):
+        if value is None:
+            return [default]
+        if isinstance(value, list):
+            return [x for v in value for x in numbers(v.value if isinstance(v, FilterValue) else v, default)]
+        return [float(value)]
+
+    for m in non_base:
+        densities = [d for d in numbers(m.parameters.get("density", cfg.parameters.get("density")), spec.model_params["density"]) if d < 1]
+        epsilon = max(numbers(m.parameters.get("epsilon", cfg.parameters.get("epsilon")), spec.model_params["epsilon"]))
+        if densities and (min(densities) - epsilon <= 0 or max(densities) + epsilon >= 1):
+            d = min(densities) if min(densities) - epsilon <= 0 else max(densities)
+            raise ConfigError(f"{m.model}: density {d} with epsilon {epsilon} keeps entries with probabilities from {d - epsilon:g} "
+                              f"to {d + epsilon:g}; {spec.name} needs density - epsilon > 0 and density + epsilon < 1 - lower epsilon")
 
 
 def load_config(config: Any) -> MergeConfig:
