@@ -264,6 +264,26 @@ def cmd_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from .merge.extract_lora import extract_lora
+
+    out, report = extract_lora(args.ft, args.base, args.out, rank=args.rank, sv_threshold=args.sv_threshold,
+                               max_error=args.max_error, max_rank=args.max_rank, embed_lora=args.embed_lora,
+                               skip_undecomposable=args.skip_undecomposable, include=tuple(args.include_regex),
+                               exclude=tuple(args.exclude_regex), peft=args.peft, overwrite=args.overwrite,
+                               allow_pickle=args.allow_pickle)
+    err, ranks = report["relative_error"], sorted(report["rank"].values())
+    worst = max(err["per_key"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+    span = f"rank {ranks[0]}" if ranks and ranks[0] == ranks[-1] else (f"ranks {ranks[0]}-{ranks[-1]}" if ranks else "no LoRA")
+    print(f"{'peft' if args.peft else 'native'} LoRA adapter written to {out}: {len(ranks)} matrices ({span}), "
+          f"{len(report['whole'])} tensor(s) whole; SVD relative error {err['overall']:.3e} overall, worst {worst[1]:.3e} "
+          f"({worst[0]}); per key in {'extraction.json' if args.peft else 'adapter.json'}")
+    for what, keys in (("skipped (--skip-undecomposable)", report["skipped"]), ("dropped (rank 0)", report["dropped"])):
+        if keys:
+            print(f"note: {len(keys)} changed tensor(s) {what}, e.g. {keys[0]}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import read_yaml
 
@@ -417,6 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="merge adapters even if their base fingerprint differs from base_model")
     s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("extract-lora", help="a LoRA adapter from a full fine-tune by truncated SVD (mergekit-extract-lora); docs/merge.md")
+    s.add_argument("ft", help="fine-tuned model folder")
+    s.add_argument("base", help="the base model folder it was tuned from")
+    s.add_argument("out", help="output adapter folder")
+    s.add_argument("--rank", type=int, default=None, help="rank of every matrix (at most its size)")
+    s.add_argument("--sv-threshold", "--sv-epsilon", dest="sv_threshold", type=float, default=None,
+                   help="keep the singular values above E (absolute; mergekit's --sv-epsilon)")
+    s.add_argument("--max-error", type=float, default=None, help="per matrix, the smallest rank within this relative Frobenius error")
+    s.add_argument("--max-rank", type=int, default=None, help="cap of --sv-threshold / --max-error ranks; alone, the same as --rank")
+    s.add_argument("--embed-lora", action="store_true", help="factor embeddings too (default: stored whole when changed, as mergekit)")
+    s.add_argument("--skip-undecomposable", action="store_true", help="leave out changed tensors that are not factored (norms, biases)")
+    s.add_argument("-i", "--include-regex", action="append", default=[], help="only tensors matching this regex (repeatable)")
+    s.add_argument("-e", "--exclude-regex", action="append", default=[], help="leave out tensors matching this regex (repeatable)")
+    s.add_argument("--peft", action="store_true", help="write a peft adapter folder (default: a graftkit adapter folder)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
+    s.set_defaults(func=cmd_extract_lora)
 
     s = sub.add_parser("moe", help="assemble a Mixtral / Qwen2-MoE model from dense experts (mergekit-moe YAML); docs/merge.md")
     s.add_argument("config", help="MoE config (YAML, mergekit-moe schema)")
