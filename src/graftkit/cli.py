@@ -254,6 +254,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_multi(args: argparse.Namespace) -> int:
+    from .merge.api import run_multi
+
+    done = run_multi(args.config, args.intermediate_dir, args.out_path, lazy=args.lazy, overwrite=args.overwrite,
+                     threads=args.threads, allow_pickle=args.allow_pickle, force=args.force)
+    print(f"{len(done)} stage(s) done; " + ", ".join(f"{name or 'final'}: {path}" for name, path in done.items()))
+    return 0
+
+
 def cmd_moe(args: argparse.Namespace) -> int:
     from .merge.moe import run_moe
 
@@ -437,6 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="merge adapters even if their base fingerprint differs from base_model")
     s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("merge-multi", help="run a multi-stage merge file (mergekit-multi: named recipes as YAML documents)")
+    s.add_argument("config", help="YAML file with one merge recipe per document, each with a name (the final one may have none)")
+    s.add_argument("-I", "--intermediate-dir", required=True, help="folder for the named stages' outputs")
+    s.add_argument("--out-path", default=None, help="output folder of the unnamed final merge")
+    s.add_argument("--no-lazy", dest="lazy", action="store_false",
+                   help="re-run stages whose folder already holds this recipe's output")
+    s.add_argument("--overwrite", action="store_true", help="replace the final output folder if it exists")
+    s.add_argument("--threads", type=_positive_int, default=None, help="worker threads per merge (default: min(4, cores))")
+    s.add_argument("--force", action="store_true", help="merge adapters even if their base fingerprint differs from base_model")
+    s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
+    s.set_defaults(func=cmd_merge_multi)
 
     s = sub.add_parser("extract-lora", help="a LoRA adapter from a full fine-tune by truncated SVD (mergekit-extract-lora); docs/merge.md")
     s.add_argument("ft", help="fine-tuned model folder")

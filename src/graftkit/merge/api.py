@@ -136,3 +136,11 @@ def greedy_soup(models: list[str | Path], evaluate, out: str | Path, *, overwrit
     from . import search
 
     return search.greedy_soup(models, evaluate, out, merge=run_merge, overwrite=overwrite, dtype=dtype, threads=threads)
+
+
+def run_multi(config: str | Path, intermediate_dir: str | Path, out: str | Path | None = None, **kwargs) -> dict:
+    """A multi-stage merge file (mergekit-multi's format; see :mod:`.multi`): every stage through
+    :func:`run_merge`, in dependency order."""
+    from . import multi
+
+    return multi.run_multi(config, intermediate_dir, out, merge=run_merge, **kwargs)
