@@ -119,3 +119,174 @@ def test_fisher_diagonals_by_hand(tok):
         got = mdata.fisher_diagonals(model, mdata.batches(ex, 2, tok.pad_token_id), mode)["classifier.weight"]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     assert not torch.allclose(empirical, expected)
+
+
+# -- end to end: graft merge with a data: block --------------------------------------------------
+
+CLI_ENV = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+
+
+def graft(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "graftkit.cli", *map(str, args)], cwd=cwd, env=CLI_ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _yaml(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def experts(tok, tmp_path_factory):
+    """Two tiny BERT classifiers of one base (different fine-tunes: perturbed copies), with the task file."""
+    root = tmp_path_factory.mktemp("experts")
+    folders = []
+    for i in range(2):
+        model = bert(tok, seed=0)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        folders.append(save(model, tok, root / f"e{i}"))
+    file = write_jsonl(root / "topic.jsonl", [{"text": t, "label": g} for t, g in zip(TEXTS, GOLD)])
+    return root, folders, file
+
+
+def _cfg(method, folders, data, **extra):
+    return {"merge_method": method, "models": [{"model": f} for f in folders], "dtype": "float32",
+            **({"data": data} if data is not None else {}), **extra}
+
+
+def _load(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_regmean_end_to_end_with_graft_merge(experts, tok, tmp_path):
+    root, folders, file = experts
+    task = {"name": "topic", "kind": "classification", "file": file, "max_length": 32}
+    cfg = _yaml(tmp_path / "regmean.yaml", _cfg("regmean", folders, {"task": task, "examples": 5, "batch_size": 2},
+                                                 parameters={"alpha": 0.8}))
+    res = graft("merge", cfg, tmp_path / "out", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = _load(tmp_path / "out")
+    # by hand: each model's Gram matrices of its Linear inputs on the first 5 texts, alone (no padding)
+    models = [transformers.BertForSequenceClassification.from_pretrained(f).eval() for f in folders]
+    ids = tok(TEXTS[:5])["input_ids"]
+    key = "bert.encoder.layer.1.intermediate.dense"
+    grams = []
+    for m in models:
+        rows = []
+        h = m.get_submodule(key).register_forward_pre_hook(lambda mod, a: rows.append(a[0][0].detach()))
+        with torch.no_grad():
+            for x in ids:
+                m(input_ids=torch.tensor([x]))
+        h.remove()
+        x = torch.cat(rows).double()
+        grams.append(x.T @ x / x.shape[0])
+    ws = [dict(m.named_parameters())[key + ".weight"].detach().double() for m in models]
+    torch.testing.assert_close(got[key + ".weight"].double(), _closed_form(ws, grams, 0.8), rtol=1e-4, atol=1e-5)
+    bias = [dict(m.named_parameters())[key + ".bias"].detach() for m in models]
+    torch.testing.assert_close(got[key + ".bias"], (bias[0] + bias[1]) / 2)  # not a Linear weight: averaged
+    assert not torch.allclose(got[key + ".weight"], (ws[0].float() + ws[1].float()) / 2, atol=1e-4)
+    prov = json.loads((tmp_path / "out" / "graft_provenance.json").read_text())
+    assert "data" in json.dumps(prov)
+    assert not list(tmp_path.glob(".graft-stats-*")), "the statistics files were left behind"
+    merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert torch.isfinite(merged(input_ids=torch.tensor([ids[0]])).logits).all()
+
+
+def test_fisher_end_to_end(experts, tok, tmp_path):
+    root, folders, file = experts
+    out = gk.merge(_cfg("fisher", folders, {"task": file, "examples": 4, "fisher": "empirical"}), tmp_path / "out")
+    got = _load(out)
+    models = [transformers.BertForSequenceClassification.from_pretrained(f).eval() for f in folders]
+    index = {l: i for i, l in enumerate(LABELS)}
+    ex = _examples(tok, TEXTS[:4], [index[g] for g in GOLD[:4]])
+    fishers = [mdata.fisher_diagonals(m, [mdata.batches(ex, 4, tok.pad_token_id)[0]], "empirical") for m in models]
+    for key in ("classifier.weight", "bert.encoder.layer.0.attention.output.dense.weight"):
+        theta = [dict(m.named_parameters())[key].detach() for m in models]
+        f = [fi[key].clamp(min=1e-10) for fi in fishers]
+        torch.testing.assert_close(got[key], (f[0] * theta[0] + f[1] * theta[1]) / (f[0] + f[1]), rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(got[key], (theta[0] + theta[1]) / 2, atol=1e-5)
+
+
+def test_causal_lm_fisher_and_regmean(tok, tmp_path):
+    """Causal LMs: perplexity text (a task file) for RegMean, a generation task's answers for Fisher."""
+    folders = []
+    for i in range(2):
+        torch.manual_seed(i)
+        cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                       pad_token_id=tok.pad_token_id)
+        folders.append(save(transformers.LlamaForCausalLM(cfg).eval(), tok, tmp_path / f"lm{i}"))
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TEXTS])
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": t, "answer": g} for t, g in zip(TEXTS, GOLD)])
+    reg = _load(gk.merge(_cfg("regmean", folders, {"task": text, "examples": 3}), tmp_path / "reg"))
+    fis = _load(gk.merge(_cfg("fisher", folders, {"task": {"name": "qa", "kind": "generation", "file": qa}, "examples": 3}),
+                         tmp_path / "fis"))
+    models = [_load(f) for f in folders]
+    for got in (reg, fis):
+        key = "model.layers.0.mlp.down_proj.weight"
+        assert torch.isfinite(got[key]).all()
+        assert not torch.allclose(got[key], (models[0][key] + models[1][key]) / 2, atol=1e-6)
+    norm = "model.norm.weight"  # RegMean averages what is not a Linear weight
+    torch.testing.assert_close(reg[norm], (models[0][norm] + models[1][norm]) / 2)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def _cli_error(tmp_path, cfg: dict, *needles):
+    path = _yaml(tmp_path / "bad.yaml", cfg)
+    res = graft("merge", path, tmp_path / "out", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graft: error:"), res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".graft-stats-*"))
+
+
+def test_data_aware_merge_without_data(experts, tmp_path):
+    _cli_error(tmp_path, _cfg("regmean", experts[1], None), "regmean", "data:")
+
+
+def _api_error(tmp_path, cfg: dict, cls, *needles):
+    """The same failure through graftkit.merge (the CLI turns it into one line and exit 2)."""
+    from graftkit.errors import GraftError
+
+    with pytest.raises(cls) as info:
+        gk.merge(cfg, tmp_path / "out")
+    msg = str(info.value)
+    assert isinstance(info.value, GraftError) and info.value.exit_code == 2 and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".graft-stats-*"))
+
+
+def test_data_for_another_task(experts, tmp_path):
+    from graftkit.errors import ConfigError, EvalError
+
+    file = write_jsonl(tmp_path / "weather.jsonl", [{"text": "rain again", "label": "weather"}])
+    _api_error(tmp_path, _cfg("fisher", experts[1], {"task": file}), EvalError, "'weather'", "another task")
+    task = {"name": "qa", "kind": "perplexity", "file": experts[2]}  # a task whose kind does not match the models' head
+    _api_error(tmp_path, _cfg("regmean", experts[1], {"task": task}), ConfigError, "perplexity", "sequence classifier")
+
+
+def test_data_block_on_a_method_without_data(experts):
+    from graftkit.errors import ConfigError
+    from graftkit.merge.config import load_config
+
+    with pytest.raises(ConfigError, match="uses no data"):
+        load_config(_cfg("linear", experts[1], {"task": experts[2]}))
+    with pytest.raises(ConfigError, match="alpha"):
+        load_config(_cfg("regmean", experts[1], {"task": experts[2]}, parameters={"alpha": 1.5}))
+    with pytest.raises(ConfigError, match="no data task"):  # one model's own block without a task, no top-level one
+        load_config({"merge_method": "fisher", "models": [{"model": experts[1][0], "data": {"task": experts[2]}},
+                                                          {"model": experts[1][1], "data": {"examples": 3}}]})

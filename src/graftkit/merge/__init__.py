@@ -16,6 +16,8 @@ from .magnitude import magnitude_prune  # noqa: F401
 from .pcb import pcb as pcb_merge  # noqa: F401
 from .slerp import slerp as slerp_merge  # noqa: F401
 from .ties import ties as ties_merge  # noqa: F401
+from .fisher import fisher as fisher_merge  # noqa: F401  (data-aware: merge/data.py computes their statistics)
+from .regmean import regmean as regmean_merge  # noqa: F401
 from .della import della as della_merge, della_linear  # noqa: F401  (registration, as the ones below)
 from .model_stock import model_stock as model_stock_merge  # noqa: F401
 from .ram import ram as ram_merge, ramplus_tl  # noqa: F401

@@ -11,6 +11,7 @@ written into a temporary sibling folder and renamed into place only when everyth
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def describe(plan: Plan, threads: int | None = None, max_keys: int = 12) -> str:
     from .search import describe_search
 
     lines.extend(describe_search(cfg))
+    from .data import describe_data
+
+    lines.extend(describe_data(cfg))
     from .fused import unsupported
 
     slow_reason = unsupported(plan)
@@ -110,13 +114,20 @@ def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = F
     if out.exists() and not overwrite:
         raise FileFormatError(f"{out} already exists; choose another output folder or pass --overwrite")
     plan = build_plan(cfg, allow_pickle=allow_pickle, force=force)
-    if cfg.output == "adapter":
-        from .to_adapter import merge_to_adapter
+    from .data import statistics
 
-        return merge_to_adapter(plan, out, overwrite=overwrite)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        plan.stats = execute(plan, tmp, threads=threads, progress=progress)
-        write_metadata(plan, tmp, raw if isinstance(raw, dict) else None)
+    # data-aware methods: per-model statistics on examples first, one model at a time (merge/data.py)
+    log = (lambda line: print(line, file=sys.stderr)) if progress else None
+    with statistics(plan, workdir=out.parent if out.parent.is_dir() else None, log=log) as data_stats:
+        if cfg.output == "adapter":
+            from .to_adapter import merge_to_adapter
+
+            return merge_to_adapter(plan, out, overwrite=overwrite)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            plan.stats = execute(plan, tmp, threads=threads, progress=progress)
+            if data_stats is not None:
+                plan.stats["data"] = data_stats.info
+            write_metadata(plan, tmp, raw if isinstance(raw, dict) else None)
     return out
 
 

@@ -152,6 +152,12 @@ def merge_tensor(plan: Plan, key: str) -> Any:
     params = key_params(plan, key)
     if plan.global_thresholds is not None:
         params["threshold"] = plan.global_thresholds
+    if spec.data is not None:  # data-aware: this key's per-model statistics from the pre-pass (merge/data.py)
+        stats = getattr(plan, "statistics", None)
+        if stats is None:
+            raise MergeError(f"merge_method {spec.name} needs its {spec.data} statistics, computed by the front door "
+                             "(graftkit.merge.merge / graft merge) before the merge; run it from there")
+        params[stats.keyword] = stats.for_key(key)
     shape = plan.shapes[key]
     numel = 1
     for d in shape:

@@ -322,16 +322,20 @@ class Prepass:
     kind: str
     keyword: str
     fn: Callable  # fn(model, batches, keys, block, kind) -> {key: tensor}
+    joint: bool = False  # fn(plan, workdir, log) -> a Statistics-like result over all inputs at once
 
 
 PREPASSES: dict[str, Prepass] = {}
 
 
-def register_prepass(kind: str, keyword: str):
+def register_prepass(kind: str, keyword: str, joint: bool = False):
     """Register the per-model statistics of ``kind``: ``fn(model, batches, keys, block, head_kind)``
-    returns ``{merge key: tensor}`` for one loaded model; the method gets them as ``keyword=[...]``."""
+    returns ``{merge key: tensor}`` for one loaded model; the method gets them as ``keyword=[...]``.
+    ``joint``: a pre-pass over all inputs together (adamerging, lorahub search the merged model):
+    ``fn(plan, workdir, log)`` returns an object with :class:`Statistics`' ``kind``, ``keyword``,
+    ``info``, ``for_key(key)`` and ``cleanup()``."""
     def decorate(fn):
-        PREPASSES[kind] = Prepass(kind, keyword, fn)
+        PREPASSES[kind] = Prepass(kind, keyword, fn, joint)
         return fn
     return decorate
 
@@ -388,6 +392,8 @@ def collect(plan, workdir: str | Path | None = None, log: Callable[[str], None] 
     if prepass is None:
         raise ConfigError(f"merge_method {spec.name} asks for {spec.data!r} statistics, which no pre-pass computes "
                           f"(known: {', '.join(sorted(PREPASSES))})")
+    if prepass.joint:
+        return prepass.fn(plan, workdir, log)
     names = list(plan.inputs)
     base = cfg.base_model
     folder = Path(tempfile.mkdtemp(prefix=".graft-stats-", dir=str(workdir) if workdir else None))
