@@ -231,7 +231,7 @@ def merge_config(run: MergeRun, base: str, inputs: list[str], *, exclude: list[s
     cfg: dict[str, Any] = {"merge_method": run.method, "base_model": base,
                            "models": [{"model": p, "parameters": dict(per_model)} for p in inputs],
                            "parameters": global_, "dtype": "float32"}
-    if spec.base_as_input:
+    if spec.base_as_input and spec.needs_base:  # an optional base (multislerp, karcher) is the experts' origin: fine
         raise ConfigError(f"study merges combine several experts; {run.method} takes the base as one of exactly two inputs - "
                           "use linear or task_arithmetic")
     if exclude:

@@ -340,7 +340,13 @@ class MergeMethod:
     * ``data``: the method needs a statistics pre-pass of this kind over examples (``"gram"``,
       ``"fisher"``, see :mod:`graftkit.merge.data`); the config must then carry a ``data:`` block,
       and the per-key merge passes the per-model statistics of that key as a keyword
-      (``grams=[...]``, ``fishers=[...]``, or ``None`` for a key without statistics).
+      (``grams=[...]``, ``fishers=[...]``, or ``None`` for a key without statistics);
+    * ``check``: ``check(cfg)`` raises a one-line ConfigError for what only this method refuses
+      (run by the config validation after the generic checks).
+
+    ``base_as_input`` with ``needs_base=False`` makes the base optional (nuslerp, multislerp,
+    karcher): with a ``base_model`` it is the first model handed in, without one ``base`` is
+    ``None``; ``min_models`` / ``max_models`` then count the models besides the base.
     """
 
     name: str
@@ -359,6 +365,7 @@ class MergeMethod:
     nan_propagating: bool = False
     fused: Fused | None = None
     data: str | None = None
+    check: Callable | None = None
 
     @property
     def model_params(self) -> dict:
@@ -418,7 +425,7 @@ def register(name: str, *, needs_base: bool = True, inputs: str = "delta", model
              min_models: int = 1, max_models: int | None = None, random: bool = False, paper: str = "",
              chunkable: bool = False, thresholded: bool = False, base_as_input: bool = False,
              needs_all_inputs_at_once: bool = True, nan_propagating: bool = False, fused: Fused | None = None,
-             data: str | None = None):
+             data: str | None = None, check: Callable | None = None):
     """Register ``fn`` in :data:`graftkit.registry.MERGES` under ``name`` with its capabilities
     (see :class:`MergeMethod`). ``model_params`` / ``global_params``: the per-model and global
     parameters, as keyword names of ``fn`` (kind and default read from its signature) or a dict
@@ -431,7 +438,7 @@ def register(name: str, *, needs_base: bool = True, inputs: str = "delta", model
         params += [p for p in _params(name, fn, global_params, False) if p.name not in taken]
         MERGES.register(name)(MergeMethod(name, fn, needs_base, inputs, tuple(params), min_models, max_models, random,
                                           paper, chunkable, thresholded, base_as_input, needs_all_inputs_at_once,
-                                          nan_propagating, fused, data=data))
+                                          nan_propagating, fused, data=data, check=check))
         return fn
 
     return decorate

@@ -56,7 +56,7 @@ def merge_rows(plan: Plan, key: str, params: dict, rows: tuple[int, int] | None 
             params = {**params, "inplace": True}  # the stack is ours: let the method reuse it
         out = spec.fn(base, stack, **params)
     else:
-        out = spec.fn(stack[0] if spec.base_as_input else None, stack, **params)
+        out = spec.fn(stack[0] if spec.base_as_input and plan.base else None, stack, **params)
     del stack
     if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
         for p in [*([plan.base] if plan.base else []), *names]:  # name the input that brought the NaN/Inf

@@ -214,7 +214,8 @@ def validate(cfg: MergeConfig) -> MergeConfig:
         _check_value("parameters", name, value, _like(spec, name))
     if cfg.parameters.get("scope", "tensor") not in ("tensor", "global"):
         raise ConfigError(f"parameters.scope must be 'tensor' (per-tensor trimming, mergekit's) or 'global' (one threshold per model); got {cfg.parameters['scope']!r}")
-    if spec.base_as_input and spec.max_models is not None:
+    optional_base = spec.base_as_input and not spec.needs_base  # nuslerp, multislerp, karcher: min/max count the others
+    if spec.base_as_input and spec.needs_base and spec.max_models is not None:
         others = [m for m in cfg.models if m.model != cfg.base_model]
         if len(others) != spec.max_models - 1:
             want = spec.max_models - 1
@@ -223,15 +224,23 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     for p in spec.params:
         if p.required and not p.per_model and p.name not in cfg.parameters:
             raise ConfigError(f"merge_method {spec.name} needs parameters.{p.name} (it has no default); add it to parameters")
-    non_base = [m for m in cfg.models if spec.inputs == "model" or m.model != cfg.base_model]
-    if len(non_base) < spec.min_models:
+    non_base = [m for m in cfg.models if (spec.inputs == "model" and not spec.base_as_input) or m.model != cfg.base_model]
+    if len(non_base) < spec.min_models - (1 if spec.base_as_input and spec.needs_base else 0):  # slerp's 2 count its base
         raise ConfigError(f"merge_method {spec.name} needs at least {spec.min_models} model(s) besides the base; got {len(non_base)}")
+    if optional_base and spec.max_models is not None and len(non_base) > spec.max_models:
+        raise ConfigError(f"merge_method {spec.name} takes {'exactly' if spec.min_models == spec.max_models else 'at most'} "
+                          f"{spec.max_models} model(s) besides the base_model; got {len(non_base)}")
     _check_data(cfg, spec, non_base)
     for i, m in enumerate(cfg.models):
         for name, value in m.parameters.items():
             if name not in accepted_model:
                 raise ConfigError(f"models[{i}] ({m.model}): unknown parameter {name!r} for merge_method {spec.name}; accepted: {', '.join(sorted(accepted_model)) or 'none'}")
             _check_value(f"models[{i}] ({m.model})", name, value, _like(spec, name))
+    for p in spec.params:
+        missing = [m.model for m in non_base if p.required and p.per_model and p.name not in m.parameters and p.name not in cfg.parameters]
+        if missing:
+            raise ConfigError(f"merge_method {spec.name} needs {p.name} for every model (it has no default), and {missing[0]} has none; "
+                              f"add parameters: {{{p.name}: ...}} to that model (or to the top-level parameters)")
     weights = [m.parameters.get("weight", cfg.parameters.get("weight", spec.model_params.get("weight", 1.0))) for m in non_base]
     normalize = cfg.parameters.get("normalize", spec.global_params.get("normalize", False))
     if "weight" in spec.model_params and normalize and all(isinstance(w, (int, float)) for w in weights) and abs(sum(weights)) < 1e-8:
@@ -244,6 +253,8 @@ def validate(cfg: MergeConfig) -> MergeConfig:
         _check_crumbs(cfg, spec, non_base)
     if "epsilon" in spec.model_params:
         _check_magprune(cfg, spec, non_base)
+    if spec.check is not None:
+        spec.check(cfg)
     parse_size(cfg.max_shard_size)
     exclude_matcher(cfg.exclude)  # bad regexes fail here, before any file is opened
     if cfg.output == "adapter" and cfg.rank is None:

@@ -134,7 +134,7 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
     cfg = load_config(config)
     spec = cfg.method()
     base = cfg.base_model if spec.needs_base or spec.base_as_input else None
-    if spec.base_as_input:
+    if spec.base_as_input and cfg.base_model:  # without needs_base the base is optional (nuslerp): absent, not an input
         inputs = [cfg.base_model] + [m.model for m in cfg.models if m.model != cfg.base_model]
     elif spec.inputs == "model":
         inputs = [m.model for m in cfg.models]
@@ -232,7 +232,7 @@ def seed_for(seed: int | None, key: str) -> int | None:
 
 def key_params(plan: Plan, key: str) -> dict:
     cfg, spec = plan.config, plan.spec
-    params = resolve_params(cfg, spec, plan.inputs[1:] if spec.base_as_input else plan.inputs, key, plan.layer_t(key))
+    params = resolve_params(cfg, spec, plan.inputs[1:] if spec.base_as_input and plan.base else plan.inputs, key, plan.layer_t(key))
     if spec.random:
         params["seed"] = seed_for(cfg.parameters.get("seed", cfg.seed), key)
     return params
