@@ -535,7 +535,9 @@ case("merge-peft-wrong-base-width", "adapter/base mismatch", M, merge_with(metho
 case("merge-adapter-no-base", "config value", M, merge_with(method="linear", models=("lora", "llama_ft1"), base=None), "base_model")
 case("merge-tokenizer-source-missing", "missing files", M, merge_with(tokenizer_source="{w}/no_tok"), "no_tok")
 case("merge-tokenizer-source-no-files", "tokenizer", M, merge_with(tokenizer_source="{s}/llama_ft1"), "tokenizer", "llama_ft1")
-case("merge-tokenizer-union", "tokenizer", M, merge_with(tokenizer_source="union"), "union")
+# union starts from the base's tokenizer: a base without one cannot be the start when another input has one
+UNION_NO_BASE_TOK = _seq(model_copy(mutate=put("tokenizer.json", b"{}")), merge_with(models=("{w}/bad", "llama_ft1"), tokenizer_source="union"))
+case("merge-tokenizer-union", "tokenizer", M, UNION_NO_BASE_TOK, "union", "no tokenizer files")
 case("merge-threads-negative", "CLI args", [*M, "--threads", "-3"], merge_with(), "--threads", "-3", "1 or more")
 case("merge-threads-zero", "CLI args", [*M, "--threads", "0"], merge_with(), "--threads", "0 must", "1 or more")
 
@@ -553,7 +555,7 @@ case("merge-out-is-file-overwrite-fails", "overwrite keeps earlier output", [*M,
 
 # ---- merge --dry-run runs the same checks ----
 D = [*M, "--dry-run"]
-case("dry-run-union", "dry-run parity", D, merge_with(tokenizer_source="union"), "union")
+case("dry-run-union", "dry-run parity", D, UNION_NO_BASE_TOK, "union", "no tokenizer files")
 case("dry-run-density-half", "dry-run parity", D, merge_with(method="ties", model_params={"weight": 1.0, "density": "half"}), "density")
 case("dry-run-tokenizer-no-files", "dry-run parity", D, merge_with(tokenizer_source="{s}/llama_ft1"), "tokenizer")
 case("dry-run-adapter-wrong-base", "dry-run parity", D, merge_with(method="task_arithmetic", models=("lora",), base="llama_seed1"),

@@ -265,10 +265,9 @@ def test_eval_force_flag_is_applied(capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dry", [False, True], ids=["run", "dry-run"])
 @pytest.mark.parametrize("source, needles", [
-    ("union", ("union", "not supported")),
     ("{r}/notok", ("notok", "no tokenizer files")),
     ("{r}/missing", ("missing", "not a folder")),
-], ids=["union", "no-tokenizer-files", "missing"])
+], ids=["no-tokenizer-files", "missing"])
 def test_tokenizer_source_checks(capsys, root, source, needles, dry):
     cfg = recipe(root, "m-tok", [("ad", {"weight": 1.0})], tokenizer_source=source.format(r=root))
     fails(capsys, root, "merge", cfg, root / "out", *(["--dry-run"] if dry else []), needles=needles)

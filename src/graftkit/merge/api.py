@@ -35,6 +35,14 @@ def describe(plan: Plan, threads: int | None = None, max_keys: int = 12) -> str:
         params = next((m.parameters for m in cfg.models if m.model == p), {})
         lines.append(f"input         {p}  {plan.ckpts[p].size_on_disk() / gb:.3f} GB  {json.dumps(params, default=str)}")
     lines.append(f"parameters    {json.dumps(cfg.parameters, default=str)}")
+    if plan.slices is not None:
+        from .slices import describe_slices
+
+        lines.extend(describe_slices(plan.slices))
+    if plan.vocab is not None:
+        v = plan.vocab
+        lines.append(f"vocabulary    {v.size} tokens ({cfg.tokenizer_source}; {v.added} beyond the first model's), rows aligned by token "
+                     f"in {len(v.keys)} tensor(s); rows each input lacks: {json.dumps(v.filled)}")
     from .search import describe_search
 
     lines.extend(describe_search(cfg))
@@ -85,8 +93,12 @@ def dry_run(config: Any, out: str | Path | None = None, *, overwrite: bool = Fal
         from .to_adapter import check_plan
 
         check_plan(plan)
-    scan_finite(plan)
-    return describe(plan, threads=threads)
+    try:
+        scan_finite(plan)
+        return describe(plan, threads=threads)
+    finally:
+        if plan.vocab is not None:  # the aligned vocabulary rows' temporary files
+            plan.vocab.cleanup()
 
 
 def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = False, threads: int | None = None,
@@ -128,6 +140,8 @@ def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = F
             if data_stats is not None:
                 plan.stats["data"] = data_stats.info
             write_metadata(plan, tmp, raw if isinstance(raw, dict) else None)
+    if plan.vocab is not None:  # the aligned rows' temporary files (on an error their finalizer removes them)
+        plan.vocab.cleanup()
     return out
 
 

@@ -70,6 +70,21 @@ class InputModel(StrictModel):
     data: Optional[DataBlock] = None
 
 
+class InputSlice(StrictModel):
+    """One source of an output slice: layers ``[start, end)`` of ``model`` (mergekit's ``layer_range``)."""
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class OutputSlice(StrictModel):
+    """A run of output layers: the sources' layer ranges (all of one length) merged layer by layer
+    with the merge method (``passthrough`` takes one source and copies it)."""
+    sources: list[InputSlice]
+    base_model: Optional[str] = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
 class SearchConfig(StrictModel):
     grid: dict[str, list[float]] = Field(default_factory=dict)
     command: Optional[str] = None
@@ -79,6 +94,7 @@ class MergeConfig(StrictModel):
     merge_method: str
     base_model: Optional[str] = None
     models: list[InputModel] = Field(default_factory=list)
+    slices: Optional[list[OutputSlice]] = None  # layer stacking / frankenmerges (merge/slices.py)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
     out_dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
@@ -204,6 +220,8 @@ def _like(spec, name: str):
 def validate(cfg: MergeConfig) -> MergeConfig:
     """Check the config against its method: parameter names, ranges, base model, model count."""
     spec = cfg.method()
+    if cfg.slices is not None:
+        return _validate_slices(cfg, spec)
     if spec.needs_base and not cfg.base_model:
         raise ConfigError(f"merge_method {spec.name} needs a base_model (the task vectors are differences from it); add 'base_model: PATH'")
     accepted_model = set(spec.model_params)

@@ -51,9 +51,13 @@ class Plan:
     input_bytes: int = 0
     stats: dict = field(default_factory=dict)
     num_layers: int = 0
+    slices: Any = None   # a slices.SlicePlan for a ``slices:`` config: the inputs are its source positions
+    vocab: Any = None    # a vocab.VocabPlan when the inputs' vocabulary rows were aligned to the output's
 
     def layer_t(self, key: str) -> float:
         """mergekit's gradient position of a tensor: layer index / (layers - 1); 0 outside layers."""
+        if self.slices is not None:
+            return self.slices.layer_t(key)
         m = LAYER_RE.search(key)
         if not m or self.num_layers <= 0:
             return 0.0
@@ -134,7 +138,7 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
     cfg = load_config(config)
     spec = cfg.method()
     base = cfg.base_model if spec.needs_base or spec.base_as_input else None
-    if spec.base_as_input and cfg.base_model:  # without needs_base the base is optional (nuslerp): absent, not an input
+    if spec.base_as_input:
         inputs = [cfg.base_model] + [m.model for m in cfg.models if m.model != cfg.base_model]
     elif spec.inputs == "model":
         inputs = [m.model for m in cfg.models]
@@ -148,6 +152,28 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
     for p in paths:
         if p not in ckpts:
             ckpts[p] = open_input(p, ckpts.get(cfg.base_model), allow_pickle, excluded, force)
+    sliced = vocab = None
+    if cfg.slices is not None:  # each source position of the slices is one input (merge/slices.py)
+        from .slices import build_slice_plan, referenced_models, uses_base
+
+        if cfg.tokenizer_source == "union":
+            raise UnsupportedError("tokenizer_source: union does not take slices: yet; merge the vocabularies first (models: "
+                                   "with tokenizer_source: union), then stack the layers of the result")
+        sources = {p: open_input(p, allow_pickle=allow_pickle) for p in referenced_models(cfg)}
+        sliced = build_slice_plan(cfg, spec, sources, read_model_config)
+        ckpts = dict(sliced.ckpts)
+        base = sliced.slots[0] if uses_base(spec) else None
+        inputs = sliced.slots[1:] if spec.needs_base and not spec.base_as_input else list(sliced.slots)
+        paths = list(sliced.slots)
+    elif cfg.tokenizer_source is not None:  # vocabularies that differ are aligned by token (merge/vocab.py)
+        from .vocab import build_vocab_plan
+
+        folder = check_tokenizer_folder(cfg.tokenizer_source)
+        aligned = list(dict.fromkeys([p for p in [cfg.base_model, *inputs] if p]))
+        dirs = {p: input_dir(ckpts[p], p) for p in aligned}
+        vocab = build_vocab_plan(cfg.tokenizer_source, aligned, ckpts, dirs, cfg.base_model, folder)
+        if vocab is not None:
+            ckpts.update(vocab.ckpts)
     left_out: list[str] = []
     if excluded is not None:
         every = dict.fromkeys(k for c in ckpts.values() for k in [*c.keys(), *getattr(c, "adapter_keys", lambda: [])()])
@@ -167,9 +193,9 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
             if ref_cfg.get(field_name) and other.get(field_name) and ref_cfg[field_name] != other[field_name]:
                 raise MergeError(f"{p} is a {other[field_name]} model but {reference} is a {ref_cfg[field_name]} ({field_name}); only models of one architecture can be merged")
         rv, ov = ref_cfg.get("vocab_size"), other.get("vocab_size")
-        if rv and ov and rv != ov:
-            raise MergeError(f"vocab size differs: {reference} has {rv} tokens, {p} has {ov}; graftkit merges models with one vocabulary "
-                             "(tokenizer_source picks whose tokenizer files are copied, it does not resize embeddings)")
+        if rv and ov and rv != ov and vocab is None:
+            raise MergeError(f"vocab size differs: {reference} has {rv} tokens, {p} has {ov}; add 'tokenizer_source: union' to merge "
+                             "models of different vocabularies (their embedding rows are aligned by token)")
     skip = set(left_out)
     keys = [k for k in ref.keys() if k not in skip]
     key_set = set(keys)
@@ -189,7 +215,8 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
             if c.shape(k) != ref.shape(k):
                 if any(h in k for h in VOCAB_HINTS) and c.shape(k)[1:] == ref.shape(k)[1:]:
                     raise MergeError(f"vocab size differs at {k}: {tuple(ref.shape(k))} in {reference} vs {tuple(c.shape(k))} in {p}; "
-                                     "graftkit merges models with one vocabulary (tokenizer_source only picks the tokenizer files to copy)")
+                                     "add 'tokenizer_source: union' to merge models of different vocabularies (their embedding "
+                                     "rows are aligned by token)")
                 raise MergeError(f"shape mismatch at {k}: {tuple(ref.shape(k))} in {reference} vs {tuple(c.shape(k))} in {p}; "
                                  f"the models differ in architecture or size{_exclude_hint(k)}")
     # read in file order, so each shard is walked front to back
@@ -210,6 +237,7 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
     plan = Plan(cfg, spec, base, inputs, ckpts, keys, shapes, in_dtypes, out_dtypes, reference, input_bytes)
     plan.excluded = left_out
     plan.num_layers = int(ref_cfg.get("num_hidden_layers") or ref_cfg.get("n_layer") or 0)
+    plan.slices, plan.vocab = sliced, vocab
     tokenizer_dir(plan)
     return plan
 
@@ -232,7 +260,9 @@ def seed_for(seed: int | None, key: str) -> int | None:
 
 def key_params(plan: Plan, key: str) -> dict:
     cfg, spec = plan.config, plan.spec
-    params = resolve_params(cfg, spec, plan.inputs[1:] if spec.base_as_input and plan.base else plan.inputs, key, plan.layer_t(key))
+    if plan.slices is not None:  # the parameters of the tensor's slice: its sources' over the slice's over the top level's
+        cfg = plan.slices.view(key)
+    params = resolve_params(cfg, spec, plan.inputs[1:] if spec.base_as_input else plan.inputs, key, plan.layer_t(key))
     if spec.random:
         params["seed"] = seed_for(cfg.parameters.get("seed", cfg.seed), key)
     return params
@@ -276,8 +306,15 @@ def chunk_elements(spec=None) -> int:
 
 def model_dir(plan: Plan, path: str) -> Path:
     """The model folder behind an input: an adapter's base model folder, else the input itself
-    (config.json, generation config and tokenizer files come from there)."""
-    base = getattr(plan.ckpts.get(path), "base", None)
+    (config.json, generation config and tokenizer files come from there); for a slice config, the
+    model whose config.json the output starts from."""
+    if plan.slices is not None and path in plan.slices.ckpts:
+        return Path(plan.slices.donor)
+    return input_dir(plan.ckpts.get(path), path)
+
+
+def input_dir(ckpt, path: str) -> Path:
+    base = getattr(ckpt, "base", None)
     return Path(base.path) if isinstance(base, Checkpoint) else Path(path)
 
 
@@ -286,10 +323,15 @@ def tokenizer_dir(plan: Plan) -> Path:
     what the real run would). The default, the base's own folder, may hold none (a bare checkpoint);
     a folder the recipe names must hold a tokenizer, or the output would silently have none."""
     source = plan.config.tokenizer_source
-    if source == "union":
-        raise UnsupportedError("tokenizer_source: union is not supported; merge models that share a vocabulary and use 'base' or a model folder")
-    if source in (None, "base"):
+    if source in (None, "base", "union"):  # union: the vocabularies agree (else plan.vocab writes the merged tokenizer)
         return model_dir(plan, plan.base or plan.inputs[0])
+    return check_tokenizer_folder(source)
+
+
+def check_tokenizer_folder(source: str | None) -> Path | None:
+    """The folder a ``tokenizer_source`` names (``None`` for base / union / unset); it must hold a tokenizer."""
+    if source in (None, "base", "union"):
+        return None
     folder = Path(source)
     if not folder.is_dir():
         raise ConfigError(f"tokenizer_source {source} is not a folder; use 'base' or a model folder")
@@ -304,6 +346,10 @@ def merge_inputs(cfg: MergeConfig, source: Any = None) -> list[tuple[str, Any]]:
     found: list[tuple[str, Any]] = [("merge config", source)] if isinstance(source, (str, Path)) else []
     found.append(("base_model", cfg.base_model))
     found += [("model", m.model) for m in cfg.models]
+    if cfg.slices:
+        from .slices import referenced_models
+
+        found += [("model", p) for p in referenced_models(cfg)]
     if cfg.tokenizer_source not in (None, "base", "union"):
         found.append(("tokenizer_source", cfg.tokenizer_source))
     return found

@@ -317,6 +317,10 @@ def write_metadata(plan: Plan, folder: Path, raw_config: Any) -> None:
     cfg = plan.config
     reference = model_dir(plan, plan.reference)
     config = read_model_config(str(reference))
+    if plan.slices is not None:  # the layer count and per-layer lists of the stacked layers
+        config = dict(plan.slices.config)
+    if plan.vocab is not None and config:
+        config["vocab_size"] = plan.vocab.size
     if config:
         want = cfg.out_dtype or cfg.dtype
         if want:
@@ -327,10 +331,13 @@ def write_metadata(plan: Plan, folder: Path, raw_config: Any) -> None:
     gen = reference / "generation_config.json"
     if gen.is_file():
         shutil.copy2(gen, folder / gen.name)
-    tok_dir = tokenizer_dir(plan)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, folder / name)
+    if plan.vocab is not None:  # the output vocabulary's own tokenizer (merge/vocab.py)
+        plan.vocab.tokenizer.save_pretrained(str(folder))
+    else:
+        tok_dir = tokenizer_dir(plan)
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copy2(tok_dir / name, folder / name)
     import yaml
 
     recipe = raw_config if isinstance(raw_config, dict) else cfg.model_dump(mode="json", exclude_defaults=True)

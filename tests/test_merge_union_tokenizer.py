@@ -1,0 +1,220 @@
+"""``tokenizer_source: union`` (and ``base`` / a folder) for models with different vocabularies:
+the union and the row alignment as pure functions checked by hand, merges of tiny Llamas with two
+word-level tokenizers that load in transformers and generate, parity with the real mergekit
+0.1.5's union, and the bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+import yaml
+
+import graftkit as gk
+from graftkit.cli import main
+from graftkit.errors import ConfigError
+from graftkit.merge.vocab import Vocab, align_rows, check_overlap, permutation, union_additions
+from merge_helpers import load_folder
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+WORDS_A = SPECIALS + ["the", "cat", "dog", "sat", "on", "mat", "a", "red"]
+WORDS_B = SPECIALS + ["dog", "the", "ran", "cat", "fast", "blue", "a"]
+WORDS_C = SPECIALS + ["cat", "green", "the", "ran", "mat"]
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+
+
+def word_llama(path, words, seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    word_tokenizer(words).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("union")
+    return {"a": word_llama(root / "a", WORDS_A, 0), "b": word_llama(root / "b", WORDS_B, 1),
+            "c": word_llama(root / "c", WORDS_C, 2), "root": root}
+
+
+def linear(folders, names, **extra):
+    return {"merge_method": "linear", "base_model": str(folders[names[0]]), "dtype": "float32",
+            "models": [{"model": str(folders[n]), "parameters": {"weight": 1.0}} for n in names], **extra}
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+
+def test_union_adds_the_others_tokens_in_order():
+    a = Vocab({"x": 0, "y": 1, "<s>": 2}, {"<s>": "S"}, rows=3)
+    b = Vocab({"z": 0, "y": 1, "w": 2, "pad": 3, "<t>": 4}, {"<t>": "T"}, rows=4)  # "<t>" is past b's rows: unused
+    new, added = union_additions(a, [b])
+    assert new == ["z", "w", "pad"] and added == ["S"]
+
+
+def test_permutation_marks_missing_and_padding_ids():
+    out = {"x": 0, "y": 1, "z": 2}
+    assert permutation(out, Vocab({"y": 0, "x": 1, "z": 5}, rows=3)) == [1, 0, -1]
+
+
+def test_align_rows_fills_missing_tokens_by_the_rule():
+    # output tokens: 0 in all, 1 only in model 1, 2 in base and model 1, 3 in models 1 and 2 (not base), 4 in none
+    perms = [[0, -1, 1, -1, -1], [2, 0, 1, 3, -1], [0, -1, -1, 1, -1]]
+    t = [torch.arange(4.0).view(2, 2) + 10, torch.arange(8.0).view(4, 2) + 20, torch.arange(4.0).view(2, 2) + 30]
+    out = align_rows(t, perms, base_index=0)
+    assert [o.shape for o in out] == [(5, 2)] * 3
+    for k in range(3):  # a model's own rows stay
+        for i, j in enumerate(perms[k]):
+            if j >= 0:
+                assert torch.equal(out[k][i], t[k][j])
+    assert torch.equal(out[0][1], t[1][0]) and torch.equal(out[2][1], t[1][0])  # one donor: its row
+    assert torch.equal(out[2][2], t[0][1])  # the base has it: the base's row (a zero task vector)
+    assert torch.equal(out[0][3], (t[1][3] + t[2][1]) / 2)  # the base lacks it: the mean of those that have it
+    assert torch.equal(out[1][4], torch.zeros(2))  # nobody has it: zeros
+    no_base = align_rows(t, perms, base_index=None)
+    assert torch.equal(no_base[2][2], (t[0][1] + t[1][1]) / 2)  # no base: the mean
+
+
+def test_no_common_token_is_refused():
+    with pytest.raises(ConfigError, match="shares no token"):
+        check_overlap([[0, 1, -1, -1], [-1, -1, 0, 1]], ["a", "b"])
+
+
+# -- real merges ------------------------------------------------------------------------------------
+
+def rows(folder):
+    sd = load_folder(folder)
+    return sd["model.embed_tokens.weight"], sd["lm_head.weight"]
+
+
+def test_union_merge_aligns_rows_by_token_and_generates(folders, tmp_path):
+    out = gk.merge(linear(folders, ["a", "b"], tokenizer_source="union"), tmp_path / "u")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    vocab = tok.get_vocab()
+    assert list(vocab)[:0] == [] and set(vocab) == set(WORDS_A) | set(WORDS_B)
+    assert {w: vocab[w] for w in WORDS_A} == {w: i for i, w in enumerate(WORDS_A)}  # the base's ids stay
+    assert sorted(vocab[w] for w in ["ran", "fast", "blue"]) == [12, 13, 14]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 15
+    (ea, ha), (eb, hb), (eo, ho) = rows(folders["a"]), rows(folders["b"]), rows(out)
+    ia, ib = {w: i for i, w in enumerate(WORDS_A)}, {w: i for i, w in enumerate(WORDS_B)}
+    for mine, a, b in [(eo, ea, eb), (ho, ha, hb)]:
+        assert mine.shape == (15, 32)
+        for w, i in vocab.items():
+            if w in ia and w in ib:
+                want = (a[ia[w]] + b[ib[w]]) / 2
+            else:
+                want = a[ia[w]] if w in ia else b[ib[w]]  # one model has it: both rows are its row
+            torch.testing.assert_close(mine[i], want, rtol=0, atol=1e-7)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tok("the dog ran fast", return_tensors="pt").input_ids
+    assert ids.tolist() == [[vocab["the"], vocab["dog"], vocab["ran"], vocab["fast"]]]
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 7)
+
+
+def test_tokenizer_source_folder_aligns_to_that_vocabulary(folders, tmp_path):
+    out = gk.merge(linear(folders, ["a", "b"], tokenizer_source=str(folders["c"])), tmp_path / "c")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == {w: i for i, w in enumerate(WORDS_C)}
+    (ea, _), (eb, _), (eo, _) = rows(folders["a"]), rows(folders["b"]), rows(out)
+    ia, ib = {w: i for i, w in enumerate(WORDS_A)}, {w: i for i, w in enumerate(WORDS_B)}
+    assert eo.shape == (len(WORDS_C), 32)
+    torch.testing.assert_close(eo[WORDS_C.index("cat")], (ea[ia["cat"]] + eb[ib["cat"]]) / 2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(eo[WORDS_C.index("ran")], eb[ib["ran"]], rtol=0, atol=0)
+    torch.testing.assert_close(eo[WORDS_C.index("green")], torch.zeros(32), rtol=0, atol=0)  # in neither model
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(WORDS_C)
+
+
+def test_union_parity_with_mergekit(folders, tmp_path):
+    pytest.importorskip("mergekit")
+    cfg = linear(folders, ["a", "b"], tokenizer_source="union")
+    cfg["models"][1]["parameters"]["weight"] = 0.4
+    path = tmp_path / "u.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    driver = ("import sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
+              "from mergekit.options import MergeOptions\n"
+              "run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1]))), sys.argv[2], "
+              "MergeOptions(random_seed=0, quiet=True))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", driver, str(path), str(tmp_path / "mk")], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = gk.merge(path, tmp_path / "gk")
+    mk_vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+    gk_vocab = transformers.AutoTokenizer.from_pretrained(ours).get_vocab()
+    assert set(mk_vocab) == set(gk_vocab)
+    a, b = load_folder(tmp_path / "mk"), load_folder(ours)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            for w, i in mk_vocab.items():  # ids of the added tokens may differ; rows match by token
+                torch.testing.assert_close(b[k][gk_vocab[w]], a[k][i], rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
+    mk_cfg, gk_cfg = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "mk", ours))
+    assert gk_cfg["vocab_size"] == mk_cfg["vocab_size"] == len(mk_vocab)
+
+
+def bad_cli(tmp_path, capsys, cfg, *extra) -> str:
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    rc = main(["merge", str(path), str(tmp_path / "bad_out"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("graft: error:"), err
+    assert not (tmp_path / "bad_out").exists() and not list(tmp_path.glob(".bad_out*"))
+    return err
+
+
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_different_vocabularies_without_union_point_to_it(folders, tmp_path, capsys, dry):
+    err = bad_cli(tmp_path, capsys, linear(folders, ["a", "b"]), *dry)
+    assert "tokenizer_source: union" in err
+
+
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_union_with_no_common_token(folders, tmp_path, capsys, dry):
+    words = ["[UNK]", "[BOS]", "[EOS]", "[PAD]", "uno", "dos", "tres", "cuatro"]
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "es")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]").save_pretrained(tmp_path / "es")
+    cfg = linear(folders, ["a"], tokenizer_source="union")
+    cfg["models"].append({"model": str(tmp_path / "es"), "parameters": {"weight": 1.0}})
+    err = bad_cli(tmp_path, capsys, cfg, *dry)
+    assert "shares no token" in err and "es" in err
+
+
+def test_union_without_a_base_tokenizer(folders, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(folders["a"], tmp_path / "bare")
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        (tmp_path / "bare" / f).unlink(missing_ok=True)
+    cfg = linear(folders, ["b"], tokenizer_source="union")
+    cfg["base_model"] = str(tmp_path / "bare")
+    cfg["models"].insert(0, {"model": str(tmp_path / "bare"), "parameters": {"weight": 1.0}})
+    err = bad_cli(tmp_path, capsys, cfg)
+    assert "union" in err and "no tokenizer files" in err
