@@ -18,6 +18,8 @@ from .slerp import slerp as slerp_merge  # noqa: F401
 from .ties import ties as ties_merge  # noqa: F401
 from .fisher import fisher as fisher_merge  # noqa: F401  (data-aware: merge/data.py computes their statistics)
 from .regmean import regmean as regmean_merge  # noqa: F401
+from .adamerging import adamerging as adamerging_merge  # noqa: F401  (data-aware: learns its coefficients on the data block)
+from .lorahub import lorahub as lorahub_merge  # noqa: F401  (data-aware: searches LoRA combination weights on the data block)
 from .della import della as della_merge, della_linear  # noqa: F401  (registration, as the ones below)
 from .model_stock import model_stock as model_stock_merge  # noqa: F401
 from .passthrough import passthrough as passthrough_merge  # noqa: F401

@@ -54,12 +54,16 @@ def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
     cfg = plan.config
     rank = cfg.rank
     sources = [plan.ckpts[p] for p in plan.inputs]
+    data = getattr(plan, "statistics", None) if plan.spec.data is not None else None
     tensors, options, report = {}, {}, {}
     num = den = 0.0
     for name in sorted(kinds):
         kind = kinds[name]
         base = plan.ckpts[plan.base].get(name).float()
-        merged = merge_rows(plan, name, key_params(plan, name))
+        params = key_params(plan, name)
+        if data is not None:  # a data-aware method (lorahub): this key's result of the pre-pass (merge/data.py)
+            params[data.keyword] = data.for_key(name)
+        merged = merge_rows(plan, name, params)
         delta = to_matrix(kind, merged - base).double()
         r = min(rank, *delta.shape)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -86,7 +90,8 @@ def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
         "targets": sorted(kinds), "target_options": options, "train_also": [], "target_kinds": kinds,
         "base_model": first.get("base_model") or {}, "versions": versions(),
         "merge": {"merge_method": plan.spec.name, "inputs": plan.inputs, "rank": rank,
-                  "relative_error": {"overall": overall, "per_key": report}},
+                  "relative_error": {"overall": overall, "per_key": report},
+                  **({"data": data.info} if data is not None else {})},
     }
     write_native(AdapterFile(meta, tensors), out, overwrite)
     plan.stats["relative_error"] = overall
