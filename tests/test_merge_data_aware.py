@@ -290,3 +290,17 @@ def test_data_block_on_a_method_without_data(experts):
     with pytest.raises(ConfigError, match="no data task"):  # one model's own block without a task, no top-level one
         load_config({"merge_method": "fisher", "models": [{"model": experts[1][0], "data": {"task": experts[2]}},
                                                           {"model": experts[1][1], "data": {"examples": 3}}]})
+
+
+def test_study_passes_each_experts_task_as_its_data():
+    from graftkit.errors import ConfigError
+    from graftkit.eval.study import MergeRun, merge_config
+
+    tasks = [{"name": "a", "kind": "classification", "file": "a/train.jsonl"}, {"name": "b", "kind": "classification", "file": "b/train.jsonl"}]
+    cfg = merge_config(MergeRun(method="regmean", data={"examples": 16, "split": "validation"}), "base", ["ea", "eb"],
+                       exclude=["classifier.*"], grid=False, data_tasks=tasks)
+    assert [m["data"] for m in cfg["models"]] == [{"task": tasks[0], "examples": 16}, {"task": tasks[1], "examples": 16}]
+    assert "data" not in merge_config(MergeRun(method="ties"), "base", ["ea", "eb"], exclude=[], grid=False,
+                                      data_tasks=tasks)["models"][0]
+    with pytest.raises(ConfigError, match="uses no data"):
+        merge_config(MergeRun(method="linear", data={"examples": 4}), "base", ["ea", "eb"], exclude=[], grid=False, data_tasks=tasks)

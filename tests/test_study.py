@@ -86,12 +86,13 @@ def test_tiny_study_end_to_end(tmp_path, tiny_base):
         {"family": "full", "method": {"method": "full"}, "optim": {"lr": 1e-2, "batch_size": 16, "epochs": 12}},
         {"family": "lora", "method": {"method": "lora", "r": 4, "targets": ["query", "value", "dense"]},
          "optim": {"lr": 3e-2, "batch_size": 16, "epochs": 8}}])
+    recipe["merges"].append({"method": "regmean", "data": {"examples": 16}})  # data-aware: each expert's own train split
     result = run_study(recipe, progress=False)
     out = tmp_path / "study"
     assert result["failures"] == []
     names = [m["name"] for m in result["models"]]
     for family in ("full", "lora"):
-        for model in ("base", "topic", "mood", "linear", "task_arithmetic", "ties"):
+        for model in ("base", "topic", "mood", "linear", "task_arithmetic", "ties", "regmean"):
             assert f"{family}/{model}" in names
             assert set(result["scores"][f"{family}/{model}"]) == {"topic", "mood"}
     # the experts learned their own task (keywords make it easy) and the chosen lambda is a grid value

@@ -39,7 +39,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -80,13 +80,26 @@ class ExpertFamily(StrictModel):
     search: dict[str, list[float]] = Field(default_factory=dict)
 
 
+class MergeData(StrictModel):
+    """The examples of a data-aware merge (fisher, regmean, ...): each expert's statistics are
+    computed on the first ``examples`` rows of its own task's ``split`` (the merge config's
+    per-model ``data:`` blocks, see graftkit.merge.config.DataBlock)."""
+
+    split: Literal["train", "validation"] = "train"
+    examples: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)
+    fisher: Optional[Literal["expected", "empirical"]] = None
+
+
 class MergeRun(StrictModel):
-    """One merge method over a family's experts; ``search`` values are tried on validation."""
+    """One merge method over a family's experts; ``search`` values are tried on validation.
+    ``data`` (data-aware methods; default: the train split) says which examples they run on."""
 
     method: str
     name: Optional[str] = None  # default: the method name
     parameters: dict[str, Any] = Field(default_factory=dict)
     search: dict[str, list[float]] = Field(default_factory=dict)
+    data: Optional[MergeData] = None
 
     @property
     def label(self) -> str:
@@ -147,7 +160,9 @@ def validate_study(cfg: StudyConfig) -> StudyConfig:
     placeholders = [{"model": f"expert{i}"} for i in range(len(cfg.tasks))]
     for m in cfg.merges:  # the merge engine's own checks, on placeholder inputs (no file is opened)
         try:
-            load_config(merge_config(m, "base", [p["model"] for p in placeholders], exclude=[], grid=True))
+            load_config(merge_config(m, "base", [p["model"] for p in placeholders], exclude=[], grid=True,
+                                     data_tasks=[{"name": f"task{i}", "kind": "classification", "file": f"task{i}.jsonl"}
+                                                 for i in range(len(placeholders))]))
         except GraftError as exc:
             raise ConfigError(f"study merge {m.label!r}: {exc}") from None
     return cfg
@@ -218,9 +233,12 @@ def load_study(config: Any) -> StudyConfig:
     return validate_study(parse_config(StudyConfig, config))
 
 
-def merge_config(run: MergeRun, base: str, inputs: list[str], *, exclude: list[str], grid: bool) -> dict:
+def merge_config(run: MergeRun, base: str, inputs: list[str], *, exclude: list[str], grid: bool,
+                 data_tasks: list[dict] | None = None) -> dict:
     """A graft merge config for ``run`` over ``inputs`` (per-model vs global parameters split as the
-    method declares them); with ``grid`` the search values go into a ``search:`` block."""
+    method declares them); with ``grid`` the search values go into a ``search:`` block. A
+    data-aware method gets a ``data:`` block per input from ``data_tasks`` (each input's task, as
+    ``graft eval`` takes it) and ``run.data``; other methods refuse ``run.data``."""
     from ..registry import MERGES
     from ..merge.config import MergeConfig  # noqa: F401  (registers the merge methods)
     from .. import merge as _merge_pkg  # noqa: F401
@@ -234,6 +252,14 @@ def merge_config(run: MergeRun, base: str, inputs: list[str], *, exclude: list[s
     if spec.base_as_input and spec.needs_base:  # an optional base (multislerp, karcher) is the experts' origin: fine
         raise ConfigError(f"study merges combine several experts; {run.method} takes the base as one of exactly two inputs - "
                           "use linear or task_arithmetic")
+    if getattr(spec, "data", None) is not None and data_tasks is not None:
+        opts = (run.data or MergeData()).model_dump(exclude_none=True)
+        opts.pop("split", None)
+        for entry, task in zip(cfg["models"], data_tasks):
+            entry["data"] = {"task": dict(task), **opts}
+    elif run.data is not None:
+        raise ConfigError(f"study merge {run.label!r}: data: is for data-aware methods (fisher, regmean, ...); "
+                          f"{run.method} uses no data - remove it")
     if exclude:
         cfg["exclude"] = list(exclude)
     if grid and run.search:
@@ -691,7 +717,11 @@ class Study:
                 folder = self.out / "merges" / family / run.label
                 t0 = time.perf_counter()
                 try:
-                    cfg = merge_config(run, str(base_dir), inputs, exclude=exclude, grid=True)
+                    split = (run.data or MergeData()).split
+                    cfg = merge_config(run, str(base_dir), inputs, exclude=exclude, grid=True,
+                                       data_tasks=[{"name": t, "kind": "classification", "file": str(self.data[t]["paths"][split]),
+                                                    "text_field": "text", "label_field": "label",
+                                                    "max_length": self.data[t]["max_length"]} for t in tasks])
                     if run.search:  # overwrite=True: the previous merge stays until the new one is complete
                         evaluate = lambda d, f=family: self.validation_score(Path(d), f)  # noqa: E731
                         run_search(cfg, folder, evaluate, overwrite=True)

@@ -35,7 +35,7 @@ def unsupported(plan) -> str | None:
     used = [p for p in dict.fromkeys([plan.base, *plan.inputs]) if p]
     for p in used:
         ckpt = plan.ckpts[p]
-        if type(ckpt) is not Checkpoint or not ckpt.is_safetensors:
+        if not isinstance(ckpt, Checkpoint) or not ckpt.is_safetensors:  # RemappedCheckpoint (slices, vocab) reads by byte range too
             return f"{p} is not a safetensors model"
     for key in plan.keys:
         if not plan.merged(key):
