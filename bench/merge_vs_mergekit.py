@@ -1,16 +1,17 @@
 """graftkit vs mergekit: the same YAML through `graft merge` and `mergekit-yaml`.
 
 Generates (once, cached in bench/.cache/merge) a bf16 Llama-style base of about 0.5B parameters
-and three "fine-tunes" (base + small Gaussian noise), then for linear, ties and dare_ties runs
-graftkit and mergekit one after the other, each as a child process, and reports wall time,
-GB/s of input read, the child's peak RSS (from /usr/bin/time -v), the ratios, and whether the
-two outputs agree (linear / ties: element differences within bf16 rounding; dare_ties: the
-same kept share and the same expected delta, the masks being random).
+and three "fine-tunes" (base + small Gaussian noise), then for linear, ties and dare_ties (and on
+request della, model_stock and sce) runs graftkit and mergekit one after the other, each as a
+child process, and reports wall time, GB/s of input read, the child's peak RSS (from
+/usr/bin/time -v), the ratios, and whether the two outputs agree (linear / ties / model_stock /
+sce: element differences within bf16 rounding; dare_ties / della: the same kept share and the
+same expected delta, the masks being random).
 
 Page cache: dropped before every run when /proc/sys/vm/drop_caches is writable (root);
 otherwise every run reads warm files and the report says so.
 
-    .venv/bin/python bench/merge_vs_mergekit.py [--methods linear,ties,dare_ties] [--layers 24]
+    .venv/bin/python bench/merge_vs_mergekit.py [--methods linear,ties,dare_ties,della,model_stock,sce] [--layers 24]
 """
 from __future__ import annotations
 
@@ -97,16 +98,23 @@ def generate(layers: int) -> dict[str, Path]:
     return paths
 
 
+UNWEIGHTED = ("model_stock", "sce")  # methods that take no per-model weight or density
+GLOBAL = {"sce": {"select_topk": 0.5}}  # della: density 0.5 with mergekit's default epsilon 0.15
+RANDOM = ("dare_ties", "della")
+
+
 def recipe(method: str, paths: dict[str, Path]) -> dict:
     models = []
     for i, w in enumerate([0.5, 0.3, 0.2]):
-        params = {"weight": w}
-        if method != "linear":
+        params = {} if method in UNWEIGHTED else {"weight": w}
+        if method not in ("linear", *UNWEIGHTED):
             params["density"] = 0.5
         models.append({"model": str(paths[f"ft{i}"]), "parameters": params})
     cfg = {"merge_method": method, "models": models, "dtype": "bfloat16"}
     if method != "linear":
         cfg["base_model"] = str(paths["base"])
+    if method in GLOBAL:
+        cfg["parameters"] = GLOBAL[method]
     return cfg
 
 
@@ -144,7 +152,7 @@ def compare(method: str, a: Path, b: Path, base: Path | None) -> str:
     ta, tb = load_all(a), load_all(b)
     if set(ta) != set(tb):
         return f"DIFFERENT KEYS ({len(set(ta) ^ set(tb))})"
-    if method == "dare_ties":
+    if method in RANDOM:
         tbase = load_all(base)
         kept_a = kept_b = n = 0
         sum_a = sum_b = 0.0

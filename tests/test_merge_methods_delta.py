@@ -39,9 +39,17 @@ def test_della_keep_probabilities_rank_each_row():
     assert close(got, [[0.3, 0.7], [0.7, 0.3]])
     # a row of one entry has no ranks: density (mergekit stops with a probability error)
     assert close(keep_probabilities(torch.tensor([[3.0], [1.0]]), 0.4, 0.2), [[0.4], [0.4]])
+    # higher ranks: along dimension 1 (mergekit's), for every index of the others
+    x = torch.randn(2, 5, 3)
+    got = keep_probabilities(x, 0.5, 0.2)
+    ranks = x.abs().argsort(dim=1).argsort(dim=1).float()
+    assert got.shape == x.shape and close(got, 0.3 + 0.4 * ranks / 4)
 
 
-def test_della_keeps_large_entries_more_often_and_rescales_to_the_l1_norm():
+def test_della_keeps_large_entries_more_often_and_rescales_to_the_l1_norm(monkeypatch):
+    import graftkit.merge.della as della_module
+
+    monkeypatch.setattr(della_module, "CHUNK", 1000)  # rows ranked and drawn two at a time
     _, d = _rand(n=1, shape=(50, 400))
     base = torch.zeros(50, 400)  # the merged delta exactly, no base rounding in the way
     out = M.della_linear(base, d, density=0.5, epsilon=0.3, seed=3) - base
@@ -61,6 +69,13 @@ def test_della_keeps_large_entries_more_often_and_rescales_to_the_l1_norm():
 def test_della_is_seeded_per_model():
     base, d = _rand(n=2, shape=(20, 30))
     a = M.della_merge(base, d, density=0.5, epsilon=0.1, seed=5)
+    # the engine's in-place call (its own buffer) draws the same masks
+    assert close(M.della_merge(base, d.clone(), density=0.5, epsilon=0.1, seed=5, inplace=True), a)
+    for shape in [(4, 3, 5), (7,)]:  # a 3-D tensor ranks along dimension 1; the L1 norm survives the rescale
+        b3, d3 = _rand(n=2, shape=shape)
+        out = M.della_linear(torch.zeros(shape), d3[:1], density=0.5, epsilon=0.2, seed=1)
+        assert out.shape == shape and math.isclose(out.abs().sum().item(), d3[0].abs().sum().item(), rel_tol=1e-5)
+        assert ((out != 0) == (M.della_linear(torch.zeros(shape), d3[:1], density=0.5, epsilon=0.2, seed=1, rescale=False) != 0)).all()
     assert torch.equal(a, M.della_merge(base, d, density=0.5, epsilon=0.1, seed=5))
     assert not torch.equal(a, M.della_merge(base, d, density=0.5, epsilon=0.1, seed=6))
 

@@ -41,33 +41,63 @@ _GLOBAL = ("normalize", "rescale", "seed", {"lambda": 1.0, "int8_mask": False})
 _CAPS = {"random": True, "paper": "arXiv:2406.11617"}
 
 RESCALE_EPS = 1e-7
+CHUNK = 1 << 22  # entries ranked at a time: the sort's int64 indices stay at 32 MB
+
+
+def _levels(m: int, density: float, epsilon: float) -> torch.Tensor:
+    """The keep probability of ascending ranks 0..m-1 of a row of ``m`` entries."""
+    if m < 2:
+        return torch.full((m,), density, dtype=torch.float32)
+    return torch.arange(m, dtype=torch.float32).mul_(2 * epsilon / (m - 1)).add_(density - epsilon)
+
+
+def _rank_probs(rows: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Each entry's keep probability from its magnitude rank within its row (``rows`` is 2-D)."""
+    mag = rows.abs()
+    if mag.dtype == torch.float32:  # non-negative floats order as their bit patterns; an int sort is faster
+        mag = mag.view(torch.int32)
+    order = torch.argsort(mag, dim=1, stable=True)
+    return torch.empty_like(rows, dtype=torch.float32).scatter_(1, order, levels.expand(order.shape))
+
+
+def _as_rows(delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` as a 2-D (rows, ranked axis) tensor: a view for vectors and matrices, a copy with
+    dimension 1 moved last for higher ranks."""
+    if delta.dim() < 2:
+        return delta.reshape(1, -1)
+    if delta.dim() == 2:
+        return delta
+    return delta.movedim(1, -1).reshape(-1, delta.shape[1])
 
 
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """MAGPRUNE's per-entry keep probability for one model's delta (same shape as ``delta``)."""
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    moved = rows.movedim(1, -1)  # rank along dimension 1, as mergekit does
-    flat = moved.reshape(-1, moved.shape[-1])
-    m = flat.shape[1]
-    if m < 2:
-        return torch.full_like(delta, density)
-    order = torch.argsort(flat.abs(), dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(m, dtype=order.dtype).expand_as(order))
-    probs = ranks.to(torch.float32).mul_(2 * epsilon / (m - 1)).add_(density - epsilon)
-    return probs.view(moved.shape).movedim(-1, 1).reshape(delta.shape)
+    rows = _as_rows(delta)
+    probs = _rank_probs(rows, _levels(rows.shape[1], density, epsilon))
+    if delta.dim() > 2:
+        moved = delta.movedim(1, -1).shape
+        return probs.view(moved).movedim(-1, 1).contiguous()
+    return probs.view(delta.shape)
 
 
 def magprune_(row: torch.Tensor, density: float, epsilon: float, rescale: bool,
               generator: torch.Generator | None) -> torch.Tensor:
-    """In place: MAGPRUNE one model's delta (``density < 1``), then the L1 rescale."""
+    """In place: MAGPRUNE one model's delta (``density < 1``), then the L1 rescale. Ranked and
+    drawn in blocks of whole rows, so the temporaries stay small whatever the tensor's size."""
     before = float(row.abs().sum()) if rescale else 0.0
     if epsilon == 0:
         random_keep_(row, density, generator)
     else:
-        probs = keep_probabilities(row, density, epsilon)
-        draws = torch.rand(row.shape, generator=generator, dtype=torch.float32)
-        row.mul_(draws < probs)
+        rows = _as_rows(row)
+        levels = _levels(rows.shape[1], density, epsilon)
+        step = max(1, CHUNK // max(1, rows.shape[1]))
+        for r0 in range(0, rows.shape[0], step):
+            part = rows[r0:r0 + step]
+            probs = _rank_probs(part, levels)
+            draws = torch.rand(part.shape, generator=generator, dtype=torch.float32)
+            part.mul_(draws.lt_(probs))  # a float 0/1 mask: a NaN delta stays NaN
+        if row.dim() > 2:  # _as_rows copied: write the pruned rows back
+            row.copy_(rows.view(row.movedim(1, -1).shape).movedim(-1, 1))
     if rescale:
         after = float(row.abs().sum())
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
@@ -75,11 +105,12 @@ def magprune_(row: torch.Tensor, density: float, epsilon: float, rescale: bool,
     return row
 
 
-def magprune(deltas: torch.Tensor, density, epsilon, rescale: bool = True, seed: int | None = None) -> torch.Tensor:
+def magprune(deltas: torch.Tensor, density, epsilon, rescale: bool = True, seed: int | None = None,
+             inplace: bool = False) -> torch.Tensor:
     n = deltas.shape[0]
     dens, eps = as_list(density, n, "density"), as_list(epsilon, n, "epsilon")
     gens = generators(seed, n)
-    out = deltas.clone()
+    out = deltas if inplace else deltas.clone()
     for i in range(n):
         if dens[i] < 1:
             magprune_(out[i], dens[i], eps[i], rescale, gens[i])
@@ -88,15 +119,17 @@ def magprune(deltas: torch.Tensor, density, epsilon, rescale: bool = True, seed:
 
 @register("della", model_params=_PARAMS, global_params=_GLOBAL, **_CAPS)
 def della(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, epsilon=0.15, normalize: bool = True,
-          rescale: bool = True, seed: int | None = None, **kw) -> torch.Tensor:
-    """MAGPRUNE drop and L1 rescale per model, then TIES sign election and disjoint (weighted) mean."""
-    return finish(base, magprune(deltas, density, epsilon, rescale, seed), weight, consensus=True, normalize=normalize,
-                  lam=kw.get("lambda", 1.0))
+          rescale: bool = True, seed: int | None = None, inplace: bool = False, **kw) -> torch.Tensor:
+    """MAGPRUNE drop and L1 rescale per model, then TIES sign election and disjoint (weighted) mean.
+    ``inplace``: ``deltas`` may be overwritten (the engine's own buffer)."""
+    return finish(base, magprune(deltas, density, epsilon, rescale, seed, inplace), weight, consensus=True,
+                  normalize=normalize, lam=kw.get("lambda", 1.0), inplace=inplace)
 
 
 @register("della_linear", model_params=_PARAMS, global_params=_GLOBAL, **_CAPS)
 def della_linear(base: torch.Tensor, deltas: torch.Tensor, *, weight=1.0, density=1.0, epsilon=0.15,
-                 normalize: bool = False, rescale: bool = True, seed: int | None = None, **kw) -> torch.Tensor:
+                 normalize: bool = False, rescale: bool = True, seed: int | None = None, inplace: bool = False,
+                 **kw) -> torch.Tensor:
     """MAGPRUNE drop and L1 rescale per model, then the weighted sum."""
-    return finish(base, magprune(deltas, density, epsilon, rescale, seed), weight, consensus=False, normalize=normalize,
-                  lam=kw.get("lambda", 1.0))
+    return finish(base, magprune(deltas, density, epsilon, rescale, seed, inplace), weight, consensus=False,
+                  normalize=normalize, lam=kw.get("lambda", 1.0), inplace=inplace)
