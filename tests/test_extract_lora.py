@@ -178,3 +178,88 @@ def test_check_rank_options_names_config_keys_without_dashes():
 
     with pytest.raises(ConfigError, match=r"max_error must lie in \(0, 1\)"):
         check_rank_options(max_error=1.0, flag=False)
+
+
+# -- output: adapter: rank auto and DoRA output (the factoring shared with extract-lora) ---------------
+
+def _lora_inputs(tmp_path, n=3, **cfg):
+    from test_merge_adapters import make_adapter
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    return [make_adapter(tmp_path / "base", tmp_path / f"a{i}", seed=i, fmt=["native", "peft"][i % 2], **cfg) for i in range(n)]
+
+
+def _merge_cfg(tmp_path, adapters, **extra):
+    return {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "dtype": "float32", "output": "adapter",
+            "models": [{"model": str(a), "parameters": {"weight": w}} for a, w in zip(adapters, [1.0, 0.7, 0.4])], **extra}
+
+
+def test_rank_auto_meets_max_error_per_key_with_the_smallest_rank(tmp_path, ids):
+    from peft import PeftModel
+
+    from merge_helpers import load_folder
+
+    adapters = _lora_inputs(tmp_path)
+    out = gk.merge(_merge_cfg(tmp_path, adapters, rank="auto", max_error=0.3), tmp_path / "lora")
+    meta = json.loads((out / "adapter.json").read_text())
+    ranks, errs = meta["merge"]["ranks"], meta["merge"]["relative_error"]["per_key"]
+    full = load_folder(gk.merge({**_merge_cfg(tmp_path, adapters), "output": "model"}, tmp_path / "full"))
+    base = load_folder(tmp_path / "base")
+    assert set(ranks) == set(meta["targets"]) and len(set(ranks.values())) > 1  # each key its own rank
+    for key, r in ranks.items():
+        delta = full[key] - base[key]
+        assert meta["target_options"][key]["r"] == r
+        assert errs[key] <= 0.3 and factor(delta, rank=r).relative_error <= 0.3, key
+        assert factor(delta, rank=r - 1).relative_error > 0.3, key  # one less would not do
+    # the per-key ranks survive the peft export (rank_pattern): the same logits in the real peft
+    model = tiny_llama(0)
+    gk.load_adapter(model, out)
+    ours = model(input_ids=ids).logits
+    gk.save_adapter(model, tmp_path / "peft", format="peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["rank_pattern"]
+    peft_model = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "peft").eval()
+    assert torch.allclose(peft_model(input_ids=ids).logits, ours, atol=1e-5)
+
+
+def test_dora_inputs_give_a_dora_adapter_equal_to_the_merged_model_in_peft(tmp_path, ids):
+    import transformers
+    from peft import PeftModel
+
+    adapters = _lora_inputs(tmp_path, use_dora=True, r=2)
+    full = transformers.AutoModelForCausalLM.from_pretrained(gk.merge({**_merge_cfg(tmp_path, adapters), "output": "model"},
+                                                                      tmp_path / "full")).eval()
+    want = full(input_ids=ids).logits
+    out = gk.merge(_merge_cfg(tmp_path, adapters, rank=6), tmp_path / "dora")  # 3 x rank 2 directions
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["config"]["use_dora"] and meta["merge"]["dora"]
+    assert meta["merge"]["relative_error"]["overall"] < 1e-3
+    model = tiny_llama(0)
+    gk.load_adapter(model, out)
+    gk.save_adapter(model, tmp_path / "peft", format="peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"]
+    peft_model = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "peft").eval()
+    got = peft_model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    # the same merge as a plain LoRA of the same rank cannot hold the magnitude rescaling
+    plain = gk.merge(_merge_cfg(tmp_path, adapters, rank=6, dora=False), tmp_path / "plain")
+    err = json.loads((plain / "adapter.json").read_text())["merge"]["relative_error"]["overall"]
+    assert err > 10 * meta["merge"]["relative_error"]["overall"]
+
+
+@pytest.mark.parametrize("extra,needles", [
+    ({"rank": "auto", "max_error": 1.5}, ("max_error must lie in (0, 1)",)),
+    ({"rank": "auto"}, ("rank: auto needs max_error",)),
+    ({"rank": 4, "max_error": 0.1}, ("max_error goes with rank: auto",)),
+    ({"rank": 0}, ("rank must be a whole number >= 1",)),
+    ({"output": "model", "max_error": 0.1}, ("applies to output: adapter",)),
+])
+def test_bad_output_adapter_rank_options(tmp_path, capsys, extra, needles):
+    import yaml
+
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "output": "adapter",
+           "models": [{"model": str(tmp_path / "a0"), "parameters": {"weight": 1.0}}], **extra}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    code = main(["merge", str(tmp_path / "m.yml"), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("graft: error:") and all(n in err[0] for n in needles), err
+    assert not (tmp_path / "out").exists()

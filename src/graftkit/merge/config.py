@@ -105,7 +105,9 @@ class MergeConfig(StrictModel):
     max_shard_size: Union[int, str] = "2GB"
     threads: Optional[int] = Field(None, ge=1)
     output: Literal["model", "adapter"] = "model"
-    rank: Optional[int] = Field(None, ge=1)
+    rank: Optional[Union[int, Literal["auto"]]] = None  # output: adapter; auto: the smallest per key within max_error
+    max_error: Optional[float] = None
+    dora: Optional[bool] = None  # output: adapter: magnitude + direction (default: when an input is DoRA)
     search: Optional[SearchConfig] = None
     exclude: list[str] = Field(default_factory=list)
     data: Optional[DataBlock] = None  # data-aware methods only: see DataBlock
@@ -276,7 +278,8 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     parse_size(cfg.max_shard_size)
     exclude_matcher(cfg.exclude)  # bad regexes fail here, before any file is opened
     if cfg.output == "adapter" and cfg.rank is None:
-        raise ConfigError("output: adapter needs rank: R (the rank of the LoRA to write)")
+        raise ConfigError("output: adapter needs rank: R (the rank of the LoRA to write), or rank: auto with max_error: X")
+    _check_rank(cfg)
     if cfg.search is not None:
         for name in cfg.search.grid:
             if name not in accepted_global:
@@ -345,6 +348,22 @@ def _validate_slices(cfg: MergeConfig, spec) -> MergeConfig:
         raise ConfigError(f"{what} does not take slices: (a layer-stacked model has no single base to take a delta from); "
                           "merge with slices first, then use the output as a model")
     return cfg
+
+
+def _check_rank(cfg: MergeConfig) -> None:
+    """``rank`` / ``max_error`` / ``dora`` of ``output: adapter``, checked as graft extract-lora checks its flags."""
+    from .extract_lora import check_rank_options
+
+    if cfg.output != "adapter":
+        extra = [k for k in ("max_error", "dora") if getattr(cfg, k) is not None]  # rank alone stays ignored, as before
+        if extra:
+            raise ConfigError(f"{extra[0]} applies to output: adapter (a merge written as a LoRA); add output: adapter or drop {extra[0]}")
+        return
+    if cfg.rank == "auto" and cfg.max_error is None:
+        raise ConfigError("rank: auto needs max_error: X (the relative Frobenius error each key may have, e.g. 0.05)")
+    if cfg.rank != "auto" and cfg.max_error is not None:
+        raise ConfigError("max_error goes with rank: auto (the smallest rank per key within it); set rank: auto or drop max_error")
+    check_rank_options(rank=None if cfg.rank == "auto" else cfg.rank, max_error=cfg.max_error, flag=False)
 
 
 def _check_crumbs(cfg: MergeConfig, spec, non_base) -> None:

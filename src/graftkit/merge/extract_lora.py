@@ -25,7 +25,8 @@ norms of the canonical view, graftkit's and peft's DoRA convention, see
 :mod:`graftkit.methods.lora`) and a rank-r direction delta ``L``. Any ``L`` with ``W + L``
 parallel to ``W'`` row by row gives ``W'`` exactly, so ``L = diag(k) W' - W`` for any positive
 per-row ``k``; ``k`` and ``L`` are fitted together by alternating ``L = SVD_r(diag(k) W' - W)``
-and the least-squares ``k`` (starting at ``k = 1``, i.e. ``L = SVD_r(D)``). A merge of DoRA
+and the least-squares ``k`` (from two starts, ``k = 1``, i.e. ``L = SVD_r(D)``, and the ``k`` of
+``L = 0``; the tighter one after ten steps is run on). A merge of DoRA
 inputs by task arithmetic has ``W' = diag(g) (W + low rank)``, so this reaches it; the error
 reported is that of the adapter's actual delta, ``|D_hat - D|_F / |D|_F``.
 """
@@ -134,19 +135,29 @@ def factor_dora(weight, merged, *, rank=None, sv_threshold=None, max_error=None,
         raise UnsupportedError("a merged weight has an all-zero output row; a DoRA adapter cannot represent it (its direction is "
                                "undefined); write a LoRA adapter (inputs without use_dora) or a full model")
 
-    def fit(r: int):
-        k = torch.ones_like(magnitude)
-        best = None
+    def run(r: int, k, steps: int):
+        best, last = None, math.inf
         for _ in range(steps):
             u, s, vh = torch.linalg.svd(k[:, None] * wp - w, full_matrices=False)
             b, a = u[:, :r] * s[:r].sqrt(), s[:r].sqrt()[:, None] * vh[:r]
             err = float(torch.linalg.matrix_norm(dora_delta(w, a, b, magnitude) - d))
-            if best is not None and err >= best[0] * (1 - 1e-9):
-                break
-            best = (err, a, b)
+            if best is None or err < best[0]:  # the fit's objective falls monotonically, the adapter's error nearly so
+                best = (err, a, b)
+            objective = float(s[r:].square().sum())
             t = w + b @ a
             k = (wp * t).sum(1) / (wp * wp).sum(1)  # least squares: diag(k) W' closest to W + L row by row
-        return best
+            if objective <= 1e-24 * norm**2 or objective > last * (1 - 1e-6):
+                break
+            last = objective
+        return best, k, last
+
+    def fit(r: int):
+        # two starts: k = 1 (L = SVD_r(D), best for mild rescaling) and the least-squares k of L = 0 (best when
+        # the magnitudes moved far); a few steps of each, then the one whose fit is tighter goes on
+        starts = [run(r, torch.ones_like(magnitude), 10), run(r, (wp * w).sum(1) / (wp * wp).sum(1), 10)]
+        best0, k, _ = min(starts, key=lambda x: x[2])
+        best1, _, _ = run(r, k, steps)
+        return min(best0, best1, *(x[0] for x in starts), key=lambda b: b[0])
 
     full = min(w.shape)
     if rank is not None or max_error is None:

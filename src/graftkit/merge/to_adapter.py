@@ -8,6 +8,13 @@ delta ``D`` (canonical (out, in) view) is factored by a truncated SVD
 ``lora_alpha = r`` (scaling 1). The relative error ``|D - B A|_F / |D|_F`` is reported per key
 and overall (``merge.relative_error`` in ``adapter.json``; ``graft merge`` prints it); it is 0 up to float rounding when ``r`` is at
 least the rank of ``D`` (e.g. the sum of the input ranks for a linear merge).
+
+``rank: auto`` with ``max_error: X`` gives each key the smallest rank whose error is at most X
+(per-target ``r`` in ``target_options``; peft's ``rank_pattern`` on export). When an input is
+DoRA (or ``dora: true``) the output is a DoRA adapter: magnitude ``||W'||_c`` of the merged
+weight and a rank-r direction delta fitted to it; a DoRA input's row rescaling is not low rank,
+so a plain LoRA cannot hold it. The factoring is shared with ``graft extract-lora``
+(:mod:`.extract_lora`).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ def check_plan(plan) -> dict[str, str]:
     cfg = plan.config
     rank = cfg.rank
     if rank is None:
-        raise ConfigError("output: adapter needs rank: R (the rank of the LoRA to write)")
+        raise ConfigError("output: adapter needs rank: R (the rank of the LoRA to write), or rank: auto with max_error: X")
     sources = [plan.ckpts[p] for p in plan.inputs]
     if not plan.base or not all(isinstance(s, AdapterSource) for s in sources):
         raise ConfigError("output: adapter needs a base_model and LoRA adapters as every input (models: are adapter folders)")
@@ -43,11 +50,10 @@ def check_plan(plan) -> dict[str, str]:
 
 
 def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
-    import torch
-
-    from ..io.native import AdapterFile, versions, write_native
-    from ..layers import matrix_shape, to_matrix
+    from ..io.native import AdapterFile, write_native
+    from ..layers import to_matrix
     from .compute import merge_rows
+    from .extract_lora import adapter_meta, error_report, factor, factor_dora
     from .plan import key_params
 
     kinds = check_plan(plan)
@@ -55,8 +61,10 @@ def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
     rank = cfg.rank
     sources = [plan.ckpts[p] for p in plan.inputs]
     data = getattr(plan, "statistics", None) if plan.spec.data is not None else None
-    tensors, options, report = {}, {}, {}
-    num = den = 0.0
+    # a DoRA input rescales whole rows (not low rank): by default the output keeps a magnitude too
+    dora = cfg.dora if cfg.dora is not None else any(t[4] is not None for s in sources for t in s.targets.values())
+    how = {"max_error": cfg.max_error} if rank == "auto" else {"rank": rank}
+    factors = {}
     for name in sorted(kinds):
         kind = kinds[name]
         base = plan.ckpts[plan.base].get(name).float()
@@ -64,35 +72,17 @@ def merge_to_adapter(plan, out: Path, overwrite: bool = False) -> Path:
         if data is not None:  # a data-aware method (lorahub): this key's result of the pre-pass (merge/data.py)
             params[data.keyword] = data.for_key(name)
         merged = merge_rows(plan, name, params)
-        delta = to_matrix(kind, merged - base).double()
-        r = min(rank, *delta.shape)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        root = s[:r].sqrt()
-        b = (u[:, :r] * root).float()
-        a = (root[:, None] * vh[:r]).float()
-        err = float(torch.linalg.matrix_norm(delta - b.double() @ a.double()))
-        norm = float(torch.linalg.matrix_norm(delta))
-        num += err**2
-        den += norm**2
-        report[name] = err / norm if norm > 0 else 0.0
-        if r < rank:  # pad to the requested rank with zeros so every target has rank r
-            out_f, in_f = matrix_shape(kind, base.shape)
-            a = torch.cat([a, torch.zeros(rank - r, in_f)])
-            b = torch.cat([b, torch.zeros(out_f, rank - r)], dim=1)
-        tensors[f"{name}.lora_A"] = a.contiguous()
-        tensors[f"{name}.lora_B"] = b.contiguous()
-        options[name] = {"r": rank, "lora_alpha": float(rank)}
-    overall = (num / den) ** 0.5 if den > 0 else 0.0
+        if dora:
+            factors[name] = (kind, factor_dora(to_matrix(kind, base), to_matrix(kind, merged), **how))
+        else:
+            factors[name] = (kind, factor(to_matrix(kind, merged - base), **how))
+    errors = error_report(factors)
     first = sources[0].adapter.meta
-    meta = {
-        "format": "graftkit-adapter", "format_version": 1, "method": "lora",
-        "config": {"r": rank, "lora_alpha": float(rank), "targets": sorted(kinds)},
-        "targets": sorted(kinds), "target_options": options, "train_also": [], "target_kinds": kinds,
-        "base_model": first.get("base_model") or {}, "versions": versions(),
-        "merge": {"merge_method": plan.spec.name, "inputs": plan.inputs, "rank": rank,
-                  "relative_error": {"overall": overall, "per_key": report},
-                  **({"data": data.info} if data is not None else {})},
-    }
+    record = {"merge": {"merge_method": plan.spec.name, "inputs": plan.inputs, "rank": rank,
+                        **({"max_error": cfg.max_error} if rank == "auto" else {}), "dora": dora,
+                        "ranks": {k: f.rank for k, (_, f) in factors.items()}, "relative_error": errors,
+                        **({"data": data.info} if data is not None else {})}}
+    meta, tensors = adapter_meta(factors, dora=dora, base_model=first.get("base_model") or {}, record=record)
     write_native(AdapterFile(meta, tensors), out, overwrite)
-    plan.stats["relative_error"] = overall
+    plan.stats["relative_error"] = errors["overall"]
     return Path(out)
