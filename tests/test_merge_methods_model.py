@@ -321,6 +321,7 @@ def parity(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     out = {name: (load_folder(root / f"mk_{name}"), load_folder(gk.merge(path, root / f"gk_{name}"))) for name, path in paths.items()}
     out["_inputs"] = {k: load_folder(p) for k, p in m.items()}
+    out["_recipes"] = paths
     return out
 
 
@@ -351,3 +352,27 @@ def test_parity_recipes_are_not_trivial(parity):
     assert 0 < int((fused == ft1).sum()) < ft1.numel() and int((fused == base).sum()) > 0
     swapped = parity["nearswap"][1][key]
     assert 0 < int((swapped == ft0).sum()) < ft0.numel()
+
+
+def test_nearswap_in_row_chunks_equals_mergekit(parity, tmp_path, monkeypatch):
+    """nearswap declares itself elementwise: merged 100 elements at a time (each matrix in chunks of
+    rows, base rows first in the stack) it is still mergekit's output, bit for bit."""
+    from merge_helpers import load_folder
+
+    monkeypatch.setenv("GRAFT_MERGE_CHUNK", "100")
+    theirs = parity["nearswap"][0]
+    ours = load_folder(gk.merge(parity["_recipes"]["nearswap"], tmp_path / "chunked"))
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_dry_run_lists_an_optional_base_first(parity, tmp_path, capsys):
+    from graftkit.cli import main
+
+    assert main(["merge", str(parity["_recipes"]["nuslerp_rows_base"]), str(tmp_path / "o"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("method        nuslerp (base optional;")
+    inputs = [ln.split()[1] for ln in lines if ln.startswith("input ") and not ln.startswith("input read")]
+    assert len(inputs) == 3 and inputs[0].endswith("base")
+    assert main(["merge", str(parity["_recipes"]["nuslerp_flat"]), str(tmp_path / "p"), "--dry-run"]) == 0
+    inputs = [ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("input ") and not ln.startswith("input read")]
+    assert len(inputs) == 2 and not any(p.endswith("base") for p in inputs)

@@ -28,7 +28,7 @@ def describe(plan: Plan, threads: int | None = None, max_keys: int = 12) -> str:
     threads = threads or plan.config.threads or default_threads()
     cfg, spec = plan.config, plan.spec
     gb = 1e9
-    lines = [f"method        {spec.name} ({'needs a base' if spec.needs_base else 'no base'}; {spec.paper or 'see docs/merge.md'})"]
+    lines = [f"method        {spec.name} ({'needs a base' if spec.needs_base else 'base optional' if spec.base_as_input else 'no base'}; {spec.paper or 'see docs/merge.md'})"]
     if plan.base:
         lines.append(f"base          {plan.base}")
     for p in plan.inputs:
