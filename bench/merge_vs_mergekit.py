@@ -103,7 +103,18 @@ GLOBAL = {"sce": {"select_topk": 0.5}}  # della: density 0.5 with mergekit's def
 RANDOM = ("dare_ties", "della")
 
 
+def slices_recipe(paths: dict[str, Path]) -> dict:
+    """passthrough with slices: a frankenmerge of 1.25x the layers (ft0's first half, then ft1's last
+    three quarters), the layer-stacking recipe of mergekit's README."""
+    n = json.loads((paths["ft0"] / "config.json").read_text())["num_hidden_layers"]
+    return {"merge_method": "passthrough", "dtype": "bfloat16",
+            "slices": [{"sources": [{"model": str(paths["ft0"]), "layer_range": [0, n // 2]}]},
+                       {"sources": [{"model": str(paths["ft1"]), "layer_range": [n // 4, n]}]}]}
+
+
 def recipe(method: str, paths: dict[str, Path]) -> dict:
+    if method == "passthrough":
+        return slices_recipe(paths)
     models = []
     for i, w in enumerate([0.5, 0.3, 0.2]):
         params = {} if method in UNWEIGHTED else {"weight": w}
@@ -152,6 +163,9 @@ def compare(method: str, a: Path, b: Path, base: Path | None) -> str:
     ta, tb = load_all(a), load_all(b)
     if set(ta) != set(tb):
         return f"DIFFERENT KEYS ({len(set(ta) ^ set(tb))})"
+    if method == "passthrough":  # a copy: every tensor must be identical
+        same = sum(bool(torch.equal(ta[k], tb[k])) for k in ta)
+        return f"{same} of {len(ta)} tensors identical"
     if method in RANDOM:
         tbase = load_all(base)
         kept_a = kept_b = n = 0
@@ -195,6 +209,8 @@ def warm_kernels(methods: list[str]) -> float:
                       metadata={"format": "pt"})
     start = time.perf_counter()
     for method in methods:
+        if method == "passthrough":  # no fused kernel to compile
+            continue
         path = CACHE / "runs" / f"warm_{method}.yml"
         import yaml
 
@@ -228,7 +244,10 @@ def main() -> None:
         import yaml
 
         path.write_text(yaml.safe_dump(cfg))
-        n_inputs = len(cfg["models"]) + (1 if "base_model" in cfg else 0)
+        n_inputs = len(cfg.get("models", [])) + (1 if "base_model" in cfg else 0)
+        if "slices" in cfg:  # the share of a model's layers the slices read
+            layers = json.loads((paths["ft0"] / "config.json").read_text())["num_hidden_layers"]
+            n_inputs = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in cfg["slices"]) / layers
         gb = input_gb_one * n_inputs
         ours = timed([str(BIN / "graft"), "merge", str(path), str(work / f"gk_{method}")])
         theirs = timed([str(BIN / "mergekit-yaml"), str(path), str(work / f"mk_{method}"), "--lazy-unpickle"])
