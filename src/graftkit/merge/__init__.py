@@ -25,6 +25,11 @@ from .model_stock import model_stock as model_stock_merge  # noqa: F401
 from .passthrough import passthrough as passthrough_merge  # noqa: F401
 from .ram import ram as ram_merge, ramplus_tl  # noqa: F401
 from .sce import sce as sce_merge  # noqa: F401
+from .arcee_fusion import arcee_fusion  # noqa: F401  (registration, as the ones below)
+from .karcher import karcher as karcher_merge  # noqa: F401
+from .multislerp import multislerp  # noqa: F401
+from .nearswap import nearswap  # noqa: F401
+from .nuslerp import nuslerp  # noqa: F401
 
 
 def merge(config, out=None, **kwargs):

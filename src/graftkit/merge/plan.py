@@ -138,7 +138,7 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
     cfg = load_config(config)
     spec = cfg.method()
     base = cfg.base_model if spec.needs_base or spec.base_as_input else None
-    if spec.base_as_input:
+    if spec.base_as_input and cfg.base_model:  # without needs_base the base is optional (nuslerp): absent, not an input
         inputs = [cfg.base_model] + [m.model for m in cfg.models if m.model != cfg.base_model]
     elif spec.inputs == "model":
         inputs = [m.model for m in cfg.models]
@@ -262,7 +262,7 @@ def key_params(plan: Plan, key: str) -> dict:
     cfg, spec = plan.config, plan.spec
     if plan.slices is not None:  # the parameters of the tensor's slice: its sources' over the slice's over the top level's
         cfg = plan.slices.view(key)
-    params = resolve_params(cfg, spec, plan.inputs[1:] if spec.base_as_input else plan.inputs, key, plan.layer_t(key))
+    params = resolve_params(cfg, spec, plan.inputs[1:] if spec.base_as_input and plan.base else plan.inputs, key, plan.layer_t(key))
     if spec.random:
         params["seed"] = seed_for(cfg.parameters.get("seed", cfg.seed), key)
     return params
