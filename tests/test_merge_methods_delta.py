@@ -346,3 +346,5 @@ def test_bad_model_stock_one_model_and_sce_topk(small, tmp_path, capsys):
         assert "select_topk" in run_bad(tmp_path, capsys, _cfg(small, "sce", params={"select_topk": topk}))
     assert "unknown parameter 'weight'" in run_bad(tmp_path, capsys, _cfg(small, "sce", weight=1.0))  # sce takes no weights
     assert "'filter_wise'" in run_bad(tmp_path, capsys, _cfg(small, "model_stock", params={"filter_wise": "rows"}))
+    assert "epsilon -0.1 is out of range" in run_bad(tmp_path, capsys, _cfg(small, "ram", params={"epsilon": -0.1}))
+    assert "'r'" in run_bad(tmp_path, capsys, _cfg(small, "ramplus_tl", params={"r": "high"}))
