@@ -231,6 +231,7 @@ def test_every_merge_method_has_golden_or_property_coverage():
     covered |= {"della", "della_linear", "model_stock", "sce", "ram", "ramplus_tl"}  # tests/test_merge_methods_delta.py
     covered |= {"nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"}  # tests/test_merge_methods_model.py
     covered |= {"adamerging", "lorahub"}  # tests/test_merge_adamerging.py, tests/test_merge_lorahub.py
+    covered |= {"passthrough"}  # tests/test_merge_slices.py
     assert set(MERGES.names()) <= covered, set(MERGES.names()) - covered
 
 

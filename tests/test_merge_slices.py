@@ -137,6 +137,28 @@ def test_bad_slice_configs(cfg, needle):
         load_config({"merge_method": "passthrough", **cfg})
 
 
+def test_passthrough_copies_its_one_model_and_scales_it():
+    from graftkit.merge.passthrough import passthrough
+
+    x = torch.randn(4, 3).to(torch.bfloat16)
+    out = passthrough(None, [x], scale=[None])
+    assert out.dtype == torch.float32 and torch.equal(out, x.float())
+    assert torch.equal(passthrough(None, [x], scale=[0.5]), x.float() * 0.5)
+    assert torch.equal(x, x.clone())  # the input is not changed in place
+    y = x.float()
+    passthrough(None, [y], scale=[2.0])
+    assert torch.equal(y, x.float())
+
+
+def test_passthrough_takes_one_model_without_slices(models, tmp_path):
+    with pytest.raises(ConfigError, match="at most 1 model.*slices:"):
+        load_config({"merge_method": "passthrough", "models": [{"model": str(models["ft0"])}, {"model": str(models["ft1"])}]})
+    out = gk.merge({"merge_method": "passthrough", "models": [{"model": str(models["ft1"]), "parameters": {"scale": 2.0}}]},
+                   tmp_path / "p")
+    a, b = load_folder(models["ft1"]), load_folder(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(b[k], a[k] * 2) for k in a)
+
+
 # -- real merges ------------------------------------------------------------------------------------
 
 def test_frankenmerge_loads_generates_and_equals_the_stacked_model(models, tmp_path):

@@ -250,6 +250,9 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     if optional_base and spec.max_models is not None and len(non_base) > spec.max_models:
         raise ConfigError(f"merge_method {spec.name} takes {'exactly' if spec.min_models == spec.max_models else 'at most'} "
                           f"{spec.max_models} model(s) besides the base_model; got {len(non_base)}")
+    if not spec.base_as_input and spec.max_models is not None and len(non_base) > spec.max_models:  # passthrough: one
+        raise ConfigError(f"merge_method {spec.name} takes at most {spec.max_models} model(s); got {len(non_base)} "
+                          "(to take layers from several models, list them in slices:, docs/merge.md)")
     _check_data(cfg, spec, non_base)
     for i, m in enumerate(cfg.models):
         for name, value in m.parameters.items():
