@@ -233,6 +233,7 @@ W = {"weight": 1.0}
     (cfg("multislerp", [("A", {})]), "multislerp needs weight for every model"),
     (cfg("multislerp", [("A", {"weight": 1.0}), ("C", {"weight": -1.0})]), "weights sum to 0"),
     (cfg("multislerp", [("A", W), ("C", W)], eps=0), "eps 0 must be > 0"),
+    (cfg("multislerp", [("A", {"weight": 0}), ("C", {"weight": 0.0})], normalize_weights=False), "every multislerp weight is 0"),
     (cfg("multislerp", [], base="B"), "multislerp needs at least 1 model"),
     (cfg("karcher", [("A", {}), ("C", {})], max_iter=-1), "karcher max_iter -1 must be >= 0"),
     (cfg("karcher", [("A", {}), ("C", {})], tol=-0.1), "karcher tol -0.1 must be >= 0"),
@@ -257,6 +258,7 @@ def test_good_configs_pass():
     load_config(cfg("nuslerp", [("B", {}), ("A", W), ("C", W)], nuslerp_flatten=False, nuslerp_row_wise=True))
     load_config(cfg("multislerp", [("A", {})], base=None, weight=1.0))  # a top-level weight covers every model
     load_config(cfg("karcher", [("A", {})], base=None))
+    load_config(cfg("nuslerp", [("A", {"weight": 0}), ("C", {"weight": 0})]))  # a ratio: all 0 is t = 1/2, as in mergekit
 
 
 def test_cli_reports_a_bad_nearswap_t_on_one_line(tmp_path, capsys):

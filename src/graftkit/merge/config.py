@@ -268,7 +268,8 @@ def validate(cfg: MergeConfig) -> MergeConfig:
     normalize = cfg.parameters.get("normalize", spec.global_params.get("normalize", False))
     if "weight" in spec.model_params and normalize and all(isinstance(w, (int, float)) for w in weights) and abs(sum(weights)) < 1e-8:
         raise ConfigError(f"the model weights sum to {sum(weights)} and normalize is on, so the merge would divide by zero; change the weights or set normalize: false")
-    if "weight" in spec.model_params and non_base and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w == 0 for w in weights):
+    # (nuslerp's weights are a ratio - all 0 is t = 1/2, as in mergekit - and multislerp checks its own)
+    if "weight" in spec.model_params and not spec.base_as_input and non_base and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w == 0 for w in weights):
         # every task vector scaled by 0: the output would be the base model, written as if merged
         raise ConfigError(f"every model weight is 0, so {spec.name} would write {'base_model unchanged' if spec.needs_base else 'all zeros'}; give at least one model a "
                           "nonzero weight (to copy the base, use it directly)")

@@ -21,8 +21,9 @@ One model returns that model unchanged. When ``|m| < eps`` (antipodal vectors wh
 two models fall back to the linear ``w0 v0 + w1 v1``; three or more have no defined direction and
 the merge stops with an error naming the tensor.
 
-Same arithmetic as mergekit 0.1.5; weights are required per model (as in mergekit), and weights
-summing to zero with ``normalize_weights: true`` (a division by zero) are a ConfigError.
+Same arithmetic as mergekit 0.1.5; weights are required per model (as in mergekit). Weights
+summing to zero with ``normalize_weights: true`` (a division by zero) and all-zero weights (the
+output would be the base, or zeros) are ConfigErrors.
 """
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def _check(cfg) -> None:
     if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps <= 0:
         raise ConfigError(f"multislerp eps {eps} must be > 0 (it keeps a zero tensor from dividing by zero); "
                           "leave it unset for 1e-8")
-    if not cfg.parameters.get("normalize_weights", True):
-        return
     weights = [m.parameters.get("weight", cfg.parameters.get("weight")) for m in cfg.models if m.model != cfg.base_model]
-    if all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights) and abs(sum(weights)) < 1e-12:
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        return
+    if weights and all(w == 0 for w in weights):
+        raise ConfigError("every multislerp weight is 0, so the merge would write "
+                          f"{'base_model unchanged' if cfg.base_model else 'all zeros'}; give at least one model a nonzero weight")
+    if cfg.parameters.get("normalize_weights", True) and abs(sum(weights)) < 1e-12:
         raise ConfigError(f"the multislerp weights sum to {sum(weights)} and normalize_weights is on, so the merge would "
                           "divide by zero; change the weights or set normalize_weights: false")
 
