@@ -201,6 +201,9 @@ MATRIX: dict[str, Case] = {
     # P2: DEFT is a LoRA trained with a density loss (training only): LoRA's contract on its own config
     "deft": Case("deft", {"r": 4, "lora_alpha": 8, "density_weight": 0.5}, LORA_TARGETS, {"init_lora_weights": False},
                  models=("bert", "gpt2")),
+    # issue 16: MeteoRA, frozen LoRA experts mixed per token by a trained top-k gate (activation space; random experts here,
+    # LoRA folders in tests/test_meteora.py)
+    "meteora": Case("meteora", {"num_experts": 3, "r": 2, "top_k": 2}, LYCORIS_TARGETS, {"init_weights": False}),
 }
 
 MODELS = list(TINY_MODELS)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 import yaml
-from safetensors.torch import load_file
 
 from conftest import tiny_gpt2, tiny_llama
 from merge_helpers import load_folder, make_models

@@ -36,6 +36,9 @@ ROWS: dict[str, tuple[dict, dict | None]] = {
     "greentrainer": ({"method": "greentrainer", "flops_budget": 0.5, "layers": "top:1"}, None),  # in place, like full
     # issue 15: VeRA's shared pair across q, v and wo (three shapes), DEFT's LoRA, the sparse methods in place
     "vera": ({"method": "vera", "r": 4, "targets": ["q", "v", "wo"]}, {"init_weights": False}),
+    # issue 16: MeteoRA's gate over frozen experts on q, v and the FFN output
+    # (random frozen experts from the start: with zero experts the gate has nothing to choose between and cannot train)
+    "meteora": ({"method": "meteora", "num_experts": 2, "r": 2, "top_k": 1, "targets": ["q", "v", "wo"], "init_weights": False}, {}),
     "deft": ({"method": "deft", "r": 2, "targets": ["q", "v"]}, {"init_lora_weights": False}),
     "lt_sft": ({"method": "lt_sft", "fraction": 0.05, "layers": "top:1"}, None),
     "apet": ({"method": "apet", "num_trainable": 300, "targets": ["q", "v", "wo"]}, None),

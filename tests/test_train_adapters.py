@@ -59,8 +59,11 @@ def test_every_adapter_family_is_trained_here():
     loop is checked with it (sequence-space methods have their own tests)."""
     from graftkit.methods import registered_methods
 
+    # MeteoRA trains gates over LoRA experts it reads from adapter folders: tests/test_meteora.py builds the experts
+    # and trains its gates with graft train (the real-model rows here would have no experts to route between)
+    trained_elsewhere = {"meteora"}
     missing = [m.name for m in registered_methods()
-               if (m.space == "activation" or m.name == "ln_tuning") and m.name not in FAMILIES]
+               if (m.space == "activation" or m.name == "ln_tuning") and m.name not in FAMILIES and m.name not in trained_elsewhere]
     assert not missing, f"add {missing} to FAMILIES"
 
 

@@ -18,6 +18,7 @@ from . import vera  # noqa: F401  (registration)
 from . import deft  # noqa: F401  (registration)
 from . import oft, boft  # noqa: F401  (registration)
 from . import apet, diff_pruning, lt_sft  # noqa: F401  (registration)
+from . import meteora  # noqa: F401  (registration)
 from .bitfit import BitFitConfig
 from .full import FullConfig
 from .ia3 import IA3Config
