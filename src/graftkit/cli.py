@@ -365,6 +365,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    if args.eft_scale is not None and not args.eft:
+        raise ConfigError("--eft-scale needs --eft SMALL_FT SMALL_BASE (it scales their difference)")
+    from .decode.generate import generate
+    from .decode.loop import Sampling
+
+    records = generate(args.model, args.prompt or [], eft=tuple(args.eft) if args.eft else None,
+                       scale=1.0 if args.eft_scale is None else args.eft_scale, max_new_tokens=args.max_new_tokens,
+                       sampling=Sampling(args.temperature, args.top_p, args.seed), chat=args.chat, system=args.system,
+                       device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        for r in records:
+            print(r["text"])
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in the same one line as every other error.
 
@@ -544,6 +564,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("generate", help="generate text from a causal LM, or from a large base up-scaled by a small "
+                                        "fine-tuned/base pair (--eft); docs/generate.md")
+    s.add_argument("model", help="causal LM folder or alias (smollm2); with --eft the large base")
+    s.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    s.add_argument("--eft", nargs=2, metavar=("SMALL_FT", "SMALL_BASE"),
+                   help="emulated fine-tuning: decode from log p_model + scale * (log p_SMALL_FT - log p_SMALL_BASE), "
+                        "token by token (all three must share one tokenizer)")
+    s.add_argument("--eft-scale", type=float, default=None, help="the scale on the small pair's difference (default 1)")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    s.add_argument("--system", default=None, help="with --chat: a system prompt")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    s.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    s.add_argument("--json", action="store_true", help="print JSON: text, token ids, log-probability, whether it stopped")
+    s.set_defaults(func=cmd_generate)
     return p
 
 
