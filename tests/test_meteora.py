@@ -250,3 +250,26 @@ def test_the_gate_learns_to_route_two_tasks_with_graft_train(tmp_path):
         start = gk.sites(fresh)[name]
         assert torch.equal(site.meteora_A, start.meteora_A) and torch.equal(site.meteora_B, start.meteora_B)
         assert not torch.equal(site.meteora_gate, start.meteora_gate)
+
+
+def test_graft_train_refuses_a_dora_expert_in_one_line(loras, tmp_path, capsys):
+    """Through the CLI: the refusal is one line, exit 2, and no run folder is left behind."""
+    import yaml
+
+    from graftkit.cli import main
+
+    model_dir = tmp_path / "llama"
+    tiny_llama(0).save_pretrained(model_dir)
+
+    _toy_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": " ".join(f"w{10 + i}" for i in range(20))}) + "\n")
+    recipe = {"model": str(model_dir), "task": "causal-lm", "data": {"train": str(tmp_path / "train.jsonl"), "text_field": "text", "max_length": 8},
+              "method": {"method": "meteora", "adapters": [str(loras["a"]), str(loras["dora"])]},
+              "optim": {"max_steps": 1}, "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    code = main(["train", str(tmp_path / "r.yaml"), "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("graft: error: ") and "DoRA" in lines[0], err
+    assert not (tmp_path / "run" / "adapter").exists()

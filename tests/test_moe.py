@@ -131,12 +131,16 @@ for cfg, out in zip(sys.argv[1::2], sys.argv[2::2]):
 
 
 def test_parity_with_mergekit_moe(experts, tmp_path):
-    """cheap_embed (with negative prompts) and random gates are deterministic in mergekit-moe: the
-    router rows and every expert tensor must match; one subprocess runs both recipes."""
+    """cheap_embed (with negative prompts), random and uniform_random gates are deterministic in
+    mergekit-moe: the router rows and every expert tensor (one with residual_scale, one recipe in
+    bfloat16) must match; one subprocess runs all three recipes."""
     configs = {}
-    for mode in ("cheap_embed", "random"):
+    for mode in ("cheap_embed", "random", "uniform_random"):
         cfg = _cfg(experts, mode=mode, experts_per_token=2)
         cfg["experts"][0]["negative_prompts"] = ["w40 w41"]
+        cfg["experts"][1]["residual_scale"] = 0.5  # scales that expert's down projection
+        if mode == "uniform_random":
+            cfg["dtype"] = "bfloat16"
         configs[mode] = cfg
         (tmp_path / f"{mode}.yml").write_text(yaml.safe_dump(cfg))
         run_moe(cfg, tmp_path / f"graft_{mode}", seed=7)
@@ -148,7 +152,7 @@ def test_parity_with_mergekit_moe(experts, tmp_path):
         for layer in range(2):
             pre = f"model.layers.{layer}."
             gate_ours, gate_theirs = ours[pre + "block_sparse_moe.gate.weight"], theirs[pre + "mlp.gate.weight"]
-            if mode == "random":
+            if mode != "cheap_embed":
                 assert torch.equal(gate_ours, gate_theirs)
             else:
                 torch.testing.assert_close(gate_ours, gate_theirs, rtol=1e-6, atol=1e-6)
@@ -160,6 +164,9 @@ def test_parity_with_mergekit_moe(experts, tmp_path):
         for key, value in theirs.items():
             if ".mlp." not in key:
                 assert torch.equal(ours[key], value), key
+        assert ours["model.embed_tokens.weight"].dtype == (torch.bfloat16 if mode == "uniform_random" else torch.float32)
+    down = load_folder(experts["ft1"])["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(load_folder(tmp_path / "graft_random")["model.layers.0.block_sparse_moe.experts.1.w2.weight"], down * 0.5)
 
 
 def test_experts_of_different_architectures_is_one_line(experts, tmp_path, capsys):
