@@ -189,6 +189,21 @@ def test_different_vocabularies_without_union_point_to_it(folders, tmp_path, cap
     assert "tokenizer_source: union" in err
 
 
+def test_same_size_vocabularies_in_another_order_point_to_union(folders, tmp_path, capsys):
+    # as many tokens as a's, but two swapped: merging row by row would mix "cat" with "dog"
+    swapped = list(WORDS_A)
+    swapped[5], swapped[6] = swapped[6], swapped[5]
+    word_llama(tmp_path / "swapped", swapped, 3)
+    cfg = linear(folders, ["a"])
+    cfg["models"].append({"model": str(tmp_path / "swapped"), "parameters": {"weight": 1.0}})
+    err = bad_cli(tmp_path, capsys, cfg)
+    assert "different vocabularies" in err and "'cat'" in err and "tokenizer_source: union" in err
+    # with union the rows are aligned: "cat" of the output is the mean of both models' "cat" rows
+    out = gk.merge({**cfg, "tokenizer_source": "union"}, tmp_path / "u")
+    (ea, _), (es, _), (eo, _) = rows(folders["a"]), rows(tmp_path / "swapped"), rows(out)
+    torch.testing.assert_close(eo[5], (ea[5] + es[6]) / 2, rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
 def test_union_with_no_common_token(folders, tmp_path, capsys, dry):
     words = ["[UNK]", "[BOS]", "[EOS]", "[PAD]", "uno", "dos", "tres", "cuatro"]

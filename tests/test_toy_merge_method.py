@@ -148,12 +148,13 @@ def test_the_builtin_methods_declare_what_the_old_name_tables_said():
         return {n for n in MERGES if getattr(MERGES.get(n), flag)}
 
     assert having("fused") == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
-    assert having("chunkable") == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "nearswap"}
+    assert having("chunkable") == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "nearswap",
+                                   "passthrough"}
     assert having("thresholded") == {"ties", "magnitude_prune"}
     assert having("nan_propagating") == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-                                         "breadcrumbs", "breadcrumbs_ties"}
+                                         "breadcrumbs", "breadcrumbs_ties", "passthrough"}
     assert having("base_as_input") == {"slerp", "nearswap", "arcee_fusion", "nuslerp", "multislerp", "karcher"}
-    assert {n for n in MERGES if not MERGES.get(n).needs_all_inputs_at_once} == {"linear"}
+    assert {n for n in MERGES if not MERGES.get(n).needs_all_inputs_at_once} == {"linear", "passthrough"}
     kernels = {n: MERGES.get(n).fused for n in having("fused")}
     assert [n for n, k in kernels.items() if k.consensus] and {n for n, k in kernels.items() if k.consensus} == {"ties", "dare_ties"}
     assert {n for n, k in kernels.items() if k.keep == "threshold"} == {"ties"}

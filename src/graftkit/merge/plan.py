@@ -174,6 +174,11 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
         vocab = build_vocab_plan(cfg.tokenizer_source, aligned, ckpts, dirs, cfg.base_model, folder)
         if vocab is not None:
             ckpts.update(vocab.ckpts)
+    elif len(inputs) > 1 or base:  # no tokenizer_source: the inputs must share one vocabulary, token for token
+        from .vocab import check_one_vocabulary
+
+        shared = list(dict.fromkeys([p for p in [cfg.base_model, *inputs] if p]))
+        check_one_vocabulary(shared, {p: input_dir(ckpts[p], p) for p in shared})
     left_out: list[str] = []
     if excluded is not None:
         every = dict.fromkeys(k for c in ckpts.values() for k in [*c.keys(), *getattr(c, "adapter_keys", lambda: [])()])

@@ -272,3 +272,31 @@ def build_vocab_plan(source: str, paths: list[str], ckpts: dict, dirs: dict[str,
     filled = {p: sum(1 for i in perms[p] if i < 0) for p in paths}
     added = size - len(vocabs[first].usable())
     return VocabPlan(out_tok, size, replaced, keys, filled, added, scratch)
+
+
+def check_one_vocabulary(paths: list[str], dirs: dict[str, Path]) -> None:
+    """Without ``tokenizer_source``, inputs whose tokenizers map tokens to other ids would be merged
+    row by row as if they agreed: refuse that, pointing to ``union``. Only tokenizers whose files
+    differ are loaded; one that cannot be loaded is not judged here (no tokenizer is read then)."""
+    with_tok = [p for p in paths if has_tokenizer(dirs[p])]
+    if len(with_tok) < 2:
+        return
+    first = with_tok[0]
+    differ = [p for p in with_tok[1:] if not _same_files(dirs[p], dirs[first])]
+    if not differ:
+        return
+    try:
+        ref = dict(load_tokenizer(dirs[first]).get_vocab())
+    except FileFormatError:
+        return
+    for p in differ:
+        try:
+            theirs = dict(load_tokenizer(dirs[p]).get_vocab())
+        except FileFormatError:
+            continue
+        if theirs != ref:
+            tok = next((t for t, i in ref.items() if theirs.get(t) != i), None)
+            tok = tok if tok is not None else next(t for t in theirs if t not in ref)
+            raise ConfigError(f"{p} and {first} have different vocabularies (token {tok!r} is id {ref.get(tok)} in {first}, "
+                              f"{theirs.get(tok)} in {p}); add 'tokenizer_source: union' to merge them with their embedding rows "
+                              "aligned by token")
