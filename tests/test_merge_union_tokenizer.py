@@ -128,6 +128,24 @@ def test_union_merge_aligns_rows_by_token_and_generates(folders, tmp_path):
     assert gen.shape == (1, 7)
 
 
+def test_union_task_arithmetic_fills_from_the_base_first(folders, tmp_path):
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(folders["a"]), "dtype": "float32", "tokenizer_source": "union",
+           "models": [{"model": str(folders[n]), "parameters": {"weight": 1.0}} for n in ("b", "c")]}
+    out = gk.merge(cfg, tmp_path / "ta")
+    vocab = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    assert set(vocab) == set(WORDS_A) | set(WORDS_B) | set(WORDS_C)
+    (ea, _), (eb, _), (ec, _), (eo, _) = rows(folders["a"]), rows(folders["b"]), rows(folders["c"]), rows(out)
+    ia, ib, ic = ({w: i for i, w in enumerate(ws)} for ws in (WORDS_A, WORDS_B, WORDS_C))
+    a, b, c = (lambda w: ea[ia[w]]), (lambda w: eb[ib[w]]), (lambda w: ec[ic[w]])
+    torch.testing.assert_close(eo[vocab["cat"]], a("cat") + (b("cat") - a("cat")) + (c("cat") - a("cat")), rtol=0, atol=1e-6)
+    # "mat": base a and c have it, b lacks it -> b gets the base's row (no change), so c's change alone remains
+    torch.testing.assert_close(eo[vocab["mat"]], c("mat"), rtol=0, atol=1e-6)
+    # "ran": b and c have it, the base lacks it -> the base's row is their mean
+    torch.testing.assert_close(eo[vocab["ran"]], (b("ran") + c("ran")) / 2, rtol=0, atol=1e-6)
+    # "green": only c -> every model gets c's row
+    torch.testing.assert_close(eo[vocab["green"]], c("green"), rtol=0, atol=0)
+
+
 def test_tokenizer_source_folder_aligns_to_that_vocabulary(folders, tmp_path):
     out = gk.merge(linear(folders, ["a", "b"], tokenizer_source=str(folders["c"])), tmp_path / "c")
     tok = transformers.AutoTokenizer.from_pretrained(out)
