@@ -538,6 +538,10 @@ case("merge-tokenizer-source-no-files", "tokenizer", M, merge_with(tokenizer_sou
 # union starts from the base's tokenizer: a base without one cannot be the start when another input has one
 UNION_NO_BASE_TOK = _seq(model_copy(mutate=put("tokenizer.json", b"{}")), merge_with(models=("{w}/bad", "llama_ft1"), tokenizer_source="union"))
 case("merge-tokenizer-union", "tokenizer", M, UNION_NO_BASE_TOK, "union", "no tokenizer files")
+SLICES_PAST_END = lambda c: c.yaml("m.yaml", {"merge_method": "passthrough", "slices": [  # noqa: E731
+    {"sources": [{"model": str(c.s / "llama_ft0"), "layer_range": [0, 2]}]},
+    {"sources": [{"model": str(c.s / "llama_ft1"), "layer_range": [1, 3]}]}]}) and None
+case("merge-slices-out-of-range", "config value", M, SLICES_PAST_END, "slices[1].sources[0]", "[1, 3]", "out of range", "2 layers")
 case("merge-threads-negative", "CLI args", [*M, "--threads", "-3"], merge_with(), "--threads", "-3", "1 or more")
 case("merge-threads-zero", "CLI args", [*M, "--threads", "0"], merge_with(), "--threads", "0 must", "1 or more")
 
@@ -556,6 +560,7 @@ case("merge-out-is-file-overwrite-fails", "overwrite keeps earlier output", [*M,
 # ---- merge --dry-run runs the same checks ----
 D = [*M, "--dry-run"]
 case("dry-run-union", "dry-run parity", D, UNION_NO_BASE_TOK, "union", "no tokenizer files")
+case("dry-run-slices-out-of-range", "dry-run parity", D, SLICES_PAST_END, "out of range", "2 layers")
 case("dry-run-density-half", "dry-run parity", D, merge_with(method="ties", model_params={"weight": 1.0, "density": "half"}), "density")
 case("dry-run-tokenizer-no-files", "dry-run parity", D, merge_with(tokenizer_source="{s}/llama_ft1"), "tokenizer")
 case("dry-run-adapter-wrong-base", "dry-run parity", D, merge_with(method="task_arithmetic", models=("lora",), base="llama_seed1"),
