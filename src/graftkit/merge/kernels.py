@@ -257,3 +257,76 @@ def weighted_average(models, weights, normalize, out):
                 acc[j] = acc[j] / total_w32
         bad += _store(acc, os_)
     return bad
+
+
+# -- ahead-of-time warming of the on-disk cache ---------------------------------------------------------------
+# numba compiles one machine-code version per argument types, and the models' count is part of
+# them (the inputs are a tuple of arrays), as are the input and output dtypes. ``make install``
+# runs ``python -m graftkit.merge.kernels --warm``, which compiles every version a merge of up to
+# WARM_MODELS models can ask for into the on-disk cache (``cache=True``: __pycache__ beside this
+# file, or $NUMBA_CACHE_DIR), so the first ``graft merge`` loads machine code instead of spending
+# seconds compiling. numba's ahead-of-time compiler (pycc) is deprecated; the cache is its
+# supported replacement. A merge of more models compiles its version once, on first use.
+
+WARM_MODELS = 8
+WARM_DTYPES = {"bf16": np.uint16, "f32": np.uint32}
+
+
+def warm(models=range(1, WARM_MODELS + 1), dtypes=tuple(WARM_DTYPES), log=None) -> int:
+    """Compile (or load from the cache) every kernel version for ``models`` input models and
+    every pair of input/output dtypes in ``dtypes``; return how many were compiled now.
+
+    The arguments are built with the exact types :mod:`.fused` passes (writable C-contiguous
+    raw-bit arrays, a tuple of them, float64 weights, int64 scalars, Python bools): a different
+    type would compile a version the merge never looks up."""
+    before = sum(len(f.stats.cache_misses) for f in (kth_largest_deltas, merge_deltas, weighted_average))
+    size = 2 * BLOCK + 3  # more than a block, and a ragged tail: every loop of the kernels runs
+    for src_name in dtypes:
+        src = WARM_DTYPES[src_name]
+        base = np.zeros(size, dtype=src)
+        kth_largest_deltas(base, (np.zeros(size, dtype=src),), np.ones(1, dtype=np.int64))
+        for out_name in dtypes:
+            out = np.empty(size, dtype=WARM_DTYPES[out_name])
+            for n in models:
+                inputs = tuple(np.zeros(size, dtype=src) for _ in range(n))
+                weights = np.ones(n, dtype=np.float64)
+                merge_deltas(base, inputs, weights, weights.copy(), KEEP_ALL, np.full(n, np.nan, dtype=np.float32),
+                             np.full(n, 1 << 32, dtype=np.uint64), np.zeros(n, dtype=np.uint64), 0, False, False, 1.0, out)
+                weighted_average(inputs, weights, False, out)
+                if log is not None:
+                    log(f"{src_name} -> {out_name}, {n} model{'s' if n > 1 else ''}")
+    return sum(len(f.stats.cache_misses) for f in (kth_largest_deltas, merge_deltas, weighted_average)) - before
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m graftkit.merge.kernels",
+                                description="compile the fused merge kernels into numba's on-disk cache")
+    p.add_argument("--warm", action="store_true", help="compile every version a merge can ask for (make install runs this)")
+    p.add_argument("--models", default=f"1-{WARM_MODELS}", help=f"model counts: N, N-M or a comma list (default 1-{WARM_MODELS})")
+    p.add_argument("--dtypes", default=",".join(WARM_DTYPES), help="input/output dtypes (default bf16,f32: all four pairs)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if not args.warm:
+        p.error("nothing to do: pass --warm")
+    try:
+        counts = sorted({n for part in args.models.split(",") for n in (
+            range(int(part.split("-")[0]), int(part.split("-")[1]) + 1) if "-" in part else [int(part)])})
+    except ValueError:
+        p.error(f"--models {args.models!r}: give N, N-M or a comma list of whole numbers")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not counts or min(counts) < 1 or not dtypes or any(d not in WARM_DTYPES for d in dtypes):
+        p.error(f"--models needs counts of 1 or more and --dtypes names from {', '.join(WARM_DTYPES)}")
+    start = time.perf_counter()
+    compiled = warm(counts, dtypes, log=None if args.quiet else lambda line: print(f"  {line}", file=sys.stderr))
+    where = merge_deltas.stats.cache_path
+    print(f"merge kernels: {compiled} versions compiled, the rest loaded, in {time.perf_counter() - start:.1f} s "
+          f"(cache: {where})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
