@@ -13,8 +13,9 @@
     tokenizer_source: base
 
 graftkit extras: ``seed`` (DARE masks), ``max_shard_size``, ``threads``, ``output: adapter`` with
-``rank``, ``exclude`` (tensors left out of the merge, see :func:`exclude_matcher`), and ``search``
-(grid / greedy soup, see :mod:`graftkit.merge.search`). A parameter value may be a number or mergekit's filter list
+``rank``, ``exclude`` (tensors left out of the merge, see :func:`exclude_matcher`), ``search``
+(grid / greedy soup, see :mod:`graftkit.merge.search`), and ``data`` (the examples of a data-aware
+method, top level or per model, see :class:`DataBlock` and :mod:`graftkit.merge.data`). A parameter value may be a number or mergekit's filter list
 ``[{filter: mlp, value: 0.3}, {value: 0.5}]`` (first entry whose filter is a substring of the
 tensor name wins). Unknown keys - at any level, including parameter names a method does not
 take - are one-line ConfigErrors.
