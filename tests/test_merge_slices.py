@@ -232,3 +232,23 @@ def test_cli_slice_of_another_architecture(models, tmp_path, capsys):
     cfg = {"merge_method": "passthrough", "slices": [{"sources": [src(models["ft0"], 0, 2)]}, {"sources": [src(tmp_path / "gpt2", 0, 1)]}]}
     err = bad_cli(tmp_path, capsys, cfg)
     assert "architecture" in err
+
+
+def test_per_layer_config_lists_follow_the_layers(tmp_path):
+    """A Qwen2 model with per-layer attention types: the output's layer_types list is rebuilt from the
+    layers it stacked, so transformers loads it with the right attention per layer."""
+    torch.manual_seed(0)
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
+                                   layer_types=types)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "q")
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [src(tmp_path / "q", 0, 2)]}, {"sources": [src(tmp_path / "q", 1, 3)]}]}
+    out = gk.merge(recipe, tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 4
+    assert written["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.layer_types == written["layer_types"] and len(model.model.layers) == 4
+    with torch.no_grad():
+        assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
