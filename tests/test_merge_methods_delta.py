@@ -152,6 +152,16 @@ def test_sce_weights_turn_uniform_below_mergekits_floor():
     assert close(M.sce_merge(base, big), [(0.1 * 5 + 0.3 * 10) / 15, (0.2 * 5 + 0.1 * 10) / 15, 0.0], 1e-6)
 
 
+def test_sce_variance_is_torch_var_bit_for_bit(monkeypatch):
+    import graftkit.merge.sce as sce_module
+
+    monkeypatch.setattr(sce_module, "BLOCK", 1000)  # several blocks
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 5):
+        d = torch.randn(n, 60, 70, generator=g) * 0.002 + torch.randn(60, 70, generator=g) * 0.01
+        assert torch.equal(sce_module.variance(d), torch.var(d, dim=0, unbiased=False)), n
+
+
 def test_sce_properties():
     base, d = _rand(n=3)
     assert close(M.sce_merge(base, d[:1]), base + d[0])  # one model, select_topk 1: that model

@@ -36,17 +36,20 @@ def model_stock(base: torch.Tensor, deltas: torch.Tensor, *, filter_wise: bool =
     else:
         vecs = deltas.reshape(k, -1)
     norms = torch.linalg.vector_norm(vecs, dim=-1)
+    rows = vecs.reshape(k, -1, 1, vecs.shape[-1])  # dot products as batched matmuls: no full-size product temporaries
     cos = torch.zeros_like(norms[0])
     for i in range(k):
         for j in range(i + 1, k):
-            dot = (vecs[i] * vecs[j]).sum(dim=-1)
+            dot = torch.matmul(rows[i], rows[j].transpose(-1, -2)).view(norms[0].shape)
             cos += (dot / (norms[i] * norms[j]).clamp(min=NORM_FLOOR)).clamp(-1, 1)
     cos /= k * (k - 1) // 2
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < SINGULAR
     t = torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, torch.ones_like(cos), denominator))
-    mean = deltas.mean(dim=0)
+    merged = deltas.sum(dim=0)  # the one full-size buffer: sum, then t / k, then the base
     if filter_wise:
-        t = t.unsqueeze(-1) if deltas.dim() > 2 else t.reshape(1)
-        return (base + t * mean.view(vecs.shape[1:])).view_as(base)
-    return base + t * mean
+        shaped = merged.view(vecs.shape[1:])
+        shaped.mul_(t.unsqueeze(-1) / k)
+    else:
+        merged.mul_(float(t) / k)
+    return merged.add_(base)
