@@ -101,7 +101,10 @@ def rows(folder):
     return sd["model.embed_tokens.weight"], sd["lm_head.weight"]
 
 
-def test_union_merge_aligns_rows_by_token_and_generates(folders, tmp_path):
+def test_union_merge_aligns_rows_by_token_and_generates(folders, tmp_path, monkeypatch):
+    import graftkit.merge.vocab as vocab
+
+    monkeypatch.setattr(vocab, "ALIGN_ROWS", 4)  # rows aligned in blocks of 4: the blocks must join up
     out = gk.merge(linear(folders, ["a", "b"], tokenizer_source="union"), tmp_path / "u")
     tok = transformers.AutoTokenizer.from_pretrained(out)
     vocab = tok.get_vocab()

@@ -98,7 +98,7 @@ def align_rows(tensors: list, perms: list[list[int]], base_index: int | None):
 
     idx = torch.tensor(perms, dtype=torch.long)                      # (models, out rows)
     present = idx >= 0
-    gathered = [t.float()[idx[k].clamp(min=0)] for k, t in enumerate(tensors)]
+    gathered = [t[idx[k].clamp(min=0)].float() for k, t in enumerate(tensors)]  # the rows, then float32: no whole-tensor copy
     shape = (idx.shape[1],) + tuple(tensors[0].shape[1:])
     mask_shape = (-1,) + (1,) * (len(shape) - 1)
     total = torch.zeros(shape, dtype=torch.float32)
@@ -165,6 +165,7 @@ def union_tokenizer(base_tok, base: Vocab, others: list[Vocab]):
 
 # -- the plan -------------------------------------------------------------------------------------
 
+ALIGN_ROWS = 8192  # output rows aligned at a time
 EMBED_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared")
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json")
 
@@ -247,6 +248,7 @@ def build_vocab_plan(source: str, paths: list[str], ckpts: dict, dirs: dict[str,
                               "the models differ in architecture")
     import tempfile
 
+    import torch
     from safetensors.torch import save_file
 
     from .slices import RemappedCheckpoint
@@ -255,12 +257,19 @@ def build_vocab_plan(source: str, paths: list[str], ckpts: dict, dirs: dict[str,
     base_index = paths.index(base) if base in paths else None
     aligned: dict[str, dict[str, Any]] = {p: {} for p in moved}
     for k in keys:
-        tensors = [ckpts[p].get(k) for p in paths]
-        out = align_rows(tensors, [perms[p] for p in paths], base_index)
-        for p, t, src in zip(paths, out, tensors):
+        # the inputs stay memory-mapped; the aligned rows are made ALIGN_ROWS at a time, so the extra
+        # memory is the moved models' outputs in their own dtype (mergekit holds every input in float32)
+        tensors = [ckpts[p].read(k) if isinstance(ckpts[p], Checkpoint) else ckpts[p].get(k) for p in paths]
+        for p, src in zip(paths, tensors):
             if p in aligned:
-                aligned[p][k] = t.to(src.dtype).contiguous()
-        del tensors, out
+                aligned[p][k] = torch.empty((size, *src.shape[1:]), dtype=src.dtype)
+        for r0 in range(0, size, ALIGN_ROWS):
+            r1 = min(size, r0 + ALIGN_ROWS)
+            block = align_rows(tensors, [perms[p][r0:r1] for p in paths], base_index)
+            for p, t in zip(paths, block):
+                if p in aligned:
+                    aligned[p][k][r0:r1] = t
+        del tensors
     replaced = {}
     for i, p in enumerate(moved):
         f = Path(scratch.name) / f"input{i}.safetensors"
@@ -295,8 +304,9 @@ def check_one_vocabulary(paths: list[str], dirs: dict[str, Path]) -> None:
         except FileFormatError:
             continue
         if theirs != ref:
-            tok = next((t for t, i in ref.items() if theirs.get(t) != i), None)
-            tok = tok if tok is not None else next(t for t in theirs if t not in ref)
+            # the first differing id, so the message is the same on every run (vocab dicts come in hash order)
+            moved = [t for t, i in ref.items() if theirs.get(t) != i]
+            tok = min(moved, key=ref.get) if moved else min((t for t in theirs if t not in ref), key=theirs.get)
             raise ConfigError(f"{p} and {first} have different vocabularies (token {tok!r} is id {ref.get(tok)} in {first}, "
                               f"{theirs.get(tok)} in {p}); add 'tokenizer_source: union' to merge them with their embedding rows "
                               "aligned by token")
