@@ -254,3 +254,19 @@ def test_union_without_a_base_tokenizer(folders, tmp_path, capsys):
     cfg["models"].insert(0, {"model": str(tmp_path / "bare"), "parameters": {"weight": 1.0}})
     err = bad_cli(tmp_path, capsys, cfg)
     assert "union" in err and "no tokenizer files" in err
+
+
+def test_dry_run_describes_the_union_and_leaves_no_temporary_rows(folders, tmp_path, capsys):
+    import glob
+    import tempfile
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/graft-vocab-*"))
+    path = tmp_path / "u.yml"
+    path.write_text(yaml.safe_dump(linear(folders, ["a", "b"], tokenizer_source="union")))
+    capsys.readouterr()
+    assert main(["merge", str(path), str(tmp_path / "o"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "vocabulary    15 tokens (union; 3 beyond the first model's)" in text, text
+    assert not (tmp_path / "o").exists()
+    assert main(["merge", str(path), str(tmp_path / "o")]) == 0
+    assert set(glob.glob(f"{tempfile.gettempdir()}/graft-vocab-*")) == before
