@@ -142,6 +142,7 @@ def test_bad_inputs(folders, tmp_path, capsys):
         path.write_text(yaml.safe_dump(cfg))
         line = cli_error(capsys, ["merge", path, tmp_path / name])
         assert not (tmp_path / name).exists()
+        assert cli_error(capsys, ["merge", path, tmp_path / name, "--dry-run"]) == line  # the dry run refuses it too
         return line
 
     assert "data" in run(recipe(folders, data=False), "nodata")

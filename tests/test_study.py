@@ -87,12 +87,17 @@ def test_tiny_study_end_to_end(tmp_path, tiny_base):
         {"family": "lora", "method": {"method": "lora", "r": 4, "targets": ["query", "value", "dense"]},
          "optim": {"lr": 3e-2, "batch_size": 16, "epochs": 8}}])
     recipe["merges"].append({"method": "regmean", "data": {"examples": 16}})  # data-aware: each expert's own train split
+    recipe["merges"].append({"method": "adamerging", "parameters": {"steps": 3}, "data": {"split": "validation", "examples": 8}})
+    recipe["merges"].append({"method": "lorahub", "parameters": {"budget": 4}, "data": {"split": "validation", "examples": 8}})
     result = run_study(recipe, progress=False)
     out = tmp_path / "study"
-    assert result["failures"] == []
+    # lorahub composes LoRA adapters: the full family's experts are refused with one line, the study goes on
+    assert [(f["stage"], f["model"]) for f in result["failures"]] == [("merge", "full/lorahub")], result["failures"]
+    assert "lorahub combines LoRA adapters" in result["failures"][0]["error"]
+    assert set(result["scores"]["lora/lorahub"]) == {"topic", "mood"}
     names = [m["name"] for m in result["models"]]
     for family in ("full", "lora"):
-        for model in ("base", "topic", "mood", "linear", "task_arithmetic", "ties", "regmean"):
+        for model in ("base", "topic", "mood", "linear", "task_arithmetic", "ties", "regmean", "adamerging"):
             assert f"{family}/{model}" in names
             assert set(result["scores"][f"{family}/{model}"]) == {"topic", "mood"}
     # the experts learned their own task (keywords make it easy) and the chosen lambda is a grid value

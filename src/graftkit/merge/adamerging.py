@@ -46,8 +46,13 @@ CACHE_BYTES = 1 << 30  # keep the task vectors in memory below this (float32 byt
 _LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
+def check(cfg) -> None:
+    """Config-time refusals (also ``--dry-run`` and a study's recipe check)."""
+    groups_for([], str(cfg.parameters.get("granularity", "tensor")))
+
+
 @register("adamerging", global_params=("granularity", "init", "steps", "lr", "batch_size"), paper="arXiv:2310.02575",
-          data="adamerging")
+          data="adamerging", check=check)
 def adamerging(base, deltas, *, coefficients=None, granularity: str = "tensor", init: float = 0.3, steps: int = 300,
                lr: float = 1e-3, batch_size: int = 16):
     """``base + sum_k c_k tau_k`` with this tensor's learned ``coefficients`` (one per model, from

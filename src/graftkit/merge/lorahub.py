@@ -43,7 +43,22 @@ from ._common import register
 BOUND = 1.5  # the paper's search box [-1.5, 1.5]
 
 
-@register("lorahub", global_params=("budget", "l1", "sigma", "batch_size"), paper="arXiv:2307.13269", data="lorahub")
+def check(cfg) -> None:
+    """Config-time refusals (also ``--dry-run`` and a study's recipe check): an existing input that
+    is not an adapter folder (a full model) cannot be composed factor by factor."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from .adapters import is_adapter
+
+    for m in cfg.models:
+        if m.model != cfg.base_model and Path(m.model).exists() and not is_adapter(m.model):
+            raise ConfigError(f"lorahub combines LoRA adapters, but {m.model} is a full model; give LoRA adapter folders as models "
+                              "(full models: use adamerging or task_arithmetic)")
+
+
+@register("lorahub", global_params=("budget", "l1", "sigma", "batch_size"), paper="arXiv:2307.13269", data="lorahub",
+          check=check)
 def lorahub(base, deltas, *, composed=None, budget: int = 40, l1: float = 0.05, sigma: float = 0.5, batch_size: int = 16):
     """``base + B A`` of the composed LoRA for this tensor (``composed``: its dense delta, from the
     search; ``None`` for a tensor no adapter targets: the base). The task vectors ``deltas`` of the
