@@ -168,6 +168,7 @@ def test_sce_properties():
     assert close(M.sce_merge(base, d[:1], select_topk=0.5), base)  # one model has no variance: nothing selected
     for topk in (1.0, 0.3):
         assert close(M.sce_merge(base, d[[1, 2, 0]], select_topk=topk), M.sce_merge(base, d, select_topk=topk))
+        assert torch.equal(M.sce_merge(base, d.clone(), select_topk=topk, inplace=True), M.sce_merge(base, d, select_topk=topk))
 
 
 # -- ram / ramplus_tl -----------------------------------------------------------------------------
@@ -193,6 +194,7 @@ def test_ram_properties():
     base, d = _rand(n=3)
     for fn in (M.ram_merge, M.ramplus_tl):
         assert close(fn(base, d[[2, 0, 1]]), fn(base, d))
+        assert torch.equal(fn(torch.ones(7), RAM_D.clone(), epsilon=0.5, inplace=True), fn(torch.ones(7), RAM_D, epsilon=0.5))  # the engine's buffer
         one = d[:1].clone()
         one[0, 0, :2] = 0.0
         assert close(fn(base, one), base + one[0])  # one model: its changes whole (nothing shared)

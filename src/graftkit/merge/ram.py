@@ -21,34 +21,39 @@ merged whole; RAM itself is elementwise.
 """
 from __future__ import annotations
 
-from ._common import torch, column, register
+from ._common import torch, register
 
 
-def _contributions(deltas: torch.Tensor, epsilon: float):
+def _contributions(deltas: torch.Tensor, epsilon: float, inplace: bool):
+    """The deltas zeroed where they do not count (``abs(tau_i) <= epsilon``) and divided by the
+    number of models that change each entry (1 where it is unique, so those stay whole), which
+    models count where, and the count per entry."""
     flat = deltas.reshape(deltas.shape[0], -1)
     contributes = flat.abs() > epsilon
     counts = contributes.sum(dim=0, keepdim=True)
-    return flat * contributes, contributes, counts
+    kept = flat.mul_(contributes) if inplace else flat * contributes
+    return kept.div_(counts.clamp(min=1)), contributes, counts
 
 
 @register("ram", global_params=("epsilon",), paper="arXiv:2601.13572")
-def ram(base: torch.Tensor, deltas: torch.Tensor, *, epsilon: float = 1e-5) -> torch.Tensor:
-    """Changes a single model made are kept whole; changes several made are averaged."""
-    kept, _, counts = _contributions(deltas, epsilon)
-    merged = (kept / counts.clamp(min=1)).sum(dim=0)
-    return base + merged.view_as(base)
+def ram(base: torch.Tensor, deltas: torch.Tensor, *, epsilon: float = 1e-5, inplace: bool = False) -> torch.Tensor:
+    """Changes a single model made are kept whole; changes several made are averaged.
+    ``inplace``: ``deltas`` may be overwritten (the engine's own buffer)."""
+    shares, _, _ = _contributions(deltas, epsilon, inplace)
+    return base + shares.sum(dim=0).view_as(base)
 
 
 @register("ramplus_tl", global_params=("r", "alpha", "epsilon"), paper="arXiv:2601.13572")
 def ramplus_tl(base: torch.Tensor, deltas: torch.Tensor, *, r: float = 0.1, alpha: float = 0.2,
-               epsilon: float = 1e-5) -> torch.Tensor:
+               epsilon: float = 1e-5, inplace: bool = False) -> torch.Tensor:
     """RAM with each model's unique changes scaled by ``1 + r * clamp(shared / unique, 0, alpha)``."""
-    kept, contributes, counts = _contributions(deltas, epsilon)
+    shares, contributes, counts = _contributions(deltas, epsilon, inplace)
     shared = counts > 1
-    unique = counts == 1
+    unique = (counts == 1)[0]
     n_shared = (contributes & shared).sum(dim=1)
     n_unique = (contributes & unique).sum(dim=1)
     rho = n_shared / n_unique.clamp(min=epsilon)
     scale = 1 + r * rho.clamp(min=0, max=alpha)
-    merged = (kept * unique * column(scale.tolist(), kept) + kept * shared / counts.clamp(min=1)).sum(dim=0)
-    return base + merged.view_as(base)
+    for i, factor in enumerate(scale.tolist()):  # unique entries (divided by 1 above) times lambda_i
+        shares[i].mul_(torch.where(unique, factor, 1.0))
+    return base + shares.sum(dim=0).view_as(base)
