@@ -184,3 +184,36 @@ def test_per_tensor_function_golden():
     deltas = torch.tensor([[1.0, 0.0], [0.0, -4.0]])
     assert torch.equal(am.adamerging(base, deltas, coefficients=[0.5, 0.25]), torch.tensor([1.5, 1.0]))
     assert torch.equal(am.adamerging(base, deltas, init=0.5), torch.tensor([1.5, 0.0]))  # no search: init for all
+
+
+def _word_tokenizer():
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_causal_lm_entropy_of_the_next_token_goes_down(tmp_path):
+    """A causal LM (tiny Llama) on a generation task: the entropy at the position that predicts the
+    answer's first token goes down; the answers are never used."""
+    from eval_helpers import write_jsonl
+    from merge_helpers import make_models
+
+    paths = make_models(tmp_path, n=2, scale=0.05)
+    tok = _word_tokenizer()
+    for p in paths.values():
+        tok.save_pretrained(p)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": " ".join(f"w{int(i)}" for i in torch.randint(3, 96, (6,), generator=g)), "answer": "w5"} for _ in range(6)]
+    task = {"name": "gen", "kind": "generation", "file": write_jsonl(tmp_path / "gen.jsonl", rows)}
+    cfg = {"merge_method": "adamerging", "base_model": str(paths["base"]), "dtype": "float32",
+           "models": [{"model": str(paths["ft0"])}, {"model": str(paths["ft1"])}],
+           "parameters": {"steps": 8, "lr": 0.05, "granularity": "task"}, "data": {"task": task, "batch_size": 3}}
+    out = gk.merge(cfg, tmp_path / "ada")
+    learned = next(x for x in _walk(json.loads((Path(out) / "graft_provenance.json").read_text()))
+                   if isinstance(x, dict) and "coefficients" in x)
+    assert learned["entropy_after"] < learned["entropy_before"], learned
+    assert "next-token" in learned["objective"] and list(learned["coefficients"]) == ["all"]

@@ -13,11 +13,12 @@ blocks - embeddings, final norm - form one more group). Every coefficient starts
 (the paper's 0.3) and is clamped to ``[0, 1]`` in the forward, as the authors' code does.
 
 The coefficients minimise the Shannon entropy of the merged model's predictions on unlabeled
-inputs (the merge config's ``data:`` block; labels, if present, are never read): for a
+inputs (the merge config's ``data:`` block; the rows' labels are not used, though ``graft eval``'s
+task loader still checks that a classification file has them): for a
 sequence-classification model the entropy of the class probabilities (through each task's own
 head when the tasks have their own heads, as in the paper); for a causal LM the entropy of the
-next-token distribution at the last token of each input (the distribution of the first answer
-token after the prompt). Each step takes one batch of every task and minimises the sum of their
+next-token distribution at the end of each prompt (a generation task: the position that predicts
+the answer's first token - the answer itself is never used; a text task: after its last token). Each step takes one batch of every task and minimises the sum of their
 mean entropies with Adam (``lr``, paper 1e-3) for ``steps`` steps (paper: 500; default 300).
 
 The forward runs with :func:`torch.func.functional_call` over merged parameters computed from the
@@ -39,7 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from ._common import column, register, torch
+from ._common import column, register
 
 GRANULARITIES = ("task", "layer", "tensor")
 CACHE_BYTES = 1 << 30  # keep the task vectors in memory below this (float32 bytes of all of them)
