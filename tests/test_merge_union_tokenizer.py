@@ -162,25 +162,13 @@ def test_tokenizer_source_folder_aligns_to_that_vocabulary(folders, tmp_path):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(WORDS_C)
 
 
-def test_union_parity_with_mergekit(folders, tmp_path):
-    pytest.importorskip("mergekit")
-    cfg = linear(folders, ["a", "b"], tokenizer_source="union")
-    cfg["models"][1]["parameters"]["weight"] = 0.4
-    path = tmp_path / "u.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    driver = ("import sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
-              "from mergekit.options import MergeOptions\n"
-              "run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1]))), sys.argv[2], "
-              "MergeOptions(random_seed=0, quiet=True))\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", driver, str(path), str(tmp_path / "mk")], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ours = gk.merge(path, tmp_path / "gk")
-    mk_vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+@pytest.mark.parametrize("recipe", ["linear", "slices"])
+def test_union_parity_with_mergekit(union_parity, recipe):
+    mk, ours = union_parity[recipe]
+    mk_vocab = transformers.AutoTokenizer.from_pretrained(mk).get_vocab()
     gk_vocab = transformers.AutoTokenizer.from_pretrained(ours).get_vocab()
     assert set(mk_vocab) == set(gk_vocab)
-    a, b = load_folder(tmp_path / "mk"), load_folder(ours)
+    a, b = load_folder(mk), load_folder(ours)
     assert sorted(a) == sorted(b)
     for k in a:
         if k in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -188,8 +176,51 @@ def test_union_parity_with_mergekit(folders, tmp_path):
                 torch.testing.assert_close(b[k][gk_vocab[w]], a[k][i], rtol=1e-6, atol=1e-6)
         else:
             torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
-    mk_cfg, gk_cfg = (json.loads((p / "config.json").read_text()) for p in (tmp_path / "mk", ours))
+    mk_cfg, gk_cfg = (json.loads((p / "config.json").read_text()) for p in (mk, ours))
     assert gk_cfg["vocab_size"] == mk_cfg["vocab_size"] == len(mk_vocab)
+    assert gk_cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
+
+
+@pytest.fixture(scope="module")
+def union_parity(folders):
+    """mergekit 0.1.5 and graftkit on the same union recipes (one mergekit subprocess for all): linear
+    over two tokenizers, and a passthrough stack of a's layers then b's (each vocabulary tensor is
+    aligned over the model that supplies it: a token the embedding's model lacks gets zeros)."""
+    pytest.importorskip("mergekit")
+    root = folders["root"] / "parity"
+    root.mkdir()
+    lin = linear(folders, ["a", "b"], tokenizer_source="union")
+    lin["models"][1]["parameters"]["weight"] = 0.4
+    stack = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union", "base_model": str(folders["a"]),
+             "slices": [{"sources": [{"model": str(folders["a"]), "layer_range": [0, 2]}]},
+                        {"sources": [{"model": str(folders["b"]), "layer_range": [0, 2]}]}]}
+    jobs = []
+    for name, cfg in {"linear": lin, "slices": stack}.items():
+        (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
+        jobs.append((str(root / f"{name}.yml"), str(root / f"mk_{name}")))
+    driver = ("import json, sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
+              "from mergekit.options import MergeOptions\n"
+              "for cfg, out in json.loads(sys.argv[1]):\n"
+              "    run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(cfg))), out, MergeOptions(random_seed=0, quiet=True))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {name: (root / f"mk_{name}", gk.merge(root / f"{name}.yml", root / f"gk_{name}")) for name in ("linear", "slices")}
+
+
+def test_union_slices_zero_rows_for_tokens_the_supplying_model_lacks(union_parity):
+    _, ours = union_parity["slices"]
+    vocab = transformers.AutoTokenizer.from_pretrained(ours).get_vocab()
+    out, (ea, _), (_, hb) = load_folder(ours), rows(ours.parent.parent / "a"), rows(ours.parent.parent / "b")
+    ia, ib = {w: i for i, w in enumerate(WORDS_A)}, {w: i for i, w in enumerate(WORDS_B)}
+    assert torch.equal(out["model.embed_tokens.weight"][vocab["red"]], ea[ia["red"]])  # the embeddings are a's
+    assert torch.equal(out["model.embed_tokens.weight"][vocab["ran"]], torch.zeros(32))  # a lacks "ran"
+    assert torch.equal(out["lm_head.weight"][vocab["ran"]], hb[ib["ran"]])  # the head is b's
+    assert torch.equal(out["lm_head.weight"][vocab["red"]], torch.zeros(32))  # b lacks "red"
+    assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 4
+    model = transformers.AutoModelForCausalLM.from_pretrained(ours).eval()
+    with torch.no_grad():
+        assert model.generate(torch.tensor([[vocab["the"], vocab["ran"]]]), max_new_tokens=2, do_sample=False).shape == (1, 4)
 
 
 def bad_cli(tmp_path, capsys, cfg, *extra) -> str:
@@ -223,6 +254,17 @@ def test_same_size_vocabularies_in_another_order_point_to_union(folders, tmp_pat
     out = gk.merge({**cfg, "tokenizer_source": "union"}, tmp_path / "u")
     (ea, _), (es, _), (eo, _) = rows(folders["a"]), rows(tmp_path / "swapped"), rows(out)
     torch.testing.assert_close(eo[5], (ea[5] + es[6]) / 2, rtol=0, atol=1e-7)
+
+
+def test_slices_of_different_vocabularies_point_to_union(folders, tmp_path, capsys):
+    stack = {"merge_method": "passthrough",
+             "slices": [{"sources": [{"model": str(folders["a"]), "layer_range": [0, 2]}]},
+                        {"sources": [{"model": str(folders["b"]), "layer_range": [0, 2]}]}]}
+    assert "tokenizer_source: union" in bad_cli(tmp_path, capsys, stack)
+    from graftkit.merge.vocab import check_same_rows  # without tokenizer files: the embedding sizes alone
+
+    with pytest.raises(ConfigError, match="12 embedding rows.*11.*tokenizer_source: union"):
+        check_same_rows({str(folders[n]): gk.tensors.Checkpoint(folders[n]) for n in ("a", "b")})
 
 
 @pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])

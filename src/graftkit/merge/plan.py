@@ -156,12 +156,23 @@ def build_plan(config: Any, allow_pickle: bool = False, force: bool = False) -> 
     if cfg.slices is not None:  # each source position of the slices is one input (merge/slices.py)
         from .slices import build_slice_plan, referenced_models, uses_base
 
-        if cfg.tokenizer_source == "union":
-            raise UnsupportedError("tokenizer_source: union does not take slices: yet; merge the vocabularies first (models: "
-                                   "with tokenizer_source: union), then stack the layers of the result")
         sources = {p: open_input(p, allow_pickle=allow_pickle) for p in referenced_models(cfg)}
         sliced = build_slice_plan(cfg, spec, sources, read_model_config)
         ckpts = dict(sliced.ckpts)
+        dirs = {p: Path(p) for p in sources}
+        if cfg.tokenizer_source is not None:  # each vocabulary tensor aligned over the models that supply it
+            from .vocab import build_slice_vocab_plan
+
+            vocab = build_slice_vocab_plan(cfg.tokenizer_source, cfg, sliced, sources, dirs,
+                                           check_tokenizer_folder(cfg.tokenizer_source))
+            if vocab is not None:
+                ckpts.update(vocab.ckpts)
+                sliced.ckpts = dict(vocab.ckpts)
+        else:
+            from .vocab import check_one_vocabulary, check_same_rows
+
+            check_one_vocabulary(list(sources), dirs)
+            check_same_rows(sources)
         base = sliced.slots[0] if uses_base(spec) else None
         inputs = sliced.slots[1:] if spec.needs_base and not spec.base_as_input else list(sliced.slots)
         paths = list(sliced.slots)

@@ -209,28 +209,11 @@ def build_vocab_plan(source: str, paths: list[str], ckpts: dict, dirs: dict[str,
     move: every input already has the output's vocabulary (then the tokenizer files are copied)."""
     from ..tensors import Checkpoint
 
-    first = paths[0]
-    rows = {p: embedding_rows(ckpts[p]) for p in paths}
-    out_dir = Path(tokenizer_folder) if tokenizer_folder is not None else dirs[first]
-    if all(rows[p] == rows[first] for p in paths) and all(not has_tokenizer(dirs[p]) or _same_files(dirs[p], out_dir) for p in paths):
-        return None  # one vocabulary everywhere (or nothing to compare): the tokenizer files are copied
-    if not has_tokenizer(dirs[first]):
-        if source == "union":
-            raise ConfigError(f"tokenizer_source: union needs the tokenizer of {first} (the union starts from it), but "
-                              f"{dirs[first]} has no tokenizer files; add them or name a tokenizer folder")
+    found = output_vocabulary(source, paths, ckpts, dirs, tokenizer_folder)
+    if found is None:
         return None
-    toks = {p: load_tokenizer(dirs[p]) for p in paths if has_tokenizer(dirs[p])}
-    vocabs = {p: vocab_of(toks[p], rows[p]) if p in toks else Vocab(dict(toks[first].get_vocab()), {}, rows[p]) for p in paths}
-    if source == "union":
-        out_tok = union_tokenizer(toks[first], vocabs[first], [vocabs[p] for p in paths[1:]])
-    elif source == "base":
-        out_tok = toks[first]
-    else:
-        out_tok = load_tokenizer(out_dir)
-    out_vocab = dict(out_tok.get_vocab())
-    check_contiguous(out_vocab, str(source))
-    perms = {p: permutation(out_vocab, vocabs[p]) for p in paths}
-    size = len(out_vocab)
+    out_tok, vocabs, perms, rows, size = found
+    first = paths[0]
     moved = [p for p in paths if rows[p] != size or perms[p] != list(range(size))]
     if not moved:
         return None
@@ -263,12 +246,7 @@ def build_vocab_plan(source: str, paths: list[str], ckpts: dict, dirs: dict[str,
         for p, src in zip(paths, tensors):
             if p in aligned:
                 aligned[p][k] = torch.empty((size, *src.shape[1:]), dtype=src.dtype)
-        for r0 in range(0, size, ALIGN_ROWS):
-            r1 = min(size, r0 + ALIGN_ROWS)
-            block = align_rows(tensors, [perms[p][r0:r1] for p in paths], base_index)
-            for p, t in zip(paths, block):
-                if p in aligned:
-                    aligned[p][k][r0:r1] = t
+        _align_into([aligned.get(p, {}).get(k) for p in paths], tensors, [perms[p] for p in paths], base_index, size)
         del tensors
     replaced = {}
     for i, p in enumerate(moved):
@@ -281,6 +259,44 @@ def build_vocab_plan(source: str, paths: list[str], ckpts: dict, dirs: dict[str,
     filled = {p: sum(1 for i in perms[p] if i < 0) for p in paths}
     added = size - len(vocabs[first].usable())
     return VocabPlan(out_tok, size, replaced, keys, filled, added, scratch)
+
+
+def _align_into(outs: list, tensors: list, perms: list[list[int]], base_index: int | None, size: int) -> None:
+    """``align_rows`` over ``tensors``, ALIGN_ROWS output rows at a time, into the preallocated
+    ``outs`` (``None`` for an input whose rows do not move)."""
+    for r0 in range(0, size, ALIGN_ROWS):
+        r1 = min(size, r0 + ALIGN_ROWS)
+        block = align_rows(tensors, [p[r0:r1] for p in perms], base_index)
+        for out, t in zip(outs, block):
+            if out is not None:
+                out[r0:r1] = t
+
+
+def output_vocabulary(source: str, paths: list[str], ckpts: dict, dirs: dict[str, Path], tokenizer_folder: Path | None):
+    """The output tokenizer and each input's permutation to it: ``(tokenizer, vocabs, perms, rows,
+    size)``, or ``None`` when every input already has one vocabulary (or none can be compared)."""
+    first = paths[0]
+    rows = {p: embedding_rows(ckpts[p]) for p in paths}
+    out_dir = Path(tokenizer_folder) if tokenizer_folder is not None else dirs[first]
+    if all(rows[p] == rows[first] for p in paths) and all(not has_tokenizer(dirs[p]) or _same_files(dirs[p], out_dir) for p in paths):
+        return None  # one vocabulary everywhere (or nothing to compare): the tokenizer files are copied
+    if not has_tokenizer(dirs[first]):
+        if source == "union":
+            raise ConfigError(f"tokenizer_source: union needs the tokenizer of {first} (the union starts from it), but "
+                              f"{dirs[first]} has no tokenizer files; add them or name a tokenizer folder")
+        return None
+    toks = {p: load_tokenizer(dirs[p]) for p in paths if has_tokenizer(dirs[p])}
+    vocabs = {p: vocab_of(toks[p], rows[p]) if p in toks else Vocab(dict(toks[first].get_vocab()), {}, rows[p]) for p in paths}
+    if source == "union":
+        out_tok = union_tokenizer(toks[first], vocabs[first], [vocabs[p] for p in paths[1:]])
+    elif source == "base":
+        out_tok = toks[first]
+    else:
+        out_tok = load_tokenizer(out_dir)
+    out_vocab = dict(out_tok.get_vocab())
+    check_contiguous(out_vocab, str(source))
+    perms = {p: permutation(out_vocab, vocabs[p]) for p in paths}
+    return out_tok, vocabs, perms, rows, len(out_vocab)
 
 
 def check_one_vocabulary(paths: list[str], dirs: dict[str, Path]) -> None:
@@ -310,3 +326,67 @@ def check_one_vocabulary(paths: list[str], dirs: dict[str, Path]) -> None:
             raise ConfigError(f"{p} and {first} have different vocabularies (token {tok!r} is id {ref.get(tok)} in {first}, "
                               f"{theirs.get(tok)} in {p}); add 'tokenizer_source: union' to merge them with their embedding rows "
                               "aligned by token")
+
+
+def build_slice_vocab_plan(source: str, cfg, sliced, ckpts: dict, dirs: dict[str, Path],
+                           tokenizer_folder: Path | None = None) -> VocabPlan | None:
+    """``tokenizer_source`` with ``slices:``: the output vocabulary over every model the slices
+    read (``ckpts``: the base first), and each vocabulary tensor of each source position aligned
+    over the models that supply that tensor (the first slice's sources for the embeddings, the last
+    slice's for the head), as mergekit aligns each tensor's own inputs - so with ``passthrough`` a
+    token the embedding's model lacks gets a zero row there. The slice's base is preferred."""
+    from ..tensors import Checkpoint
+    from .slices import LAYER_KEY, RemappedCheckpoint, slice_base
+
+    paths = list(ckpts)
+    found = output_vocabulary(source, paths, ckpts, dirs, tokenizer_folder)
+    if found is None:
+        return None
+    out_tok, vocabs, perms, rows, size = found
+    owner = {id(c): p for p, c in ckpts.items()}
+    labels = list(sliced.ckpts)
+    lead = sliced.ckpts[labels[0]]
+    keys = [k for k in lead.keys() if not LAYER_KEY.match(k) and any(h in k for h in VOCAB_HINTS)
+            and lead.sources[k][0].shape(lead.sources[k][1])[0] == rows[owner[id(lead.sources[k][0])]]]
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    aligned: dict[str, dict[str, Any]] = {label: {} for label in labels}
+    for k in keys:
+        srcs = [sliced.ckpts[label].sources[k] for label in labels]
+        models = [owner[id(c)] for c, _ in srcs]
+        if all(rows[m] == size and perms[m] == list(range(size)) for m in models):
+            continue
+        check_overlap([perms[m] for m in models], models)
+        base = slice_base(cfg, cfg.slices[sliced.slice_of[k]])
+        tensors = [c.read(name) for c, name in srcs]
+        outs = [torch.empty((size, *t.shape[1:]), dtype=t.dtype) for t in tensors]
+        _align_into(outs, tensors, [perms[m] for m in models], models.index(base) if base in models else None, size)
+        for label, out in zip(labels, outs):
+            aligned[label][k] = out
+        del tensors
+    if not any(aligned.values()):
+        return None
+    scratch = tempfile.TemporaryDirectory(prefix="graft-vocab-")
+    replaced = {}
+    for i, label in enumerate(labels):
+        f = Path(scratch.name) / f"slot{i}.safetensors"
+        moved = aligned.pop(label)
+        save_file(moved, str(f))
+        rows_ckpt = Checkpoint(f)
+        replaced[label] = RemappedCheckpoint(label, {**sliced.ckpts[label].sources, **{k: (rows_ckpt, k) for k in moved}})
+    filled = {p: sum(1 for i in perms[p] if i < 0) for p in paths}
+    return VocabPlan(out_tok, size, replaced, keys, filled, size - len(vocabs[paths[0]].usable()), scratch)
+
+
+def check_same_rows(ckpts: dict) -> None:
+    """Models of one vocabulary have as many embedding rows: a stack of layers from models that
+    differ would pair one model's embeddings with another's head."""
+    rows = {p: r for p, c in ckpts.items() if (r := embedding_rows(c)) is not None}
+    first = next(iter(rows), None)
+    other = next((p for p in rows if rows[p] != rows[first]), None)
+    if other is not None:
+        raise ConfigError(f"vocab size differs: {first} has {rows[first]} embedding rows, {other} has {rows[other]}; add "
+                          "'tokenizer_source: union' to merge models of different vocabularies (their rows are aligned by token)")
