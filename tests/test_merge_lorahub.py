@@ -157,3 +157,32 @@ def test_per_tensor_function_golden():
     deltas = torch.tensor([[5.0, 5.0]])  # the inputs' own deltas are not used: the composition is
     assert torch.equal(lh.lorahub(base, deltas, composed=torch.tensor([0.5, -1.0])), torch.tensor([1.5, 1.0]))
     assert torch.equal(lh.lorahub(base, deltas, composed=None), base)  # a tensor no adapter targets
+
+
+def test_causal_lm_loss_on_the_answer_tokens(tmp_path):
+    """LoRAs of a tiny Llama on a generation task: the objective is the answer tokens' cross-entropy,
+    and the output model's search record says so."""
+    from conftest import tiny_llama
+    from test_merge_adamerging import _word_tokenizer
+
+    tok = _word_tokenizer()
+    base = tiny_llama(0)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    for i in range(2):
+        m = tiny_llama(0)
+        gk.inject(m, gk.LoRAConfig(r=2, lora_alpha=2, targets=["q_proj", "v_proj"], init_lora_weights=False))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.5)
+        gk.save_adapter(m, tmp_path / f"l{i}")
+    rows = [{"prompt": f"w{3 + i} w{9 + i} w{20 + i}", "answer": f"w{40 + i}"} for i in range(4)]
+    task = {"name": "gen", "kind": "generation", "file": write_jsonl(tmp_path / "gen.jsonl", rows)}
+    cfg = {"merge_method": "lorahub", "base_model": str(tmp_path / "base"), "dtype": "float32", "seed": 0,
+           "models": [{"model": str(tmp_path / "l0")}, {"model": str(tmp_path / "l1")}],
+           "parameters": {"budget": 6}, "data": {"task": task}}
+    found = merge_record(Path(gk.merge(cfg, tmp_path / "out")))
+    assert found["loss_kind"] == "cross-entropy of the answer tokens" and found["evaluations"] == 6
+    assert found["objective"] <= found["uniform_objective"]

@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 from ._common import register
 
 BOUND = 1.5  # the paper's search box [-1.5, 1.5]
+_TARGETS = {"classification": "the gold label", "generation": "the answer tokens", "perplexity": "every next token"}
 
 
 def check(cfg) -> None:
@@ -272,7 +273,7 @@ def collect(plan, workdir=None, log: Callable[[str], None] | None = None) -> Com
     info = {"weights": dict(zip(plan.inputs, result.weights)), "loss": result.loss, "objective": result.objective,
             "uniform_objective": result.uniform_objective, "evaluations": result.evaluations, "budget": budget,
             "l1": l1, "sigma": sigma, "seed": seed, "search": "CMA-ES (cma), start w = 0, bounds [-1.5, 1.5], uniform 1/n injected",
-            "loss_kind": "cross-entropy of " + ("the gold label" if kind == "classification" else "the answer tokens"),
+            "loss_kind": "cross-entropy of " + " and ".join(sorted({_TARGETS[s.task.kind] for s in streams})),
             "data": [{"task": s.name, "examples": s.examples} for s in streams], "seconds": round(time.perf_counter() - t0, 2)}
     if log is not None:
         shown = ", ".join(f"{w:+.3f}" for w in result.weights)
