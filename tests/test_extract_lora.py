@@ -263,3 +263,44 @@ def test_bad_output_adapter_rank_options(tmp_path, capsys, extra, needles):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("graft: error:") and all(n in err[0] for n in needles), err
     assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_conv1d_extracts_exactly_and_a_changed_bias_of_a_lora_layer_is_refused_for_peft(tmp_path, capsys, ids):
+    """Conv1D stores (in, out): the delta is factored in the (out, in) view; a changed bias is
+    kept whole natively, but peft cannot hold c_attn both as a LoRA target and whole."""
+    tiny_gpt2(0).save_pretrained(tmp_path / "base")
+    ft = tiny_gpt2(0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if name.endswith(("c_attn.weight", "c_fc.weight")):
+                p.add_(torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g) * 0.03)
+        ft.transformer.h[0].attn.c_attn.bias.add_(0.01)
+    ft.save_pretrained(tmp_path / "ft")
+    capsys.readouterr()
+    assert main(["extract-lora", str(tmp_path / "ft"), str(tmp_path / "base"), str(tmp_path / "lora"), "--rank", "2"]) == 0
+    adapter = gk.read_adapter(tmp_path / "lora")
+    assert adapter.meta["extraction"]["relative_error"]["overall"] < 1e-6
+    assert {adapter.meta["target_kinds"][t] for t in adapter.targets} == {"conv1d"} and adapter.train_also == ["transformer.h.0.attn.c_attn.bias"]
+    model = tiny_gpt2(0)
+    gk.load_adapter(model, tmp_path / "lora")
+    assert torch.allclose(model(input_ids=ids).logits, ft(input_ids=ids).logits, atol=1e-5)
+    capsys.readouterr()
+    code = main(["extract-lora", str(tmp_path / "ft"), str(tmp_path / "base"), str(tmp_path / "out"), "--rank", "2", "--peft"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "c_attn.bias" in err[0] and "--skip-undecomposable" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dora_rank_auto_takes_the_smallest_rank_within_max_error():
+    """W' = diag(g) (W + L) with L of rank 5 is a DoRA target of rank 5 exactly: rank auto finds 5."""
+    from graftkit.merge.extract_lora import factor_dora
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    low = torch.randn(24, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 16, generator=g, dtype=torch.float64) * 0.1
+    merged = (1 + 0.05 * torch.randn(24, 1, generator=g, dtype=torch.float64)) * (w + low)
+    f = factor_dora(w, merged, max_error=1e-4)
+    assert f.rank == 5 and f.relative_error <= 1e-4
+    assert factor_dora(w, merged, rank=4).relative_error > 1e-4
+    assert factor(merged - w, rank=5).relative_error > 0.01  # the plain LoRA of the same rank cannot
