@@ -27,7 +27,8 @@ The engine merges a slice config like any other: each source position of the sli
 input (a :class:`RemappedCheckpoint` whose tensor names are the output's names and whose bytes are
 the source layer's, read in place), so the fused kernels, chunking and the checks all apply.
 Graftkit requires every slice to have the same number of sources (mergekit allows slices with
-different counts for methods that take any number).
+different counts for methods that take any number). With ``tokenizer_source``, merge/vocab.py
+aligns each vocabulary tensor over the models that supply it.
 """
 from __future__ import annotations
 
