@@ -245,10 +245,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"adapter soup written to {out} ({soup['merge_method']} of {len(soup['models'])} adapters)")
         return 0
     if meta.exists():
-        err = json.loads(meta.read_text())["merge"]["relative_error"]
+        record = json.loads(meta.read_text())["merge"]
+        err = record["relative_error"]
         worst = max(err["per_key"].items(), key=lambda kv: kv[1], default=("-", 0.0))
-        print(f"merged LoRA adapter written to {out}; SVD relative error {err['overall']:.3e} overall, "
-              f"worst {worst[1]:.3e} ({worst[0]}); per key in adapter.json")
+        ranks = sorted(set((record.get("ranks") or {}).values()))
+        span = f"rank {ranks[0]}" if len(ranks) == 1 else (f"ranks {ranks[0]}-{ranks[-1]}" if ranks else f"rank {record.get('rank')}")
+        print(f"merged {'DoRA' if record.get('dora') else 'LoRA'} adapter written to {out} ({span}); SVD relative error "
+              f"{err['overall']:.3e} overall, worst {worst[1]:.3e} ({worst[0]}); per key in adapter.json")
         return 0
     print(f"merged model written to {out}")
     return 0
