@@ -84,6 +84,16 @@ def test_one_step_by_hand(trio):
     torch.testing.assert_close(torch.log_softmax(raw[0] + scale * (raw[1] - raw[2]), -1), want, atol=2e-5, rtol=0)
 
 
+def test_a_ruled_out_token_stays_out():
+    no = float("-inf")  # the log-probability of a ruled-out token
+    large, ft, base = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.0, no, -0.5]), torch.tensor([-2.0, no, no])
+    got = combine(large, ft, torch.tensor([-2.0, no, -1.0]), 1.0)
+    assert got.tolist() == [0.0, no, -2.5]  # -inf minus -inf: ruled out, not NaN
+    # only the small base rules token 2 out (an infinite ratio): it takes all the mass
+    got = torch.log_softmax(combine(large, ft, base, 1.0), -1)
+    assert got.tolist() == [no, no, 0.0]
+
+
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.3, top_p=0.9, seed=5)], ids=["greedy", "sampled"])
 def test_cached_equals_uncached(trio, sampling):
     models = EftModels(*trio)
@@ -226,7 +236,7 @@ def upscale_depth(model, order):
 @pytest.mark.real
 def test_smollm2_eft():
     """SmolLM2-135M-Instruct as the small model(s); the large base is SmolLM2 up-scaled in depth
-    to 40 layers (layers 0-29 then 20-29 again: 164M parameters, the same tokenizer)."""
+    to 40 layers (layers 0-29 then 20-29 again: 170M parameters, the same tokenizer)."""
     from graftkit.io.hf import load_model, load_tokenizer
 
     small = load_model("smollm2", head="causal-lm").eval()

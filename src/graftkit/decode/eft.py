@@ -47,8 +47,16 @@ class EftError(ConfigError):
 
 def combine(large: torch.Tensor, small_ft: torch.Tensor, small_base: torch.Tensor, scale: float) -> torch.Tensor:
     """The EFT up-scaling of one step's log-softmax rows (unnormalized: a log-softmax of the
-    result is the EFT distribution)."""
-    return large + scale * (small_ft - small_base)
+    result is the EFT distribution). A token that a small model rules out (log-probability -inf,
+    as with a masked vocabulary entry) would make ``-inf - -inf = nan``: it is ruled out instead,
+    so no NaN reaches the softmax. A token only the small base rules out gets ``+inf`` (an
+    infinite ratio): such tokens then share all the mass."""
+    out = large + scale * (small_ft - small_base)
+    out = torch.where(torch.isnan(out), torch.full_like(out, float("-inf")), out)
+    top = torch.isposinf(out)
+    if top.any():
+        out = torch.where(top, torch.zeros_like(out), torch.full_like(out, float("-inf")))
+    return out
 
 
 def output_size(model: nn.Module) -> int:

@@ -323,7 +323,7 @@ def _main(argv=None) -> int:
     start = time.perf_counter()
     compiled = warm(counts, dtypes, log=None if args.quiet else lambda line: print(f"  {line}", file=sys.stderr))
     where = merge_deltas.stats.cache_path
-    print(f"merge kernels: {compiled} versions compiled, the rest loaded, in {time.perf_counter() - start:.1f} s "
+    print(f"merge kernels: {compiled} version{'' if compiled == 1 else 's'} compiled, the rest loaded, in {time.perf_counter() - start:.1f} s "
           f"(cache: {where})")
     return 0
 
