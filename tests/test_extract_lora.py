@@ -74,6 +74,7 @@ def test_sv_threshold_picks_the_rank_of_a_hand_built_spectrum():
         assert choose_rank(s, sv_threshold=eps) == r, eps
         assert factor(d, sv_threshold=eps).rank == r
     assert choose_rank(s, sv_threshold=0.05, max_rank=2) == 2  # mergekit's --max-rank caps the threshold
+    assert choose_rank(s, max_rank=2) == 2 and choose_rank(s, max_rank=50) == 9  # alone: a fixed rank, at most the size
     f = factor(d, sv_threshold=0.75)
     # the kept product is the top-3 part: its error is the norm of the dropped values
     assert abs(f.relative_error - (0.5**2 + 0.1**2) ** 0.5 / (25 + 9 + 1 + 0.25 + 0.01) ** 0.5) < 1e-9
