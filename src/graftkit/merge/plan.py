@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, FileFormatError, GraftError, UnsupportedError
+from ..errors import ConfigError, FileFormatError, GraftError
 from ..tensors import Checkpoint
 from .config import MergeConfig, exclude_matcher, load_config, resolve
 from ..tensors import NAME_TO_ST, nbytes, st_dtype
