@@ -232,6 +232,7 @@ def test_every_merge_method_has_golden_or_property_coverage():
     covered |= {"nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"}  # tests/test_merge_methods_model.py
     covered |= {"adamerging", "lorahub"}  # tests/test_merge_adamerging.py, tests/test_merge_lorahub.py
     covered |= {"passthrough"}  # tests/test_merge_slices.py
+    covered |= {"fisher", "regmean"}  # tests/test_merge_data_aware.py
     assert set(MERGES.names()) <= covered, set(MERGES.names()) - covered
 
 
