@@ -312,3 +312,49 @@ def test_dry_run_describes_the_union_and_leaves_no_temporary_rows(folders, tmp_p
     assert not (tmp_path / "o").exists()
     assert main(["merge", str(path), str(tmp_path / "o")]) == 0
     assert set(glob.glob(f"{tempfile.gettempdir()}/graft-vocab-*")) == before
+
+
+@pytest.mark.real
+def test_union_of_the_smollm2_tokenizer_and_an_extended_copy(tmp_path):
+    """The packaged SmolLM2 BPE tokenizer and a copy with two added special tokens and two new words,
+    on tiny Llamas of those vocabulary sizes: the union keeps SmolLM2's ids, adds the four tokens with
+    their special flags, aligns the rows by token, and matches mergekit 0.1.5's union."""
+    pytest.importorskip("mergekit")
+    base_tok = gk.load_tokenizer("smollm2")
+    ext = gk.load_tokenizer("smollm2")
+    ext.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    ext.add_tokens(["graftkit", "frankenmerge"])
+    for name, tok, seed in (("a", base_tok, 0), ("b", ext, 1)):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    recipe = {"merge_method": "linear", "base_model": str(tmp_path / "a"), "dtype": "float32", "tokenizer_source": "union",
+              "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0}} for n in ("a", "b")]}
+    path = tmp_path / "u.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    ours = gk.merge(path, tmp_path / "gk")
+    out_tok = transformers.AutoTokenizer.from_pretrained(ours)
+    vocab = out_tok.get_vocab()
+    assert len(vocab) == len(base_tok) + 4 and all(vocab[t] == i for t, i in base_tok.get_vocab().items())
+    special = {info.content: info.special for info in out_tok.added_tokens_decoder.values()}
+    assert special["<tool_call>"] and special["</tool_call>"] and not special["graftkit"]
+    assert out_tok("<tool_call>graftkit").input_ids[:2] == [vocab["<tool_call>"], vocab["graftkit"]]
+    (ea, _), (eb, _), (eo, _) = rows(tmp_path / "a"), rows(tmp_path / "b"), rows(ours)
+    vb = ext.get_vocab()
+    for t in ("<tool_call>", "graftkit"):
+        assert torch.equal(eo[vocab[t]], eb[vb[t]])
+    torch.testing.assert_close(eo[vocab["Hello"]], (ea[vocab["Hello"]] + eb[vb["Hello"]]) / 2, rtol=0, atol=1e-7)
+    driver = ("import sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
+              "from mergekit.options import MergeOptions\n"
+              "run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1]))), sys.argv[2], MergeOptions(quiet=True))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", driver, str(path), str(tmp_path / "mk")], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mk_vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
+    assert set(mk_vocab) == set(vocab)
+    mk = load_folder(tmp_path / "mk")["model.embed_tokens.weight"]
+    ids = torch.tensor([vocab[t] for t in mk_vocab])
+    torch.testing.assert_close(eo[ids], mk[torch.tensor(list(mk_vocab.values()))], rtol=1e-6, atol=1e-6)
