@@ -304,3 +304,35 @@ def test_study_passes_each_experts_task_as_its_data():
                                       data_tasks=tasks)["models"][0]
     with pytest.raises(ConfigError, match="uses no data"):
         merge_config(MergeRun(method="linear", data={"examples": 4}), "base", ["ea", "eb"], exclude=[], grid=False, data_tasks=tasks)
+
+
+def test_dry_run_names_the_data(experts):
+    from graftkit.merge.api import dry_run
+
+    text = dry_run(_cfg("regmean", experts[1], {"task": experts[2], "examples": 3}))
+    assert "regmean" in text and f"3 examples of {experts[2]}" in text
+
+
+def test_a_search_computes_the_statistics_once(experts, tmp_path, monkeypatch):
+    """A grid over regmean's alpha needs the same Gram matrices at every point: one pre-pass,
+    its files removed when the search ends; each trial still differs by alpha."""
+    collected = []
+    real = mdata.collect
+
+    def counting(plan, *a, **k):
+        collected.append(real(plan, *a, **k))
+        return collected[-1]
+
+    monkeypatch.setattr(mdata, "collect", counting)
+    scores = iter([0.2, 0.9])
+    trials = []
+
+    def evaluate(folder):
+        trials.append(_load(folder)["bert.encoder.layer.0.attention.self.query.weight"].clone())
+        return next(scores)
+
+    cfg = _cfg("regmean", experts[1], {"task": experts[2], "examples": 3}, search={"grid": {"alpha": [0.5, 1.0]}})
+    out = gk.merge(cfg, tmp_path / "out", evaluate=evaluate)
+    assert len(collected) == 1 and not collected[0].folder.exists() and mdata._REUSE == []
+    assert len(trials) == 2 and not torch.allclose(trials[0], trials[1])
+    torch.testing.assert_close(_load(out)["bert.encoder.layer.0.attention.self.query.weight"], trials[1])

@@ -150,8 +150,10 @@ def run_search(config: Any, out: str | Path, evaluate=None, *, overwrite: bool =
     """Merge every grid point of the config's ``search:`` block, score each with ``evaluate`` (or
     ``search.command``), keep the best (see :mod:`.search`)."""
     from . import search
+    from .data import reuse_statistics
 
-    return search.run_search(config, out, evaluate, merge=run_merge, overwrite=overwrite, threads=threads, force=force)
+    with reuse_statistics():  # a data-aware method's statistics do not change with the parameters searched
+        return search.run_search(config, out, evaluate, merge=run_merge, overwrite=overwrite, threads=threads, force=force)
 
 
 def greedy_soup(models: list[str | Path], evaluate, out: str | Path, *, overwrite: bool = False, dtype: str | None = None,

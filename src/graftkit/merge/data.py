@@ -237,13 +237,11 @@ def fisher_diagonals(model, batches: Iterable[dict[str, Any]], mode: str = "expe
         for name, g in zip(names, grads):
             if g is None:
                 continue
-            sq = g.detach().float().square()
-            if scale != 1.0:
-                sq.mul_(scale)
+            g = g.detach().float()
             if name in acc:
-                acc[name] += sq
+                acc[name].addcmul_(g, g, value=scale)  # one pass, no temporary: this loop is most of the cost
             else:
-                acc[name] = sq
+                acc[name] = torch.zeros_like(g).addcmul_(g, g, value=scale)
 
     try:
         with torch.enable_grad():
@@ -436,20 +434,61 @@ def collect(plan, workdir: str | Path | None = None, log: Callable[[str], None] 
         raise
 
 
+_REUSE: list[dict] = []  # the open reuse_statistics() scopes, innermost last: key -> statistics
+
+
+def _reuse_key(plan):
+    """What a per-model pre-pass depends on: its kind, the inputs, their data and the merged
+    tensors - not the method's parameters, which a search varies. ``None``: never reused (a joint
+    pre-pass may depend on the parameters)."""
+    prepass = PREPASSES.get(plan.spec.data)
+    if prepass is None or prepass.joint:
+        return None
+    cfg = plan.config
+    blocks = []
+    for p in plan.inputs:
+        block = cfg.data_for(p)
+        blocks.append(json.dumps(block.model_dump() if block is not None else None, sort_keys=True, default=str))
+    return (plan.spec.data, tuple(plan.inputs), cfg.base_model, tuple(blocks), tuple(k for k in plan.keys if plan.merged(k)))
+
+
+@contextlib.contextmanager
+def reuse_statistics() -> Iterator[None]:
+    """Within this scope, merges that need the same statistics (a search over a data-aware
+    method's parameters) compute them once; their files are removed when the scope ends."""
+    scope: dict = {}
+    _REUSE.append(scope)
+    try:
+        yield
+    finally:
+        _REUSE.remove(scope)
+        for stats in scope.values():
+            stats.cleanup()
+
+
 @contextlib.contextmanager
 def statistics(plan, workdir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Iterator[Statistics | None]:
     """``plan.statistics`` set for the duration of a merge (``None`` for a method without data);
-    the temporary files are removed afterwards, whatever happens."""
+    the temporary files are removed afterwards, whatever happens (inside a
+    :func:`reuse_statistics` scope: when the scope ends)."""
     if getattr(plan.spec, "data", None) is None:
         yield None
         return
-    stats = collect(plan, workdir, log)
+    key = _reuse_key(plan) if _REUSE else None
+    scope = _REUSE[-1] if key is not None else None
+    stats = scope.get(key) if scope is not None else None
+    if stats is None:
+        # kept statistics outlive this merge's output folder's parent (a search's staging folder): system temp
+        stats = collect(plan, None if scope is not None else workdir, log)
+        if scope is not None:
+            scope[key] = stats
     plan.statistics = stats
     try:
         yield stats
     finally:
         plan.statistics = None
-        stats.cleanup()
+        if scope is None:
+            stats.cleanup()
 
 
 def describe_data(cfg) -> list[str]:
