@@ -144,6 +144,11 @@ class TaskVectors:
         self.cached = cache
         self.bases = {k: base(k) for k in self.keys}
         self.deltas = {k: delta(k) for k in self.keys} if cache else {}
+        # a tensor no input changes (the embeddings of LoRA inputs) is the base whatever the
+        # coefficients: left out of the graph, it costs no mix and no weight gradient
+        self.unchanged = {k for k, d in self.deltas.items() if not bool(d.any())}
+        for k in self.unchanged:
+            del self.deltas[k]
         self.mix = _mix_function()
 
     def read(self, key: str):
@@ -151,7 +156,8 @@ class TaskVectors:
 
     def params(self, lam, groups: Sequence[int]) -> dict:
         """Merged tensors for coefficients ``lam`` (G, n), differentiable in ``lam``."""
-        return {k: self.mix.apply(lam[g], self.bases[k], (lambda k=k: self.read(k))) for k, g in zip(self.keys, groups)}
+        return {k: self.bases[k] if k in self.unchanged else self.mix.apply(lam[g], self.bases[k], (lambda k=k: self.read(k)))
+                for k, g in zip(self.keys, groups)}
 
 
 def clamp(raw):
