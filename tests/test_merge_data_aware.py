@@ -197,14 +197,19 @@ def test_regmean_end_to_end_with_graft_merge(experts, tok, tmp_path):
     assert not torch.allclose(got[key + ".weight"], (ws[0].float() + ws[1].float()) / 2, atol=1e-4)
     prov = json.loads((tmp_path / "out" / "graft_provenance.json").read_text())
     assert "data" in json.dumps(prov)
-    assert not list(tmp_path.glob(".graft-stats-*")), "the statistics files were left behind"
+    assert not list(tmp_path.glob(".*tmp-*")), "the statistics files were left behind"
     merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out")
     assert torch.isfinite(merged(input_ids=torch.tensor([ids[0]])).logits).all()
 
 
-def test_fisher_end_to_end(experts, tok, tmp_path):
+def test_fisher_end_to_end(experts, tok, tmp_path, monkeypatch):
     root, folders, file = experts
+    made = []
+    real = mdata.collect
+    monkeypatch.setattr(mdata, "collect", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     out = gk.merge(_cfg("fisher", folders, {"task": file, "examples": 4, "fisher": "empirical"}), tmp_path / "out")
+    # the statistics lived in a staging sibling of the output (a killed run's is removed by the next), now gone
+    assert made[0].folder.parent == tmp_path and made[0].folder.name.startswith(".out.tmp-") and not made[0].folder.exists()
     got = _load(out)
     models = [transformers.BertForSequenceClassification.from_pretrained(f).eval() for f in folders]
     index = {l: i for i, l in enumerate(LABELS)}
@@ -250,7 +255,7 @@ def _cli_error(tmp_path, cfg: dict, *needles):
     assert len(lines) == 1 and lines[0].startswith("graft: error:"), res.stderr
     for n in needles:
         assert n in lines[0], lines[0]
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".graft-stats-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*tmp-*"))
 
 
 def test_data_aware_merge_without_data(experts, tmp_path):
@@ -267,7 +272,7 @@ def _api_error(tmp_path, cfg: dict, cls, *needles):
     assert isinstance(info.value, GraftError) and info.value.exit_code == 2 and "\n" not in msg, msg
     for n in needles:
         assert n in msg, msg
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".graft-stats-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*tmp-*"))
 
 
 def test_data_for_another_task(experts, tmp_path):

@@ -130,7 +130,7 @@ def run_merge(config: Any, out: str | Path | None = None, *, overwrite: bool = F
 
     # data-aware methods: per-model statistics on examples first, one model at a time (merge/data.py)
     log = (lambda line: print(line, file=sys.stderr)) if progress else None
-    with statistics(plan, workdir=out.parent if out.parent.is_dir() else None, log=log) as data_stats:
+    with statistics(plan, log=log, target=out) as data_stats:
         if cfg.output == "adapter":
             from .to_adapter import merge_to_adapter
 

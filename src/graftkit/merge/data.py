@@ -375,9 +375,11 @@ def load_input(path: str, base: str | None, index: int, kind: str):
     return load(spec, kind), load_tokenizer(tokenizer_folder(spec))
 
 
-def collect(plan, workdir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Statistics:
+def collect(plan, workdir: str | Path | None = None, log: Callable[[str], None] | None = None,
+            folder: str | Path | None = None) -> Statistics:
     """Run the pre-pass of ``plan.spec.data`` over every method input, one model at a time; each
-    model's statistics go to a temporary safetensors file (removed by :meth:`Statistics.cleanup`)."""
+    model's statistics go to a temporary safetensors file (removed by :meth:`Statistics.cleanup`)
+    in ``folder`` (created), or a fresh temporary folder in ``workdir``."""
     import gc
     import time
 
@@ -394,7 +396,11 @@ def collect(plan, workdir: str | Path | None = None, log: Callable[[str], None] 
         return prepass.fn(plan, workdir, log)
     names = list(plan.inputs)
     base = cfg.base_model
-    folder = Path(tempfile.mkdtemp(prefix=".graft-stats-", dir=str(workdir) if workdir else None))
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=".graft-stats-", dir=str(workdir) if workdir else None))
     files, info = [], []
     merged_keys = [k for k in plan.keys if plan.merged(k)]
     try:
@@ -467,10 +473,13 @@ def reuse_statistics() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def statistics(plan, workdir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Iterator[Statistics | None]:
+def statistics(plan, workdir: str | Path | None = None, log: Callable[[str], None] | None = None,
+               target: str | Path | None = None) -> Iterator[Statistics | None]:
     """``plan.statistics`` set for the duration of a merge (``None`` for a method without data);
     the temporary files are removed afterwards, whatever happens (inside a
-    :func:`reuse_statistics` scope: when the scope ends)."""
+    :func:`reuse_statistics` scope: when the scope ends). With ``target`` (the output folder)
+    they are written to a staging sibling of it (:func:`graftkit.outputs.stage_path`), which the
+    next run for that output removes if this process is killed."""
     if getattr(plan.spec, "data", None) is None:
         yield None
         return
@@ -479,7 +488,12 @@ def statistics(plan, workdir: str | Path | None = None, log: Callable[[str], Non
     stats = scope.get(key) if scope is not None else None
     if stats is None:
         # kept statistics outlive this merge's output folder's parent (a search's staging folder): system temp
-        stats = collect(plan, None if scope is not None else workdir, log)
+        if scope is None and target is not None:
+            from ..outputs import stage_path
+
+            stats = collect(plan, log=log, folder=stage_path(target))
+        else:
+            stats = collect(plan, None if scope is not None else workdir, log)
         if scope is not None:
             scope[key] = stats
     plan.statistics = stats
