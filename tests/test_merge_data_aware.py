@@ -341,3 +341,31 @@ def test_a_search_computes_the_statistics_once(experts, tmp_path, monkeypatch):
     assert len(collected) == 1 and not collected[0].folder.exists() and mdata._REUSE == []
     assert len(trials) == 2 and not torch.allclose(trials[0], trials[1])
     torch.testing.assert_close(_load(out)["bert.encoder.layer.0.attention.self.query.weight"], trials[1])
+
+
+def test_regmean_solves_gpt2_conv1d_layers_in_their_orientation(tok, tmp_path):
+    """GPT-2 stores its linear layers (in, out) (transformers' Conv1D): W* = (sum G_t)^-1 sum G_t W_t;
+    c_proj of the attention is square, so only the layout marker tells the two forms apart."""
+    folders = []
+    for i in range(2):
+        torch.manual_seed(i)
+        cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+        folders.append(save(transformers.GPT2LMHeadModel(cfg).eval(), tok, tmp_path / f"g{i}"))
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TEXTS])
+    got = _load(gk.merge(_cfg("regmean", folders, {"task": text, "examples": 3}, parameters={"alpha": 1.0}), tmp_path / "out"))
+    key = "transformer.h.0.attn.c_proj"
+    grams, ws = [], []
+    for f in folders:
+        m = transformers.GPT2LMHeadModel.from_pretrained(f).eval()
+        rows = []
+        h = m.get_submodule(key).register_forward_pre_hook(lambda mod, a: rows.append(a[0][0].detach()))
+        with torch.no_grad():
+            for x in tok(TEXTS[:3])["input_ids"]:
+                m(input_ids=torch.tensor([x]))
+        h.remove()
+        x = torch.cat(rows).double()
+        grams.append(x.T @ x / x.shape[0])
+        ws.append(dict(m.named_parameters())[key + ".weight"].detach().double())
+    want = torch.linalg.solve(sum(grams), sum(g @ w for g, w in zip(grams, ws)))
+    torch.testing.assert_close(got[key + ".weight"].double(), want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[key + ".weight"].double(), _closed_form(ws, grams), atol=1e-4)  # read as (out, in)

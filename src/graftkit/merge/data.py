@@ -160,13 +160,26 @@ def batches(examples: list[Example], batch_size: int, pad: int) -> list[dict[str
 
 # -- the statistics ------------------------------------------------------------------------------
 
+IN_OUT = ".__in_out__"  # marker key: this weight is stored (in, out) - GPT-2's Conv1D - not nn.Linear's (out, in)
+
+
+def _conv1d():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it
+        return ()
+    return (Conv1D,)
+
+
 def linear_layers(model, keys: Iterable[str] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` modules (whose ``<name>.weight`` is in ``keys``, when given)."""
+    """Names of the ``nn.Linear`` modules and transformers' ``Conv1D`` modules (GPT-2: a linear
+    layer whose weight is stored (in, out)) whose ``<name>.weight`` is in ``keys``, when given."""
     from torch import nn
 
+    kinds = (nn.Linear, *_conv1d())
     wanted = None if keys is None else set(keys)
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (wanted is None or f"{name}.weight" in wanted)]
+            if isinstance(m, kinds) and (wanted is None or f"{name}.weight" in wanted)]
 
 
 def gram_matrices(model, batches: Iterable[dict[str, Any]], linear_names: list[str]) -> dict[str, tuple[Any, int]]:
@@ -273,6 +286,13 @@ def fisher_diagonals(model, batches: Iterable[dict[str, Any]], mode: str = "expe
 
 # -- the pre-pass --------------------------------------------------------------------------------
 
+class KeyStatistics(list):
+    """One key's statistics, one tensor per model; ``in_out``: the key is a weight stored (in,
+    out) (GPT-2's Conv1D) rather than ``nn.Linear``'s (out, in)."""
+
+    in_out = False
+
+
 @dataclass
 class Statistics:
     """Per-model statistics of one merge: one safetensors file per method input (in the order of
@@ -298,16 +318,17 @@ class Statistics:
         """The keys every model has statistics for."""
         return set.intersection(*self._keys) if self._keys else set()
 
-    def for_key(self, key: str) -> list[Any] | None:
+    def for_key(self, key: str) -> "KeyStatistics | None":
         """The per-model float32 statistics of tensor ``key``; ``None`` unless every model has them."""
         if not all(key in k for k in self._keys):
             return None
         from safetensors import safe_open
 
-        out = []
+        out = KeyStatistics()
         for f in self.files:
             with safe_open(str(f), "pt") as h:
                 out.append(h.get_tensor(key).float())
+        out.in_out = all(key + IN_OUT in k for k in self._keys)
         return out
 
     def cleanup(self) -> None:
@@ -344,7 +365,14 @@ def _grams(model, batches, keys, block, head_kind):
     if not names:
         raise ConfigError("regmean: no nn.Linear layer of the model is among the merged tensors, so the merge would be plain "
                           "averaging; merge with linear instead")
-    return {f"{n}.weight": (g / max(1, count)).float() for n, (g, count) in gram_matrices(model, batches, names).items()}
+    out = {f"{n}.weight": (g / max(1, count)).float() for n, (g, count) in gram_matrices(model, batches, names).items()}
+    import torch
+
+    conv = _conv1d()
+    for n in names:
+        if conv and isinstance(model.get_submodule(n), conv) and f"{n}.weight" in out:
+            out[f"{n}.weight{IN_OUT}"] = torch.ones(1)
+    return out
 
 
 @register_prepass("fisher", "fishers")
