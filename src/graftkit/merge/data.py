@@ -4,7 +4,8 @@ A method that declares ``data="<kind>"`` (see :class:`~graftkit.merge._common.Me
 for every tensor it merges, one statistics tensor per input model, computed on examples before the
 merge starts:
 
-* ``"gram"`` (RegMean): for every ``nn.Linear`` whose weight is merged, the Gram matrix of its
+* ``"gram"`` (RegMean): for every ``nn.Linear`` (and GPT-2 ``Conv1D``, marked: its weight is
+  stored (in, out)) whose weight is merged, the Gram matrix of its
   inputs, ``X^T X / N`` with ``X`` the (N, in) rows fed to the layer over the examples' non-padding
   tokens (a classifier head fed one pooled row per example counts examples). Stored under the
   layer's weight key, shape (in, in). See :func:`gram_matrices`.
