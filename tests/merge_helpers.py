@@ -27,6 +27,34 @@ def make_models(root: Path, n: int = 3, dtype=torch.float32, scale: float = 0.02
     return paths
 
 
+MERGEKIT_DRIVER = r"""
+import json, sys
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+import yaml
+jobs, copy_tokenizer = json.loads(sys.argv[1]), sys.argv[2] == "1"
+for cfg_path, out in jobs:
+    with open(cfg_path) as f:
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
+    run_merge(cfg, out, MergeOptions(copy_tokenizer=copy_tokenizer, random_seed=0, quiet=True))
+"""
+
+
+def run_mergekit(jobs: list[tuple[str, str]], copy_tokenizer: bool = False) -> None:
+    """The real mergekit's ``run_merge`` on every ``(config path, output folder)``, in one
+    subprocess, so its import (seconds) is paid once per test module."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", MERGEKIT_DRIVER, json.dumps([[str(c), str(o)] for c, o in jobs]),
+                        "1" if copy_tokenizer else "0"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def load_folder(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(Path(path).glob("*.safetensors")):

@@ -3,11 +3,7 @@ properties, parity with the real mergekit 0.1.5 (one subprocess runs every recip
 test_merge_parity.py), and their bad inputs (one line, exit 2)."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +13,7 @@ import graftkit as gk
 import graftkit.merge as M
 from graftkit.cli import main
 from graftkit.merge.della import keep_probabilities
-from merge_helpers import load_folder, make_models
+from merge_helpers import load_folder, make_models, run_mergekit
 
 
 def close(a, b, tol=1e-6):
@@ -203,17 +199,6 @@ def test_ram_properties():
 
 # -- parity with mergekit -------------------------------------------------------------------------
 
-DRIVER = r"""
-import json, sys
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-import yaml
-for cfg_path, out in json.loads(sys.argv[1]):
-    with open(cfg_path) as f:
-        cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
-    run_merge(cfg, out, MergeOptions(copy_tokenizer=False, random_seed=0, quiet=True))
-"""
 
 W = [1.0, 0.6, -0.3]
 
@@ -254,9 +239,7 @@ def outputs(tmp_path_factory):
         path.write_text(yaml.safe_dump({**cfg, "dtype": "float32"}))
         cfgs[name] = path
         jobs.append((str(path), str(root / f"mk_{name}")))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_mergekit(jobs)
     out = {name: (load_folder(root / f"mk_{name}"), load_folder(gk.merge(path, root / f"gk_{name}"))) for name, path in cfgs.items()}
     return out, m
 

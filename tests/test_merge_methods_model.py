@@ -4,11 +4,7 @@ symmetry), their config errors, and parity with the real mergekit 0.1.5 on tiny 
 (one mergekit subprocess for every recipe)."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -307,8 +303,7 @@ def parity_recipes(m):
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     pytest.importorskip("mergekit")
-    from merge_helpers import load_folder, make_models
-    from test_merge_parity import DRIVER
+    from merge_helpers import load_folder, make_models, run_mergekit
 
     root = tmp_path_factory.mktemp("model_parity")
     m = make_models(root, scale=0.02)
@@ -318,9 +313,7 @@ def parity(tmp_path_factory):
         path.write_text(yaml.safe_dump({**recipe, "dtype": "float32"}))
         paths[name] = path
         jobs.append((str(path), str(root / f"mk_{name}")))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_mergekit(jobs)
     out = {name: (load_folder(root / f"mk_{name}"), load_folder(gk.merge(path, root / f"gk_{name}"))) for name, path in paths.items()}
     out["_inputs"] = {k: load_folder(p) for k, p in m.items()}
     out["_recipes"] = paths

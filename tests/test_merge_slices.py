@@ -4,9 +4,6 @@ as pure functions, outputs that load in transformers and generate, parity with t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,19 +15,8 @@ from graftkit.cli import main
 from graftkit.errors import ConfigError
 from graftkit.merge.config import load_config
 from graftkit.merge.slices import OutLayer, plan_layers, rewrite_config
-from merge_helpers import load_folder, make_models
+from merge_helpers import load_folder, make_models, run_mergekit
 
-DRIVER = r"""
-import json, sys
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-import yaml
-for cfg_path, out in json.loads(sys.argv[1]):
-    with open(cfg_path) as f:
-        cfg = MergeConfiguration.model_validate(yaml.safe_load(f))
-    run_merge(cfg, out, MergeOptions(copy_tokenizer=False, random_seed=0, quiet=True))
-"""
 
 
 def src(path, a, b, **params):
@@ -75,9 +61,7 @@ def outputs(models, tmp_path_factory):
         path.write_text(yaml.safe_dump({**cfg, "dtype": "float32"}))
         paths[name] = path
         jobs.append((str(path), str(root / f"mk_{name}")))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_mergekit(jobs)
     return {name: (root / f"mk_{name}", gk.merge(path, root / f"gk_{name}")) for name, path in paths.items()}
 
 

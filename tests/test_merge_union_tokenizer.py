@@ -5,9 +5,6 @@ word-level tokenizers that load in transformers and generate, parity with the re
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ import graftkit as gk
 from graftkit.cli import main
 from graftkit.errors import ConfigError
 from graftkit.merge.vocab import Vocab, align_rows, check_overlap, permutation, union_additions
-from merge_helpers import load_folder
+from merge_helpers import load_folder, run_mergekit
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 WORDS_A = SPECIALS + ["the", "cat", "dog", "sat", "on", "mat", "a", "red"]
@@ -198,13 +195,7 @@ def union_parity(folders):
     for name, cfg in {"linear": lin, "slices": stack}.items():
         (root / f"{name}.yml").write_text(yaml.safe_dump(cfg))
         jobs.append((str(root / f"{name}.yml"), str(root / f"mk_{name}")))
-    driver = ("import json, sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
-              "from mergekit.options import MergeOptions\n"
-              "for cfg, out in json.loads(sys.argv[1]):\n"
-              "    run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(cfg))), out, MergeOptions(random_seed=0, quiet=True))\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_mergekit(jobs, copy_tokenizer=True)
     return {name: (root / f"mk_{name}", gk.merge(root / f"{name}.yml", root / f"gk_{name}")) for name in ("linear", "slices")}
 
 
@@ -346,13 +337,7 @@ def test_union_of_the_smollm2_tokenizer_and_an_extended_copy(tmp_path):
     for t in ("<tool_call>", "graftkit"):
         assert torch.equal(eo[vocab[t]], eb[vb[t]])
     torch.testing.assert_close(eo[vocab["Hello"]], (ea[vocab["Hello"]] + eb[vb["Hello"]]) / 2, rtol=0, atol=1e-7)
-    driver = ("import sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
-              "from mergekit.options import MergeOptions\n"
-              "run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1]))), sys.argv[2], MergeOptions(quiet=True))\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", driver, str(path), str(tmp_path / "mk")], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_mergekit([(path, tmp_path / "mk")], copy_tokenizer=True)
     mk_vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "mk").get_vocab()
     assert set(mk_vocab) == set(vocab)
     mk = load_folder(tmp_path / "mk")["model.embed_tokens.weight"]
