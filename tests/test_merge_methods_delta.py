@@ -272,9 +272,14 @@ def test_della_matches_mergekit_in_distribution(outputs):
             assert math.isclose(d.abs().sum().item(), tau.abs().sum().item(), rel_tol=1e-4)
             stats.append((kept.float().mean().item(), kept.gather(1, order[:, :q]).float().mean().item(),
                           kept.gather(1, order[:, -q:]).float().mean().item()))
-        # kept share 0.5; the smallest quarter of each row p in [0.2, 0.35], the largest [0.65, 0.8]
-        for (share, low, high), want in zip(stats, [(0.5, 0.275, 0.725)] * 2):
-            assert abs(share - want[0]) < 0.03 and abs(low - want[1]) < 0.05 and abs(high - want[2]) < 0.05, stats
+        # kept share 0.5; the smallest quarter of each row p in [0.2, 0.35], the largest [0.65, 0.8]; the masks
+        # are random (unseeded in both tools), so each share may miss its mean by 5 standard errors of its count
+        def ok(got: float, p: float, n: int) -> bool:
+            return abs(got - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+        n_all, n_quarter = tau.numel(), tau.shape[0] * q
+        for share, low, high in stats:
+            assert ok(share, 0.5, n_all) and ok(low, 0.275, n_quarter) and ok(high, 0.725, n_quarter), stats
         assert not torch.equal(ours[key], theirs[key])  # genuinely random masks
     theirs, ours = results["della"]
     key = "model.layers.0.mlp.up_proj.weight"
