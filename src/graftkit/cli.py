@@ -276,6 +276,15 @@ def cmd_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_port(args: argparse.Namespace) -> int:
+    from .analysis.port import port
+
+    r = port(args.patch, args.v1, args.v2, args.out, full=args.full, overwrite=args.overwrite, force=args.force)
+    what = "re-targeted adapter" if r["kind"] == "adapter" else "model folder"
+    print(f"ported {what} written to {r['out']} ({r['patched']} patched tensor(s) of {r['tensors']}; base {args.v2})")
+    return 0
+
+
 def cmd_extract_lora(args: argparse.Namespace) -> int:
     from .merge.extract_lora import extract_lora
 
@@ -499,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.add_argument("--allow-pickle", action="store_true", help="read legacy pytorch_model.bin inputs (weights_only)")
     s.set_defaults(func=cmd_extract_lora)
+
+    s = sub.add_parser("port", help="PortLLM: apply a fine-tune's delta or an adapter made on base v1 to an updated base v2; docs/analysis.md")
+    s.add_argument("patch", help="fine-tuned model folder of v1, or an adapter trained on v1")
+    s.add_argument("--from", dest="v1", required=True, help="the base v1 the patch was made on (model folder)")
+    s.add_argument("--to", dest="v2", required=True, help="the updated base v2 (model folder, same architecture and shapes)")
+    s.add_argument("out", help="output: a model folder (full patch, or --full) or the adapter re-targeted to v2")
+    s.add_argument("--full", action="store_true", help="write v2 + the adapter's delta as a model folder (needed for deltas that depend on the base: DoRA, IA3)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--force", action="store_true", help="port an adapter whose base fingerprint does not match v1")
+    s.set_defaults(func=cmd_port)
 
     s = sub.add_parser("moe", help="assemble a Mixtral / Qwen2-MoE model from dense experts (mergekit-moe YAML); docs/merge.md")
     s.add_argument("config", help="MoE config (YAML, mergekit-moe schema)")
