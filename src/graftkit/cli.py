@@ -358,6 +358,25 @@ def cmd_probe_intrinsic_dim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .analysis.tall import compress
+
+    m = compress(args.recipe, args.out, overwrite=args.overwrite)
+    st = m["storage"]
+    print(f"TALL bundle written to {args.out}: {len(m['tasks'])} tasks, {m['merged_parameters']:,} merged parameters; "
+          f"{_human_bytes(st['bundle_bytes'])} vs {_human_bytes(st['experts_bytes'])} for the separate experts "
+          f"(storage ratio {st['ratio']:.3f}, base referenced, not stored)")
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from .analysis.tall import decompress
+
+    out = decompress(args.bundle, args.task, args.out, base=args.base, overwrite=args.overwrite)
+    print(f"expert {args.task} rebuilt from {args.bundle} into {out} (theta_0 + m_t * tau_MTL)")
+    return 0
+
+
 def _dims(text: str) -> list[int]:
     from .errors import ConfigError
     from .train.probe import parse_dims
@@ -586,6 +605,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("compress", help="store experts of one base as tau_MTL + one bit-packed TALL mask per task; docs/analysis.md")
+    s.add_argument("recipe", metavar="RECIPE.yaml", help="base, experts (task: folder), lambda, exclude")
+    s.add_argument("out", metavar="OUT", help="bundle folder to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("decompress", help="rebuild one expert of a TALL bundle as an HF folder; docs/analysis.md")
+    s.add_argument("bundle", metavar="BUNDLE", help="folder graft compress wrote")
+    s.add_argument("task", metavar="TASK", help="the task whose expert to rebuild")
+    s.add_argument("out", metavar="OUT", help="model folder to write")
+    s.add_argument("--base", metavar="BASE", help="the base folder (default: the path the bundle recorded)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.set_defaults(func=cmd_decompress)
 
     s = sub.add_parser("generate", help="generate text from a causal LM, or from a large base up-scaled by a small "
                                         "fine-tuned/base pair (--eft); docs/generate.md")

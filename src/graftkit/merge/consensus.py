@@ -17,10 +17,17 @@ from ._common import torch, as_list, column, register
 from .ties import ties
 
 
+def tall_mask(tau_t: torch.Tensor, tau_mtl: torch.Tensor, tall_lambda) -> torch.Tensor:
+    """The TALL mask ``|tau_t| >= lambda_t * |tau_MTL - tau_t|``: the entries where task ``t``'s own
+    change outweighs what the other tasks add there. ``tau_t`` may be stacked (n, ...) with a
+    broadcastable ``tall_lambda``; analysis/tall.py (TALL compression) uses it too."""
+    return tau_t.abs() >= tall_lambda * (tau_mtl - tau_t).abs()
+
+
 def _consensus(base, deltas, tau_mtl, tall_lambda, k: int, lam: float) -> torch.Tensor:
     n = deltas.shape[0]
     lam_t = column(as_list(tall_lambda, n, "tall_lambda"), deltas)
-    masks = deltas.abs() >= lam_t * (tau_mtl.unsqueeze(0) - deltas).abs()
+    masks = tall_mask(deltas, tau_mtl.unsqueeze(0), lam_t)
     keep = masks.sum(dim=0) >= k
     return base + lam * torch.where(keep, tau_mtl, 0.0)
 

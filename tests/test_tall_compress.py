@@ -1,0 +1,145 @@
+"""graft compress / graft decompress (TALL-mask compression, analysis/tall.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from graftkit.analysis.masks import load_masks
+from graftkit.cli import main
+from merge_helpers import load_folder, make_models
+
+
+def _folder(path: Path, tensors: dict) -> Path:
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"name": path.name}))
+    return path
+
+
+def _recipe(path: Path, base, experts: dict, **extra) -> Path:
+    path.write_text(yaml.safe_dump({"base": str(base), "experts": {t: str(p) for t, p in experts.items()}, **extra}))
+    return path
+
+
+@pytest.fixture
+def hand(tmp_path):
+    """Dyadic values, so every sum is exact and the expected experts can be written by hand."""
+    ids = torch.arange(4)
+    base = _folder(tmp_path / "base", {"w": torch.zeros(1, 4), "b": torch.ones(2), "ids": ids})
+    a = _folder(tmp_path / "a", {"w": torch.tensor([[1.0, 0.25, -1.0, 0.5]]), "b": torch.tensor([1.5, 1.0]), "ids": ids,
+                                 "classifier.weight": torch.full((2, 4), 3.0)})
+    b = _folder(tmp_path / "b", {"w": torch.tensor([[0.25, 1.0, 1.0, 0.5]]), "b": torch.tensor([1.0, 0.0]), "ids": ids + 1,
+                                 "classifier.weight": torch.full((5, 4), -2.0)})
+    recipe = _recipe(tmp_path / "tall.yaml", base, {"A": a, "B": b}, **{"lambda": 1.0, "exclude": ["^classifier\\."]})
+    return tmp_path, recipe
+
+
+def test_decompress_equals_hand_computed_golden(hand, capsys):
+    root, recipe = hand
+    assert main(["compress", str(recipe), str(root / "bundle")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "storage ratio" in line and "\n" not in line
+    # tau_MTL: w = [1.25, 1.25, 0, 1], b = [0.5, -1]; lambda 1: m_t = |tau_t| >= |tau_other|
+    tau = load_folder(root / "bundle" / "tau_mtl")
+    assert torch.equal(tau["w"], torch.tensor([[1.25, 1.25, 0.0, 1.0]])) and torch.equal(tau["b"], torch.tensor([0.5, -1.0]))
+    for task, w, b in (("A", [1.25, 0.0, 0.0, 1.0], [1.5, 1.0]), ("B", [0.0, 1.25, 0.0, 1.0], [1.0, 0.0])):
+        assert main(["decompress", str(root / "bundle"), task, str(root / f"out{task}")]) == 0
+        got = load_folder(root / f"out{task}")
+        assert torch.equal(got["w"], torch.tensor([w])), task
+        # b: tau_A = [0.5, 0], tau_B = [0, -1]: A keeps entry 0 (1 + 0.5), B keeps entry 1 (1 - 1)
+        assert torch.equal(got["b"], torch.tensor(b)), task
+        src = load_file(str(root / task.lower() / "model.safetensors"))
+        assert torch.equal(got["ids"], src["ids"]) and got["ids"].dtype == torch.int64  # non-float: the expert's own
+        assert torch.equal(got["classifier.weight"], src["classifier.weight"])  # excluded head, each task its own shape
+        assert json.loads((root / f"out{task}" / "config.json").read_text()) == {"name": task.lower()}
+
+
+def test_mask_round_trip_and_storage_ratio(hand):
+    root, recipe = hand
+    assert main(["compress", str(recipe), str(root / "bundle")]) == 0
+    m = json.loads((root / "bundle" / "bundle.json").read_text())
+    fp = m["base"]["fingerprint"]
+    masks = load_masks(root / "bundle" / "tasks" / "A" / "mask.safetensors", fp)
+    assert set(masks) == {"w", "b"}  # ids (int) and the head are not merged
+    assert torch.equal(masks["w"], torch.tensor([[True, False, True, True]]))
+    assert torch.equal(masks["b"], torch.tensor([True, False]))
+    assert set(m["tasks"]["A"]["stored_whole"]) == {"ids", "classifier.weight"}
+    assert m["tasks"]["A"]["mask_density"] == pytest.approx(4 / 6)
+    files = [f for f in (root / "bundle").rglob("*") if f.is_file() and f.name != "bundle.json"]
+    experts = sum(f.stat().st_size for d in ("a", "b") for f in (root / d).rglob("*") if f.is_file())
+    st = m["storage"]
+    assert st["bundle_bytes"] == sum(f.stat().st_size for f in files)
+    assert st["experts_bytes"] == experts
+    assert st["ratio"] == pytest.approx(st["bundle_bytes"] / experts)
+
+
+def test_tiny_llama_experts_rebuild_exactly(tmp_path):
+    import transformers
+
+    paths = make_models(tmp_path, n=3)
+    recipe = _recipe(tmp_path / "r.yaml", paths["base"], {f"t{i}": paths[f"ft{i}"] for i in range(3)}, **{"lambda": 0.4})
+    assert main(["compress", str(recipe), str(tmp_path / "bundle")]) == 0
+    base = load_folder(paths["base"])
+    fts = [load_folder(paths[f"ft{i}"]) for i in range(3)]
+    assert main(["decompress", str(tmp_path / "bundle"), "t1", str(tmp_path / "out")]) == 0
+    got = load_folder(tmp_path / "out")
+    assert set(got) == set(fts[1])
+    for k, b in base.items():
+        d = [ft[k] - b for ft in fts]
+        tau = d[0] + d[1] + d[2]
+        mask = d[1].abs() >= 0.4 * (tau - d[1]).abs()
+        assert torch.equal(got[k], b + mask * tau), k
+    m = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert 0 < m["tasks"]["t1"]["mask_density"] < 1 and m["storage"]["ratio"] < 1  # one float tensor + 3 bit masks < 3 float
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a loadable HF folder
+    assert torch.equal(model.state_dict()["model.norm.weight"], got["model.norm.weight"])
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("graft: error: ") and "\n" not in err, err
+    return err
+
+
+def test_bundle_missing_task_names_the_tasks_it_has(hand, capsys):
+    root, recipe = hand
+    assert main(["compress", str(recipe), str(root / "bundle")]) == 0
+    capsys.readouterr()
+    assert main(["decompress", str(root / "bundle"), "C", str(root / "out")]) == 2
+    assert "no task 'C'" in (err := _err(capsys)) and "A, B" in err
+    assert not (root / "out").exists()
+
+
+def test_bundle_for_another_base_is_refused(tmp_path, capsys):
+    paths = make_models(tmp_path / "m", n=2)
+    other = make_models(tmp_path / "o", n=0, seed=1)["base"]  # same shapes, other weights
+    recipe = _recipe(tmp_path / "r.yaml", paths["base"], {"a": paths["ft0"], "b": paths["ft1"]})
+    assert main(["compress", str(recipe), str(tmp_path / "bundle")]) == 0
+    capsys.readouterr()
+    assert main(["decompress", str(tmp_path / "bundle"), "a", str(tmp_path / "out"), "--base", str(other)]) == 2
+    assert "different base" in _err(capsys)
+    assert not (tmp_path / "out").exists()
+    # the recorded base itself replaced by another model
+    import shutil
+
+    shutil.rmtree(paths["base"])
+    shutil.copytree(other, paths["base"])
+    assert main(["decompress", str(tmp_path / "bundle"), "a", str(tmp_path / "out")]) == 2
+    assert "different base" in _err(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_experts_of_different_shapes_are_refused(tmp_path, capsys):
+    base = _folder(tmp_path / "base", {"w": torch.zeros(1, 4)})
+    a = _folder(tmp_path / "a", {"w": torch.ones(1, 4)})
+    b = _folder(tmp_path / "b", {"w": torch.ones(1, 5)})
+    recipe = _recipe(tmp_path / "r.yaml", base, {"A": a, "B": b})
+    assert main(["compress", str(recipe), str(tmp_path / "bundle")]) == 2
+    err = _err(capsys)
+    assert "expert B" in err and "[1, 5]" in err and "[1, 4]" in err
+    assert not (tmp_path / "bundle").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
