@@ -406,3 +406,21 @@ def test_searched_learning_rate_is_shown_per_expert():
     search = next(x for x in sections if x.key == "search")
     details = [b for b in search.blocks if hasattr(b, "summary")]
     assert details[0].summary.startswith("full/bbc: 2 trial(s), chosen lr=0.0003 (validation 0.800)")
+
+
+def test_write_sections_writes_any_report(tmp_path):
+    """The generic writer behind graft inspect / localize: every section and table cell in both
+    files, every figure as a PNG the Markdown links to and the HTML embeds."""
+    from graftkit.eval.report import Cell, Figure, Para, Section, Table, new_figure, png_bytes, write_sections
+
+    fig = new_figure(3, 2)
+    fig.add_subplot().plot([0, 1], [1, 0])
+    figure = Figure("spectrum", png_bytes(fig), "the spectrum")
+    sections = [Section("stats", "Delta statistics", [Para("per layer"), Table([Cell("layer"), Cell("norm")], [[Cell("0"), Cell("1.25")]])]),
+                Section("plots", "Spectra", [figure])]
+    html, md = write_sections("graftkit inspect: demo", sections, [figure], tmp_path / "r")
+    h, m = html.read_text(), md.read_text()
+    for text in ("graftkit inspect: demo", "Delta statistics", "Spectra", "1.25", "per layer"):
+        assert text in h and text in m, text
+    assert (tmp_path / "r" / "report_files" / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report_files/spectrum.png" in m and "data:image/png;base64," in h
