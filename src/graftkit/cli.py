@@ -358,6 +358,18 @@ def cmd_probe_intrinsic_dim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_localize(args: argparse.Namespace) -> int:
+    from .analysis.localize import run_localize
+
+    res = run_localize(args.recipe, progress=sys.stderr.isatty())
+    acc = res["finetuned"]["accuracy"] or float("nan")
+    parts = [f"{100 * lv['sparsity']:g}%: magnitude {lv['magnitude']['accuracy'] / acc:.3f}, learned {lv['learned']['accuracy'] / acc:.3f}"
+             for lv in res["levels"]]
+    print(f"graft localize: retained training accuracy ({'; '.join(parts)}) of the expert's {res['finetuned']['accuracy']:.3f}; "
+          f"report {res['report'][0]}")
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .analysis.tall import compress
 
@@ -605,6 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("localize", help="skill localization: learned vs magnitude grafting masks over a fine-tune's delta; docs/analysis.md")
+    s.add_argument("recipe", metavar="RECIPE.yaml", help="base, expert, task, sparsity list, steps, lr, out")
+    s.set_defaults(func=cmd_localize)
 
     s = sub.add_parser("compress", help="store experts of one base as tau_MTL + one bit-packed TALL mask per task; docs/analysis.md")
     s.add_argument("recipe", metavar="RECIPE.yaml", help="base, experts (task: folder), lambda, exclude")
