@@ -285,6 +285,20 @@ def cmd_port(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dare_tolerance(args: argparse.Namespace) -> int:
+    from .analysis.dare_tolerance import dare_tolerance, write_dare_report
+
+    res = dare_tolerance(args.base, args.expert, args.task, rates=args.rates, seed=args.seed)
+    print(f"{'p':>6}  {'accuracy':>8}  {'retained':>8}  {'kept':>6}")
+    for r in res["rows"]:
+        retained = "-" if r["retained"] is None else f"{r['retained']:.3f}"
+        print(f"{r['rate']:>6g}  {r['accuracy']:>8.4f}  {retained:>8}  {r['kept_share']:>6.4f}")
+    if args.out:
+        html_path, _ = write_dare_report(res, args.out)
+        print(f"report: {html_path}")
+    return 0
+
+
 def cmd_extract_lora(args: argparse.Namespace) -> int:
     from .merge.extract_lora import extract_lora
 
@@ -549,6 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     s.add_argument("--force", action="store_true", help="port an adapter whose base fingerprint does not match v1")
     s.set_defaults(func=cmd_port)
+
+    s = sub.add_parser("dare-tolerance", help="accuracy of base + DARE(expert - base, p) as the drop rate p grows; docs/analysis.md")
+    s.add_argument("base", help="the base model folder the expert was fine-tuned from")
+    s.add_argument("expert", help="the fine-tuned model folder (with its classification head)")
+    s.add_argument("task", help="classification task: a JSONL file with text and label fields")
+    s.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.9, 0.95, 0.99], help="drop rates in [0, 1) (default 0.5 0.9 0.95 0.99)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random drop masks (per tensor)")
+    s.add_argument("--out", metavar="DIR", help="write report.html, report.md and report_files/ here")
+    s.set_defaults(func=cmd_dare_tolerance)
 
     s = sub.add_parser("moe", help="assemble a Mixtral / Qwen2-MoE model from dense experts (mergekit-moe YAML); docs/merge.md")
     s.add_argument("config", help="MoE config (YAML, mergekit-moe schema)")
