@@ -93,5 +93,22 @@ def test_written_model_is_base_plus_the_dropped_delta(pair, tmp_path):
         write_dropped(b, e, p, 4, out)
         got, eb, ee = load_folder(out), load_folder(base), load_folder(expert)
         for k in ee:
-            want = ee[k] if p == 0 else eb[k] + dropped_delta(ee[k] - eb[k], p, seed_for(4, k))
+            head = k.startswith("classifier.")  # kept whole: a head has no pre-trained value to drop towards
+            want = ee[k] if p == 0 or head else eb[k] + dropped_delta(ee[k] - eb[k], p, seed_for(4, k))
             assert torch.equal(got[k], want), (p, k)
+
+
+def test_a_base_head_of_another_label_count_is_not_an_error(pair, tmp_path):
+    """graft study's base layout has a 2-label head; an expert of another task has its own: kept whole."""
+    from graftkit.analysis.dare_tolerance import _check_pair, write_dropped
+    from graftkit.tensors import Checkpoint
+    from merge_helpers import load_folder
+
+    base, expert, _, _ = pair
+    tok = gk.load_tokenizer("minilm")
+    two = save(bert(tok, seed=0, labels=["a", "b"]), tok, tmp_path / "two")
+    b, e = Checkpoint(two), Checkpoint(expert)
+    _check_pair(b, {"model_type": "bert"}, e, {"model_type": "bert"})
+    (tmp_path / "o").mkdir()
+    write_dropped(b, e, 0.5, 0, tmp_path / "o")
+    assert torch.equal(load_folder(tmp_path / "o")["classifier.weight"], load_folder(expert)["classifier.weight"])

@@ -5,8 +5,10 @@ For each drop rate ``p`` the model ``base + DARE(expert - base, p)`` is written 
 folder one tensor at a time (the drop is :func:`graftkit.merge.dare.drop`, the one ``dare_linear``
 merges use, seeded per tensor) and scored by ``graft eval``'s classification runner
 (:func:`graftkit.eval.runner.evaluate_model`). ``p = 0`` is the expert itself: the curve's
-reference point. Tensors the base lacks (a classification head trained from scratch) are kept
-whole, as the paper keeps task heads; every tensor the two share is dropped.
+reference point. The task head (``classifier.*`` / ``score.*``, the names ``graft study`` excludes
+from merges) and tensors the base lacks are kept whole, as the paper keeps task heads: a head
+trained from a random start has no pre-trained value for its delta to be measured from. Every
+other tensor is dropped.
 """
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ from ..errors import ConfigError, GraftError
 
 DEFAULT_RATES = (0.5, 0.9, 0.95, 0.99)
 _FLOATS = ("F64", "F32", "F16", "BF16")
+HEADS = ("classifier.", "score.")
+
+
+def kept_whole(key: str, base) -> bool:
+    return key not in base.files or key.startswith(HEADS)
 
 
 class DareToleranceError(GraftError):
@@ -57,7 +64,7 @@ def _check_pair(base, cb: dict, expert, ce: dict) -> None:
     if cb.get("model_type") != ce.get("model_type"):
         raise DareToleranceError(f"expert {expert.path} is {ce.get('model_type')} but base {base.path} is {cb.get('model_type')}; "
                                  "give the base the expert was fine-tuned from")
-    shared = [k for k in expert.keys() if k in base.files]
+    shared = [k for k in expert.keys() if not kept_whole(k, base)]
     if not shared:
         raise DareToleranceError(f"expert {expert.path} and base {base.path} share no tensor names; give the base the expert was fine-tuned from")
     for k in shared:
@@ -85,7 +92,7 @@ def write_dropped(base, expert, p: float, seed: int, out: Path) -> dict:
     try:
         for key, dtype, _ in entries:
             w = expert.get(key)
-            if key in base.files and dtype in _FLOATS:
+            if not kept_whole(key, base) and dtype in _FLOATS:
                 b = base.get(key).float()
                 delta = w.float() - b
                 d = dropped_delta(delta, p, seed_for(seed, key)) if p > 0 else delta
@@ -165,7 +172,7 @@ def build_dare_sections(result: dict):
                     caption=f"{result['expert']} over {result['base']}, seed {result['seed']}")
     sec = Section("dare", "DARE tolerance", [
         Para(f"Accuracy of base + DARE(expert - base, p) on {result['task']}: each delta entry kept with probability 1 - p "
-             "and rescaled by 1/(1 - p); tensors the base lacks (a new head) kept whole."),
+             "and rescaled by 1/(1 - p); the task head and tensors the base lacks kept whole."),
         table, figure])
     return [sec], [figure]
 
