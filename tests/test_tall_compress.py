@@ -143,3 +143,71 @@ def test_experts_of_different_shapes_are_refused(tmp_path, capsys):
     err = _err(capsys)
     assert "expert B" in err and "[1, 5]" in err and "[1, 4]" in err
     assert not (tmp_path / "bundle").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_lambda_chosen_on_validation_with_tiny_bert_heads(tmp_path, capsys):
+    """Two tiny BERT classifiers (heads of 3 and 2 labels, stored whole); task A's lambda is chosen
+    on its validation file among three candidates. The recorded score of the chosen one is what
+    evaluating its decompressed expert gives, and it is the best recorded score."""
+    import graftkit as gk
+    from eval_helpers import bert, cls_file, save
+    from graftkit.eval import evaluate_model
+
+    tok = gk.load_tokenizer("minilm")
+    base = save(bert(tok, seed=0), tok, tmp_path / "base")
+    experts = {}
+    for i, (name, labels) in enumerate((("A", ["business", "sports", "tech"]), ("B", ["neg", "pos"]))):
+        m = bert(tok, seed=0, labels=labels)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * (1.0 if n.startswith("classifier.") else 0.05))
+        experts[name] = save(m, tok, tmp_path / name)
+    val = cls_file(tmp_path, name="val.jsonl")
+    recipe = _recipe(tmp_path / "r.yaml", base, experts, **{
+        "lambda": {"A": [0.0, 0.5, 5.0], "B": 0.4}, "exclude": ["^classifier\\."],
+        "validation": {"A": {"kind": "classification", "file": val, "max_length": 32}}})
+    assert main(["compress", str(recipe), str(tmp_path / "bundle")]) == 0
+    m = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    scores = m["tasks"]["A"]["validation"]
+    assert [s["lambda"] for s in scores] == [0.0, 0.5, 5.0]
+    best = max(scores, key=lambda s: s["accuracy"])  # max keeps the first of equal ones, as compress does
+    assert m["tasks"]["A"]["lambda"] == best["lambda"] and m["tasks"]["B"]["lambda"] == 0.4 and "validation" not in m["tasks"]["B"]
+    assert not list((tmp_path / "bundle").glob(".select-*"))
+    assert main(["decompress", str(tmp_path / "bundle"), "A", str(tmp_path / "outA")]) == 0
+    r = evaluate_model({"name": "a", "path": str(tmp_path / "outA")}, [{"name": "A", "kind": "classification", "file": val, "max_length": 32}])
+    assert r["A"]["metrics"]["accuracy"] == pytest.approx(best["accuracy"])
+    assert load_folder(tmp_path / "outA")["classifier.weight"].shape == (3, 4 * 8)  # task A's own 3-label head
+
+
+def test_lambda_list_without_validation_is_refused(hand, capsys):
+    root, recipe = hand
+    raw = yaml.safe_load(recipe.read_text())
+    raw["lambda"] = [0.2, 0.4]
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["compress", str(recipe), str(root / "bundle")]) == 2
+    assert "no validation task" in _err(capsys)
+    assert not (root / "bundle").exists()
+
+
+@pytest.mark.parametrize("higher_is_better, want", [(True, 0.0), (False, 100.0)])
+def test_lambda_choice_scores_each_candidates_rebuilt_expert(hand, monkeypatch, higher_is_better, want):
+    """A stand-in evaluator scores a candidate by the sum of its rebuilt ``w`` (read from the folder
+    it is given): lambda 0 keeps all of tau_MTL (sum 3.5), 1 gives [1.25, 0, 0, 1] (2.25), 100 none (0)."""
+    import graftkit.eval.runner as runner
+    from eval_helpers import cls_file
+
+    def fake(spec, tasks, *a, **kw):
+        w = load_folder(Path(spec["path"]))["w"]
+        return {tasks[0].name: {"main": "score", "higher_is_better": higher_is_better, "metrics": {"score": float(w.sum())}}}
+
+    monkeypatch.setattr(runner, "evaluate_model", fake)
+    root, recipe = hand
+    raw = yaml.safe_load(recipe.read_text())
+    raw["lambda"] = {"A": [1.0, 0.0, 100.0], "B": 1.0}
+    raw["validation"] = {"A": {"kind": "classification", "file": cls_file(root, name="val.jsonl")}}
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["compress", str(recipe), str(root / "bundle")]) == 0
+    a = json.loads((root / "bundle" / "bundle.json").read_text())["tasks"]["A"]
+    assert a["validation"] == [{"lambda": 1.0, "score": 2.25}, {"lambda": 0.0, "score": 3.5}, {"lambda": 100.0, "score": 0.0}]
+    assert a["lambda"] == want

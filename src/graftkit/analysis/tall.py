@@ -55,16 +55,18 @@ def _is_float(dtype: str) -> bool:
 
 
 def load_recipe(path: str | Path) -> dict:
-    """``base``, ``experts`` (task -> folder), ``lambda`` (a number, or task -> number) and
-    ``exclude`` (regexes of tensors stored whole per task)."""
+    """``base``, ``experts`` (task -> folder), ``lambda``, ``validation`` and ``exclude`` (regexes
+    of tensors stored whole per task). ``lambda`` is a number, a list of candidates, or a mapping
+    task -> either; a task with several candidates needs ``validation[task]``, an eval task (the
+    ``tasks:`` entries of EVAL.yaml), on which the candidate whose rebuilt expert scores best wins."""
     from ..config import read_yaml
 
     raw = read_yaml(path, "compress recipe")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a compress recipe is a mapping with base, experts, lambda, exclude")
-    unknown = sorted(set(raw) - {"base", "experts", "lambda", "exclude"})
+    unknown = sorted(set(raw) - {"base", "experts", "lambda", "validation", "exclude"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a compress recipe has base, experts, lambda, exclude")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a compress recipe has base, experts, lambda, validation, exclude")
     if not isinstance(raw.get("base"), str) or not raw["base"]:
         raise ConfigError(f"{path}: base must be the folder of the model the experts were fine-tuned from")
     experts = raw.get("experts")
@@ -79,9 +81,17 @@ def load_recipe(path: str | Path) -> dict:
     lambdas = {t: lam for t in experts} if not isinstance(lam, dict) else dict(lam)
     if set(lambdas) != set(experts):
         raise ConfigError(f"{path}: lambda must be one number or give every task one (tasks: {', '.join(experts)})")
-    for t, v in lambdas.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ConfigError(f"{path}: lambda for {t} must be a number >= 0 (the paper picks one in 0.2-0.6), got {v!r}")
+    validation = raw.get("validation") or {}
+    if not isinstance(validation, dict) or not set(validation) <= set(experts):
+        raise ConfigError(f"{path}: validation must map task names (of experts) to eval tasks")
+    for t, v in list(lambdas.items()):
+        v = v if isinstance(v, list) else [v]
+        if not v or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 for x in v):
+            raise ConfigError(f"{path}: lambda for {t} must be a number >= 0 or a list of them (the paper picks one in 0.2-0.6), got {lambdas[t]!r}")
+        if len(v) > 1 and t not in validation:
+            raise ConfigError(f"{path}: task {t} has {len(v)} lambda candidates but no validation task to choose among them; "
+                              "add validation: {" + t + ": {kind: classification, file: ...}} or give one lambda")
+        lambdas[t] = [float(x) for x in v]
     exclude = raw.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
         raise ConfigError(f"{path}: exclude must be a list of regexes (tensors stored whole per task, e.g. 'classifier\\.')")
@@ -90,7 +100,10 @@ def load_recipe(path: str | Path) -> dict:
             re.compile(x)
         except re.error as exc:
             raise ConfigError(f"{path}: exclude pattern {x!r} is not a valid regex ({exc})") from None
-    return {"base": raw["base"], "experts": dict(experts), "lambda": {t: float(v) for t, v in lambdas.items()}, "exclude": exclude}
+    from ..eval.config import parse_task
+
+    checked = {t: parse_task({"name": t, **v} if isinstance(v, dict) else v, f"validation.{t}") for t, v in validation.items()}
+    return {"base": raw["base"], "experts": dict(experts), "lambda": lambdas, "validation": checked, "exclude": exclude}
 
 
 def _plan(base: Checkpoint, experts: dict[str, Checkpoint], exclude: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -139,47 +152,53 @@ def compress(recipe: str | Path | dict, out: str | Path, overwrite: bool = False
     shapes = {k: base.shape(k) for k in merged}
     fp = base_fingerprint(base.get, shapes)
     tasks = list(experts)
-    lam = torch.tensor([cfg["lambda"][t] for t in tasks], dtype=torch.float32)
-    packed: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
-    kept = {t: 0 for t in tasks}
+    cands = cfg["lambda"]
+    packed: dict[str, list[dict[str, torch.Tensor]]] = {t: [{} for _ in cands[t]] for t in tasks}
+    kept = {t: [0] * len(cands[t]) for t in tasks}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "tau_mtl").mkdir()
         writer = ShardWriter(tmp / "tau_mtl", [(k, st_dtype(base.dtype(k)), tuple(shapes[k])) for k in merged])
         try:
             for k in merged:
                 b = base.get(k)
-                deltas = torch.stack([experts[t].get(k).float() - b.float() for t in tasks])
-                tau = deltas.sum(dim=0).to(b.dtype)  # unscaled sum, stored in the base's dtype
-                # the masks select against the tau that is stored, so a rebuild uses exactly what was judged
-                masks = tall_mask(deltas, tau.float().unsqueeze(0), lam.view(-1, *([1] * b.dim())))
+                deltas = {t: experts[t].get(k).float() - b.float() for t in tasks}
+                tau = torch.stack(list(deltas.values())).sum(dim=0).to(b.dtype)  # unscaled sum, stored in the base's dtype
                 writer.write(k, tau)
-                for i, t in enumerate(tasks):
-                    packed[t][k] = pack_mask(masks[i])[0]
-                    kept[t] += int(masks[i].sum())
+                tau = tau.float()  # the masks judge against the tau that is stored, so a rebuild uses what was judged
+                for t in tasks:
+                    for j, lam in enumerate(cands[t]):
+                        mask = tall_mask(deltas[t], tau, lam)
+                        packed[t][j][k] = pack_mask(mask)[0]
+                        kept[t][j] += int(mask.sum())
+                del deltas
         except BaseException:
             writer.abort()
             raise
         writer.close()
+        total = sum(int(torch.Size(s).numel()) for s in shapes.values())
+        chosen, scores = {}, {}
         for t in tasks:
+            j, scores[t] = _choose(t, cands[t], packed[t], shapes, base, tmp, experts[t], whole[t], cfg["validation"].get(t))
+            chosen[t] = j
             folder = tmp / "tasks" / t
             folder.mkdir(parents=True)
             # one task's masks unpacked at a time: bool costs a byte per entry, packed an eighth
-            save_masks(folder / "mask.safetensors", {k: unpack_mask(v, shapes[k]) for k, v in packed.pop(t).items()}, fp)
+            save_masks(folder / "mask.safetensors", {k: unpack_mask(v, shapes[k]) for k, v in packed.pop(t)[j].items()}, fp)
             from safetensors.torch import save_file
 
             save_file({k: experts[t].get(k).contiguous() for k in whole[t]}, str(folder / "whole.safetensors"))
             _copy_side_files(experts[t].path, folder)
         experts_bytes = sum(dir_size(ck.path) if ck.path.is_dir() else ck.path.stat().st_size for ck in experts.values())
         bundle_bytes = dir_size(tmp)  # every file but the manifest, which records the count
-        total = sum(int(torch.Size(s).numel()) for s in shapes.values())
         manifest = {
             "format": FORMAT, "version": VERSION,
             "base": {"path": str(Path(cfg["base"]).resolve()), "fingerprint": fp},
             "tau_mtl": "sum of the task vectors (theta_t - theta_0), unscaled, in the base's dtype",
             "mask": "|tau_t| >= lambda_t * |tau_MTL - tau_t|; expert_t = theta_0 + m_t * tau_MTL",
             "merged_tensors": len(merged), "merged_parameters": total, "exclude": cfg["exclude"],
-            "tasks": {t: {"source": str(Path(cfg["experts"][t]).resolve()), "lambda": cfg["lambda"][t],
-                          "mask_density": kept[t] / max(total, 1), "stored_whole": whole[t]} for t in tasks},
+            "tasks": {t: {"source": str(Path(cfg["experts"][t]).resolve()), "lambda": cands[t][chosen[t]],
+                          "mask_density": kept[t][chosen[t]] / max(total, 1), "stored_whole": whole[t],
+                          **({"validation": scores[t]} if scores[t] else {})} for t in tasks},
             "storage": {"experts_bytes": experts_bytes, "bundle_bytes": bundle_bytes,
                         "ratio": bundle_bytes / experts_bytes if experts_bytes else None,
                         "counted": "every file of the expert folders vs every file of the bundle except bundle.json; "
@@ -188,6 +207,53 @@ def compress(recipe: str | Path | dict, out: str | Path, overwrite: bool = False
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
+
+def _write_expert(folder: Path, base: Checkpoint, tau: Checkpoint, mask_of, whole, whole_keys: list[str], side: Path) -> None:
+    """An HF folder: ``theta_0 + m * tau_MTL`` (float32, cast to the base's dtype) for the merged
+    tensors, ``whole``'s tensors for the rest, ``side``'s config and tokenizer files."""
+    from ..merge.write import ShardWriter
+
+    keys = tau.keys()
+    entries = [(k, st_dtype(base.dtype(k)), tuple(tau.shape(k))) for k in keys]
+    entries += [(k, st_dtype(whole.dtype(k)), tuple(whole.shape(k))) for k in whole_keys]
+    writer = ShardWriter(folder, entries)
+    try:
+        for k in keys:
+            b = base.get(k)
+            writer.write(k, (b.float() + mask_of(k) * tau.get(k).float()).to(b.dtype))
+        for k in whole_keys:
+            writer.write(k, whole.get(k))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    _copy_side_files(side, folder)
+
+
+def _choose(task: str, cands: list[float], packed: list[dict], shapes: dict, base: Checkpoint, bundle_tmp: Path,
+            expert: Checkpoint, whole_keys: list[str], validation) -> tuple[int, list[dict]]:
+    """The index of the lambda whose rebuilt expert scores best on ``validation`` (the first of
+    equal ones), with every candidate's score; one candidate needs no evaluation."""
+    if len(cands) == 1 or validation is None:
+        return 0, []
+    from ..eval.runner import evaluate_model
+
+    tau = Checkpoint(bundle_tmp / "tau_mtl")
+    scores, best = [], None
+    for j, lam in enumerate(cands):
+        folder = bundle_tmp / f".select-{task}-{j}"
+        folder.mkdir()
+        try:
+            _write_expert(folder, base, tau, lambda k: unpack_mask(packed[j][k], shapes[k]), expert, whole_keys, expert.path)
+            r = evaluate_model({"name": f"{task}-lambda-{lam:g}", "path": str(folder)}, [validation])[validation.name]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        score = float(r["metrics"][r["main"]])
+        scores.append({"lambda": lam, r["main"]: score})
+        signed = score if r["higher_is_better"] else -score
+        if best is None or signed > best[0]:
+            best = (signed, j)
+    return best[1], scores
 
 def read_manifest(bundle: str | Path) -> dict:
     path = Path(bundle) / MANIFEST
@@ -207,7 +273,6 @@ def read_manifest(bundle: str | Path) -> dict:
 def decompress(bundle: str | Path, task: str, out: str | Path, base: str | Path | None = None, overwrite: bool = False) -> Path:
     """Rebuild expert ``task`` as an HF folder: ``theta_0 + m_t * tau_MTL`` for the merged tensors,
     the task's stored tensors for the rest, and the expert's config and tokenizer files."""
-    from ..merge.write import ShardWriter
     from ..outputs import atomic_dir, check_output
 
     bundle = Path(bundle)
@@ -231,19 +296,6 @@ def decompress(bundle: str | Path, task: str, out: str | Path, base: str | Path 
     masks = load_masks(folder / "mask.safetensors", fp)
     whole = Checkpoint(folder / "whole.safetensors")
     check_output(out, [("bundle", bundle), ("base", base_path)])
-    entries = [(k, st_dtype(base_ck.dtype(k)), tuple(tau.shape(k))) for k in keys]
-    entries += [(k, whole.dtype(k), tuple(whole.shape(k))) for k in whole.keys()]
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, entries)
-        try:
-            for k in keys:
-                b = base_ck.get(k)
-                writer.write(k, (b.float() + masks[k] * tau.get(k).float()).to(b.dtype))
-            for k in whole.keys():
-                writer.write(k, whole.get(k))
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        _copy_side_files(folder, tmp)
+        _write_expert(tmp, base_ck, tau, masks.__getitem__, whole, whole.keys(), folder)
     return Path(out)
