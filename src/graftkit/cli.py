@@ -55,9 +55,40 @@ def _inspect_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_deltas(args: argparse.Namespace) -> int:
+    """``graft inspect --deltas A [B ...] --base BASE [--out DIR]``: delta statistics, spectra, intruder
+    dimensions and task-vector similarity; the report goes to --out, one summary line to stdout."""
+    from .errors import ConfigError
+
+    if args.path is not None:
+        raise ConfigError(f"inspect takes either PATH or --deltas, not both (got PATH {args.path}); "
+                          "put every fine-tune after --deltas")
+    if not args.base:
+        raise ConfigError("inspect --deltas needs --base BASE, the model the deltas were fine-tuned from")
+    from .analysis.delta_stats import inspect_deltas
+    from .analysis.inspect_report import summary_line, write_inspect_report
+
+    res = inspect_deltas(args.base, args.deltas, top_k=args.top_k, epsilon=args.epsilon, exclude=args.exclude or (),
+                         progress=sys.stderr.isatty())
+    if args.out:
+        html_path, _ = write_inspect_report(res, args.out)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(summary_line(res) + (f"; report {html_path}" if args.out else ""))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    if args.deltas:
+        return _inspect_deltas(args)
+    if args.path is None or args.base or args.out:
+        from .errors import ConfigError
+
+        raise ConfigError("inspect: the path argument is required (a model folder, adapter folder or safetensors file), "
+                          "unless you pass --deltas A [B ...] --base BASE [--out DIR]; --base and --out go with --deltas")
     if args.params:
         return _inspect_params(args)
 
@@ -485,12 +516,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_subparsers=sub.choices)
 
     s = sub.add_parser("inspect", help="describe a model folder, adapter folder (native or peft) or safetensors file")
-    s.add_argument("path")
+    s.add_argument("path", nargs="?")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--params", action="store_true",
                    help="PATH is a training recipe: print its trainable and total parameters and their ratio without training "
                         "(the model is built from its config, no weights read)")
     s.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only)")
+    s.add_argument("--deltas", nargs="+", metavar="MODEL",
+                   help="fine-tuned model or adapter folders: delta statistics, spectra, intruder dimensions, similarity")
+    s.add_argument("--base", help="with --deltas: the base model the deltas were fine-tuned from")
+    s.add_argument("--out", metavar="DIR", help="with --deltas: write report.html, report.md and report_files/ here")
+    s.add_argument("--top-k", type=int, default=10, help="with --deltas: top singular vectors checked for intruders (10)")
+    s.add_argument("--epsilon", type=float, default=0.5, help="with --deltas: intruder cosine threshold (0.5)")
+    s.add_argument("--exclude", action="append", metavar="GLOB", help="with --deltas: skip tensors matching GLOB (repeatable)")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("export", help="fold an adapter into its base (--merged) or convert it (--peft / --native)")
