@@ -211,3 +211,21 @@ def test_lambda_choice_scores_each_candidates_rebuilt_expert(hand, monkeypatch, 
     a = json.loads((root / "bundle" / "bundle.json").read_text())["tasks"]["A"]
     assert a["validation"] == [{"lambda": 1.0, "score": 2.25}, {"lambda": 0.0, "score": 3.5}, {"lambda": 100.0, "score": 0.0}]
     assert a["lambda"] == want
+
+
+def test_expert_missing_a_tensor_and_moved_base_are_refused(hand, tmp_path, capsys):
+    root, recipe = hand
+    assert main(["compress", str(recipe), str(root / "bundle")]) == 0
+    (root / "base").rename(root / "moved")
+    capsys.readouterr()
+    assert main(["decompress", str(root / "bundle"), "A", str(root / "out")]) == 2
+    assert "does not exist" in (err := _err(capsys)) and "--base" in err
+    assert main(["decompress", str(root / "bundle"), "A", str(root / "out"), "--base", str(root / "moved")]) == 0
+    capsys.readouterr()
+    c = _folder(root / "c", {"w": torch.ones(1, 4)})  # no "b"
+    raw = yaml.safe_load(recipe.read_text())
+    raw["base"], raw["experts"]["C"] = str(root / "moved"), str(c)
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["compress", str(recipe), str(root / "b2")]) == 2
+    assert "expert C" in (err := _err(capsys)) and "lacks 1 tensor" in err and "e.g. b;" in err
+    assert not (root / "b2").exists()

@@ -280,6 +280,9 @@ def decompress(bundle: str | Path, task: str, out: str | Path, base: str | Path 
     if task not in m["tasks"]:
         raise BundleError(f"{bundle} has no task {task!r}; it holds {', '.join(sorted(m['tasks']))}")
     base_path = Path(base) if base is not None else Path(m["base"]["path"])
+    if base is None and not base_path.exists():
+        raise BundleError(f"the base {base_path} recorded in {bundle} does not exist (the bundle references it, not a copy); "
+                          "give the base folder with --base")
     base_ck = Checkpoint(base_path)
     tau = Checkpoint(bundle / "tau_mtl")
     keys = tau.keys()
