@@ -194,3 +194,20 @@ def test_masks_for_another_base(setup, capsys):
     err = _error(capsys)
     assert "different base model" in err
     assert not out.exists()
+
+
+def test_localize_lora_adapter_expert(setup, tmp_path):
+    """An adapter expert: the delta is the folded LoRA product (query/value) plus its own head."""
+    from eval_helpers import lora_adapter
+
+    from graftkit.analysis.localize import load_localize_config, open_graft
+
+    tmp, base, _, data, _ = setup
+    model, adapter = lora_adapter(gk.load_tokenizer("minilm"), tmp_path)
+    graft, _ = open_graft(load_localize_config(recipe(tmp_path, base, adapter, data, tmp_path / "lora")))
+    touched = {n.split(".")[-2] for n in graft.deltas}
+    assert touched == {"query", "value", "classifier"}
+    gk.unload(model, merge=True)
+    params = dict(model.named_parameters())
+    for n, d in graft.deltas.items():  # base + delta is the folded adapter model
+        assert torch.allclose(graft.base[n] + d, params[n], atol=1e-6)
