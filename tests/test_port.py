@@ -139,3 +139,25 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, bases, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("graft: error:") and err.count("\n") == 1 and expect in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_classifier_head_is_ported_whole_with_its_labels(tmp_path):
+    """graft study's layout: v1 and v2 carry an untrained 2-label head, the expert its own 3-label one."""
+    from graftkit.analysis.port import port
+
+    tiny_bert(0, num_labels=2).save_pretrained(tmp_path / "v1")
+    v2 = tiny_bert(0, num_labels=2)
+    with torch.no_grad():
+        for p in v2.parameters():
+            p.add_(0.01)
+    v2.save_pretrained(tmp_path / "v2")
+    ft = tiny_bert(0, num_labels=3)
+    with torch.no_grad():
+        ft.bert.encoder.layer[0].attention.self.query.weight.add_(0.1)
+    ft.save_pretrained(tmp_path / "ft")
+    port(tmp_path / "ft", tmp_path / "v1", tmp_path / "v2", tmp_path / "out")
+    got, a, b, c = (load_folder(tmp_path / n) for n in ("out", "v1", "v2", "ft"))
+    assert torch.equal(got["classifier.weight"], c["classifier.weight"])
+    k = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(got[k], b[k] + (c[k] - a[k]))
+    assert transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out").config.num_labels == 3

@@ -14,6 +14,9 @@ The patch is the weight delta of the fine-tune, ``delta = ft - v1``, and the por
   against the base column norms, IA3 scales the base) is refused there and ported as a full
   folder with ``full=True``, which adds the delta computed on v1, the quantity PortLLM transfers.
 
+A classification head (``classifier.*`` / ``score.*``) of a fine-tuned folder is ported whole, with its
+labels: v1's and v2's heads are untrained (and may count other labels), so its delta means nothing.
+
 v1 and v2 must be the same architecture with the same tensor names and shapes; anything else is
 refused before anything is written.
 """
@@ -27,6 +30,10 @@ import torch
 from ..errors import GraftError
 
 ST_FLOATS = ("F64", "F32", "F16", "BF16")
+# a classification head (the names graft study leaves out of merges) trained from a random start:
+# ported whole from the fine-tune, since v1's and v2's heads are untrained and may count other labels
+HEADS = ("classifier.", "score.")
+_LABEL_KEYS = ("id2label", "label2id", "num_labels", "problem_type")
 _EXTRA_FILES = ("generation_config.json",)
 
 
@@ -65,10 +72,16 @@ def check_bases(v1, v1_config: dict, v2, v2_config: dict) -> None:
                             "a patch ports only between bases of the same shapes")
 
 
-def _copy_side_files(v2_dir: Path, patch_dir: Path | None, out: Path) -> None:
+def _copy_side_files(v2_dir: Path, patch_dir: Path | None, out: Path, labels_from: dict | None = None) -> None:
+    import json
+
     from ..merge.plan import TOKENIZER_FILES
 
     shutil.copy2(v2_dir / "config.json", out / "config.json")
+    if labels_from:  # the head is the fine-tune's: so are its labels
+        config = json.loads((out / "config.json").read_text())
+        config.update({k: labels_from[k] for k in _LABEL_KEYS if k in labels_from})
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in (*TOKENIZER_FILES, *_EXTRA_FILES):
         # the updated base's tokenizer: v1 and v2 share the vocabulary (same embedding shapes)
         src = v2_dir / name if (v2_dir / name).is_file() else (patch_dir / name if patch_dir else None)
@@ -76,18 +89,25 @@ def _copy_side_files(v2_dir: Path, patch_dir: Path | None, out: Path) -> None:
             shutil.copy2(src, out / name)
 
 
-def _write_folder(v1, v2, out: Path, delta_of, patch_dir: Path | None, overwrite: bool, max_shard_size) -> dict:
-    """``v2 + delta_of(key)`` for every tensor (delta_of returns None where the patch leaves a tensor alone)."""
+def _write_folder(v1, v2, out: Path, delta_of, patch_dir: Path | None, overwrite: bool, max_shard_size,
+                  heads=None, labels_from: dict | None = None) -> dict:
+    """``v2 + delta_of(key)`` for every tensor (delta_of returns None where the patch leaves a tensor
+    alone); the tensors of ``heads`` (a checkpoint) replace v2's whole."""
     from ..merge.write import ShardWriter
     from ..outputs import atomic_dir
     from ..tensors import ST_TO_TORCH, st_dtype
 
-    entries = [(k, st_dtype(v2.dtype(k)), tuple(v2.shape(k))) for k in v2.keys()]
+    whole = set() if heads is None else {k for k in heads.keys() if k.startswith(HEADS)}
+    entries = [(k, st_dtype(src.dtype(k)), tuple(src.shape(k))) for k in v2.keys() for src in [heads if k in whole else v2]]
     changed = 0
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, entries, max_shard_size)
         try:
             for key, dtype, _ in entries:
+                if key in whole:
+                    writer.write(key, heads.get(key))
+                    changed += 1
+                    continue
                 w = v2.get(key)
                 d = delta_of(key) if dtype in ST_FLOATS else None
                 if d is not None:
@@ -98,7 +118,7 @@ def _write_folder(v1, v2, out: Path, delta_of, patch_dir: Path | None, overwrite
         except BaseException:
             writer.abort()
             raise
-        _copy_side_files(Path(v2.path), patch_dir, tmp)
+        _copy_side_files(Path(v2.path), patch_dir, tmp, labels_from if whole else None)
     return {"out": str(out), "kind": "model", "tensors": len(entries), "patched": changed}
 
 
@@ -131,14 +151,14 @@ def port(patch: str | Path, v1_path: str | Path, v2_path: str | Path, out: str |
         raise PortError(f"patch {patch} is neither a model folder nor an adapter folder")
     ft, cf = _open_model(patch, "patch")
     if _arch(cf) != _arch(c1) or set(ft.keys()) != set(v1.keys()) or any(
-            tuple(ft.shape(k)) != tuple(v1.shape(k)) for k in v1.keys()):
+            tuple(ft.shape(k)) != tuple(v1.shape(k)) for k in v1.keys() if not k.startswith(HEADS)):
         raise PortError(f"patch {patch} is not a fine-tune of v1 {v1.path} (its architecture, tensor names or shapes differ); "
                         "give the base it was tuned from as --from")
 
     def delta_of(key):
         return ft.get(key).float() - v1.get(key).float()
 
-    return _write_folder(v1, v2, out, delta_of, Path(patch), overwrite, max_shard_size)
+    return _write_folder(v1, v2, out, delta_of, Path(patch), overwrite, max_shard_size, heads=ft, labels_from=cf)
 
 
 def _retarget_adapter(patch, source, v1, v2, out: Path, overwrite: bool) -> dict:
