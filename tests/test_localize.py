@@ -211,3 +211,37 @@ def test_localize_lora_adapter_expert(setup, tmp_path):
     params = dict(model.named_parameters())
     for n, d in graft.deltas.items():  # base + delta is the folded adapter model
         assert torch.allclose(graft.base[n] + d, params[n], atol=1e-6)
+
+
+def test_mask_jaccard_by_group():
+    from graftkit.analysis.localize import LocalizeError, mask_group, mask_jaccard
+
+    q, d = "bert.encoder.layer.1.attention.self.query.weight", "bert.encoder.layer.1.intermediate.dense.weight"
+    assert mask_group(q) == ("1", "attention.self.query") and mask_group("model.layers.12.mlp.up_proj.weight") == ("12", "mlp.up_proj")
+    assert mask_group("bert.embeddings.word_embeddings.weight") == ("-", "bert.embeddings.word_embeddings")
+    a = {q: torch.tensor([True, True, False, False]), d: torch.tensor([True, False])}
+    b = {q: torch.tensor([True, False, True, False]), d: torch.tensor([False, False])}
+    res = mask_jaccard({"a": a, "b": b})
+    assert res["groups"]["1/attention.self.query"][0][1] == pytest.approx(1 / 3)  # {0} of {0, 1, 2}
+    assert res["groups"]["1/intermediate.dense"][0][1] == 0.0
+    assert res["all"][0][1] == pytest.approx(1 / 4) and res["all"][1][0] == res["all"][0][1] and res["all"][0][0] == 1.0
+    with pytest.raises(LocalizeError, match="different tensors"):
+        mask_jaccard({"a": a, "b": {q: b[q]}})
+
+
+def test_localize_overlap_of_given_masks(setup):
+    """Two mask files given: their Jaccard overlap (whole model, per group) and the union grafted."""
+    tmp, base, expert, data, _ = setup
+    first = tmp / "ov1"
+    assert graft_main(["localize", recipe(tmp, base, expert, data, first, steps=10, eval_every=10, sparsity=[0.002, 0.01])]) == 0
+    given = [str(first / "masks" / "learned-s0.002.safetensors"), str(first / "masks" / "magnitude-s0.01.safetensors")]
+    out = tmp / "ov2"
+    assert graft_main(["localize", recipe(tmp, base, expert, data, out, steps=1, masks=given)]) == 0
+    res = json.loads((out / "result.json").read_text())
+    a, b = (load_masks(p, None) for p in given)
+    inter = sum(int((a[k] & b[k]).sum()) for k in a)
+    uni = sum(int((a[k] | b[k]).sum()) for k in a)
+    assert res["overlap"]["all"][0][1] == pytest.approx(inter / uni) and 0 < inter < uni
+    assert res["union"]["k"] == uni
+    assert "Overlap of the given masks" in (out / "report.md").read_text()
+    assert (out / "report_files" / "localize_overlap.png").exists()

@@ -28,6 +28,7 @@ folded into its base as ``graft eval`` does, and the delta taken from the folded
 from __future__ import annotations
 
 import fnmatch
+import re
 import json
 import math
 import time
@@ -321,6 +322,11 @@ def run_localize(cfg: LocalizeConfig | dict | str | Path, progress: bool = True)
         masks_out[f"learned-s{s:g}"] = learned
     for path, m in given.items():
         result["given"].append({"path": path, "k": sum(int(v.sum()) for v in m.values()), **graft.score_mask(m)})
+    if len(given) > 1:  # several experts' (or levels') regions: overlap, and this expert grafted on their union
+        labels = [Path(p).stem if Path(p).stem not in [Path(q).stem for q in given if q != p] else p for p in given]
+        result["overlap"] = mask_jaccard(dict(zip(labels, given.values())))
+        union = {n: torch.stack([m[n] for m in given.values()]).any(0) for n in graft.deltas}
+        result["union"] = {"k": sum(int(v.sum()) for v in union.values()), **graft.score_mask(union)}
     result["seconds"] = time.time() - t0
 
     # every computation is done: write
@@ -421,4 +427,65 @@ def build_localize_sections(result: dict) -> tuple[list, list]:
             f"step {h['step']:>5}  loss {h['loss']:.4f}  acc {h['accuracy']:.3f}  ece {h['ece']:.3f}" for h in lv["history"]))])
         for lv in levels] or [Para("no sparsity levels")])
     files = Section("files", "Files", [Pre("\n".join(result.get("files") or []) or "none")])
-    return [summary, scores, hist, files], figures
+    out = [summary, scores, hist]
+    ov = result.get("overlap")
+    if ov:
+        from ..eval.report import _heatmap, _rc
+
+        names = ov["experts"]
+        with _rc():
+            fig = new_figure(1.6 + 0.7 * len(names), 1.2 + 0.6 * len(names))
+            ax = fig.add_subplot(111)
+            _heatmap(ax, fig, ov["all"], names, "Jaccard overlap of the given masks", "viridis", 0.0, 1.0, "Jaccard", True)
+        figures.append(Figure("localize_overlap", png_bytes(fig), "Jaccard overlap of the given masks"))
+        pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+        grows = [[Cell(g)] + [Cell(f"{m[i][j]:.3f}", num=True) for i, j in pairs] for g, m in sorted(ov["groups"].items())]
+        u = result["union"]
+        out.append(Section("overlap", "Overlap of the given masks", [
+            figures[-1],
+            Para(f"This expert grafted on the union of the given masks ({u['k']:,} entries): loss {u['loss']:.4f}, "
+                 f"accuracy {u['accuracy']:.3f} (retained {ret(u['accuracy'])}), ECE {u['ece']:.3f}."),
+            Details("per layer and module type", [Table([Cell("layer/module")] + [Cell(f"{names[i]} vs {names[j]}") for i, j in pairs], grows)])]))
+    return out + [files], figures
+
+
+# -- several experts: where their localized regions overlap (issue 17 item 2, the pure part) ---------
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def mask_group(name: str) -> tuple[str, str]:
+    """(layer, module type) of a tensor name: ``encoder.layer.3.attention.self.query.weight`` ->
+    ("3", "attention.self.query"); tensors outside the numbered blocks are layer "-"."""
+    m = _LAYER.search(name)
+    if m is None:
+        return "-", name.rsplit(".", 1)[0]
+    return m.group(1), name[m.end():].rsplit(".", 1)[0]
+
+
+def mask_jaccard(masks: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """Jaccard overlap ``|A & B| / |A | B|`` of several experts' masks (same keys and shapes): over
+    the whole model and per (layer, module type). 1.0 where both masks are empty in a group."""
+    names = list(masks)
+    keys = list(masks[names[0]]) if names else []
+    for e in names[1:]:
+        if set(masks[e]) != set(keys) or any(masks[e][k].shape != masks[names[0]][k].shape for k in keys):
+            raise LocalizeError(f"the masks of {names[0]} and {e} cover different tensors; compare masks made on one base for one delta layout")
+    n = len(names)
+    inter: dict[tuple, torch.Tensor] = {}
+    union: dict[tuple, torch.Tensor] = {}
+    for k in keys:
+        g = mask_group(k)
+        flat = torch.stack([masks[e][k].reshape(-1) for e in names]).float()
+        i = flat @ flat.T
+        sizes = flat.sum(1)
+        u = sizes[:, None] + sizes[None, :] - i
+        for grp in (g, ("all", "all")):
+            inter[grp] = inter.get(grp, torch.zeros(n, n, dtype=torch.float64)) + i.double()
+            union[grp] = union.get(grp, torch.zeros(n, n, dtype=torch.float64)) + u.double()
+
+    def jac(grp):
+        i, u = inter[grp], union[grp]
+        return torch.where(u > 0, i / u.clamp(min=1), torch.ones_like(u)).tolist()
+
+    return {"experts": names, "all": jac(("all", "all")) if keys else [],
+            "groups": {f"{layer}/{module}": jac((layer, module)) for layer, module in inter if layer != "all"}}
