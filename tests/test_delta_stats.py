@@ -33,6 +33,15 @@ def test_effective_rank_golden():
     assert effective_rank(torch.zeros(2, 2)) == 0.0
 
 
+def test_labels_are_the_shortest_distinct_path_tails(tmp_path):
+    from graftkit.analysis.delta_stats import _labels
+
+    a, b, c = tmp_path / "lora" / "bbc" / "adapter", tmp_path / "full" / "bbc" / "adapter", tmp_path / "x" / "merged"
+    assert list(_labels([a, b, c])) == ["lora/bbc/adapter", "full/bbc/adapter", "merged"]
+    assert list(_labels([a, c])) == ["adapter", "merged"]
+    assert len(_labels([a, a])) == 2
+
+
 def test_sparsity_and_names():
     d = torch.tensor([0.0, 1e-5, 0.5, -2.0])
     assert sparsity_at(d, [0, 1e-4, 1]) == {0.0: 0.25, 1e-4: 0.5, 1.0: 0.75}

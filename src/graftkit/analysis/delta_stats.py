@@ -102,13 +102,24 @@ def _excluded(key: str, patterns: list[str]) -> bool:
 def _labels(deltas: Mapping[str, str | Path] | Iterable[str | Path]) -> dict[str, str]:
     if isinstance(deltas, Mapping):
         return {str(k): str(v) for k, v in deltas.items()}
-    out: dict[str, str] = {}
-    for p in deltas:
-        name = Path(str(p)).name or str(p)
+    paths = [str(p) for p in deltas]
+    parts = [Path(p).resolve().parts or (p,) for p in paths]
+    # the shortest path tail that tells the inputs apart: experts/lora/bbc/adapter and experts/full/bbc/adapter
+    # read as lora/bbc/adapter and full/bbc/adapter, not as adapter twice
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(x[-d:]) for x, d in zip(parts, depth)]
+        clash = [i for i, nm in enumerate(names) if names.count(nm) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    out: dict[str, str] = {}  # only the same path given twice still clashes
+    for name, p in zip(names, paths):
         label, i = name, 2
         while label in out:
             label, i = f"{name}#{i}", i + 1
-        out[label] = str(p)
+        out[label] = p
     return out
 
 
