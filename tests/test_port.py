@@ -161,3 +161,26 @@ def test_a_classifier_head_is_ported_whole_with_its_labels(tmp_path):
     k = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(got[k], b[k] + (c[k] - a[k]))
     assert transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out").config.num_labels == 3
+
+
+def test_full_port_of_an_adapter_takes_its_head_whole(tmp_path):
+    from graftkit.analysis.port import port
+
+    tiny_bert(0).save_pretrained(tmp_path / "v1")
+    v2 = tiny_bert(0)
+    with torch.no_grad():
+        for p in v2.parameters():
+            p.add_(0.01)
+    v2.save_pretrained(tmp_path / "v2")
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "v1")
+    gk.inject(model, gk.LoRAConfig(r=2, lora_alpha=4, targets=["query", "value"], train_also=["classifier"]))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B") or n.startswith("classifier."):
+                p.normal_(0, 0.5)
+    gk.save_adapter(model, tmp_path / "a")
+    port(tmp_path / "a", tmp_path / "v1", tmp_path / "v2", tmp_path / "out", full=True)
+    got = load_folder(tmp_path / "out")
+    head = gk.read_adapter(tmp_path / "a").tensors["classifier.weight.value"]
+    assert torch.allclose(got["classifier.weight"], head, atol=1e-6)

@@ -140,8 +140,8 @@ def port(patch: str | Path, v1_path: str | Path, v2_path: str | Path, out: str |
         whole = source.whole
         if full:
             def delta_of(key):
-                if key in whole:
-                    return whole[key].float() - v1.get(key).float()
+                if key in whole:  # trained whole: a head replaces v2's, any other tensor carries its change from v1
+                    return whole[key].float() - (v2 if key.startswith(HEADS) else v1).get(key).float()
                 d = deltas.get(key)
                 return None if d is None else d.fn(v1.get(key)).float()
 
