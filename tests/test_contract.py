@@ -985,10 +985,10 @@ def test_deepcopy_bare_parameter_class():
 def test_fingerprint_probe_of_a_tensor_past_2_24_elements_stays_in_bounds():
     """float32 cannot hold 2**24 + 3: the last probe position rounded up to one past the end
     (full fine-tuning of SmolLM2, whose embedding has 28,311,552 values, failed on it)."""
-    from graftkit.fingerprint import _probe
+    from graftkit.fingerprint import probe_values
 
     t = torch.arange(2**24 + 4, dtype=torch.int32)
-    values = _probe(t)
+    values = probe_values(t)
     assert len(values) == 16 and values[0] == 0 and values[-1] == float(t[-1].float())  # the last element
 
 

@@ -1,5 +1,5 @@
 """The merge engine's module layout: plan -> compute -> write -> api, no import cycles among them,
-and no module of graftkit.merge imports another module's private (underscore) name."""
+and no module of graftkit.merge or graftkit.analysis imports another module's private (underscore) name."""
 from __future__ import annotations
 
 import ast
@@ -21,11 +21,14 @@ def imports(module: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def test_no_merge_module_imports_a_private_name():
+def test_no_merge_or_analysis_module_imports_a_private_name():
     bad = []
-    for path in sorted(MERGE_DIR.glob("*.py")):
-        for source, names in imports(path.stem):
-            bad += [f"{path.name}: from .{source} import {n}" for n in names if n.startswith("_") and n != "__version__"]
+    for folder in (MERGE_DIR, MERGE_DIR.parent / "analysis"):
+        for path in sorted(folder.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                    bad += [f"{folder.name}/{path.name}: from {'.' * node.level}{node.module or ''} import {a.name}"
+                            for a in node.names if a.name.startswith("_") and a.name != "__version__"]
     assert not bad, bad
 
 

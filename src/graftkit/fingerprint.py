@@ -35,7 +35,8 @@ def _structure(model: nn.Module, skip: set[str]) -> tuple[int, str]:
     return total, h.hexdigest()[:16]
 
 
-def _probe(param: torch.Tensor) -> list[float]:
+def probe_values(param: torch.Tensor) -> list[float]:
+    """The few values of a tensor a base-model fingerprint records (what adapters, masks and bundles compare)."""
     if param.is_meta:  # a model built without weights (parameter counts) has no values to probe
         return []
     if is_quantized(param):  # QLoRA: the values the adapter was trained against
@@ -53,7 +54,7 @@ def fingerprint(model: nn.Module, targets: list[str], skip: set[str]) -> dict:
     total, digest = _structure(model, skip)
     params = {i.name: i.param for i in iter_params(model)}
     step = max(1, len(targets) // PROBE_TENSORS)
-    probes = {name: _probe(params[name]) for name in targets[::step][:PROBE_TENSORS]}
+    probes = {name: probe_values(params[name]) for name in targets[::step][:PROBE_TENSORS]}
     dtype = str(next(iter(params.values())).dtype).replace("torch.", "") if params else "float32"
     fp = {"num_parameters": total, "structure": digest, "dtype": dtype, "probe": probes}
     quantized = next((p for p in params.values() if is_quantized(p)), None)
@@ -88,7 +89,7 @@ def check_probes(read: Callable[[str], "torch.Tensor | None"], fp: dict | None, 
         tensor = read(name)
         if tensor is None:
             continue
-        got = _probe(tensor)
+        got = probe_values(tensor)
         same_dtype = str(tensor.dtype).replace("torch.", "") == fp.get("dtype")
         rtol, atol = (1e-6, 1e-7) if same_dtype else (1e-2, 1e-3)
 
@@ -99,7 +100,7 @@ def check_probes(read: Callable[[str], "torch.Tensor | None"], fp: dict | None, 
             # made on a 4-bit base (QLoRA), checked against the full-precision one: quantize it the same way
             from .io.quantize import requantize
 
-            got = _probe(requantize(tensor, fp["quantized"]))
+            got = probe_values(requantize(tensor, fp["quantized"]))
         if not fits(got):
             raise AdapterError(
                 f"{where}this adapter was made for a different base model{origin}: the weights of {name} differ from the ones "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..eval.report import PALETTE, Cell, Figure, Para, Section, Table, _rc, _similarity_chart, new_figure, png_bytes, write_sections
+from ..eval.report import PALETTE, Cell, Figure, Para, Section, Table, chart_style, similarity_chart, new_figure, png_bytes, write_sections
 
 SECTIONS = (("overview", "Overview"), ("layers", "By layer"), ("modules", "By module type"), ("spectra", "Spectra"),
             ("intruders", "Intruder dimensions"), ("similarity", "Task-vector similarity"))
@@ -43,7 +43,7 @@ def _group_table(groups: list[dict], by: str, thresholds: list[str]) -> Table:
 def _spectra_chart(models: dict) -> bytes:
     """Per model, the mean normalised spectrum ``sigma_i / sigma_1`` of each module type's deltas."""
     names = list(models)
-    with _rc():
+    with chart_style():
         fig = new_figure(min(14.0, 4.2 * len(names) + 1.5), 3.6)
         axes = fig.subplots(1, len(names), squeeze=False)[0]
         for ax, name in zip(axes, names):
@@ -71,7 +71,7 @@ def _spectra_chart(models: dict) -> bytes:
 
 def _intruder_chart(models: dict) -> bytes:
     names = list(models)
-    with _rc():
+    with chart_style():
         fig = new_figure(max(4.0, 1.1 * len(names) + 2.0), 3.2)
         ax = fig.add_subplot()
         vals = [models[n]["total"]["intruders"] for n in names]
@@ -135,7 +135,7 @@ def build_inspect_sections(result: dict) -> tuple[list[Section], list[Figure]]:
     si = secs["similarity"]
     sim = result.get("similarity")
     if sim:
-        fig = Figure("similarity", _similarity_chart("deltas", sim), "Task-vector cosine and sign conflicts",
+        fig = Figure("similarity", similarity_chart("deltas", sim), "Task-vector cosine and sign conflicts",
                      "Cosine of the whole-model deltas and, among entries where both are nonzero, the share with "
                      "opposite signs (which cancel in a plain sum; TIES-Merging).")
         si.blocks.append(fig)

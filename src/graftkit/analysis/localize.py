@@ -430,13 +430,13 @@ def build_localize_sections(result: dict) -> tuple[list, list]:
     out = [summary, scores, hist]
     ov = result.get("overlap")
     if ov:
-        from ..eval.report import _heatmap, _rc
+        from ..eval.report import heatmap, chart_style
 
         names = ov["experts"]
-        with _rc():
+        with chart_style():
             fig = new_figure(1.6 + 0.7 * len(names), 1.2 + 0.6 * len(names))
             ax = fig.add_subplot(111)
-            _heatmap(ax, fig, ov["all"], names, "Jaccard overlap of the given masks", "viridis", 0.0, 1.0, "Jaccard", True)
+            heatmap(ax, fig, ov["all"], names, "Jaccard overlap of the given masks", "viridis", 0.0, 1.0, "Jaccard", True)
         figures.append(Figure("localize_overlap", png_bytes(fig), "Jaccard overlap of the given masks"))
         pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
         grows = [[Cell(g)] + [Cell(f"{m[i][j]:.3f}", num=True) for i, j in pairs] for g, m in sorted(ov["groups"].items())]

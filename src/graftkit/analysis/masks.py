@@ -62,7 +62,7 @@ def base_fingerprint(read: Callable[[str], torch.Tensor], shapes: Mapping[str, I
     """The fingerprint of a base over the tensors ``shapes`` names (the masked ones): their count,
     a hash of every (name, shape) and probe values read as :mod:`graftkit.fingerprint` reads them,
     so :func:`graftkit.fingerprint.check_probes` can compare them."""
-    from ..fingerprint import PROBE_TENSORS, _probe
+    from ..fingerprint import PROBE_TENSORS, probe_values
 
     names = sorted(shapes)
     h = hashlib.sha256()
@@ -77,7 +77,7 @@ def base_fingerprint(read: Callable[[str], torch.Tensor], shapes: Mapping[str, I
     for name in picked:
         t = read(name)
         dtype = str(t.dtype).replace("torch.", "")
-        probes[name] = _probe(t)
+        probes[name] = probe_values(t)
     return {"num_parameters": total, "structure": h.hexdigest()[:16], "dtype": dtype, "probe": probes}
 
 

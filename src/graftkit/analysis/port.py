@@ -162,7 +162,7 @@ def port(patch: str | Path, v1_path: str | Path, v2_path: str | Path, out: str |
 
 
 def _retarget_adapter(patch, source, v1, v2, out: Path, overwrite: bool) -> dict:
-    from ..fingerprint import _probe
+    from ..fingerprint import probe_values
     from ..io import read_adapter
     from ..io.native import write_native
 
@@ -178,7 +178,7 @@ def _retarget_adapter(patch, source, v1, v2, out: Path, overwrite: bool) -> dict
     fp = base.get("fingerprint")
     if fp:
         # same architecture and shapes, so the structure hash and parameter count stay; the probe values become v2's
-        probes = {name: _probe(v2.get(name)) for name in (fp.get("probe") or {}) if name in v2.files}
+        probes = {name: probe_values(v2.get(name)) for name in (fp.get("probe") or {}) if name in v2.files}
         first = next(iter(probes), None)
         dtype = str(v2.get(first).dtype).replace("torch.", "") if first else fp.get("dtype")
         base["fingerprint"] = {**fp, "probe": probes, "dtype": dtype}

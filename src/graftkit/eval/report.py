@@ -284,7 +284,8 @@ def _because(st: _Study, stages: tuple[str, ...], default: str) -> str:
 
 
 # -- figures -------------------------------------------------------------------------------------
-def _rc():
+def chart_style():
+    """The reports' matplotlib settings (fonts, sizes, no top/right spines), as a context manager."""
     import matplotlib
 
     return matplotlib.rc_context({
@@ -313,7 +314,7 @@ def png_bytes(fig) -> bytes:
 def _normalized_chart(st: _Study, family: str, merges: list[dict], norm: dict) -> bytes:
     tasks = [t for t in st.task_names if any(_num((norm.get(m["name"]) or {}).get(t)) is not None
                                              or t in st.unmeant_tasks(m["name"]) for m in merges)]
-    with _rc():
+    with chart_style():
         n_g, n_t = len(merges), max(1, len(tasks))
         width = 0.8 / n_t
         fig = new_figure(min(13.0, max(5.5, 1.4 + n_g * (0.32 * n_t + 0.45))), 3.8)
@@ -352,7 +353,7 @@ def _normalized_chart(st: _Study, family: str, merges: list[dict], norm: dict) -
         return png_bytes(fig)
 
 
-def _heatmap(ax, fig, matrix: list[list], labels: list[str], title: str, cmap: str, vmin: float, vmax: float,
+def heatmap(ax, fig, matrix: list[list], labels: list[str], title: str, cmap: str, vmin: float, vmax: float,
              cbar_label: str, mask_diagonal: bool):
     import numpy as np
     from matplotlib.colors import Normalize
@@ -386,7 +387,8 @@ def _heatmap(ax, fig, matrix: list[list], labels: list[str], title: str, cmap: s
     fig.colorbar(im, ax=ax, shrink=0.8, label=cbar_label)
 
 
-def _similarity_chart(family: str, sim: dict) -> bytes:
+def similarity_chart(family: str, sim: dict) -> bytes:
+    """Task-vector cosine and sign-conflict heatmaps side by side (``sim`` as analysis/similarity.py returns it), as PNG bytes."""
     labels = [str(t) for t in sim.get("tasks") or []]
     n = len(labels)
     cos = sim.get("cosine") or [[None] * n for _ in range(n)]
@@ -394,19 +396,19 @@ def _similarity_chart(family: str, sim: dict) -> bytes:
     off = [abs(_num(cos[i][j])) for i in range(n) for j in range(n) if i != j and _num(cos[i][j]) is not None]
     lim = max(0.1, math.ceil(max(off, default=0.1) * 10) / 10)
     conf_off = [_num(conf[i][j]) for i in range(n) for j in range(n) if i != j and _num(conf[i][j]) is not None]
-    with _rc():
+    with chart_style():
         side = max(2.6, 0.62 * n + 1.4)
         fig = new_figure(2 * side + 1.6, side + 0.5)
         ax1, ax2 = fig.subplots(1, 2)
-        _heatmap(ax1, fig, cos, labels, "cosine of task vectors", "RdBu_r", -lim, lim, "cosine", True)
-        _heatmap(ax2, fig, conf, labels, "sign conflicts", "YlOrRd", 0.0, max(0.5, max(conf_off, default=0.5)),
+        heatmap(ax1, fig, cos, labels, "cosine of task vectors", "RdBu_r", -lim, lim, "cosine", True)
+        heatmap(ax2, fig, conf, labels, "sign conflicts", "YlOrRd", 0.0, max(0.5, max(conf_off, default=0.5)),
                  "share of shared nonzero entries\nwith opposite signs", True)
         fig.suptitle(f"Task vectors, {family}", fontsize=11)
         return png_bytes(fig)
 
 
 def _flips_chart(family: str, rows: list[tuple[str, int, int, int]]) -> bytes:
-    with _rc():
+    with chart_style():
         fig = new_figure(7.5, max(2.2, 0.32 * len(rows) + 1.3))
         ax = fig.add_subplot()
         ys = list(range(len(rows)))[::-1]
@@ -689,7 +691,7 @@ def _similarity(st: _Study, sec: Section, figs: list) -> None:
         caption = ""
         if norms:
             caption = "Task-vector norms: " + ", ".join(f"{t} {_fmt(n)}" for t, n in zip(sim["tasks"], norms))
-        fig = Figure(f"similarity_{_slug(fam)}", _similarity_chart(fam, sim), f"Task-vector cosine and sign conflicts, {fam}", caption)
+        fig = Figure(f"similarity_{_slug(fam)}", similarity_chart(fam, sim), f"Task-vector cosine and sign conflicts, {fam}", caption)
         figs.append(fig)
         sec.blocks.append(fig)
 
