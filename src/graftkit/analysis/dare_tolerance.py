@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, GraftError
+from ..merge.plan import open_model_folder
 
 DEFAULT_RATES = (0.5, 0.9, 0.95, 0.99)
 _FLOATS = ("F64", "F32", "F16", "BF16")
@@ -47,17 +48,6 @@ def check_rates(rates) -> list[float]:
     if not out:
         raise ConfigError("no drop rates given; give rates in [0, 1), e.g. 0.5 0.9 0.99")
     return sorted(set(out))
-
-
-def _open(path, role: str):
-    from ..merge.plan import check_model_folder, read_model_config
-    from ..tensors import Checkpoint
-
-    p = Path(path)
-    if not p.is_dir():
-        raise DareToleranceError(f"{role} {path} is not a folder; give a Hugging Face model folder")
-    check_model_folder(p)
-    return Checkpoint(p), read_model_config(str(p))
 
 
 def _check_pair(base, cb: dict, expert, ce: dict) -> None:
@@ -131,8 +121,8 @@ def dare_tolerance(base: str | Path, expert: str | Path, task: Any, rates=DEFAUL
         raise DareToleranceError(f"task {spec.name!r} is a {spec.kind} task; DARE tolerance scores classification tasks (accuracy)")
     if not Path(spec.file).is_file():
         raise DareToleranceError(f"task file {spec.file} does not exist; give a JSONL file with text and label fields")
-    b, cb = _open(base, "base")
-    e, ce = _open(expert, "expert")
+    b, cb = open_model_folder(base, "base", DareToleranceError)
+    e, ce = open_model_folder(expert, "expert", DareToleranceError)
     _check_pair(b, cb, e, ce)
     cache = EvalCache()
     rows = []

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GraftError
+from ..merge.plan import open_model_folder
 
 ST_FLOATS = ("F64", "F32", "F16", "BF16")
 # a classification head (the names graft study leaves out of merges) trained from a random start:
@@ -39,17 +40,6 @@ _EXTRA_FILES = ("generation_config.json",)
 
 class PortError(GraftError):
     """A patch cannot be ported: the bases differ in architecture or shapes, or the patch is for another base."""
-
-
-def _open_model(path, role: str):
-    from ..merge.plan import check_model_folder, read_model_config
-    from ..tensors import Checkpoint
-
-    p = Path(path)
-    if not p.is_dir():
-        raise PortError(f"{role} {path} is not a folder; give a Hugging Face model folder")
-    check_model_folder(p)
-    return Checkpoint(p), read_model_config(str(p))
 
 
 def _arch(config: dict) -> tuple:
@@ -130,8 +120,8 @@ def port(patch: str | Path, v1_path: str | Path, v2_path: str | Path, out: str |
     from ..merge.adapters import is_adapter
     from ..merge.plan import open_input
 
-    v1, c1 = _open_model(v1_path, "v1 (--from)")
-    v2, c2 = _open_model(v2_path, "v2 (--to)")
+    v1, c1 = open_model_folder(v1_path, "v1 (--from)", PortError)
+    v2, c2 = open_model_folder(v2_path, "v2 (--to)", PortError)
     check_bases(v1, c1, v2, c2)
     out = Path(out)
     if is_adapter(patch):
@@ -149,7 +139,7 @@ def port(patch: str | Path, v1_path: str | Path, v2_path: str | Path, out: str |
         return _retarget_adapter(patch, source, v1, v2, out, overwrite)
     if not Path(patch).is_dir():
         raise PortError(f"patch {patch} is neither a model folder nor an adapter folder")
-    ft, cf = _open_model(patch, "patch")
+    ft, cf = open_model_folder(patch, "patch", PortError)
     if _arch(cf) != _arch(c1) or set(ft.keys()) != set(v1.keys()) or any(
             tuple(ft.shape(k)) != tuple(v1.shape(k)) for k in v1.keys() if not k.startswith(HEADS)):
         raise PortError(f"patch {patch} is not a fine-tune of v1 {v1.path} (its architecture, tensor names or shapes differ); "

@@ -97,10 +97,11 @@ def lora_targets(sources: list, paths: list[str]) -> dict[str, LoraTarget]:
     """The targets of LoRA adapter sources (:class:`~graftkit.merge.adapters.AdapterSource`), checked:
     every input a plain LoRA (not DoRA), one layer kind and one rank per target."""
     from ..errors import ConfigError
+    from ..methods import method_named
     from .adapters import AdapterSource
 
     for s, p in zip(sources, paths):
-        if not isinstance(s, AdapterSource) or s.method != "lora":
+        if not isinstance(s, AdapterSource) or not method_named(s.method).low_rank_factors:
             what = f"a {s.method} adapter" if isinstance(s, AdapterSource) else "a full model"
             raise ConfigError(f"lorahub combines LoRA adapters, but {p} is {what}; give LoRA adapter folders as models "
                               "(full models: use adamerging or task_arithmetic)")

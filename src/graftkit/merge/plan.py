@@ -121,6 +121,16 @@ def open_input(path: str, base: Checkpoint | None = None, allow_pickle: bool = F
     return Checkpoint(p, allow_pickle=allow_pickle)
 
 
+def open_model_folder(path, role: str, error: type[GraftError]) -> tuple[Checkpoint, dict]:
+    """A Hugging Face model folder's tensors and config.json; ``role`` names it in the one-line
+    ``error`` when it is not a folder (or has no config.json)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise error(f"{role} {path} is not a folder; give a Hugging Face model folder")
+    check_model_folder(p)
+    return Checkpoint(p), read_model_config(str(p))
+
+
 def check_model_folder(p: Path) -> None:
     """A model folder must say what model it is: without config.json the output would have none
     either (nothing could load it), and the architecture checks would have nothing to compare."""
