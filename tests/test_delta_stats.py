@@ -1,6 +1,7 @@
 """graft inspect --deltas: delta statistics, ranks, intruder dimensions and the report (issue 17 items 4, 5, 7)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -198,6 +199,16 @@ def test_missing_delta_refused(models, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "does not exist" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_base_may_be_a_packaged_alias(capsys):
+    from graftkit.assets import model_dir
+
+    # the base model itself as the "fine-tune": every delta is zero, so no SVD is paid
+    rc = main(["inspect", "--deltas", str(model_dir("minilm")), "--base", "minilm", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["base"] == str(model_dir("minilm"))
+    assert next(iter(res["models"].values()))["total"]["norm"] == 0.0
 
 
 def test_lora_adapter_is_its_low_rank_delta(models, tmp_path):

@@ -224,6 +224,10 @@ def inspect_deltas(base: str | Path, deltas: Mapping[str, str | Path] | Iterable
     if not (0 < float(epsilon) <= 1):
         raise ConfigError(f"epsilon is a cosine threshold in (0, 1] (the paper's default 0.5), got {epsilon!r}")
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    from ..assets import ALIASES, model_dir
+
+    if str(base) in ALIASES and not Path(base).exists():  # --base smollm2, as every other command takes it
+        base = model_dir(base)
     paths = _labels(deltas)
     base_ckpt, ckpts, keys = _open(base, paths, patterns)
 

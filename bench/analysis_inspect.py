@@ -1,0 +1,236 @@
+"""``graft inspect --deltas`` on the issue-17 experts: intruder dimensions of LoRA r=8, rsLoRA r=64
+and full fine-tuning, and the time and peak memory of one inspection of SmolLM2-135M.
+
+(a) Intruders. One ``graft inspect --deltas`` run over every expert of the families ``full``,
+``lora8`` and ``rslora64`` of a study output (``graft study bench/analysis_study.yaml``; each
+expert's adapter folder, which inspect reads as ``base + its delta``; the task heads are
+excluded, their label counts differ). The k = 10 top left singular vectors of every fine-tuned
+matrix and their largest ``|cos|`` to the base's singular vectors come back in ``--json``, so
+the counts for every epsilon of the sweep come from that one run. Written to ``--out``: the
+inspect report, ``intruders.json``, ``intruders.md`` and two plots (intruders per family and
+task at epsilon = 0.5; intruders against epsilon).
+
+(b) SmolLM2. An all-linear LoRA r=8 adapter on the packaged SmolLM2-135M (all 7 linear modules
+of the 30 layers, random A and random B scaled by ``--b-scale``, so every one of the 210 target
+matrices carries a rank-8 delta and gets its SVDs), then ``graft inspect --deltas ADAPTER --base
+smollm2 --out DIR`` in a fresh subprocess: its wall time and its own peak RSS (``os.wait4``'s
+rusage of that one child).
+
+    .venv/bin/python bench/analysis_inspect.py [--study out/analysis_study] [--out out/analysis_inspect]
+        [--epsilons 0.3,0.4,0.5,0.6,0.7] [--families full,lora8,rslora64] [--tasks bbc,...]
+        [--skip-experts] [--skip-smollm2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _analysis_experts import FAMILIES, Study  # noqa: E402
+
+LABELS = {"full": "full FT", "lora8": "LoRA r=8", "lora": "LoRA r=8", "rslora64": "rsLoRA r=64"}
+SMOL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def graft_exe() -> str:
+    exe = Path(sys.executable).parent / "graft"
+    return str(exe) if exe.exists() else "graft"
+
+
+def run_measured(cmd: list[str], stdout_path: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` with stdout to a file; its wall seconds and the peak RSS of that child alone."""
+    with open(stdout_path, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env)
+        err = proc.stderr.read().decode(errors="replace")
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{err}")
+    # Linux reports ru_maxrss in KiB
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "load unknown"
+    return f"{cpu}, {os.cpu_count()} cores, {load}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+# -- (a) intruders on the study's experts ------------------------------------------------------------
+def count(tensors: list[dict], eps: float, *, layers_only: bool = False) -> int:
+    return sum(1 for r in tensors if not (layers_only and r["layer"] is None)
+               for c in r.get("max_cosines") or [] if c < eps)
+
+
+def intruders(study: Study, out: Path, epsilons: list[float], top_k: int, families: list[str] | None = None,
+              tasks: list[str] | None = None) -> dict:
+    families = families or [f for f in FAMILIES if f in study.families()]
+    experts = [(f, t) for f in families for t in study.tasks(f) if not tasks or t in tasks]
+    if not experts:
+        sys.exit(f"no experts under {study.root}/experts")
+    paths = [study.adapter(f, t) for f, t in experts]
+    cmd = [graft_exe(), "inspect", "--deltas", *paths, "--base", study.base, "--exclude", "classifier.*",
+           "--top-k", str(top_k), "--epsilon", "0.5", "--json", "--out", str(out / "report")]
+    print("$", shlex.join(cmd), flush=True)
+    cost = run_measured(cmd, out / "inspect.json")
+    res = json.loads((out / "inspect.json").read_text())
+    by_path = {m["path"]: m for m in res["models"].values()}
+    rows = []
+    for (fam, task), p in zip(experts, paths):
+        m = by_path[p]
+        ts = m["tensors"]
+        hit = {}
+        for r in ts:
+            n = sum(1 for c in r.get("max_cosines") or [] if c < 0.5)
+            if n:
+                hit[r["module"]] = hit.get(r["module"], 0) + n
+        rows.append({"family": fam, "task": task, "path": p,
+                     "matrices": sum(1 for r in ts if r.get("max_cosines")),
+                     "relative": m["total"]["relative"], "stable_rank": m["total"]["stable_rank"],
+                     "effective_rank": m["total"]["effective_rank"],
+                     "intruders": {str(e): count(ts, e) for e in epsilons},
+                     "intruders_in_layers": {str(e): count(ts, e, layers_only=True) for e in epsilons},
+                     "at_0.5_by_module": hit,
+                     "min_max_cosine": min((c for r in ts for c in r.get("max_cosines") or []), default=None)})
+    return {"command": shlex.join(cmd), "cost": cost, "top_k": top_k, "epsilons": epsilons,
+            "families": families, "experts": rows}
+
+
+def intruder_table(data: dict) -> str:
+    eps = data["epsilons"]
+    lines = ["| family | task | matrices | ‖delta‖/‖base‖ | mean stable rank | "
+             + " | ".join(f"ε={e:g}" for e in eps) + " | where (ε=0.5) |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(eps) + "---|"]
+    for r in data["experts"]:
+        where = ", ".join(f"{m} {n}" for m, n in sorted(r["at_0.5_by_module"].items(), key=lambda x: -x[1])) or "-"
+        lines.append(f"| {LABELS.get(r['family'], r['family'])} | {r['task']} | {r['matrices']} | {r['relative']:.4f} | "
+                     f"{r['stable_rank']:.2f} | " + " | ".join(str(r["intruders"][str(e)]) for e in eps) + f" | {where} |")
+    for fam in data["families"]:
+        rs = [r for r in data["experts"] if r["family"] == fam]
+        lines.append(f"| **{LABELS.get(fam, fam)}, sum** | {len(rs)} tasks | {sum(r['matrices'] for r in rs)} | | | "
+                     + " | ".join(str(sum(r["intruders"][str(e)] for r in rs)) for e in eps) + " | |")
+    return "\n".join(lines)
+
+
+def intruder_plots(data: dict, out: Path) -> list[Path]:
+    from graftkit.eval.report import chart_style, new_figure, png_bytes
+
+    fams, rows = data["families"], data["experts"]
+    tasks = sorted({r["task"] for r in rows})
+    get = {(r["family"], r["task"]): r for r in rows}
+    files = []
+    with chart_style():
+        fig = new_figure(max(5.5, 1.5 + 1.2 * len(tasks)), 3.6)
+        ax = fig.add_subplot()
+        w = 0.8 / len(fams)
+        for i, fam in enumerate(fams):
+            xs = [j + (i - (len(fams) - 1) / 2) * w for j in range(len(tasks))]
+            ys = [get[(fam, t)]["intruders"]["0.5"] if (fam, t) in get else 0 for t in tasks]
+            bars = ax.bar(xs, ys, w, label=LABELS.get(fam, fam))
+            ax.bar_label(bars, fontsize=8)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel(f"intruder dimensions (k={data['top_k']}, ε=0.5)\nsummed over all matrices")
+        ax.set_title("Intruder dimensions per expert")
+        ax.legend(frameon=False)
+        files.append(out / "intruders_by_task.png")
+        files[-1].write_bytes(png_bytes(fig))
+
+        fig = new_figure(5.5, 3.6)
+        ax = fig.add_subplot()
+        for fam in fams:
+            rs = [r for r in rows if r["family"] == fam]
+            ax.plot(data["epsilons"], [sum(r["intruders"][str(e)] for r in rs) / len(rs) for e in data["epsilons"]],
+                    marker="o", label=LABELS.get(fam, fam))
+        ax.set_xlabel("ε (cosine threshold)")
+        ax.set_ylabel(f"intruders per expert (mean over {len(tasks)} tasks)")
+        ax.set_title(f"Intruder dimensions against ε (top k={data['top_k']})")
+        ax.legend(frameon=False)
+        files.append(out / "intruders_vs_epsilon.png")
+        files[-1].write_bytes(png_bytes(fig))
+    return files
+
+
+# -- (b) SmolLM2-135M --------------------------------------------------------------------------------
+def smollm2(out: Path, rank: int, b_scale: float) -> dict:
+    import torch
+
+    import graftkit as gk
+    from graftkit.assets import model_dir
+    from graftkit.io.hf import load_model
+
+    adapter = out / f"smollm2_lora{rank}"
+    if not (adapter / "adapter.json").exists():
+        model = load_model(model_dir("smollm2"))
+        torch.manual_seed(0)
+        gk.inject(model, gk.LoRAConfig(init_lora_weights=False, r=rank, lora_alpha=2 * rank, targets=SMOL_TARGETS))
+        with torch.no_grad():
+            for site in gk.sites(model).values():
+                site.lora_B.mul_(b_scale)
+        gk.save_adapter(model, adapter)
+        del model
+    cmd = [graft_exe(), "inspect", "--deltas", str(adapter), "--base", "smollm2", "--out", str(out / "smollm2_report")]
+    print("$", shlex.join(cmd), flush=True)
+    cost = run_measured(cmd, out / "smollm2_inspect.txt")
+    return {"command": shlex.join(cmd), "cost": cost, "rank": rank, "b_scale": b_scale,
+            "summary": (out / "smollm2_inspect.txt").read_text().strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", default="out/analysis_study")
+    ap.add_argument("--out", default="out/analysis_inspect")
+    ap.add_argument("--epsilons", default="0.3,0.4,0.5,0.6,0.7")
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--families", default="", help="comma-separated (default: full, lora8, rslora64 where present)")
+    ap.add_argument("--tasks", default="", help="comma-separated (default: every task)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--b-scale", type=float, default=0.05)
+    ap.add_argument("--skip-experts", action="store_true")
+    ap.add_argument("--skip-smollm2", action="store_true")
+    o = ap.parse_args()
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    result: dict = {"machine": machine()}
+    if not o.skip_experts:
+        eps = sorted({float(e) for e in o.epsilons.split(",")} | {0.5})
+        data = intruders(Study(o.study), out, eps, o.top_k, [f for f in o.families.split(",") if f],
+                         [t for t in o.tasks.split(",") if t])
+        table = intruder_table(data)
+        (out / "intruders.md").write_text(table + "\n")
+        intruder_plots(data, out)
+        result["intruders"] = data
+        c = data["cost"]
+        print(f"{len(data['experts'])} deltas in one graft inspect run: {c['wall_s']:.1f} s wall, "
+              f"{c['peak_rss_mb']:.0f} MB peak RSS; report {out / 'report'}")
+        print(table)
+    if not o.skip_smollm2:
+        s = smollm2(out, o.rank, o.b_scale)
+        result["smollm2"] = s
+        c = s["cost"]
+        print(f"SmolLM2-135M, LoRA r={o.rank} on {', '.join(SMOL_TARGETS)}: {c['wall_s']:.1f} s wall "
+              f"({c['user_s']:.0f} s user), {c['peak_rss_mb']:.0f} MB peak RSS\n  {s['summary']}")
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"written: {out}/results.json, intruders.md, intruders_by_task.png, intruders_vs_epsilon.png")
+
+
+if __name__ == "__main__":
+    main()
