@@ -13,8 +13,9 @@ A set of experts fine-tuned from one base is stored as
 * per task the tensors that are not merged, stored whole: the ones matching ``exclude``
   (classification heads), the ones the base lacks, and non-float ones.
 
-An expert is rebuilt as ``theta_0 + m_t * tau_MTL`` (:func:`decompress`), computed in float32 and
-cast to the base tensor's dtype. Everything streams one tensor at a time; the masks are held
+An expert is rebuilt as ``theta_0 + m_t * tau_MTL`` (:func:`rebuild`), computed in float32 and
+cast to the base tensor's dtype: :func:`decompress` writes it as an HF folder, and ``graft eval``
+loads it in memory from a model entry ``{bundle: BUNDLE, bundle_task: TASK}`` (:func:`open_expert`). Everything streams one tensor at a time; the masks are held
 bit-packed until they are written (an eighth of a byte per entry and task).
 
 Bundle layout (``bundle.json`` is the manifest)::
@@ -30,6 +31,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -208,21 +211,27 @@ def compress(recipe: str | Path | dict, out: str | Path, overwrite: bool = False
     return manifest
 
 
+def rebuild(base: Checkpoint, tau: Checkpoint, mask_of, whole, whole_keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """An expert's tensors, one at a time: ``theta_0 + m * tau_MTL`` (float32, cast to the base's
+    dtype) for the merged keys, then ``whole``'s tensors for the rest. The one place the rebuild is
+    computed: ``graft decompress`` writes what it yields and ``graft eval`` loads it in memory."""
+    for k in tau.keys():
+        b = base.get(k)
+        yield k, (b.float() + mask_of(k) * tau.get(k).float()).to(b.dtype)
+    for k in whole_keys:
+        yield k, whole.get(k)
+
+
 def _write_expert(folder: Path, base: Checkpoint, tau: Checkpoint, mask_of, whole, whole_keys: list[str], side: Path) -> None:
-    """An HF folder: ``theta_0 + m * tau_MTL`` (float32, cast to the base's dtype) for the merged
-    tensors, ``whole``'s tensors for the rest, ``side``'s config and tokenizer files."""
+    """An HF folder of :func:`rebuild`'s tensors with ``side``'s config and tokenizer files."""
     from ..merge.write import ShardWriter
 
-    keys = tau.keys()
-    entries = [(k, st_dtype(base.dtype(k)), tuple(tau.shape(k))) for k in keys]
+    entries = [(k, st_dtype(base.dtype(k)), tuple(tau.shape(k))) for k in tau.keys()]
     entries += [(k, st_dtype(whole.dtype(k)), tuple(whole.shape(k))) for k in whole_keys]
     writer = ShardWriter(folder, entries)
     try:
-        for k in keys:
-            b = base.get(k)
-            writer.write(k, (b.float() + mask_of(k) * tau.get(k).float()).to(b.dtype))
-        for k in whole_keys:
-            writer.write(k, whole.get(k))
+        for k, t in rebuild(base, tau, mask_of, whole, whole_keys):
+            writer.write(k, t)
     except BaseException:
         writer.abort()
         raise
@@ -255,6 +264,7 @@ def _choose(task: str, cands: list[float], packed: list[dict], shapes: dict, bas
             best = (signed, j)
     return best[1], scores
 
+
 def read_manifest(bundle: str | Path) -> dict:
     path = Path(bundle) / MANIFEST
     if not path.is_file():
@@ -270,35 +280,76 @@ def read_manifest(bundle: str | Path) -> dict:
     return m
 
 
-def decompress(bundle: str | Path, task: str, out: str | Path, base: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Rebuild expert ``task`` as an HF folder: ``theta_0 + m_t * tau_MTL`` for the merged tensors,
-    the task's stored tensors for the rest, and the expert's config and tokenizer files."""
-    from ..outputs import atomic_dir, check_output
-
+def task_folder(bundle: str | Path, task: str) -> Path:
+    """``bundle``'s folder of ``task`` (its mask, stored tensors, config and tokenizer files);
+    refused when ``bundle`` is not a bundle or lacks the task (the line names the tasks it has)."""
     bundle = Path(bundle)
     m = read_manifest(bundle)
     if task not in m["tasks"]:
         raise BundleError(f"{bundle} has no task {task!r}; it holds {', '.join(sorted(m['tasks']))}")
+    return bundle / "tasks" / task
+
+
+@dataclass
+class BundleExpert:
+    """One task of a bundle, checked against its base and ready to rebuild (:meth:`tensors`)."""
+
+    bundle: Path
+    task: str
+    base_path: Path
+    base: Checkpoint
+    tau: Checkpoint
+    masks: dict[str, torch.Tensor]
+    whole: Checkpoint
+    folder: Path  # the task's folder: config.json, tokenizer and other side files
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return rebuild(self.base, self.tau, self.masks.__getitem__, self.whole, self.whole.keys())
+
+
+def open_expert(bundle: str | Path, task: str, base: str | Path | None = None, base_hint: str = "with --base") -> BundleExpert:
+    """Task ``task`` of ``bundle`` on ``base`` (default: the base path the bundle records), after
+    the checks that it is that bundle's base: its tensors' names and shapes, then its fingerprint.
+    ``base_hint`` says how the caller gives another base (``--base``, a model entry's ``path``)."""
+    bundle = Path(bundle)
+    folder = task_folder(bundle, task)
+    m = read_manifest(bundle)
     base_path = Path(base) if base is not None else Path(m["base"]["path"])
     if base is None and not base_path.exists():
         raise BundleError(f"the base {base_path} recorded in {bundle} does not exist (the bundle references it, not a copy); "
-                          "give the base folder with --base")
+                          f"give the base folder {base_hint}")
     base_ck = Checkpoint(base_path)
     tau = Checkpoint(bundle / "tau_mtl")
     keys = tau.keys()
     missing = [k for k in keys if k not in base_ck.files or tuple(base_ck.shape(k)) != tuple(tau.shape(k))]
     if missing:
         raise BundleError(f"{base_path} is not the base of {bundle}: {missing[0]} is missing or of another shape; "
-                          f"give the base it was made from ({m['base']['path']}) with --base")
+                          f"give the base it was made from ({m['base']['path']}) {base_hint}")
     fp = base_fingerprint(base_ck.get, {k: tau.shape(k) for k in keys})
     try:
         check_base(m["base"].get("fingerprint"), fp, bundle)
     except GraftError as exc:
         raise BundleError(f"{exc} (base given: {base_path})") from None
-    folder = bundle / "tasks" / task
     masks = load_masks(folder / "mask.safetensors", fp)
-    whole = Checkpoint(folder / "whole.safetensors")
-    check_output(out, [("bundle", bundle), ("base", base_path)])
+    return BundleExpert(bundle, task, base_path, base_ck, tau, masks, Checkpoint(folder / "whole.safetensors"), folder)
+
+
+def recorded_base(bundle: str | Path) -> str | None:
+    """The base path ``bundle`` records, or None where it is not a readable bundle (the reader of
+    the bundle reports that, with the reason)."""
+    try:
+        return str(read_manifest(bundle)["base"]["path"])
+    except (GraftError, OSError, KeyError, TypeError):
+        return None
+
+
+def decompress(bundle: str | Path, task: str, out: str | Path, base: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Rebuild expert ``task`` as an HF folder: ``theta_0 + m_t * tau_MTL`` for the merged tensors,
+    the task's stored tensors for the rest, and the expert's config and tokenizer files."""
+    from ..outputs import atomic_dir, check_output
+
+    ex = open_expert(bundle, task, base)
+    check_output(out, [("bundle", ex.bundle), ("base", ex.base_path)])
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        _write_expert(tmp, base_ck, tau, masks.__getitem__, whole, whole.keys(), folder)
+        _write_expert(tmp, ex.base, ex.tau, ex.masks.__getitem__, ex.whole, ex.whole.keys(), ex.folder)
     return Path(out)

@@ -31,13 +31,16 @@ def check_name(value: str, what: str) -> str:
 
 
 class ModelSpec(StrictModel):
-    """One model: an HF folder or alias, optionally with an adapter and per-task heads."""
+    """One model: an HF folder or alias, optionally with an adapter and per-task heads; or one
+    expert of a TALL bundle (``graft compress``), rebuilt in memory on its base."""
 
     name: str
-    path: str  # HF folder, packaged alias (minilm, smollm2) or merge output
+    path: str | None = None  # HF folder, packaged alias (minilm, smollm2) or merge output; with `bundle`: its base (default: the recorded one)
+    bundle: str | None = None  # a TALL bundle folder (graft compress); the model is its expert `bundle_task`
+    bundle_task: str | None = None  # which of the bundle's experts
     adapter: str | None = None  # native or peft adapter folder applied on `path`
     heads: dict[str, str] = Field(default_factory=dict)  # task name -> head source (HF folder or adapter folder)
-    tokenizer: str | None = None  # default: the model folder (`path`)
+    tokenizer: str | None = None  # default: the model folder (`path`), or the bundle expert's stored tokenizer
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     force: bool = False  # apply an adapter even if the base fingerprint differs
     allow_pickle: bool = False  # read legacy pickled .bin weights (weights_only)
@@ -46,6 +49,28 @@ class ModelSpec(StrictModel):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "model name")
+
+    @model_validator(mode="after")
+    def _source(self) -> "ModelSpec":
+        if self.bundle is None:
+            if self.bundle_task is not None:
+                raise ConfigError("ModelSpec: bundle_task needs bundle (the TALL bundle folder graft compress wrote)")
+            if not self.path:
+                raise ConfigError("ModelSpec: give path (an HF folder or alias), or bundle and bundle_task (an expert of a TALL bundle)")
+        else:
+            if not self.bundle_task:
+                raise ConfigError("ModelSpec: bundle needs bundle_task, the task whose expert to rebuild")
+            if self.adapter is not None:
+                raise ConfigError("ModelSpec: adapter applies to a model folder, not to a bundle's expert; "
+                                  "graft decompress the expert and give its folder as path")
+        return self
+
+    @property
+    def source(self) -> str:
+        """What the model is, for messages."""
+        if self.bundle is not None:
+            return f"{self.bundle} (task {self.bundle_task})"
+        return str(self.path) + (f" + {self.adapter}" if self.adapter else "")
 
 
 class Decoding(StrictModel):

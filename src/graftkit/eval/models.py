@@ -43,6 +43,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def tokenizer_folder(spec: ModelSpec) -> Path:
     from ..assets import model_dir
 
+    if spec.tokenizer is None and spec.bundle is not None:
+        from ..analysis.tall import task_folder
+
+        return task_folder(spec.bundle, spec.bundle_task)  # the expert's tokenizer files, stored beside its mask
     return model_dir(spec.tokenizer or spec.path)
 
 
@@ -250,6 +254,8 @@ def load(spec: ModelSpec, kind: str, device: torch.device | str = "cpu") -> Load
     from ..io.hf import HEAD_SUFFIXES, load_model
 
     dtype = DTYPES[spec.dtype]
+    if spec.bundle is not None:
+        return _load_bundle_expert(spec, kind, dtype, device)
     folder = model_dir(spec.path)
     adapter = None
     if spec.adapter:
@@ -268,8 +274,7 @@ def load(spec: ModelSpec, kind: str, device: torch.device | str = "cpu") -> Load
     if kind == "classification":
         keys, _ = head_keys(model)
         present = _checkpoint_has(folder, keys, spec.allow_pickle) or (adapter is not None and set(keys) <= set(adapter.train_also))
-        where = f"{spec.path} + {spec.adapter}" if adapter is not None else str(spec.path)
-        own = own_head(model, present, where)
+        own = own_head(model, present, spec.source)
     if adapter is not None:
         from ..adapter import unload
 
@@ -280,10 +285,40 @@ def load(spec: ModelSpec, kind: str, device: torch.device | str = "cpu") -> Load
         if all(p.dtype in (torch.float32, torch.float64) for p in model.parameters()) and \
                 method_named(adapter.method).weight_delta(adapter.meta.get("config") or {}):
             unload(model, merge=True)
+    return _ready(spec, model, kind, own, device)
+
+
+def _ready(spec: ModelSpec, model: nn.Module, kind: str, own: Head | None, device) -> LoadedModel:
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(device)
     return LoadedModel(spec, model, kind, own)
+
+
+def _load_bundle_expert(spec: ModelSpec, kind: str, dtype, device) -> LoadedModel:
+    """Expert ``spec.bundle_task`` of TALL bundle ``spec.bundle``, rebuilt in memory by the generator
+    ``graft decompress`` writes from (:func:`graftkit.analysis.tall.rebuild`), and handed to
+    transformers as a state dict: the weights, missing-key handling and dtype cast are those of
+    loading the decompressed folder, so the scores are the same."""
+    from ..analysis.tall import open_expert
+    from ..assets import model_dir
+    from ..io.hf import model_class, model_config
+
+    base = model_dir(spec.path) if spec.path else None
+    expert = open_expert(spec.bundle, spec.bundle_task, base, base_hint="as `path:` on the model")
+    cls = model_class(expert.folder, None, kind)  # as graft eval loads the decompressed folder
+    config = model_config(expert.folder)
+    state = dict(expert.tensors())
+    del expert  # the unpacked masks: a byte per merged parameter
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model.config._name_or_path = spec.source
+    model.eval()
+    own = None
+    if kind == "classification":
+        keys, _ = head_keys(model)
+        own = own_head(model, set(keys) <= set(state), spec.source)
+    del state
+    return _ready(spec, model, kind, own, device)
 
 
 def choose_head(loaded: LoadedModel, task_name: str, task_head: str | None) -> Head:
@@ -292,7 +327,7 @@ def choose_head(loaded: LoadedModel, task_name: str, task_head: str | None) -> H
     if source is not None:
         return read_head(source, loaded.model)
     if loaded.own is None:
-        raise EvalError(f"model {loaded.spec.name!r} ({loaded.spec.path}) has no classification head for task {task_name!r}; "
+        raise EvalError(f"model {loaded.spec.name!r} ({loaded.spec.source}) has no classification head for task {task_name!r}; "
                         f"give `head:` on the task (or `heads: {{{task_name}: ...}}` on the model) naming a fine-tuned "
                         "classification model folder or adapter folder")
     return loaded.own

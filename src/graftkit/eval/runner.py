@@ -342,9 +342,14 @@ def evaluate_model(model_spec: ModelSpec | dict, tasks: list[AnyTask | dict], ou
 
 def eval_inputs(spec: ModelSpec, tasks: list[AnyTask]) -> list[tuple[str, Any]]:
     """What evaluating ``spec`` on ``tasks`` reads, for :func:`graftkit.outputs.check_output`."""
-    found: list[tuple[str, Any]] = [(f"model {spec.name!r}", spec.path), (f"adapter of {spec.name!r}", spec.adapter),
+    found: list[tuple[str, Any]] = [(f"model {spec.name!r}", spec.path), (f"bundle of {spec.name!r}", spec.bundle),
+                                    (f"adapter of {spec.name!r}", spec.adapter),
                                     (f"tokenizer of {spec.name!r}", spec.tokenizer)]
     found += [(f"head of {spec.name!r} for {t!r}", h) for t, h in spec.heads.items()]
+    if spec.bundle is not None and spec.path is None:
+        from ..analysis.tall import recorded_base
+
+        found.append((f"base of {spec.name!r} (recorded in its bundle)", recorded_base(spec.bundle)))
     for t in tasks:
         found += [(f"file of task {t.name!r}", getattr(t, "file", None)), (f"samples_file of task {t.name!r}", getattr(t, "samples_file", None)),
                   (f"head of task {t.name!r}", getattr(t, "head", None))]
@@ -365,7 +370,8 @@ def _versions() -> str:
 
 def results_json(spec: ModelSpec, results: dict[str, dict[str, Any]], load_seconds: dict[str, float] | None = None) -> dict[str, Any]:
     return {
-        "model": {"name": spec.name, "path": spec.path, "adapter": spec.adapter, "head": dict(spec.heads) or None},
+        "model": {"name": spec.name, "path": spec.path, "adapter": spec.adapter, "head": dict(spec.heads) or None,
+                  **({"bundle": spec.bundle, "bundle_task": spec.bundle_task} if spec.bundle is not None else {})},
         "tasks": {n: {k: v for k, v in r.items() if k != "rows"} for n, r in results.items()},
         "load_seconds": load_seconds or {},
         "graftkit": _versions(),
