@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,170 @@ def test_localize_overlap_of_given_masks(setup):
     assert res["union"]["k"] == uni
     assert "Overlap of the given masks" in (out / "report.md").read_text()
     assert (out / "report_files" / "localize_overlap.png").exists()
+
+
+# -- held-out scoring and the multi-expert recipe ----------------------------------------------------
+HELD = ["stocks rallied on friday", "the team won the cup", "software update ships today", "ok", "markets slump again"]
+HELD_GOLD = ["business", "sports", "tech", "tech", "business"]
+
+
+def _held_task(tmp):
+    return {"name": "topic-test", "kind": "classification", "file": cls_file(tmp, HELD, HELD_GOLD, name="held.jsonl"),
+            "batch_size": 2, "max_length": 32}
+
+
+def _independent(folder, tok):
+    """Score a saved model folder on the held-out texts one at a time (no padding, no graftkit scoring)."""
+    import transformers
+
+    from eval_helpers import plain_probs
+    from graftkit.eval.metrics import expected_calibration_error
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    p = plain_probs(model, tok, HELD)
+    g = torch.tensor([LABELS.index(x) for x in HELD_GOLD])
+    pt = torch.from_numpy(p)
+    return {"loss": float(-pt[torch.arange(len(g)), g].log().mean()), "accuracy": float((pt.argmax(-1) == g).float().mean()),
+            "ece": expected_calibration_error(p, g.numpy())}
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(next(Path(folder).glob("*.safetensors"))))
+
+
+def test_localize_heldout_scores(setup, capsys):
+    """eval_task: every mask and the fine-tuned model are also scored on held-out data, and those
+    numbers are what an independent scoring of the saved grafted weights gives."""
+    tmp, base, expert, data, _ = setup
+    out = tmp / "held"
+    assert graft_main(["localize", recipe(tmp, base, expert, data, out, steps=40, eval_every=10, save_grafted=True,
+                                          eval_task=_held_task(tmp))]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "held-out" in line
+    res = json.loads((out / "result.json").read_text())
+    assert res["eval_task"] == "topic-test" and res["eval_examples"] == len(HELD)
+    tok = gk.load_tokenizer("minilm")
+    (lv,) = res["levels"]
+    assert lv["learned"]["best_step"] > 0  # a mask of its own, not the magnitude one
+    for kind in ("learned", "magnitude"):
+        want = _independent(out / "grafted" / f"{kind}-s0.002", tok)
+        got = lv[kind]["heldout"]
+        assert got["accuracy"] == want["accuracy"]
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5) and got["ece"] == pytest.approx(want["ece"], abs=1e-5)
+        assert got["loss"] != pytest.approx(lv[kind]["loss"], abs=1e-3)  # held-out, not the training data again
+    want = _independent(expert, tok)
+    assert res["finetuned"]["heldout"]["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    md = (out / "report.md").read_text()
+    assert "held-out retained" in md and "held-out scores (topic-test, 5 examples)" in md
+
+
+def test_union_masks_fills_missing_keys():
+    from graftkit.analysis.localize import union_masks
+
+    a = {"x": torch.tensor([True, False, False])}
+    b = {"x": torch.tensor([False, False, True]), "y": torch.tensor([[True, False]])}
+    u = union_masks([a, b], {"x": (3,), "y": (1, 2), "z": (2,)})
+    assert u["x"].tolist() == [True, False, True] and u["y"].tolist() == [[True, False]] and u["z"].tolist() == [False, False]
+
+
+def _multi_recipe(tmp, base, experts, out, **kw):
+    r = {"base": base, "out": str(out), "sparsity": [0.002, 0.01], "steps": 5, "lr": 0.2, "eval_every": 5,
+         "experts": experts, **kw}
+    p = tmp / f"{out.name}.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return str(p)
+
+
+def _entry(expert, data, held=None):
+    e = {"expert": expert, "task": {"name": "topic", "kind": "classification", "file": data, "batch_size": 4, "max_length": 32}}
+    if held:
+        e["eval_task"] = held
+    return e
+
+
+def test_localize_multi_expert_union(setup, tmp_path, capsys):
+    """Two experts (a full fine-tune and a LoRA adapter, so their deltas cover different tensors):
+    the overlap of their learned masks and each one grafted on the union, weights checked exactly."""
+    from eval_helpers import lora_adapter
+    from safetensors.torch import load_file
+
+    tmp, base, expert, data, _ = setup
+    tok = gk.load_tokenizer("minilm")
+    lora_model, adapter = lora_adapter(tok, tmp_path)
+    out = tmp_path / "multi"
+    experts = {"full": _entry(expert, data, _held_task(tmp_path)), "lora": _entry(adapter, data)}
+    assert graft_main(["localize", _multi_recipe(tmp_path, base, experts, out, save_grafted=True)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("graft localize: 2 experts;") and "full " in line and "lora " in line
+    res = json.loads((out / "result.json").read_text())
+    assert set(res["experts"]) == {"full", "lora"} and [lv["sparsity"] for lv in res["levels"]] == [0.002, 0.01]
+    base_w = load_file(str(Path(base) / "model.safetensors"))
+    full_w = _weights(expert)
+    gk.unload(lora_model, merge=True)
+    lora_w = {n: p.detach() for n, p in lora_model.named_parameters()}
+    for lv in res["levels"]:
+        s = lv["sparsity"]
+        a = load_masks(out / "masks" / "full" / f"learned-s{s:g}.safetensors", None)
+        b = load_masks(out / "masks" / "lora" / f"learned-s{s:g}.safetensors", None)
+        assert set(b) < set(a)  # the LoRA delta covers query/value only
+        assert sum(int(v.sum()) for v in a.values()) == res["experts"]["full"]["levels"][[0.002, 0.01].index(s)]["k"]
+        u = {k: a[k] | b[k] if k in b else a[k] for k in a}
+        inter = sum(int((a[k] & b[k]).sum()) for k in b)
+        assert lv["overlap"]["all"][0][1] == pytest.approx(inter / sum(int(v.sum()) for v in u.values()))
+        assert lv["k"] == sum(int(v.sum()) for v in u.values())
+        assert all(torch.equal(v, u[k]) for k, v in load_masks(out / "masks" / f"union-s{s:g}.safetensors", None).items())
+        # full: base + union * (expert - base), bit for bit; tensors it left unchanged are its own
+        g = _weights(out / "grafted" / "full" / f"union-s{s:g}")
+        assert "classifier.weight" in u and set(g) == set(full_w)
+        for k, w in g.items():
+            want = base_w[k] + u[k].to(w.dtype) * (full_w[k] - base_w[k]) if k in u else full_w[k]
+            assert torch.equal(w, want), k
+        # lora: base + union * (folded - base) on the tensors its delta covers (query/value, its head)
+        g = _weights(out / "grafted" / "lora" / f"union-s{s:g}")
+        for k, w in g.items():
+            want = base_w[k] + u[k].to(w.dtype) * (lora_w[k] - base_w[k]) if k in b else lora_w[k]
+            assert torch.allclose(w, want, atol=1e-6), k
+        assert "heldout" in lv["union"]["full"] and "heldout" not in lv["union"]["lora"]
+    md = (out / "report.md").read_text()
+    for title in ("Every expert grafted on the union of the learned masks", "Overlap of the experts' learned masks",
+                  "full: Learned vs magnitude masks", "lora: Optimisation history"):
+        assert title in md
+    assert (out / "report_files" / "localize_overlap_s0.01.png").exists()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "experts: has 0 entries"),
+    ("one", "experts: has 1 entry"),
+    ("null", "experts.b is empty"),
+    ("duplicate", "both name"),
+    ("both", "give either experts: or expert/task"),
+    ("badname", "must be letters"),
+    ("missing", "experts.b: ExpertEntry: missing required key 'task'"),
+])
+def test_multi_expert_bad_recipe(setup, tmp_path, capsys, case, match):
+    tmp, base, expert, data, other = setup
+    e = _entry(expert, data)
+    experts = {"empty": {}, "one": {"a": e}, "null": {"a": e, "b": None}, "duplicate": {"a": e, "b": _entry(expert + "/", data)},
+               "both": {"a": e, "b": _entry(other, data)}, "badname": {"a": e, "b/c": _entry(other, data)},
+               "missing": {"a": e, "b": {"expert": other}}}[case]
+    extra = {"expert": expert, "task": e["task"]} if case == "both" else {}
+    out = tmp_path / "out"
+    assert graft_main(["localize", _multi_recipe(tmp_path, base, experts, out, **extra)]) == 2
+    assert match in _error(capsys)
+    assert not out.exists()
+
+
+def test_multi_expert_adapter_for_another_base(setup, tmp_path, capsys):
+    """An expert made on another base is refused before any expert is localized."""
+    from eval_helpers import lora_adapter
+
+    tmp, base, expert, data, _ = setup
+    _, adapter = lora_adapter(gk.load_tokenizer("minilm"), tmp_path, base_seed=5)
+    out = tmp_path / "out"
+    experts = {"full": _entry(expert, data), "lora": _entry(adapter, data)}
+    assert graft_main(["localize", _multi_recipe(tmp_path, base, experts, out)]) == 2
+    err = _error(capsys)
+    assert "expert 'lora'" in err and "different base model" in err
+    assert not out.exists()

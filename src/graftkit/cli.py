@@ -404,14 +404,9 @@ def cmd_probe_intrinsic_dim(args: argparse.Namespace) -> int:
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
-    from .analysis.localize import run_localize
+    from .analysis.localize import run_localize, summary_line
 
-    res = run_localize(args.recipe, progress=sys.stderr.isatty())
-    acc = res["finetuned"]["accuracy"] or float("nan")
-    parts = [f"{100 * lv['sparsity']:g}%: magnitude {lv['magnitude']['accuracy'] / acc:.3f}, learned {lv['learned']['accuracy'] / acc:.3f}"
-             for lv in res["levels"]]
-    print(f"graft localize: retained training accuracy ({'; '.join(parts)}) of the expert's {res['finetuned']['accuracy']:.3f}; "
-          f"report {res['report'][0]}")
+    print(summary_line(run_localize(args.recipe, progress=sys.stderr.isatty())))
     return 0
 
 
