@@ -401,6 +401,27 @@ def test_multi_expert_bad_recipe(setup, tmp_path, capsys, case, match):
     assert not out.exists()
 
 
+def test_multi_expert_missing_eval_data_before_any_work(setup, tmp_path, capsys):
+    """A later expert's held-out file that does not exist is named before the first expert is localized."""
+    tmp, base, expert, data, other = setup
+    missing = {"name": "topic-test", "kind": "classification", "file": str(tmp_path / "nope.jsonl")}
+    out = tmp_path / "out"
+    experts = {"a": _entry(expert, data), "b": _entry(other, data, missing)}
+    assert graft_main(["localize", _multi_recipe(tmp_path, base, experts, out)]) == 2
+    err = _error(capsys)
+    assert err.startswith("graft: error: expert 'b':") and "nope.jsonl" in err
+    assert not out.exists()
+
+
+def test_eval_task_must_be_classification(setup, tmp_path, capsys):
+    tmp, base, expert, data, _ = setup
+    out = tmp_path / "out"
+    held = {"name": "lm", "kind": "perplexity", "file": data}
+    assert graft_main(["localize", recipe(tmp_path, base, expert, data, out, eval_task=held)]) == 2
+    assert "eval_task 'lm' is a perplexity task" in _error(capsys)
+    assert not out.exists()
+
+
 def test_multi_expert_adapter_for_another_base(setup, tmp_path, capsys):
     """An expert made on another base is refused before any expert is localized."""
     from eval_helpers import lora_adapter

@@ -287,16 +287,21 @@ def _task_batches(task, tok, head) -> list[tuple[torch.Tensor, torch.Tensor, tor
 
 
 def check_expert(cfg: LocalizeConfig, name: str | None = None) -> None:
-    """What can be checked before any model is trained on: the tasks are classification tasks, an
-    adapter expert has a weight delta and was made on ``base`` (its recorded fingerprint)."""
+    """What can be checked before any mask is learned: the tasks are classification tasks whose data
+    reads, the expert is a model folder, or an adapter with a weight delta made on ``base`` (its
+    recorded fingerprint)."""
+    from ..assets import model_dir
+    from ..eval.tasks import load_task
     from ..merge.adapters import is_adapter
 
     where = f"expert {name!r}: " if name else ""
     try:
-        _classification_task(cfg.task, "task")
+        load_task(_classification_task(cfg.task, "task"))
         if cfg.eval_task is not None:
-            _classification_task(cfg.eval_task, "eval_task")
-        if is_adapter(cfg.expert):
+            load_task(_classification_task(cfg.eval_task, "eval_task"))
+        if not is_adapter(cfg.expert):
+            model_dir(cfg.expert)
+        else:
             from ..fingerprint import check_fingerprint
             from ..io import load_base_for, read_adapter
             from ..methods import method_named
