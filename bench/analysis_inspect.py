@@ -1,13 +1,13 @@
 """``graft inspect --deltas`` on the issue-17 experts: intruder dimensions of LoRA r=8, rsLoRA r=64
 and full fine-tuning, and the time and peak memory of one inspection of SmolLM2-135M.
 
-(a) Intruders. One ``graft inspect --deltas`` run over every expert of the families ``full``,
-``lora8`` and ``rslora64`` of a study output (``graft study bench/analysis_study.yaml``; each
+(a) Intruders. One ``graft inspect --deltas`` run per family (``full``, ``lora8``, ``rslora64``)
+over that family's experts of a study output (``graft study bench/analysis_study.yaml``; each
 expert's adapter folder, which inspect reads as ``base + its delta``; the task heads are
 excluded, their label counts differ). The k = 10 top left singular vectors of every fine-tuned
 matrix and their largest ``|cos|`` to the base's singular vectors come back in ``--json``, so
-the counts for every epsilon of the sweep come from that one run. Written to ``--out``: the
-inspect report, ``intruders.json``, ``intruders.md`` and two plots (intruders per family and
+the counts for every epsilon of the sweep come from that one run. Written to ``--out``: per family
+the inspect report and its JSON, then ``results.json``, ``intruders.md`` and two plots (intruders per family and
 task at epsilon = 0.5; intruders against epsilon).
 
 (b) SmolLM2. An all-linear LoRA r=8 adapter on the packaged SmolLM2-135M (all 7 linear modules
@@ -17,7 +17,7 @@ smollm2 --out DIR`` in a fresh subprocess: its wall time and its own peak RSS (`
 rusage of that one child).
 
     .venv/bin/python bench/analysis_inspect.py [--study out/analysis_study] [--out out/analysis_inspect]
-        [--epsilons 0.3,0.4,0.5,0.6,0.7] [--families full,lora8,rslora64] [--tasks bbc,...]
+        [--epsilons 0.3,0.4,0.5,0.6,0.7,0.8,0.9] [--families full,lora8,rslora64] [--tasks bbc,...]
         [--skip-experts] [--skip-smollm2]
 """
 from __future__ import annotations
@@ -79,53 +79,73 @@ def count(tensors: list[dict], eps: float, *, layers_only: bool = False) -> int:
                for c in r.get("max_cosines") or [] if c < eps)
 
 
-def intruders(study: Study, out: Path, epsilons: list[float], top_k: int, families: list[str] | None = None,
-              tasks: list[str] | None = None) -> dict:
-    families = families or [f for f in FAMILIES if f in study.families()]
-    experts = [(f, t) for f in families for t in study.tasks(f) if not tasks or t in tasks]
-    if not experts:
-        sys.exit(f"no experts under {study.root}/experts")
-    paths = [study.adapter(f, t) for f, t in experts]
+def inspect_family(study: Study, fam: str, tasks: list[str], out: Path, top_k: int, reuse: bool) -> dict:
+    """One ``graft inspect --deltas`` run over one family's experts (``--reuse``: keep an earlier run's output)."""
+    paths = [study.adapter(fam, t) for t in tasks]
     cmd = [graft_exe(), "inspect", "--deltas", *paths, "--base", study.base, "--exclude", "classifier.*",
-           "--top-k", str(top_k), "--epsilon", "0.5", "--json", "--out", str(out / "report")]
+           "--top-k", str(top_k), "--epsilon", "0.5", "--json", "--out", str(out / fam / "report")]
+    (out / fam).mkdir(parents=True, exist_ok=True)
+    done = out / fam / "run.json"
+    if reuse and done.exists() and json.loads(done.read_text())["command"] == shlex.join(cmd):
+        print(f"reused: {out / fam}", flush=True)
+        return json.loads(done.read_text())
     print("$", shlex.join(cmd), flush=True)
-    cost = run_measured(cmd, out / "inspect.json")
-    res = json.loads((out / "inspect.json").read_text())
-    by_path = {m["path"]: m for m in res["models"].values()}
-    rows = []
-    for (fam, task), p in zip(experts, paths):
-        m = by_path[p]
-        ts = m["tensors"]
-        hit = {}
-        for r in ts:
-            n = sum(1 for c in r.get("max_cosines") or [] if c < 0.5)
-            if n:
-                hit[r["module"]] = hit.get(r["module"], 0) + n
-        rows.append({"family": fam, "task": task, "path": p,
-                     "matrices": sum(1 for r in ts if r.get("max_cosines")),
-                     "relative": m["total"]["relative"], "stable_rank": m["total"]["stable_rank"],
-                     "effective_rank": m["total"]["effective_rank"],
-                     "intruders": {str(e): count(ts, e) for e in epsilons},
-                     "intruders_in_layers": {str(e): count(ts, e, layers_only=True) for e in epsilons},
-                     "at_0.5_by_module": hit,
-                     "min_max_cosine": min((c for r in ts for c in r.get("max_cosines") or []), default=None)})
-    return {"command": shlex.join(cmd), "cost": cost, "top_k": top_k, "epsilons": epsilons,
-            "families": families, "experts": rows}
+    cost = run_measured(cmd, out / fam / "inspect.json")
+    run = {"command": shlex.join(cmd), "cost": cost, "machine": machine()}
+    done.write_text(json.dumps(run, indent=2))
+    print(f"  {len(paths)} deltas: {cost['wall_s']:.1f} s wall ({cost['user_s']:.0f} s user + {cost['sys_s']:.0f} s sys CPU), "
+          f"{cost['peak_rss_mb']:.0f} MB peak RSS", flush=True)
+    return run
+
+
+def intruders(study: Study, out: Path, epsilons: list[float], top_k: int, families: list[str] | None = None,
+              tasks: list[str] | None = None, reuse: bool = False) -> dict:
+    families = families or [f for f in FAMILIES if f in study.families()]
+    rows, runs = [], {}
+    for fam in families:
+        fam_tasks = [t for t in study.tasks(fam) if not tasks or t in tasks]
+        if not fam_tasks:
+            print(f"no {fam} experts under {study.root}/experts yet; skipped", flush=True)
+            continue
+        runs[fam] = inspect_family(study, fam, fam_tasks, out, top_k, reuse)
+        res = json.loads((out / fam / "inspect.json").read_text())
+        by_path = {m["path"]: m for m in res["models"].values()}
+        for task in fam_tasks:
+            m = by_path[study.adapter(fam, task)]
+            ts = m["tensors"]
+            hit: dict[str, int] = {}
+            for r in ts:
+                n = sum(1 for c in r.get("max_cosines") or [] if c < 0.5)
+                if n:
+                    hit[r["module"]] = hit.get(r["module"], 0) + n
+            rows.append({"family": fam, "task": task, "path": m["path"],
+                         "matrices": sum(1 for r in ts if r.get("max_cosines")),
+                         "relative": m["total"]["relative"], "stable_rank": m["total"]["stable_rank"],
+                         "effective_rank": m["total"]["effective_rank"],
+                         "intruders": {str(e): count(ts, e) for e in epsilons},
+                         "intruders_in_layers": {str(e): count(ts, e, layers_only=True) for e in epsilons},
+                         "at_0.5_by_module": hit,
+                         "min_max_cosine": min((c for r in ts for c in r.get("max_cosines") or []), default=None)})
+    if not rows:
+        sys.exit(f"no experts of {families} under {study.root}/experts")
+    return {"runs": runs, "top_k": top_k, "epsilons": epsilons, "families": list(runs), "experts": rows}
 
 
 def intruder_table(data: dict) -> str:
     eps = data["epsilons"]
     lines = ["| family | task | matrices | ‖delta‖/‖base‖ | mean stable rank | "
-             + " | ".join(f"ε={e:g}" for e in eps) + " | where (ε=0.5) |",
-             "|---|---|---:|---:|---:|" + "---:|" * len(eps) + "---|"]
+             + " | ".join(f"ε={e:g}" for e in eps) + " | in layers (ε=0.5) | where (ε=0.5) |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(eps) + "---:|---|"]
     for r in data["experts"]:
         where = ", ".join(f"{m} {n}" for m, n in sorted(r["at_0.5_by_module"].items(), key=lambda x: -x[1])) or "-"
         lines.append(f"| {LABELS.get(r['family'], r['family'])} | {r['task']} | {r['matrices']} | {r['relative']:.4f} | "
-                     f"{r['stable_rank']:.2f} | " + " | ".join(str(r["intruders"][str(e)]) for e in eps) + f" | {where} |")
+                     f"{r['stable_rank']:.2f} | " + " | ".join(str(r["intruders"][str(e)]) for e in eps)
+                     + f" | {r['intruders_in_layers']['0.5']} | {where} |")
     for fam in data["families"]:
         rs = [r for r in data["experts"] if r["family"] == fam]
         lines.append(f"| **{LABELS.get(fam, fam)}, sum** | {len(rs)} tasks | {sum(r['matrices'] for r in rs)} | | | "
-                     + " | ".join(str(sum(r["intruders"][str(e)] for r in rs)) for e in eps) + " | |")
+                     + " | ".join(str(sum(r["intruders"][str(e)] for r in rs)) for e in eps)
+                     + f" | {sum(r['intruders_in_layers']['0.5'] for r in rs)} | |")
     return "\n".join(lines)
 
 
@@ -196,12 +216,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", default="out/analysis_study")
     ap.add_argument("--out", default="out/analysis_inspect")
-    ap.add_argument("--epsilons", default="0.3,0.4,0.5,0.6,0.7")
+    ap.add_argument("--epsilons", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--families", default="", help="comma-separated (default: full, lora8, rslora64 where present)")
     ap.add_argument("--tasks", default="", help="comma-separated (default: every task)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--b-scale", type=float, default=0.05)
+    ap.add_argument("--reuse", action="store_true", help="keep a family's earlier inspect run (same command)")
     ap.add_argument("--skip-experts", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     o = ap.parse_args()
@@ -213,21 +234,18 @@ def main() -> None:
     if not o.skip_experts:
         eps = sorted({float(e) for e in o.epsilons.split(",")} | {0.5})
         data = intruders(Study(o.study), out, eps, o.top_k, [f for f in o.families.split(",") if f],
-                         [t for t in o.tasks.split(",") if t])
+                         [t for t in o.tasks.split(",") if t], o.reuse)
         table = intruder_table(data)
         (out / "intruders.md").write_text(table + "\n")
         intruder_plots(data, out)
         result["intruders"] = data
-        c = data["cost"]
-        print(f"{len(data['experts'])} deltas in one graft inspect run: {c['wall_s']:.1f} s wall, "
-              f"{c['peak_rss_mb']:.0f} MB peak RSS; report {out / 'report'}")
         print(table)
     if not o.skip_smollm2:
         s = smollm2(out, o.rank, o.b_scale)
         result["smollm2"] = s
         c = s["cost"]
         print(f"SmolLM2-135M, LoRA r={o.rank} on {', '.join(SMOL_TARGETS)}: {c['wall_s']:.1f} s wall "
-              f"({c['user_s']:.0f} s user), {c['peak_rss_mb']:.0f} MB peak RSS\n  {s['summary']}")
+              f"({c['user_s']:.0f} s user + {c['sys_s']:.0f} s sys CPU), {c['peak_rss_mb']:.0f} MB peak RSS\n  {s['summary']}")
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"written: {out}/results.json, intruders.md, intruders_by_task.png, intruders_vs_epsilon.png")
 
