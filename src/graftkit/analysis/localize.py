@@ -9,9 +9,17 @@ all delta entries grafted, ``k = max(1, round(s * N))`` entries):
 * **magnitude**: the ``k`` largest ``|delta|`` over the whole model (one global threshold, not
   one per tensor; exactly ``k`` entries, ties broken by position);
 * **learned**: ``gamma = sigmoid(S)``, ``S`` starts at ``+init`` on the magnitude mask and
-  ``-init`` elsewhere, and is optimised with Adam on the task's training data to lower the
-  cross-entropy of ``theta(gamma)`` (optionally plus ``l1 * mean(gamma)``); the result is
-  binarised to the ``k`` largest ``S`` (the paper's "optimise, then keep the top-s"). The
+  ``-init`` elsewhere, and is optimised on the task's training data to lower the cross-entropy of
+  ``theta(gamma)`` (optionally plus ``l1 * mean(gamma)``). As in the paper's code, each step is plain
+  gradient descent on ``S`` with the gradient of the whole training set (``batches_per_step``
+  fewer batches); the paper's learning rate of ~1e7 is replaced by a scale-free one (``sgd_step``:
+  the budget-th largest gradient moves its logit by ``lr``). ``optimizer: adam`` is the alternative;
+  it moves every logit by about ``lr`` whatever its gradient's size, which lets entries with tiny
+  deltas but a steady gradient sign crowd out the ones that matter. By default the forward pass uses
+  the binarised mask and the gradient is that of the relaxation (straight-through), so the loss
+  being lowered is the binary mask's, not that of a relaxed model that also grafts ``sigmoid(-init)``
+  of every other entry. The result is binarised to exactly the ``k`` largest ``S`` (the paper
+  rounds ``gamma`` at 0.5, which lets the size drift; a fixed ``k`` compares equal budgets). The
   binarised mask is scored on the whole training set every ``eval_every`` steps and the best
   one kept; step 0 is the magnitude mask itself, so the learned mask's training loss is never
   above the magnitude mask's (the report says whether it improved on it).
@@ -39,7 +47,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from pydantic import Field, field_validator
@@ -67,11 +75,14 @@ class LocalizeConfig(StrictModel):
     eval_task: dict | None = None  # held-out data (typically the test split) every mask is also scored on
     experts: dict[str, Any] | None = None  # the multi-expert form: {name: ExpertEntry fields}, instead of expert/task/eval_task
     sparsity: list[float]         # shares of the delta's entries to graft, each in (0, 1]
-    steps: int = Field(100, gt=0)  # optimisation steps of the learned mask, one batch each
-    lr: float = Field(0.1, gt=0)  # Adam on the logits S
+    steps: int = Field(20, gt=0)  # optimisation steps of the learned mask
+    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: steps proportional to the gradient (the paper's); see sgd_step
+    lr: Optional[float] = Field(None, gt=0)  # default 1.0 for sgd (the budget-th largest gradient's step), 0.1 for adam
+    batches_per_step: Optional[int] = Field(None, gt=0)  # training batches per step; default all (a full-batch gradient)
+    straight_through: bool = True  # forward with the binary mask, gradient of the sigmoid relaxation
     init: float = Field(3.0, gt=0)  # |S| at the start: sigmoid(3) = 0.95
     l1: float = Field(0.0, ge=0)  # weight of mean(gamma) in the loss
-    eval_every: int = Field(25, gt=0)
+    eval_every: int = Field(5, gt=0)
     exclude: list[str] = Field(default_factory=list)  # globs of tensors never grafted (taken from the expert)
     masks: list[str] = Field(default_factory=list)  # existing mask files to score too (made on this base)
     save_grafted: bool = False    # also write each grafted model as an HF folder
@@ -209,26 +220,51 @@ class Graft:
     def score_mask(self, masks: dict[str, torch.Tensor]) -> dict[str, float]:
         return self.score(grafted(self.base, self.deltas, masks))
 
-    def learn(self, s: float, *, steps: int, lr: float, init: float = 3.0, l1: float = 0.0, eval_every: int = 25,
-              seed: int = 0, progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    def mask_gradient(self, logits_s: dict[str, torch.Tensor], k: int, batches: list, *, straight_through: bool = True,
+                      l1: float = 0.0) -> float:
+        """Accumulate into ``logits_s[n].grad`` the gradient of the mean loss over ``batches``; returns that loss.
+
+        Straight-through: the forward pass grafts the binary mask (the ``k`` largest logits), the one
+        the step will be judged by; the gradient is the sigmoid relaxation's, ``dL/dtheta * delta *
+        sigmoid'(S)``. A relaxed forward would also graft ``sigmoid(-init)`` of every other entry and
+        lower a loss that the binary mask does not have."""
+        hard = topk_masks(logits_s, k) if straight_through else None
+        total = 0.0
+        for batch in batches:  # one gradient over all the batches (the paper accumulates the whole set)
+            soft = {n: torch.sigmoid(v) for n, v in logits_s.items()}
+            gamma = {n: hard[n].float() + soft[n] - soft[n].detach() for n in soft} if hard is not None else soft
+            loss = self.loss(grafted(self.base, self.deltas, gamma), batch)
+            if l1:
+                loss = loss + l1 * sum(g.sum() for g in soft.values()) / self.numel
+            (loss / len(batches)).backward()
+            total += float(loss.detach()) / len(batches)
+        return total
+
+    def learn(self, s: float, *, steps: int, lr: float | None = None, optimizer: str = "sgd", init: float = 3.0,
+              l1: float = 0.0, eval_every: int = 5, seed: int = 0, batches_per_step: int | None = None,
+              straight_through: bool = True, progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """The learned binary mask at sparsity ``s`` and its history (see the module docstring)."""
         k = budget(self.numel, s)
+        lr = default_lr(optimizer) if lr is None else lr
         start = topk_masks({n: d.abs() for n, d in self.deltas.items()}, k)
         logits_s = {n: torch.where(m, init, -init).float().requires_grad_(True) for n, m in start.items()}
-        opt = torch.optim.Adam(list(logits_s.values()), lr=lr)
+        opt = torch.optim.Adam(list(logits_s.values()), lr=lr) if optimizer == "adam" else None
         best_mask, best = start, self.score_mask(start)
         history = [{"step": 0, **best}]
         best_step = 0
         gen = torch.Generator().manual_seed(seed)
+        per_step = len(self.batches) if batches_per_step is None else min(batches_per_step, len(self.batches))
         for step in range(1, steps + 1):
-            batch = self.batches[int(torch.randint(len(self.batches), (1,), generator=gen))]
-            gamma = {n: torch.sigmoid(v) for n, v in logits_s.items()}
-            loss = self.loss(grafted(self.base, self.deltas, gamma), batch)
-            if l1:
-                loss = loss + l1 * sum(g.sum() for g in gamma.values()) / self.numel
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            picked = (self.batches if per_step == len(self.batches) else
+                      [self.batches[int(i)] for i in torch.randperm(len(self.batches), generator=gen)[:per_step]])
+            self.mask_gradient(logits_s, k, picked, straight_through=straight_through, l1=l1)
+            with torch.no_grad():
+                if opt is not None:
+                    opt.step()
+                else:
+                    sgd_step(logits_s, lr, k)
+            for v in logits_s.values():
+                v.grad = None
             if progress is not None:
                 progress(1)
             if step % eval_every == 0 or step == steps:
@@ -238,6 +274,30 @@ class Graft:
                 if got["loss"] < best["loss"]:
                     best_mask, best, best_step = mask, got, step
         return best_mask, {"k": k, "best_step": best_step, "history": history, **best}
+
+
+def default_lr(optimizer: str) -> float:
+    return {"sgd": 1.0, "adam": 0.1}[optimizer]
+
+
+@torch.no_grad()
+def sgd_step(logits_s: dict[str, torch.Tensor], lr: float, k: int) -> None:
+    """One gradient-descent step on the mask logits, scaled so that the k-th largest gradient
+    (k = the mask's budget) moves its logit by ``lr``.
+
+    The paper runs plain SGD with a learning rate of about 1e7, because ``dL/dS = dL/dtheta * delta *
+    sigmoid'(S)`` is tiny and model-dependent; dividing by a gradient quantile makes ``lr`` mean the same
+    on every model. Unlike Adam, which moves every logit by about ``lr`` whatever its gradient's size,
+    the step stays proportional to the gradient, so an entry whose graft barely matters (a tiny
+    delta) does not displace one that matters."""
+    flat = torch.cat([v.grad.abs().reshape(-1) for v in logits_s.values()])
+    scale = float(torch.topk(flat, min(k, flat.numel()), sorted=False).values.min())
+    if scale <= 0:
+        scale = float(flat.max())
+    if scale <= 0:
+        return  # no gradient: nothing to learn from
+    for v in logits_s.values():
+        v.sub_(lr * v.grad / scale)
 
 
 def _pair_names(model: torch.nn.Module, base_keys: dict[str, tuple], exclude: list[str]) -> dict[str, str]:
@@ -422,7 +482,9 @@ def localize_expert(cfg: LocalizeConfig, graft: Graft, info: dict, given: dict, 
     result: dict[str, Any] = {"base": cfg.base, "expert": cfg.expert, "task": info["task"], "examples": info["examples"],
                               "eval_task": info.get("eval_task"), "eval_examples": info.get("eval_examples", 0),
                               "delta_entries": graft.numel, "tensors": len(graft.deltas),
-                              "kept_from_expert": info["kept_from_expert"], "steps": cfg.steps, "lr": cfg.lr,
+                              "kept_from_expert": info["kept_from_expert"], "steps": cfg.steps,
+                              "optimizer": cfg.optimizer, "lr": cfg.lr or default_lr(cfg.optimizer),
+                              "batches_per_step": cfg.batches_per_step, "straight_through": cfg.straight_through,
                               "init": cfg.init, "l1": cfg.l1, "finetuned": score_grafted(graft, one, held),
                               "base_scores": score_grafted(graft, zero, held), "levels": [], "given": []}
     masks_out: dict[str, dict] = {}
@@ -430,8 +492,9 @@ def localize_expert(cfg: LocalizeConfig, graft: Graft, info: dict, given: dict, 
         mag = magnitude_masks(graft.deltas, s)
         mag_scores = score_grafted(graft, mag, held)
         # the learned mask is chosen on the training objective alone; held-out data only scores it
-        learned, hist = graft.learn(s, steps=cfg.steps, lr=cfg.lr, init=cfg.init, l1=cfg.l1,
-                                    eval_every=cfg.eval_every, seed=cfg.seed, progress=tick)
+        learned, hist = graft.learn(s, steps=cfg.steps, lr=cfg.lr, optimizer=cfg.optimizer, init=cfg.init, l1=cfg.l1,
+                                    eval_every=cfg.eval_every, seed=cfg.seed, batches_per_step=cfg.batches_per_step,
+                                    straight_through=cfg.straight_through, progress=tick)
         overlap = sum(int((mag[n] & learned[n]).sum()) for n in mag)
         result["levels"].append({"sparsity": s, "k": hist["k"], "magnitude": mag_scores,
                                  "learned": score_grafted(graft, learned, held, {k: hist[k] for k in ("loss", "accuracy", "ece", "best_step")}),
@@ -659,7 +722,9 @@ def build_localize_sections(result: dict, tag: str = "", title: str = "") -> tup
              f"{len(result['kept_from_expert'])} tensors (e.g. a new classifier head) are always the expert's own."),
         Para(f"Fine-tuned: loss {ft['loss']:.4f}, accuracy {ft['accuracy']:.3f}, ECE {ft['ece']:.3f}. "
              f"Base with the expert's head (nothing grafted): loss {b['loss']:.4f}, accuracy {b['accuracy']:.3f}."),
-        Para(f"Learned masks: {result['steps']} Adam steps at lr {result['lr']:g} from |S| = {result['init']:g}, "
+        Para(f"Learned masks: {result['steps']} {result.get('optimizer', 'adam')} steps at lr {result['lr']:g} "
+             f"({'all' if result.get('batches_per_step') is None else result['batches_per_step']} training batches per step"
+             f"{', straight-through' if result.get('straight_through') else ''}) from |S| = {result['init']:g}, "
              f"l1 {result['l1']:g}; they are chosen on the training data alone"
              + (f"; held-out scores are on {result['eval_task']} ({result['eval_examples']} examples), which never "
                 "steers the masks." if held else "; no eval_task was given, so every score is on the data the masks were fitted on.")),
