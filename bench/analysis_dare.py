@@ -11,7 +11,7 @@ Prints a table (mean and range over the seeds of the accuracy and of retained = 
 expert's) and writes OUT/report.html, OUT/report.md, OUT/report_files/dare_curves.png (the four
 curves) and OUT/result.json.
 
-    .venv/bin/python bench/analysis_dare.py [--study out/analysis_study] [--seeds 0 1 2] [--out out/analysis_dare]
+    .venv/bin/python bench/analysis_dare.py [--study out/analysis_study] [--seeds 0 1 2] [--out out/analysis_dare] [--reuse]
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def curves_png(results: dict[str, list[dict]]) -> bytes:
     with chart_style():
         fig = new_figure(9.0, 3.4)
         axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
-        for task, rows in results.items():
-            xs = list(range(len(rows)))
+        n = len(results)
+        for i, (task, rows) in enumerate(results.items()):
+            xs = [x + 0.06 * (i - (n - 1) / 2) for x in range(len(rows))]  # side by side: the seeds' bars do not hide each other
             for ax, key, lo, hi in ((axes[0], "accuracy", "acc_min", "acc_max"), (axes[1], "retained", "ret_min", "ret_max")):
                 ys = [r[key] for r in rows]
                 err = [[y - r[lo] for y, r in zip(ys, rows)], [r[hi] - y for y, r in zip(ys, rows)]]
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--rates", nargs="+", type=float, default=[0.5, 0.9, 0.95, 0.99])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default="out/analysis_dare")
+    ap.add_argument("--reuse", action="store_true", help="keep the tasks OUT/result.json already has for these settings")
     args = ap.parse_args()
 
     import torch
@@ -131,10 +133,22 @@ def main() -> None:
 
     study = Study(args.study)
     tasks = args.tasks or study.tasks(args.family)
-    start = time.perf_counter()
-    results, raw = {}, {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    same = {"study": args.study, "family": args.family, "split": args.split, "seeds": args.seeds, "rates": args.rates}
+    raw, task_seconds = {}, {}
+    prev = out / "result.json"
+    if args.reuse and prev.is_file():  # tasks measured by an earlier run with the same settings are not run again
+        old = json.loads(prev.read_text())
+        if {k: old["meta"].get(k) for k in same} == same:
+            raw = {t: v for t, v in old["per_seed"].items() if t in tasks}
+            task_seconds = {t: old["meta"]["task_seconds"][t] for t in raw}
+            print(f"reusing {', '.join(raw) or 'no task'} from {prev}", flush=True)
     for task in tasks:
+        if task in raw:
+            continue
         per_seed = []
+        start = time.perf_counter()
         expert = hf_expert(study, args.family, task)
         for seed in args.seeds:
             t0 = time.perf_counter()
@@ -144,18 +158,19 @@ def main() -> None:
             accs = " ".join(f"{r['rate']:g}:{r['accuracy']:.3f}" for r in res["rows"])
             print(f"{task} seed {seed}: {accs}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         raw[task] = per_seed
-        results[task] = summarize(per_seed)
-    seconds = time.perf_counter() - start
+        task_seconds[task] = time.perf_counter() - start
+        # after every task, so a run cut short keeps what it measured (--reuse picks it up)
+        prev.write_text(json.dumps({"meta": {**same, "task_seconds": task_seconds}, "per_seed": raw}, indent=2) + "\n")
+    results = {t: summarize(raw[t]) for t in tasks}
+    seconds = sum(task_seconds.values())
 
     print(f"\n{'task':<8} {'p':>5} {'acc mean':>8} {'acc range':>11} {'retained':>8} {'ret range':>11} {'kept':>6}")
     for task, rs in results.items():
         for r in rs:
             print(f"{task:<8} {r['rate']:>5g} {r['accuracy']:>8.4f} {r['acc_min']:>5.3f}-{r['acc_max']:<5.3f} "
                   f"{r['retained']:>8.3f} {r['ret_min']:>5.3f}-{r['ret_max']:<5.3f} {r['kept_share']:>6.4f}")
-    meta = {"study": args.study, "family": args.family, "split": args.split, "seeds": args.seeds, "rates": args.rates,
-            "seconds": seconds, "threads": torch.get_num_threads(),
+    meta = {**same, "seconds": seconds, "task_seconds": task_seconds, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {os.cpu_count()} CPU(s)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out = Path(args.out)
     html = write_report(out, results, meta)
     (out / "result.json").write_text(json.dumps({"meta": meta, "summary": results, "per_seed": raw}, indent=2) + "\n")
     print(f"\n{len(tasks)} experts x {len(args.seeds)} seeds in {seconds:.0f} s; report: {html}")
