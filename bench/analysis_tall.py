@@ -9,10 +9,11 @@ the candidates on each task's validation split. Then rebuilds every expert with
 original expert on the task's test split with ``graft eval``'s runner.
 
 Prints the bundle's storage ratio, per task the chosen lambda, mask density, expert and rebuilt
-accuracy, retained (rebuilt / expert) and the difference, and the wall time of compress and of
+accuracy, retained (rebuilt / expert), the difference and the relative error of the
+rebuilt weights, and the wall time of compress and of
 each decompress; writes OUT/result.json (the bundle stays in OUT/bundle).
 
-    .venv/bin/python bench/analysis_tall.py [--study out/analysis_study] [--lambdas 0.2 0.3 0.4 0.5 0.6] [--out out/analysis_tall]
+    .venv/bin/python bench/analysis_tall.py [--study out/analysis_study] [--lambdas 0.2 0.3 0.4 0.5 0.6] [--out out/analysis_tall] [--reuse]
 """
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def accuracy(folder: str, task: dict, cache) -> float:
     return float(r["metrics"]["accuracy"])
 
 
+def relative_error(rebuilt: str, expert: str, base: str, keys: list[str]) -> float:
+    """``||rebuilt - expert|| / ||expert - base||`` over the merged tensors: how much of the task
+    vector the mask fails to reproduce (0: exact; 1: as far as the base is)."""
+    from graftkit.tensors import Checkpoint
+
+    r, e, b = Checkpoint(rebuilt), Checkpoint(expert), Checkpoint(base)
+    num = den = 0.0
+    for k in keys:
+        ev = e.get(k).float()
+        num += float((r.get(k).float() - ev).pow(2).sum())
+        den += float((ev - b.get(k).float()).pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", default="out/analysis_study", help="a graft study output folder (default out/analysis_study)")
@@ -45,12 +60,14 @@ def main() -> None:
     ap.add_argument("--lambdas", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5, 0.6])
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="out/analysis_tall")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep OUT/bundle when OUT/compress.yaml is this run's recipe (its compress time from OUT/result.json)")
     args = ap.parse_args()
 
     import torch
     import yaml
 
-    from graftkit.analysis.tall import compress, decompress
+    from graftkit.analysis.tall import compress, decompress, read_manifest
     from graftkit.eval.runner import EvalCache
 
     study = Study(args.study)
@@ -61,16 +78,26 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "compress.yaml"  # what `graft compress` reads; kept to rerun the CLI by hand
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    text = yaml.safe_dump(recipe, sort_keys=False)
     bundle = out / "bundle"
-    t0 = time.perf_counter()
-    manifest = compress(recipe_path, bundle, overwrite=True)
-    compress_s = time.perf_counter() - t0
+    prev = out / "result.json"
+    if args.reuse and recipe_path.is_file() and recipe_path.read_text() == text and (bundle / "bundle.json").is_file() and prev.is_file():
+        manifest = read_manifest(bundle)
+        compress_s = json.loads(prev.read_text())["meta"]["compress_s"]
+        print(f"reusing {bundle} (compressed by an earlier run in {compress_s:.0f} s)")
+    else:
+        recipe_path.write_text(text)
+        t0 = time.perf_counter()
+        manifest = compress(recipe_path, bundle, overwrite=True)
+        compress_s = time.perf_counter() - t0
     st = manifest["storage"]
     print(f"compress: {compress_s:.0f} s ({len(tasks)} tasks x {len(args.lambdas)} lambda candidates scored on validation); "
           f"bundle {st['bundle_bytes'] / 1e6:.1f} MB vs experts {st['experts_bytes'] / 1e6:.1f} MB: storage ratio {st['ratio']:.3f}",
           flush=True)
 
+    from graftkit.tensors import Checkpoint
+
+    merged_keys = Checkpoint(bundle / "tau_mtl").keys()
     cache = EvalCache()
     rows = []
     with tempfile.TemporaryDirectory(prefix="tall-bench-") as tmp:
@@ -82,20 +109,23 @@ def main() -> None:
             task = study.task(t, args.split)
             acc_e = accuracy(experts[t], task, cache)
             acc_r = accuracy(str(folder), task, cache)
+            val_e = accuracy(experts[t], study.task(t, "validation"), cache)  # what the lambda candidates' scores compare to
+            err = relative_error(str(folder), experts[t], study.base, merged_keys)
             shutil.rmtree(folder)
             info = manifest["tasks"][t]
             rows.append({"task": t, "lambda": info["lambda"], "mask_density": info["mask_density"],
                          "validation": info.get("validation"), "expert": acc_e, "rebuilt": acc_r,
+                         "expert_validation": val_e, "relative_error": err,
                          "retained": acc_r / acc_e if acc_e else None, "diff": acc_r - acc_e, "decompress_s": dec_s})
             print(f"{t}: lambda {info['lambda']:g}, expert {acc_e:.4f}, rebuilt {acc_r:.4f}, decompress {dec_s:.1f} s", flush=True)
 
     print(f"\nstorage ratio {st['ratio']:.3f} ({st['bundle_bytes'] / 1e6:.1f} MB bundle vs {st['experts_bytes'] / 1e6:.1f} MB "
           f"for the {len(tasks)} experts; base referenced, in neither); compress {compress_s:.0f} s")
-    print(f"{'task':<8} {'lambda':>6} {'density':>7} {'expert':>7} {'rebuilt':>7} {'retained':>8} {'diff':>7} {'decomp s':>8}  validation")
+    print(f"{'task':<8} {'lambda':>6} {'density':>7} {'expert':>7} {'rebuilt':>7} {'retained':>8} {'diff':>7} {'decomp s':>8} {'rel err':>7}  validation: expert, then lambda:rebuilt")
     for r in rows:
         val = " ".join(f"{v['lambda']:g}:{v.get('accuracy', float('nan')):.3f}" for v in r["validation"] or [])
         print(f"{r['task']:<8} {r['lambda']:>6g} {r['mask_density']:>7.3f} {r['expert']:>7.4f} {r['rebuilt']:>7.4f} "
-              f"{r['retained']:>8.4f} {r['diff']:>+7.3f} {r['decompress_s']:>8.1f}  {val}")
+              f"{r['retained']:>8.4f} {r['diff']:>+7.3f} {r['decompress_s']:>8.1f} {r['relative_error']:>7.3f}  {r['expert_validation']:.3f}, {val}")
     worst = min(r["diff"] for r in rows)
     print(f"worst rebuilt - expert: {worst:+.3f} ({'within' if worst >= -0.01 else 'NOT within'} 0.01)")
     meta = {"study": args.study, "family": args.family, "split": args.split, "lambdas": args.lambdas,
