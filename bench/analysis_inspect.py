@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _analysis_experts import FAMILIES, Study  # noqa: E402
 
+from graftkit.analysis.delta_stats import layer_and_module  # noqa: E402
+
 LABELS = {"full": "full FT", "lora8": "LoRA r=8", "lora": "LoRA r=8", "rslora64": "rsLoRA r=64"}
 SMOL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -129,6 +131,36 @@ def intruders(study: Study, out: Path, epsilons: list[float], top_k: int, famili
     if not rows:
         sys.exit(f"no experts of {families} under {study.root}/experts")
     return {"runs": runs, "top_k": top_k, "epsilons": epsilons, "families": list(runs), "experts": rows}
+
+
+def matched_norm(study: Study, tasks: list[str], small: str = "lora8", large: str = "rslora64", eps: float = 0.5) -> dict:
+    """Is a count the rank's doing or the delta's size? Per matrix, rescale the ``large`` family's delta
+    to the Frobenius norm of the ``small`` one's (same task, same matrix) and the other way round, and
+    count intruders again: ``{variant: {"layers": n, "outside": n}}`` summed over tasks (encoder
+    layers apart from matrices outside them, the pooler). Embeddings are skipped (LoRA leaves them)."""
+    from graftkit.analysis.intruder import left_singular_vectors, max_cosines
+    from graftkit.merge.plan import open_input
+
+    base = open_input(study.base, require_config=False)
+    head = lambda k: k.startswith("classifier")  # noqa: E731
+    out: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        ck = {f: open_input(study.adapter(f, task), base, require_config=False, exclude=head) for f in (small, large)}
+        for key in base.keys():
+            if head(key) or "embeddings" in key or len(base.shape(key)) != 2:
+                continue
+            w0 = base.get(key).float()
+            d_s, d_l = (ck[f].get(key).float() - w0 for f in (small, large))
+            n_s, n_l = float(d_s.norm()), float(d_l.norm())
+            if n_s == 0 or n_l == 0:
+                continue
+            u0 = left_singular_vectors(w0)
+            where = "outside" if layer_and_module(key)[0] is None else "layers"
+            for name, w in [(small, w0 + d_s), (large, w0 + d_l), (f"{large} at {small}'s norm", w0 + d_l * (n_s / n_l)),
+                            (f"{small} at {large}'s norm", w0 + d_s * (n_l / n_s))]:
+                row = out.setdefault(name, {"layers": 0, "outside": 0})
+                row[where] += sum(1 for c in max_cosines(u0, w) if c < eps)
+    return out
 
 
 def intruder_table(data: dict) -> str:
@@ -230,7 +262,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    result: dict = {"machine": machine()}
+    # a run with --skip-experts or --skip-smollm2 keeps the other part's earlier numbers
+    prev = out / "results.json"
+    result: dict = json.loads(prev.read_text()) if prev.exists() else {}
+    result["machine"] = machine()
     if not o.skip_experts:
         eps = sorted({float(e) for e in o.epsilons.split(",")} | {0.5})
         data = intruders(Study(o.study), out, eps, o.top_k, [f for f in o.families.split(",") if f],
@@ -240,6 +275,13 @@ def main() -> None:
         intruder_plots(data, out)
         result["intruders"] = data
         print(table)
+        if {"lora8", "rslora64"} <= set(data["families"]):
+            both = [t for t in Study(o.study).tasks("lora8") if t in Study(o.study).tasks("rslora64") and (not o.tasks or t in o.tasks)]
+            m = matched_norm(Study(o.study), both)
+            data["matched_norm"] = m
+            print(f"intruders (ε=0.5, {len(both)} tasks) with each delta rescaled per matrix to the other family's norm:")
+            for name, c in m.items():
+                print(f"  {name}: {c['layers']} in encoder layers, {c['outside']} outside (pooler)")
     if not o.skip_smollm2:
         s = smollm2(out, o.rank, o.b_scale)
         result["smollm2"] = s
