@@ -23,7 +23,7 @@ pytestmark = pytest.mark.real
 
 LENGTH = 32
 CORPORA = {"bbc": "bbc_news", "tweets": "vader_tweets"}
-SPLITS = {"train": 48, "validation": 64, "test": 200}
+TRAIN_EXAMPLES = 48
 TRAIN = {"bbc": (2e-4, 12), "tweets": (2e-4, 16)}  # (constant lr, steps of 8): each expert learns its task
 
 
@@ -34,7 +34,7 @@ def _task(world, name: str, split: str) -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The base in the experts' layout (``bert.*`` + an untrained 2-label head, as graft study
-    writes it) and one fully fine-tuned expert per task (HF folders), with their data splits."""
+    writes it) and one fully fine-tuned expert per task (HF folders), with its training data."""
     import graftkit.data as gd
     from graftkit.io.hf import load_model, save_model_folder
     from graftkit.train import parse_recipe, train
@@ -43,9 +43,8 @@ def world(tmp_path_factory):
     data = root / "data"
     data.mkdir()
     for name, corpus in CORPORA.items():
-        parts = gd.stratified_split(getattr(gd, corpus)(), tuple(SPLITS.values()), seed=0, key=lambda e: gd.text_key(e[0]))
-        for split, rows in zip(SPLITS, parts):
-            (data / f"{name}-{split}.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y, *_ in rows))
+        (rows,) = gd.stratified_split(getattr(gd, corpus)(), (TRAIN_EXAMPLES,), seed=0, key=lambda e: gd.text_key(e[0]))
+        (data / f"{name}-train.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y, *_ in rows))
     base = save_model_folder(load_model("minilm", head="classification", num_labels=2), root / "base", tokenizer_from="minilm",
                              provenance={"produced_by": "tests/test_analysis_real.py (base in the classification key layout)"})
     experts = {}
