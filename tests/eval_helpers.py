@@ -38,6 +38,21 @@ def save(model, tok, folder: Path) -> str:
     return str(folder)
 
 
+def two_bert_experts(tok, root: Path) -> tuple[str, dict[str, str]]:
+    """A tiny BERT base and two experts of it (3 and 2 labels: heads of different shapes), each
+    the base plus noise (the heads moved more), saved as HF folders: (base, {"A": .., "B": ..})."""
+    base = save(bert(tok, seed=0), tok, root / "base")
+    experts = {}
+    for i, (name, labels) in enumerate((("A", ["business", "sports", "tech"]), ("B", ["neg", "pos"]))):
+        m = bert(tok, seed=0, labels=labels)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * (1.0 if n.startswith("classifier.") else 0.05))
+        experts[name] = save(m, tok, root / name)
+    return base, experts
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

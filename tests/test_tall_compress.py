@@ -150,19 +150,11 @@ def test_lambda_chosen_on_validation_with_tiny_bert_heads(tmp_path, capsys):
     on its validation file among three candidates. The recorded score of the chosen one is what
     evaluating its decompressed expert gives, and it is the best recorded score."""
     import graftkit as gk
-    from eval_helpers import bert, cls_file, save
+    from eval_helpers import cls_file, two_bert_experts
     from graftkit.eval import evaluate_model
 
     tok = gk.load_tokenizer("minilm")
-    base = save(bert(tok, seed=0), tok, tmp_path / "base")
-    experts = {}
-    for i, (name, labels) in enumerate((("A", ["business", "sports", "tech"]), ("B", ["neg", "pos"]))):
-        m = bert(tok, seed=0, labels=labels)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (1.0 if n.startswith("classifier.") else 0.05))
-        experts[name] = save(m, tok, tmp_path / name)
+    base, experts = two_bert_experts(tok, tmp_path)
     val = cls_file(tmp_path, name="val.jsonl")
     recipe = _recipe(tmp_path / "r.yaml", base, experts, **{
         "lambda": {"A": [0.0, 0.5, 5.0], "B": 0.4}, "exclude": ["^classifier\\."],

@@ -18,19 +18,11 @@ def tiny(tmp_path_factory):
     """Two tiny BERT classifiers (3 and 2 labels, heads stored whole) compressed into one bundle,
     and task A's expert decompressed to a folder."""
     import graftkit as gk
-    from eval_helpers import bert, cls_file, save
+    from eval_helpers import cls_file, two_bert_experts
 
     root = tmp_path_factory.mktemp("tall_eval")
     tok = gk.load_tokenizer("minilm")
-    base = save(bert(tok, seed=0), tok, root / "base")
-    experts = {}
-    for i, (name, labels) in enumerate((("A", ["business", "sports", "tech"]), ("B", ["neg", "pos"]))):
-        m = bert(tok, seed=0, labels=labels)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (1.0 if n.startswith("classifier.") else 0.05))
-        experts[name] = save(m, tok, root / name)
+    base, experts = two_bert_experts(tok, root)
     (root / "r.yaml").write_text(yaml.safe_dump({"base": base, "experts": experts, "lambda": 0.4, "exclude": ["^classifier\\."]}))
     assert main(["compress", str(root / "r.yaml"), str(root / "bundle")]) == 0
     assert main(["decompress", str(root / "bundle"), "A", str(root / "outA")]) == 0
