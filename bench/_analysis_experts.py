@@ -10,7 +10,7 @@ FAMILIES = ("full", "lora8", "rslora64")
 
 class Study:
     """Paths inside a study output folder: ``base/``, ``data/<task>/<split>.jsonl``,
-    ``experts/<family>/<task>/adapter`` (and ``merged`` for full fine-tunes)."""
+    ``experts/<family>/<task>/adapter`` (and ``merged`` where the study exported one)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -34,6 +34,27 @@ class Study:
 
     def adapter(self, family: str, task: str) -> str:
         return str(self.root / "experts" / family / task / "adapter")
+
+    def hf_model(self, family: str, task: str) -> str:
+        """The expert as an HF model folder: the study's ``merged`` export where it wrote one, else the
+        adapter folded into the study's base with ``graft export --merged``'s function, cached in
+        ``<study>-hf/<family>/<task>`` (redone when the adapter is newer). A study no longer exports
+        full fine-tunes (their adapter is a merge input), but DARE and TALL read HF folders."""
+        merged = self.root / "experts" / family / task / "merged"
+        if merged.is_dir():
+            return str(merged)
+        import yaml
+
+        from graftkit.io import export_merged
+
+        adapter = Path(self.adapter(family, task))
+        out = self.root.with_name(self.root.name + "-hf") / family / task
+        weights = out / "model.safetensors"
+        if weights.is_file() and weights.stat().st_mtime >= (adapter / "adapter.safetensors").stat().st_mtime:
+            return str(out)
+        base = yaml.safe_load((self.root / "study.yaml").read_text())["base"]  # what the experts were trained from
+        export_merged(adapter, base, out, overwrite=True)
+        return str(out)
 
     def data(self, task: str, split: str) -> str:
         return str(self.root / "data" / task / f"{split}.jsonl")

@@ -28,28 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _analysis_experts import Study  # noqa: E402
 
 
-def hf_expert(study: Study, family: str, task: str) -> str:
-    """The expert as an HF model folder: the study's ``merged`` export where it wrote one, else the
-    adapter folded into the study's base with ``graft export --merged``'s function, cached in
-    ``<study>-hf/<family>/<task>`` (redone when the adapter is newer). A study no longer exports
-    full fine-tunes (their adapter is a merge input), but DARE and TALL read HF folders."""
-    merged = study.root / "experts" / family / task / "merged"
-    if merged.is_dir():
-        return str(merged)
-    import yaml
-
-    from graftkit.io import export_merged
-
-    adapter = Path(study.adapter(family, task))
-    out = study.root.with_name(study.root.name + "-hf") / family / task
-    weights = out / "model.safetensors"
-    if weights.is_file() and weights.stat().st_mtime >= (adapter / "adapter.safetensors").stat().st_mtime:
-        return str(out)
-    base = yaml.safe_load((study.root / "study.yaml").read_text())["base"]  # what the experts were trained from
-    export_merged(adapter, base, out, overwrite=True)
-    return str(out)
-
-
 def summarize(rows_per_seed: list[list[dict]]) -> list[dict]:
     """Per rate: mean, min and max over the seeds of accuracy and retained, and the kept share."""
     out = []
@@ -149,7 +127,7 @@ def main() -> None:
             continue
         per_seed = []
         start = time.perf_counter()
-        expert = hf_expert(study, args.family, task)
+        expert = study.hf_model(args.family, task)
         for seed in args.seeds:
             t0 = time.perf_counter()
             res = dare_tolerance(study.base, expert, study.task(task, args.split),

@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _analysis_experts import Study  # noqa: E402
-from analysis_dare import hf_expert  # noqa: E402
 
 
 def accuracy(folder: str, task: dict, cache) -> float:
@@ -72,7 +71,7 @@ def main() -> None:
 
     study = Study(args.study)
     tasks = study.tasks(args.family)
-    experts = {t: hf_expert(study, args.family, t) for t in tasks}
+    experts = {t: study.hf_model(args.family, t) for t in tasks}
     recipe = {"base": study.base, "experts": experts, "lambda": list(args.lambdas),
               "validation": {t: study.task(t, "validation") for t in tasks}, "exclude": [r"^classifier\."]}
     out = Path(args.out)
