@@ -346,6 +346,18 @@ def _task_batches(task, tok, head) -> list[tuple[torch.Tensor, torch.Tensor, tor
     return batches
 
 
+def _delta_adapter(path: str):
+    """The adapter at ``path``, refused unless its method changes weights (skill localization grafts a weight delta)."""
+    from ..io import read_adapter
+    from ..methods import method_named
+
+    adapter = read_adapter(path)
+    if not method_named(adapter.method).weight_delta(adapter.meta.get("config") or {}):
+        raise UnsupportedError(f"{path} is a {adapter.method} adapter, which changes activations, not weights; "
+                               "skill localization needs a weight delta (a full fine-tune, LoRA, IA3, ...)")
+    return adapter
+
+
 def check_expert(cfg: LocalizeConfig, name: str | None = None) -> None:
     """What can be checked before any mask is learned: the tasks are classification tasks whose data
     reads, the expert is a model folder, or an adapter with a weight delta made on ``base`` (its
@@ -363,13 +375,9 @@ def check_expert(cfg: LocalizeConfig, name: str | None = None) -> None:
             model_dir(cfg.expert)
         else:
             from ..fingerprint import check_fingerprint
-            from ..io import load_base_for, read_adapter
-            from ..methods import method_named
+            from ..io import load_base_for
 
-            adapter = read_adapter(cfg.expert)
-            if not method_named(adapter.method).weight_delta(adapter.meta.get("config") or {}):
-                raise UnsupportedError(f"{cfg.expert} is a {adapter.method} adapter, which changes activations, not weights; "
-                                       "skill localization needs a weight delta (a full fine-tune, LoRA, IA3, ...)")
+            adapter = _delta_adapter(cfg.expert)
             recorded = adapter.meta.get("base_model") or {}
             check_fingerprint(load_base_for(adapter, cfg.base), recorded.get("fingerprint"), set(adapter.train_also),
                               recorded.get("name_or_path"))
@@ -391,13 +399,7 @@ def open_graft(cfg: LocalizeConfig) -> tuple[Graft, dict]:
     task = _classification_task(cfg.task, "task")
     eval_task = _classification_task(cfg.eval_task, "eval_task") if cfg.eval_task is not None else None
     if is_adapter(cfg.expert):
-        from ..io import read_adapter
-        from ..methods import method_named
-
-        adapter = read_adapter(cfg.expert)
-        if not method_named(adapter.method).weight_delta(adapter.meta.get("config") or {}):
-            raise UnsupportedError(f"{cfg.expert} is a {adapter.method} adapter, which changes activations, not weights; "
-                                   "skill localization needs a weight delta (a full fine-tune, LoRA, IA3, ...)")
+        _delta_adapter(cfg.expert)
         spec = ModelSpec(name="expert", path=cfg.base, adapter=cfg.expert)
     else:
         spec = ModelSpec(name="expert", path=cfg.expert)
