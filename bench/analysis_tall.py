@@ -13,7 +13,7 @@ accuracy, retained (rebuilt / expert), the difference and the relative error of 
 rebuilt weights, and the wall time of compress and of
 each decompress; writes OUT/result.json (the bundle stays in OUT/bundle).
 
-    .venv/bin/python bench/analysis_tall.py [--study out/analysis_study] [--lambdas 0.2 0.3 0.4 0.5 0.6] [--out out/analysis_tall] [--reuse]
+    .venv/bin/python bench/analysis_tall.py [--study out/analysis_study] [--lambdas 0.2 0.3 0.4 0.5 0.6] [--select fidelity|metric] [--out out/analysis_tall] [--reuse]
 """
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--study", default="out/analysis_study", help="a graft study output folder (default out/analysis_study)")
     ap.add_argument("--family", default="full")
     ap.add_argument("--lambdas", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5, 0.6])
+    ap.add_argument("--select", choices=["fidelity", "metric"], default="fidelity",
+                    help="how compress chooses lambda on validation (fidelity to the expert, or the best accuracy)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="out/analysis_tall")
     ap.add_argument("--reuse", action="store_true",
@@ -73,7 +75,8 @@ def main() -> None:
     tasks = study.tasks(args.family)
     experts = {t: study.hf_model(args.family, t) for t in tasks}
     recipe = {"base": study.base, "experts": experts, "lambda": list(args.lambdas),
-              "validation": {t: study.task(t, "validation") for t in tasks}, "exclude": [r"^classifier\."]}
+              "validation": {t: study.task(t, "validation") for t in tasks}, "exclude": [r"^classifier\."],
+              "select": args.select}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe_path = out / "compress.yaml"  # what `graft compress` reads; kept to rerun the CLI by hand

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,7 @@ def test_lambda_chosen_on_validation_with_tiny_bert_heads(tmp_path, capsys):
     base, experts = two_bert_experts(tok, tmp_path)
     val = cls_file(tmp_path, name="val.jsonl")
     recipe = _recipe(tmp_path / "r.yaml", base, experts, **{
-        "lambda": {"A": [0.0, 0.5, 5.0], "B": 0.4}, "exclude": ["^classifier\\."],
+        "lambda": {"A": [0.0, 0.5, 5.0], "B": 0.4}, "exclude": ["^classifier\\."], "select": "metric",
         "validation": {"A": {"kind": "classification", "file": val, "max_length": 32}}})
     assert main(["compress", str(recipe), str(tmp_path / "bundle")]) == 0
     m = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
@@ -170,6 +171,55 @@ def test_lambda_chosen_on_validation_with_tiny_bert_heads(tmp_path, capsys):
     r = evaluate_model({"name": "a", "path": str(tmp_path / "outA")}, [{"name": "A", "kind": "classification", "file": val, "max_length": 32}])
     assert r["A"]["metrics"]["accuracy"] == pytest.approx(best["accuracy"])
     assert load_folder(tmp_path / "outA")["classifier.weight"].shape == (3, 4 * 8)  # task A's own 3-label head
+
+
+def test_fidelity_gap_is_the_mean_kl_to_the_expert():
+    from graftkit.analysis.tall import fidelity_gap
+
+    expert = {"kind": "classification", "rows": [{"probs": [0.5, 0.5]}, {"probs": [0.9, 0.1]}]}
+    rebuilt = {"kind": "classification", "rows": [{"probs": [0.25, 0.75]}, {"probs": [0.9, 0.1]}]}
+    want = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)) / 2  # the second example agrees exactly
+    assert fidelity_gap(expert, rebuilt) == pytest.approx(want, rel=1e-9)
+    assert fidelity_gap(expert, expert) == 0.0
+    gen = {"kind": "generation", "main": "exact_match", "metrics": {"exact_match": 0.5}}
+    assert fidelity_gap(gen, {**gen, "metrics": {"exact_match": 0.25}}) == 0.25
+
+
+def test_lambda_chosen_by_fidelity_to_the_expert(tmp_path):
+    """The default select: the candidate whose rebuilt expert's label distributions are closest
+    (mean KL) to the expert's own on validation; the recorded gap is the KL recomputed here from
+    the expert and the decompressed expert."""
+    import graftkit as gk
+    from eval_helpers import cls_file, two_bert_experts
+    from graftkit.eval import evaluate_model
+
+    tok = gk.load_tokenizer("minilm")
+    base, experts = two_bert_experts(tok, tmp_path)
+    val = {"name": "A", "kind": "classification", "file": cls_file(tmp_path, name="val.jsonl"), "max_length": 32}
+    recipe = _recipe(tmp_path / "r.yaml", base, experts, **{
+        "lambda": {"A": [5.0, 0.5, 0.0], "B": 0.4}, "exclude": ["^classifier\\."], "validation": {"A": val}})
+    assert main(["compress", str(recipe), str(tmp_path / "bundle")]) == 0
+    a = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"]["A"]
+    gaps = [c["gap"] for c in a["validation"]]
+    assert a["select"] == "fidelity" and len(set(gaps)) == 3  # three different rebuilds
+    assert a["lambda"] == a["validation"][gaps.index(min(gaps))]["lambda"]
+    assert main(["decompress", str(tmp_path / "bundle"), "A", str(tmp_path / "outA")]) == 0
+    ref = evaluate_model({"name": "e", "path": experts["A"]}, [val])["A"]
+    got = evaluate_model({"name": "r", "path": str(tmp_path / "outA")}, [val])["A"]
+    p = torch.tensor([r["probs"] for r in ref["rows"]], dtype=torch.float64).clamp_min(1e-12)
+    q = torch.tensor([r["probs"] for r in got["rows"]], dtype=torch.float64).clamp_min(1e-12)
+    assert min(gaps) == pytest.approx(float((p * (p.log() - q.log())).sum(1).mean()), rel=1e-9, abs=1e-12)
+    assert a["validation"][0]["expert_accuracy"] == pytest.approx(ref["metrics"]["accuracy"])
+
+
+def test_unknown_select_is_refused(hand, capsys):
+    root, recipe = hand
+    raw = yaml.safe_load(recipe.read_text())
+    raw["select"] = "best"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["compress", str(recipe), str(root / "bundle")]) == 2
+    assert "select must be one of fidelity, metric" in _err(capsys)
+    assert not (root / "bundle").exists()
 
 
 def test_lambda_list_without_validation_is_refused(hand, capsys):
@@ -197,6 +247,7 @@ def test_lambda_choice_scores_each_candidates_rebuilt_expert(hand, monkeypatch, 
     root, recipe = hand
     raw = yaml.safe_load(recipe.read_text())
     raw["lambda"] = {"A": [1.0, 0.0, 100.0], "B": 1.0}
+    raw["select"] = "metric"
     raw["validation"] = {"A": {"kind": "classification", "file": cls_file(root, name="val.jsonl")}}
     recipe.write_text(yaml.safe_dump(raw))
     assert main(["compress", str(recipe), str(root / "bundle")]) == 0

@@ -6,10 +6,10 @@ A set of experts fine-tuned from one base is stored as
 * a reference to the base (its path and :func:`graftkit.analysis.masks.base_fingerprint`; the base
   is not copied: it is needed anyway, and the separate experts do not include it either);
 * one multi-task vector ``tau_MTL = sum_t tau_t``, the **unscaled** sum of the task vectors
-  ``tau_t = theta_t - theta_0`` (the reference code's semantics; on our MiniLM experts it kept
-  >99% of the experts' accuracy where a scaled sum kept 0.96), in the base's dtype;
+  ``tau_t = theta_t - theta_0`` (the reference code's semantics), in the base's dtype;
 * per task a bit-packed mask ``m_t = |tau_t| >= lambda_t * |tau_MTL - tau_t|``
-  (:func:`graftkit.merge.consensus.tall_mask`, the formula the consensus merge uses);
+  (:func:`graftkit.merge.consensus.tall_mask`, the formula the consensus merge uses), ``lambda_t``
+  chosen on validation among candidates (:data:`SELECT`);
 * per task the tensors that are not merged, stored whole: the ones matching ``exclude``
   (classification heads), the ones the base lacks, and non-float ones.
 
@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, FileFormatError, GraftError
@@ -46,6 +47,11 @@ VERSION = 1
 MANIFEST = "bundle.json"
 DEFAULT_LAMBDA = 0.4  # the middle of the paper's 0.2-0.6 range, as consensus_ta's default
 TASK_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# How a lambda candidate is chosen on a task's validation data. "fidelity" (default): the rebuilt
+# expert closest to the expert itself (mean KL of their label distributions), because the bundle's
+# job is to stand in for the expert, and the best accuracy on a small validation split is mostly
+# noise (bench/RESULTS.md compares the two). "metric": the best main metric, the paper's choice.
+SELECT = ("fidelity", "metric")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
 
 
@@ -61,15 +67,18 @@ def load_recipe(path: str | Path) -> dict:
     """``base``, ``experts`` (task -> folder), ``lambda``, ``validation`` and ``exclude`` (regexes
     of tensors stored whole per task). ``lambda`` is a number, a list of candidates, or a mapping
     task -> either; a task with several candidates needs ``validation[task]``, an eval task (the
-    ``tasks:`` entries of EVAL.yaml), on which the candidate whose rebuilt expert scores best wins."""
+    ``tasks:`` entries of EVAL.yaml), on which a candidate is chosen by ``select`` (see :data:`SELECT`)."""
     from ..config import read_yaml
 
     raw = read_yaml(path, "compress recipe")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a compress recipe is a mapping with base, experts, lambda, exclude")
-    unknown = sorted(set(raw) - {"base", "experts", "lambda", "validation", "exclude"})
+    unknown = sorted(set(raw) - {"base", "experts", "lambda", "validation", "exclude", "select"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a compress recipe has base, experts, lambda, validation, exclude")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a compress recipe has base, experts, lambda, validation, select, exclude")
+    select = raw.get("select", "fidelity")
+    if select not in SELECT:
+        raise ConfigError(f"{path}: select must be one of {', '.join(SELECT)} (how a lambda candidate is chosen on validation), got {select!r}")
     if not isinstance(raw.get("base"), str) or not raw["base"]:
         raise ConfigError(f"{path}: base must be the folder of the model the experts were fine-tuned from")
     experts = raw.get("experts")
@@ -106,7 +115,8 @@ def load_recipe(path: str | Path) -> dict:
     from ..eval.config import parse_task
 
     checked = {t: parse_task({"name": t, **v} if isinstance(v, dict) else v, f"validation.{t}") for t, v in validation.items()}
-    return {"base": raw["base"], "experts": dict(experts), "lambda": lambdas, "validation": checked, "exclude": exclude}
+    return {"base": raw["base"], "experts": dict(experts), "lambda": lambdas, "validation": checked, "exclude": exclude,
+            "select": select}
 
 
 def _plan(base: Checkpoint, experts: dict[str, Checkpoint], exclude: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -181,7 +191,8 @@ def compress(recipe: str | Path | dict, out: str | Path, overwrite: bool = False
         total = sum(int(torch.Size(s).numel()) for s in shapes.values())
         chosen, scores = {}, {}
         for t in tasks:
-            j, scores[t] = _choose(t, cands[t], packed[t], shapes, base, tmp, experts[t], whole[t], cfg["validation"].get(t))
+            j, scores[t] = _choose(t, cands[t], packed[t], shapes, base, tmp, experts[t], whole[t], cfg["validation"].get(t),
+                                   cfg.get("select", "fidelity"))
             chosen[t] = j
             folder = tmp / "tasks" / t
             folder.mkdir(parents=True)
@@ -201,7 +212,8 @@ def compress(recipe: str | Path | dict, out: str | Path, overwrite: bool = False
             "merged_tensors": len(merged), "merged_parameters": total, "exclude": cfg["exclude"],
             "tasks": {t: {"source": str(Path(cfg["experts"][t]).resolve()), "lambda": cands[t][chosen[t]],
                           "mask_density": kept[t][chosen[t]] / max(total, 1), "stored_whole": whole[t],
-                          **({"validation": scores[t]} if scores[t] else {})} for t in tasks},
+                          **({"validation": scores[t], "select": cfg.get("select", "fidelity")} if scores[t] else {})}
+                      for t in tasks},
             "storage": {"experts_bytes": experts_bytes, "bundle_bytes": bundle_bytes,
                         "ratio": bundle_bytes / experts_bytes if experts_bytes else None,
                         "counted": "every file of the expert folders vs every file of the bundle except bundle.json; "
@@ -239,14 +251,27 @@ def _write_expert(folder: Path, base: Checkpoint, tau: Checkpoint, mask_of, whol
     _copy_side_files(side, folder)
 
 
+def fidelity_gap(expert: dict, rebuilt: dict) -> float:
+    """How far a rebuilt expert's validation results are from the expert's own (lower is closer):
+    for classification the mean KL(expert || rebuilt) of the two models' label distributions per
+    example, otherwise the absolute difference of the main metric."""
+    if expert.get("kind") == "classification":
+        p = np.clip(np.asarray([r["probs"] for r in expert["rows"]], dtype=np.float64), 1e-12, None)
+        q = np.clip(np.asarray([r["probs"] for r in rebuilt["rows"]], dtype=np.float64), 1e-12, None)
+        return float((p * (np.log(p) - np.log(q))).sum(axis=1).mean())
+    return abs(float(rebuilt["metrics"][rebuilt["main"]]) - float(expert["metrics"][expert["main"]]))
+
+
 def _choose(task: str, cands: list[float], packed: list[dict], shapes: dict, base: Checkpoint, bundle_tmp: Path,
-            expert: Checkpoint, whole_keys: list[str], validation) -> tuple[int, list[dict]]:
-    """The index of the lambda whose rebuilt expert scores best on ``validation`` (the first of
-    equal ones), with every candidate's score; one candidate needs no evaluation."""
+            expert: Checkpoint, whole_keys: list[str], validation, select: str = "fidelity") -> tuple[int, list[dict]]:
+    """The index of the lambda chosen on ``validation`` (the first of equal ones) by ``select``, with
+    every candidate's score; one candidate needs no evaluation."""
     if len(cands) == 1 or validation is None:
         return 0, []
     from ..eval.runner import evaluate_model
 
+    reference = evaluate_model({"name": f"{task}-expert", "path": str(expert.path)}, [validation])[validation.name] \
+        if select == "fidelity" else None
     tau = Checkpoint(bundle_tmp / "tau_mtl")
     scores, best = [], None
     for j, lam in enumerate(cands):
@@ -258,8 +283,14 @@ def _choose(task: str, cands: list[float], packed: list[dict], shapes: dict, bas
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         score = float(r["metrics"][r["main"]])
-        scores.append({"lambda": lam, r["main"]: score})
-        signed = score if r["higher_is_better"] else -score
+        row = {"lambda": lam, r["main"]: score}
+        if reference is not None:
+            row["gap"] = fidelity_gap(reference, r)
+            row[f"expert_{r['main']}"] = float(reference["metrics"][reference["main"]])
+            signed = -row["gap"]
+        else:
+            signed = score if r["higher_is_better"] else -score
+        scores.append(row)
         if best is None or signed > best[0]:
             best = (signed, j)
     return best[1], scores
