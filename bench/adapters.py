@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from _measure import peak_rss_mb
+from _measure import cpu_name, peak_rss_mb
 
 LORA = {"method": "lora", "r": 8, "lora_alpha": 16, "targets": ["query", "key", "value", "dense"]}
 BOTTLENECK = {"reduction_factor": 16}
@@ -169,14 +168,6 @@ LABELS = {"lt_sft": "LT-SFT (1% of entries, half full FT)", "apet": "APET (rando
           "lora+pissa": "LoRA r=8 (q/k/v/dense), PiSSA start", "lora+olora": "LoRA r=8 (q/k/v/dense), OLoRA start",
           "lora+eva": "LoRA r=8 (q/k/v/dense but the pooler), EVA start (4 batches)",
           "loha": "LoHa r=8 (q/k/v/dense)", "lokr": "LoKr r=8 (q/k/v/dense)", "fourierft": "FourierFT n=1000 (q/v, scaling 150)"}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def write_data(folder: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:

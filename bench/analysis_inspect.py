@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _analysis_experts import FAMILIES, Study  # noqa: E402
+from _measure import cpu_name  # noqa: E402
 
 from graftkit.analysis.delta_stats import layer_and_module  # noqa: E402
 
@@ -62,12 +62,7 @@ def run_measured(cmd: list[str], stdout_path: Path, env: dict | None = None) -> 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     try:
         load = "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:

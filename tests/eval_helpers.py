@@ -79,11 +79,17 @@ def plain_probs(model, tok, texts, max_length=32):
 def lora_adapter(tok, tmp_path: Path, base_seed=0, name="adapter"):
     """A LoRA adapter (non-zero B) with a trained head on the bare base of seed ``base_seed``."""
     model = bert(tok, seed=base_seed)  # ForSequenceClassification with a fresh head (as training makes it)
+    folder = random_lora(model, tmp_path / name)
+    return model, str(folder)
+
+
+def random_lora(model, folder: Path) -> Path:
+    """Inject a LoRA r=2 on query/value (head trained whole) into ``model``, draw B and the head at
+    random (seed 7) so the delta is not zero, and save the adapter to ``folder``."""
     gk.inject(model, gk.LoRAConfig(r=2, lora_alpha=4, targets=["query", "value"], train_also=["classifier"]))
     torch.manual_seed(7)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B") or n.startswith("classifier."):
                 p.normal_(0, 0.5)
-    folder = gk.save_adapter(model, tmp_path / name)
-    return model, str(folder)
+    return gk.save_adapter(model, folder)

@@ -7,6 +7,7 @@ import transformers
 
 import graftkit as gk
 from conftest import logits, tiny_bert, tiny_inputs, tiny_llama
+from eval_helpers import random_lora
 from graftkit.errors import AdapterError
 from merge_helpers import load_folder
 
@@ -173,13 +174,7 @@ def test_full_port_of_an_adapter_takes_its_head_whole(tmp_path):
             p.add_(0.01)
     v2.save_pretrained(tmp_path / "v2")
     model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "v1")
-    gk.inject(model, gk.LoRAConfig(r=2, lora_alpha=4, targets=["query", "value"], train_also=["classifier"]))
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B") or n.startswith("classifier."):
-                p.normal_(0, 0.5)
-    gk.save_adapter(model, tmp_path / "a")
+    random_lora(model, tmp_path / "a")
     port(tmp_path / "a", tmp_path / "v1", tmp_path / "v2", tmp_path / "out", full=True)
     got = load_folder(tmp_path / "out")
     head = gk.read_adapter(tmp_path / "a").tensors["classifier.weight.value"]

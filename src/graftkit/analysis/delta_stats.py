@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ..errors import ConfigError, FileFormatError, GraftError
+from ..progress import counting_bar
 from .intruder import EPSILON, TOP_K, left_singular_vectors, max_cosines
 
 if TYPE_CHECKING:
@@ -232,14 +233,7 @@ def inspect_deltas(base: str | Path, deltas: Mapping[str, str | Path] | Iterable
     base_ckpt, ckpts, keys = _open(base, paths, patterns)
 
     rows: dict[str, list[dict]] = {n: [] for n in paths}
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("delta statistics"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-        task = bar.add_task("inspect", total=len(keys))
-        bar.start()
-    try:
+    with counting_bar("delta statistics", len(keys), progress) as advance:
         for key in keys:
             w0 = base_ckpt.get(key).float()
             base_norm = float(torch.linalg.vector_norm(w0.double()))
@@ -254,11 +248,7 @@ def inspect_deltas(base: str | Path, deltas: Mapping[str, str | Path] | Iterable
                 rows[n].append(_tensor_stats(key, w0, w, thr, base_u, top_k, float(epsilon), base_norm))
                 del w
             del w0, base_u
-            if bar is not None:
-                bar.update(task, advance=1)
-    finally:
-        if bar is not None:
-            bar.stop()
+            advance()
 
     models = {}
     for n, rs in rows.items():

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ..errors import ConfigError, FileFormatError, GraftError
+from ..progress import counting_bar
 
 if TYPE_CHECKING:
     import torch
@@ -162,14 +163,7 @@ def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], 
     gram = torch.zeros((t, t), dtype=torch.float64)
     both = torch.zeros((t, t), dtype=torch.float64)
     opposite = torch.zeros((t, t), dtype=torch.float64)
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("task vectors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-        task = bar.add_task("similarity", total=len(keys))
-        bar.start()
-    try:
+    with counting_bar("task vectors", len(keys), progress) as advance:
         for k in keys:
             w0 = base_ckpt.get(k).float()  # subtract in float32 whatever the stored dtype
             stack = torch.empty((t, *w0.shape), dtype=torch.float32)
@@ -188,10 +182,6 @@ def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], 
             both += b
             opposite += o
             del stack
-            if bar is not None:
-                bar.update(task, advance=1)
-    finally:
-        if bar is not None:
-            bar.stop()
+            advance()
     return {"tasks": names, "cosine": cosine_from_gram(gram), "sign_conflict": conflict_share(both, opposite),
             "norms": [math.sqrt(max(v, 0.0)) for v in gram.diagonal().tolist()], "keys": len(keys)}
