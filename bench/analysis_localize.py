@@ -30,7 +30,7 @@ from _analysis_experts import Study  # noqa: E402
 
 def recipe(study: Study, tasks: list[str], args) -> dict:
     experts = {t: {"expert": study.adapter("full", t),
-                   "task": study.task(t, "train", limit=args.train_examples, batch_size=args.train_examples),
+                   "task": study.task(t, "train", limit=args.train_examples, batch_size=args.batch_size or args.train_examples),
                    "eval_task": study.task(t, "test", limit=args.eval_examples, batch_size=64)} for t in tasks}
     # the packaged MiniLM alias is the base: the study's base/ carries an untrained 2-label head
     return {"base": "minilm", "experts": experts, "sparsity": args.levels, "steps": args.steps,
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2.0)
     ap.add_argument("--train-examples", type=int, default=48)
     ap.add_argument("--eval-examples", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="examples per forward pass of the mask gradient (default: all training examples in one); the step is full-batch either way")
     ap.add_argument("--out", type=Path, default=Path("out/analysis_localize"))
     args = ap.parse_args()
     study = Study(args.study)

@@ -13,7 +13,7 @@ accuracy, retained (rebuilt / expert), the difference and the relative error of 
 rebuilt weights, and the wall time of compress and of
 each decompress; writes OUT/result.json (the bundle stays in OUT/bundle).
 
-    .venv/bin/python bench/analysis_tall.py [--study out/analysis_study] [--lambdas 0.2 0.3 0.4 0.5 0.6] [--select fidelity|metric] [--out out/analysis_tall] [--reuse]
+    .venv/bin/python bench/analysis_tall.py [--study out/analysis_study] [--lambdas 0.2 0.3 0.4 0.5 0.6] [--select fidelity|metric] [--tasks bbc tweets] [--out out/analysis_tall] [--reuse]
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", default="out/analysis_study", help="a graft study output folder (default out/analysis_study)")
     ap.add_argument("--family", default="full")
+    ap.add_argument("--tasks", nargs="+", default=None, help="compress only these of the study's tasks (default: all)")
     ap.add_argument("--lambdas", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5, 0.6])
     ap.add_argument("--select", choices=["fidelity", "metric"], default="fidelity",
                     help="how compress chooses lambda on validation (fidelity to the expert, or the best accuracy)")
@@ -72,7 +73,7 @@ def main() -> None:
     from graftkit.eval.runner import EvalCache
 
     study = Study(args.study)
-    tasks = study.tasks(args.family)
+    tasks = args.tasks or study.tasks(args.family)
     experts = {t: study.hf_model(args.family, t) for t in tasks}
     recipe = {"base": study.base, "experts": experts, "lambda": list(args.lambdas),
               "validation": {t: study.task(t, "validation") for t in tasks}, "exclude": [r"^classifier\."],
@@ -130,7 +131,7 @@ def main() -> None:
               f"{r['retained']:>8.4f} {r['diff']:>+7.3f} {r['decompress_s']:>8.1f} {r['relative_error']:>7.3f}  {r['expert_validation']:.3f}, {val}")
     worst = min(r["diff"] for r in rows)
     print(f"worst rebuilt - expert: {worst:+.3f} ({'within' if worst >= -0.01 else 'NOT within'} 0.01)")
-    meta = {"study": args.study, "family": args.family, "split": args.split, "lambdas": args.lambdas,
+    meta = {"study": args.study, "family": args.family, "tasks": tasks, "split": args.split, "lambdas": args.lambdas,
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPU(s)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compress_s": compress_s}
     (out / "result.json").write_text(json.dumps({"meta": meta, "storage": st, "tasks": rows}, indent=2) + "\n")

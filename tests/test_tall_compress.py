@@ -60,6 +60,23 @@ def test_decompress_equals_hand_computed_golden(hand, capsys):
         assert json.loads((root / f"out{task}" / "config.json").read_text()) == {"name": task.lower()}
 
 
+def test_python_api_takes_the_recipe_as_a_mapping(hand):
+    """compress(dict) validates the mapping as the CLI validates the file (it used to index the raw
+    mapping as if it were parsed, a TypeError on a lambda list) and writes the same bundle."""
+    from graftkit.analysis.tall import compress
+    from graftkit.errors import ConfigError
+
+    root, recipe = hand
+    raw = yaml.safe_load(recipe.read_text())
+    compress(raw, root / "api")
+    assert main(["compress", str(recipe), str(root / "cli")]) == 0
+    for task in ("A", "B"):
+        assert (root / "api" / "tasks" / task / "mask.safetensors").read_bytes() == (root / "cli" / "tasks" / task / "mask.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="no validation task"):
+        compress({**raw, "lambda": [0.2, 0.4]}, root / "bad")
+    assert not (root / "bad").exists()
+
+
 def test_mask_round_trip_and_storage_ratio(hand):
     root, recipe = hand
     assert main(["compress", str(recipe), str(root / "bundle")]) == 0

@@ -63,14 +63,14 @@ def _is_float(dtype: str) -> bool:
     return st_dtype(dtype).upper().startswith(("F", "BF"))
 
 
-def load_recipe(path: str | Path) -> dict:
+def load_recipe(path: str | Path | dict) -> dict:
     """``base``, ``experts`` (task -> folder), ``lambda``, ``validation`` and ``exclude`` (regexes
     of tensors stored whole per task). ``lambda`` is a number, a list of candidates, or a mapping
     task -> either; a task with several candidates needs ``validation[task]``, an eval task (the
     ``tasks:`` entries of EVAL.yaml), on which a candidate is chosen by ``select`` (see :data:`SELECT`)."""
     from ..config import read_yaml
 
-    raw = read_yaml(path, "compress recipe")
+    raw, path = (path, "compress recipe") if isinstance(path, dict) else (read_yaml(path, "compress recipe"), path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a compress recipe is a mapping with base, experts, lambda, exclude")
     unknown = sorted(set(raw) - {"base", "experts", "lambda", "validation", "exclude", "select"})
@@ -155,7 +155,7 @@ def compress(recipe: str | Path | dict, out: str | Path, overwrite: bool = False
     from ..merge.write import ShardWriter
     from ..outputs import atomic_dir, check_output
 
-    cfg = recipe if isinstance(recipe, dict) else load_recipe(recipe)
+    cfg = load_recipe(recipe)
     base = Checkpoint(cfg["base"])
     experts = {t: Checkpoint(p) for t, p in cfg["experts"].items()}
     merged, whole = _plan(base, experts, cfg["exclude"])
