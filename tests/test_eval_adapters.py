@@ -32,6 +32,24 @@ def test_adapter_on_base(tmp_path, tok):
     assert json.loads((tmp_path / "o" / "results.json").read_text())["model"]["adapter"] == adapter
 
 
+def test_adapter_on_a_base_whose_head_has_another_label_count(tmp_path, tok):
+    """graft study's base/ layout: the base carries an untrained 2-label head. An adapter that trains
+    its 3-label head whole loads on it and scores as the live adapter does (the base's head re-made
+    at 3 labels, then replaced); one that leaves a re-made head tensor to chance is refused."""
+    from graftkit.errors import ConfigError
+    from graftkit.io import load_base_for, read_adapter
+
+    adapted, adapter = lora_adapter(tok, tmp_path)
+    base = save(bert(tok, seed=0, labels=["neg", "pos"]), tok, tmp_path / "base2")
+    r = evaluate_model({"name": "lora", "path": base, "adapter": adapter}, [task(cls_file(tmp_path))])
+    np.testing.assert_allclose(np.array([row["probs"] for row in r["topic"]["rows"]]), plain_probs(adapted, tok, TEXTS), atol=1e-5)
+    partial = read_adapter(adapter)
+    partial.meta["train_also"] = [k for k in partial.train_also if k != "classifier.bias"]
+    del partial.tensors["classifier.bias.value"]
+    with pytest.raises(ConfigError, match="does not replace its tensor classifier.bias"):
+        load_base_for(partial, base)
+
+
 def test_adapter_as_head_source(tmp_path, tok):
     adapted, adapter = lora_adapter(tok, tmp_path)
     other = save(bert(tok, seed=9, bias=[9.0, 0.0, 0.0]), tok, tmp_path / "other")  # own head: always business

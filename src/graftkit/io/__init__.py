@@ -84,7 +84,32 @@ def load_base_for(adapter: AdapterFile, base: str | Path, *, dtype="auto", allow
         quantize, dtype = recorded(adapter.meta["quantization"]), torch.float32
     if quantize is not None:  # the parameters trained whole stay at full precision, as in training
         kwargs.update(quantize=quantize, keep_unquantized=adapter.train_also)
-    return load_model(base, class_name=class_name, head=head, dtype=dtype, allow_pickle=allow_pickle, **kwargs)
+    if num_labels and adapter.train_also:
+        # the adapter brings its head whole, so a base that carries a head for another label count
+        # (graft study's base/ layout: an untrained 2-label head) loads with that head re-made at
+        # the adapter's size; apply_adapter then puts the trained head in. Checked below that
+        # every tensor re-made this way is one the adapter replaces.
+        kwargs["ignore_mismatched_sizes"] = True
+    model = load_model(base, class_name=class_name, head=head, dtype=dtype, allow_pickle=allow_pickle, **kwargs)
+    if kwargs.get("ignore_mismatched_sizes"):
+        _check_head_replaced(model, base, adapter, num_labels)
+    return model
+
+
+def _check_head_replaced(model: nn.Module, base: str | Path, adapter: AdapterFile, num_labels: int) -> None:
+    from ..assets import model_dir
+    from ..errors import ConfigError
+    from ..tensors import Checkpoint
+
+    try:
+        ckpt = Checkpoint(model_dir(base))
+    except FileFormatError:  # pickled weights: transformers compared the shapes itself
+        return
+    stored = set(ckpt.keys())
+    for key, value in model.state_dict().items():
+        if key in stored and tuple(ckpt.shape(key)) != tuple(value.shape) and key not in adapter.train_also:
+            raise ConfigError(f"{base} has a classification head for another label count than the adapter's {num_labels}, and the "
+                              f"adapter does not replace its tensor {key}; use the model without its head (the bare encoder)")
 
 
 def export_merged(adapter_path: str | Path, base: str | Path, out: str | Path, *, max_shard_size: str | int = "2GB",
