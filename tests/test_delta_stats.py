@@ -51,6 +51,18 @@ def test_sparsity_and_names():
     assert layer_and_module("model.embed_tokens.weight") == (None, "model.embed_tokens")
 
 
+def test_norm_and_sparsity_in_slices_equal_the_whole_tensor(monkeypatch):
+    """With slices of 7 entries (the last one short) the float64 norm and the threshold counts are
+    those of the whole (5, 11) tensor at once: a dropped or repeated slice changes both."""
+    import graftkit.analysis.delta_stats as ds
+
+    monkeypatch.setattr(ds, "CHUNK", 7)
+    d = torch.randn(5, 11, generator=torch.Generator().manual_seed(3))
+    assert ds.frobenius_norm(d) == pytest.approx(float(torch.linalg.vector_norm(d.double())), rel=1e-12)
+    want = {t: float((d.abs() <= t).sum()) / d.numel() for t in (0.0, 0.5, 1.0)}
+    assert sparsity_at(d, [0.0, 0.5, 1.0]) == want and 0 < want[0.5] < want[1.0] < 1
+
+
 def _tall_base():
     """W0 = A diag(5, 4, 3), A an (8, 3) orthonormal basis; ``u`` is orthogonal to span(A)."""
     g = torch.Generator().manual_seed(0)

@@ -77,11 +77,33 @@ def effective_rank(m: "torch.Tensor") -> float:
     return effective_rank_from(_svals(m))
 
 
+# Entries per slice of the two whole-tensor reductions below: 4M (32 MB in float64). A 0.5B model's
+# embedding (136M entries) in one piece would cost another 1.1 GB for the float64 copy of the norm.
+CHUNK = 1 << 22
+
+
+def _slices(t: "torch.Tensor") -> Iterable["torch.Tensor"]:
+    flat = t.reshape(-1)
+    return (flat[i:i + CHUNK] for i in range(0, flat.numel(), CHUNK))
+
+
+def frobenius_norm(t: "torch.Tensor") -> float:
+    """``||t||_F`` accumulated in float64, one slice at a time (no float64 copy of the whole tensor)."""
+    return math.sqrt(sum(float(part.double().square().sum()) for part in _slices(t)))
+
+
 def sparsity_at(delta: "torch.Tensor", thresholds: Iterable[float]) -> dict[float, float]:
-    """The share of entries with ``|delta| <= t`` for each threshold ``t``."""
-    a = delta.abs()
-    n = a.numel()
-    return {float(t): (float((a <= t).sum()) / n if n else 1.0) for t in thresholds}
+    """The share of entries with ``|delta| <= t`` for each threshold ``t`` (counted slice by slice)."""
+    ts = [float(t) for t in thresholds]
+    n = delta.numel()
+    if not n:
+        return {t: 1.0 for t in ts}
+    counts = dict.fromkeys(ts, 0)
+    for part in _slices(delta):
+        a = part.abs()
+        for t in ts:
+            counts[t] += int((a <= t).sum())
+    return {t: counts[t] / n for t in ts}
 
 
 def layer_and_module(name: str) -> tuple[int | None, str]:
@@ -164,15 +186,19 @@ def _tensor_stats(key: str, w0: "torch.Tensor", w: "torch.Tensor", thresholds: t
                   k: int, epsilon: float, base_norm: float) -> dict:
     import torch
 
-    delta = w.float() - w0
-    if not bool(torch.isfinite(delta).all()):
-        raise InspectError(f"tensor {key} holds NaN or Inf in the delta; the checkpoint is broken, re-train or re-export it")
-    norm = float(torch.linalg.vector_norm(delta.double()))
+    if torch.equal(w.float(), w0) and bool(torch.isfinite(w0).all()):
+        # untouched (a LoRA's non-target, often the largest tensor: the embedding): no delta to allocate
+        delta, norm, sparsity = None, 0.0, dict.fromkeys(map(float, thresholds), 1.0)
+    else:
+        delta = w.float() - w0
+        if not bool(torch.isfinite(delta).all()):
+            raise InspectError(f"tensor {key} holds NaN or Inf in the delta; the checkpoint is broken, re-train or re-export it")
+        norm, sparsity = frobenius_norm(delta), sparsity_at(delta, thresholds)
     layer, module = layer_and_module(key)
-    row = {"name": key, "layer": layer, "module": module, "shape": list(delta.shape), "numel": delta.numel(),
+    row = {"name": key, "layer": layer, "module": module, "shape": list(w0.shape), "numel": w0.numel(),
            "norm": norm, "base_norm": base_norm, "relative": (norm / base_norm) if base_norm > 0 else None,
-           "sparsity": {str(t): v for t, v in sparsity_at(delta, thresholds).items()}}
-    if delta.dim() == 2:
+           "sparsity": {str(t): v for t, v in sparsity.items()}}
+    if w0.dim() == 2:
         if norm == 0.0:  # an untouched matrix (a LoRA's non-target): no spectrum, no intruder, no SVD to pay
             row.update(singular_values=[], stable_rank=0.0, effective_rank=0.0, intruders=0, max_cosines=[])
         else:
@@ -236,7 +262,7 @@ def inspect_deltas(base: str | Path, deltas: Mapping[str, str | Path] | Iterable
     with counting_bar("delta statistics", len(keys), progress) as advance:
         for key in keys:
             w0 = base_ckpt.get(key).float()
-            base_norm = float(torch.linalg.vector_norm(w0.double()))
+            base_norm = frobenius_norm(w0)
             base_u = None
             for n, c in ckpts.items():
                 w = c.get(key)
