@@ -17,21 +17,20 @@ one base tensor, its singular vectors and one delta at a time; nothing is flatte
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from ..errors import ConfigError, FileFormatError, GraftError
+from ..errors import ConfigError, GraftError
 from ..progress import counting_bar
+from .against_base import Wording, open_against_base, read_against
 from .intruder import EPSILON, TOP_K, left_singular_vectors, max_cosines
 
 if TYPE_CHECKING:
     import torch
 
 THRESHOLDS = (0.0, 1e-6, 1e-4, 1e-2)
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -118,10 +117,6 @@ def layer_and_module(name: str) -> tuple[int | None, str]:
 
 
 # -- streaming -----------------------------------------------------------------------------------
-def _excluded(key: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
-
-
 def _labels(deltas: Mapping[str, str | Path] | Iterable[str | Path]) -> dict[str, str]:
     if isinstance(deltas, Mapping):
         return {str(k): str(v) for k, v in deltas.items()}
@@ -146,40 +141,12 @@ def _labels(deltas: Mapping[str, str | Path] | Iterable[str | Path]) -> dict[str
     return out
 
 
-def _open(base: str | Path, deltas: dict[str, str], patterns: list[str]):
-    from ..merge.adapters import is_adapter
-    from ..merge.plan import open_input
-    from ..tensors import st_dtype
-
-    base_path = str(base)
-    if not deltas:
-        raise ConfigError("inspect --deltas needs at least one fine-tuned model or adapter folder")
-    for label, p in [("base", base_path), *((f"delta {n}", p) for n, p in deltas.items())]:
-        if not Path(p).exists():
-            raise FileFormatError(f"{label} {p} does not exist; pass an HF model folder, a safetensors file or an adapter folder")
-    if is_adapter(base_path):
-        raise ConfigError(f"the base {base_path} is an adapter folder; pass the model it was trained on as --base")
-    base_ckpt = open_input(base_path, require_config=False)
-    skip = {"exclude": lambda key: _excluded(key, patterns)} if patterns else {}
-    ckpts = {n: open_input(p, base_ckpt, require_config=False, **skip) for n, p in deltas.items()}
-    keys = [k for k in base_ckpt.keys() if not _excluded(k, patterns) and st_dtype(base_ckpt.dtype(k)) in FLOAT_DTYPES]
-    base_keys = set(base_ckpt.keys())
-    hint = "inspect fine-tunes of this one base, or --exclude the tensor if it is a task head (e.g. --exclude 'classifier.*')"
-    # every header is checked before any tensor is read, so a mismatch costs nothing and writes nothing
-    for n, c in ckpts.items():
-        have = set(c.keys())
-        for k in keys:
-            if k not in have:
-                raise InspectError(f"delta {n} ({deltas[n]}) has no tensor {k}, which the base {base_path} has; {hint}")
-            if tuple(c.shape(k)) != tuple(base_ckpt.shape(k)):
-                raise InspectError(f"shape mismatch at {k}: {tuple(base_ckpt.shape(k))} in the base vs "
-                                   f"{tuple(c.shape(k))} in delta {n}; {hint}")
-        extra = sorted(k for k in have - base_keys if not _excluded(k, patterns))
-        if extra:
-            raise InspectError(f"delta {n} ({deltas[n]}) has a tensor {extra[0]} that the base {base_path} lacks; {hint}")
-    if not keys:
-        raise ConfigError(f"no tensors left to inspect: --exclude {patterns} removes every floating-point tensor of {base_path}")
-    return base_ckpt, ckpts, keys
+WORDING = Wording(
+    role="delta", error=InspectError,
+    hint="inspect fine-tunes of this one base, or --exclude the tensor if it is a task head (e.g. --exclude 'classifier.*')",
+    empty="inspect --deltas needs at least one fine-tuned model or adapter folder",
+    instead="pass the model it was trained on as --base",
+    nothing_left="no tensors left to inspect: --exclude {patterns} removes every floating-point tensor of {base}")
 
 
 def _tensor_stats(key: str, w0: "torch.Tensor", w: "torch.Tensor", thresholds: tuple[float, ...], base_u,
@@ -251,12 +218,8 @@ def inspect_deltas(base: str | Path, deltas: Mapping[str, str | Path] | Iterable
     if not (0 < float(epsilon) <= 1):
         raise ConfigError(f"epsilon is a cosine threshold in (0, 1] (the paper's default 0.5), got {epsilon!r}")
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-    from ..assets import ALIASES, model_dir
-
-    if str(base) in ALIASES and not Path(base).exists():  # --base smollm2, as every other command takes it
-        base = model_dir(base)
     paths = _labels(deltas)
-    base_ckpt, ckpts, keys = _open(base, paths, patterns)
+    base, base_ckpt, ckpts, keys = open_against_base(base, paths, patterns, WORDING)
 
     rows: dict[str, list[dict]] = {n: [] for n in paths}
     with counting_bar("delta statistics", len(keys), progress) as advance:
@@ -265,10 +228,7 @@ def inspect_deltas(base: str | Path, deltas: Mapping[str, str | Path] | Iterable
             base_norm = frobenius_norm(w0)
             base_u = None
             for n, c in ckpts.items():
-                w = c.get(key)
-                if tuple(w.shape) != tuple(w0.shape):  # an adapter's whole-trained head can differ from its header
-                    raise InspectError(f"shape mismatch at {key}: {tuple(w0.shape)} in the base vs {tuple(w.shape)} in delta {n}; "
-                                       "inspect fine-tunes of this one base, or --exclude the tensor")
+                w = read_against(c, key, w0, n, WORDING)
                 if w0.dim() == 2 and base_u is None and not torch.equal(w.float(), w0):
                     base_u = left_singular_vectors(w0)
                 rows[n].append(_tensor_stats(key, w0, w, thr, base_u, top_k, float(epsilon), base_norm))

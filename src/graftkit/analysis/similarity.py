@@ -12,7 +12,8 @@ tensor that is not excluded,
   Models") shows that such opposite-sign entries cancel each other in a plain sum and motivates
   electing one sign per parameter; a high share predicts interference in a merge.
 
-Inputs are opened exactly as the merge executor opens them (:func:`graftkit.merge.plan.open_input`):
+Inputs are opened exactly as the merge executor opens them (analysis/against_base.py, shared with
+``graft inspect --deltas``; :func:`graftkit.merge.plan.open_input`):
 an HF model folder (sharded safetensors + index) or a LoRA/IA3 adapter folder (native or peft),
 which becomes ``base + materialized delta`` one tensor at a time. Memory stays
 O(experts x largest tensor) in float32; the Gram and count matrices are accumulated in float64
@@ -24,18 +25,17 @@ are skipped; tensors matching an ``exclude`` glob (task heads of different shape
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from ..errors import ConfigError, FileFormatError, GraftError
+from ..errors import GraftError
 from ..progress import counting_bar
+from .against_base import Wording, open_against_base, read_against
 
 if TYPE_CHECKING:
     import torch
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # float32 sums of +-1/0 products are exact integers below 2**24; stay well under it
 CHUNK = 1 << 22
 
@@ -102,14 +102,12 @@ def conflict_share(both: "torch.Tensor", opposite: "torch.Tensor") -> list[list[
 
 
 # -- streaming over checkpoints ------------------------------------------------------------------
-def _excluded(key: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
-
-
-def _st(name: str) -> str:
-    from ..tensors import st_dtype
-
-    return st_dtype(name)
+WORDING = Wording(
+    role="expert", error=SimilarityError,
+    hint="exclude it (e.g. exclude=['classifier.*']) if it is a task head, else compare experts of one base model",
+    empty="task_vector_similarity needs at least one expert; pass {name: model or adapter folder}",
+    instead="pass the model it was trained on as base and the adapters as experts",
+    nothing_left="no tensors left to compare: exclude={patterns} removes every floating-point tensor of {base}")
 
 
 def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], *, exclude: Iterable[str] = (),
@@ -121,43 +119,11 @@ def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], 
     """
     import torch
 
-    from ..merge.adapters import is_adapter
-    from ..merge.plan import open_input
-
     if isinstance(exclude, str):
         exclude = [exclude]
     patterns = list(exclude)
     names = list(experts)
-    if not names:
-        raise ConfigError("task_vector_similarity needs at least one expert; pass {name: model or adapter folder}")
-    base_path = str(base)
-    for label, p in [("base", base_path), *((f"expert {n}", str(experts[n])) for n in names)]:
-        if not Path(p).exists():
-            raise FileFormatError(f"{label} {p} does not exist; pass an HF model folder, a safetensors file or an adapter folder")
-    if is_adapter(base_path):
-        raise ConfigError(f"the base {base_path} is an adapter folder; pass the model it was trained on as base and the adapters as experts")
-    base_ckpt = open_input(base_path, require_config=False)
-    # an adapter must not even check what is excluded (a head trained whole for another label count)
-    skip = {"exclude": lambda key: _excluded(key, patterns)} if patterns else {}
-    ckpts = {name: open_input(str(experts[name]), base_ckpt, require_config=False, **skip) for name in names}
-
-    keys = [k for k in base_ckpt.keys() if not _excluded(k, patterns)]
-    keys = [k for k in keys if _st(base_ckpt.dtype(k)) in FLOAT_DTYPES]
-    key_set = set(base_ckpt.keys())
-    hint = "exclude it (e.g. exclude=['classifier.*']) if it is a task head, else compare experts of one base model"
-    for name in names:
-        c = ckpts[name]
-        for k in keys:
-            if k not in c.files:
-                raise SimilarityError(f"expert {name} ({experts[name]}) has no tensor {k}, which the base {base_path} has; {hint}")
-            if tuple(c.shape(k)) != tuple(base_ckpt.shape(k)):
-                raise SimilarityError(f"shape mismatch at {k}: {tuple(base_ckpt.shape(k))} in the base vs {tuple(c.shape(k))} "
-                                      f"in expert {name}; {hint}")
-        extra = [k for k in c.keys() if k not in key_set and not _excluded(k, patterns)]
-        if extra:
-            raise SimilarityError(f"expert {name} ({experts[name]}) has a tensor {extra[0]} that the base {base_path} lacks; {hint}")
-    if not keys:
-        raise ConfigError(f"no tensors left to compare: exclude={patterns} removes every floating-point tensor of {base_path}")
+    _, base_ckpt, ckpts, keys = open_against_base(base, {n: str(experts[n]) for n in names}, patterns, WORDING)
 
     t = len(names)
     gram = torch.zeros((t, t), dtype=torch.float64)
@@ -168,11 +134,7 @@ def task_vector_similarity(base: str | Path, experts: Mapping[str, str | Path], 
             w0 = base_ckpt.get(k).float()  # subtract in float32 whatever the stored dtype
             stack = torch.empty((t, *w0.shape), dtype=torch.float32)
             for i, name in enumerate(names):
-                w = ckpts[name].get(k)
-                if tuple(w.shape) != tuple(w0.shape):  # an adapter's whole-trained head can differ from its header
-                    raise SimilarityError(f"shape mismatch at {k}: {tuple(w0.shape)} in the base vs {tuple(w.shape)} "
-                                          f"in expert {name}; {hint}")
-                torch.sub(w, w0, out=stack[i])
+                torch.sub(read_against(ckpts[name], k, w0, name, WORDING), w0, out=stack[i])
             if not bool(torch.isfinite(stack).all()):
                 bad = next(names[i] for i in range(t) if not bool(torch.isfinite(stack[i]).all()))
                 raise SimilarityError(f"tensor {k} of expert {bad} (or of the base) holds NaN or Inf; "
